@@ -1,0 +1,83 @@
+"""Prometheus metrics: the names dashboards and alerts rely on, in one registry per process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Closed label sets (see SPEC.md); pre-created so dashboards see zeros, not gaps.
+EVENT_OUTCOMES = ("processed", "dead_letter", "duplicate")
+PUSH_OUTCOMES = ("sent", "capped", "deduped", "quiet_hours", "failed")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every pushrec metric; each process makes one and passes it to what it runs."""
+
+    def __init__(
+        self,
+        event_types: tuple[str, ...] = (),
+        dead_letter_reasons: tuple[str, ...] = (),
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "pushrec_events",
+            "Events consumed by the worker, by type and outcome.",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "pushrec_dead_letters",
+            "Records sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.event_to_list = Histogram(
+            "pushrec_event_to_list_seconds",
+            "From the event's Kafka record timestamp to its user's list written in Redis.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_update = Histogram(
+            "pushrec_model_update_seconds",
+            "Time to learn one micro-batch of events.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.list_refreshes = Counter("pushrec_list_refreshes", "Top-N lists written to Redis.", registry=r)
+        self.redis_errors = Counter(
+            "pushrec_redis_errors",
+            "Redis commands that failed (before or after retries).",
+            registry=r,
+        )
+        self.pushes = Counter(
+            "pushrec_pushes", "Push decisions of the sender, by outcome.", ["outcome"], registry=r
+        )
+        self.hit_rate = Gauge(
+            "pushrec_prequential_hit_rate",
+            "Share of recent positive events whose item was in the user's served list (HR@N).",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "pushrec_worker_batch_events",
+            "Events per micro-batch.",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+            registry=r,
+        )
+        self.assigned_partitions = Gauge(
+            "pushrec_worker_assigned_partitions",
+            "Event-topic partitions this worker owns (0 = not in the group yet).",
+            registry=r,
+        )
+        for kind in event_types:
+            for outcome in EVENT_OUTCOMES:
+                self.events.labels(kind, outcome)
+        for reason in dead_letter_reasons:
+            self.dead_letters.labels(reason)
+        for outcome in PUSH_OUTCOMES:
+            self.pushes.labels(outcome)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Expose ``/metrics`` on ``port`` from a background thread."""
+        start_http_server(port, addr=addr, registry=self.registry)

@@ -1,0 +1,124 @@
+"""The one settings object: every tunable of pushrec, read once from ``PUSHREC_*`` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """Broker connection and consumer-group timing."""
+
+    bootstrap: str | None = Field(
+        None, description="host:port[,host:port]; unset = the embedded stack from `pushrec stack up`"
+    )
+    topic_prefix: str = Field("pushrec", description="topics are <prefix>.events.<type>, ...")
+    partitions: int = Field(1, ge=1, description="partitions per topic when pushrec creates it")
+    replication_factor: int = Field(1, ge=1)
+    consumer_group: str = Field("pushrec-worker", description="the worker's consumer group / Faust app id")
+    session_timeout_s: float = Field(6.0, gt=0, description="short: group joins wait for it")
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    rebalance_timeout_s: float = Field(6.0, gt=0)
+
+
+class RedisSettings(_Section):
+    """Where lists, push history and the refresh stream live."""
+
+    url: str | None = Field(None, description="redis://...; unset = the embedded stack")
+    key_prefix: str = Field("pushrec:", description="every key pushrec writes starts with this")
+    retries: int = Field(5, ge=0, description="bounded retries on connection errors")
+    stream_maxlen: int = Field(100_000, ge=1, description="approximate cap of the refresh stream")
+
+
+class EventSettings(_Section):
+    """What counts as a well-formed event."""
+
+    max_payload_bytes: int = Field(64 * 1024, ge=64)
+    max_id_length: int = Field(256, ge=1)
+
+
+class ModelSettings(_Section):
+    """The online recommender."""
+
+    n_factors: int = Field(32, ge=1)
+    learning_rate: float = Field(0.05, gt=0)
+    l2: float = Field(0.001, ge=0)
+    negatives: int = Field(4, ge=0, description="uniform negative samples per positive event")
+    seed: int = 42
+    top_n: int = Field(20, ge=1, description="length of each stored list")
+    popularity_half_life_s: float = Field(86_400.0, gt=0, description="event-time half-life")
+    min_user_events: int = Field(1, ge=1, description="below this a user gets the popularity list")
+    hit_rate_window: int = Field(1000, ge=1, description="events in the live HR@N window")
+
+
+class WorkerSettings(_Section):
+    """Micro-batching of the Faust agent."""
+
+    batch_max: int = Field(500, ge=1, description="events per micro-batch at most")
+    batch_within_s: float = Field(0.05, gt=0, description="wait at most this for a batch to fill")
+
+
+class PushSettings(_Section):
+    """The push policy of `pushrec push-sender`."""
+
+    max_per_window: int = Field(3, ge=0, description="frequency cap: pushes per user per cap window")
+    cap_window_s: float = Field(86_400.0, gt=0)
+    dedupe_window_s: float = Field(7 * 86_400.0, gt=0, description="never the same item twice within")
+    quiet_start_hour: int | None = Field(None, ge=0, le=23, description="UTC hour quiet time starts")
+    quiet_end_hour: int | None = Field(None, ge=0, le=23, description="UTC hour quiet time ends")
+    consumer_group: str = "pushrec-push-sender"
+
+    @model_validator(mode="after")
+    def _quiet_hours_pair(self) -> PushSettings:
+        if (self.quiet_start_hour is None) != (self.quiet_end_hour is None):
+            raise ValueError("set both quiet_start_hour and quiet_end_hour, or neither")
+        return self
+
+
+class Settings(BaseSettings):
+    """All of pushrec's configuration; frozen once loaded."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PUSHREC_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    # The two addresses SPEC.md names have flat variables: PUSHREC_KAFKA_BOOTSTRAP, PUSHREC_REDIS_URL.
+    kafka_bootstrap: str | None = None
+    redis_url: str | None = None
+    state_dir: Path = Field(Path.home() / ".pushrec", description="embedded stack state and logs")
+    log_level: str = Field("info", pattern="^(crit|error|warn|info|debug)$")
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    events: EventSettings = EventSettings()
+    model: ModelSettings = ModelSettings()
+    worker: WorkerSettings = WorkerSettings()
+    push: PushSettings = PushSettings()
+
+    @property
+    def bootstrap(self) -> str | None:
+        return self.kafka_bootstrap or self.kafka.bootstrap
+
+    @property
+    def redis_address(self) -> str | None:
+        return self.redis_url or self.redis.url
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be loaded; the message names the variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment (and ``overrides``), naming the bad variable on error."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = "__".join(str(p) for p in first["loc"]).upper()
+        raise ConfigError(f"bad setting PUSHREC_{loc}: {first['msg']}") from None

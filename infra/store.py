@@ -1,0 +1,127 @@
+"""Redis: the one key builder, the connection (with bounded retry), and the top-N list store."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class Keys:
+    """Every Redis key pushrec uses, built here and nowhere else."""
+
+    def __init__(self, prefix: str = "pushrec:") -> None:
+        self.prefix = prefix
+
+    def recs(self, user: str) -> str:
+        return f"{self.prefix}recs:{user}"
+
+    def refreshed(self) -> str:
+        """The stream that tells the push sender a list changed."""
+        return f"{self.prefix}refreshed"
+
+    def pushed_items(self, user: str) -> str:
+        """Sorted set item -> time it was last pushed to the user (dedupe)."""
+        return f"{self.prefix}push:items:{user}"
+
+    def pushes(self, user: str) -> str:
+        """Sorted set list-version -> time of the push made for it (frequency cap, idempotency)."""
+        return f"{self.prefix}push:sent:{user}"
+
+
+def connect(url: str, retries: int = 5) -> aioredis.Redis:
+    """An asyncio client that retries connection errors with capped exponential backoff."""
+    return aioredis.Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_connect_timeout=5.0,
+        socket_timeout=10.0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredList:
+    """A user's list as the push sender and `pushrec recs` see it."""
+
+    user_id: str
+    items: list[dict[str, Any]]
+    version: int
+    refreshed_at: float
+    model: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "items": self.items,
+            "version": self.version,
+            "refreshed_at": self.refreshed_at,
+            "model": self.model,
+        }
+
+
+class RankedList(Protocol):
+    """What the store writes (``online_models.recommender.TopN`` has it)."""
+
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def items(self) -> list[str]: ...
+    @property
+    def scores(self) -> list[float]: ...
+    @property
+    def model(self) -> str: ...
+
+
+# One round trip per list, atomic: bump the version, store the list, tell the sender.
+_WRITE_LIST = """
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'items', ARGV[1], 'refreshed_at', ARGV[2], 'model', ARGV[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'user_id', ARGV[4], 'version', version)
+return version
+"""
+
+
+class RedisTopNStore:
+    """Top-N lists as one hash per user, plus a refresh stream for the push sender."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, stream_maxlen: int = 100_000) -> None:
+        self.client = client
+        self.keys = keys
+        self.stream_maxlen = stream_maxlen
+        self._write = client.register_script(_WRITE_LIST)
+
+    async def write_lists(self, lists: Sequence[RankedList], now: float) -> list[int]:
+        """Store every list in one pipeline; return their new versions."""
+        if not lists:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for top in lists:
+                items = [
+                    {"item_id": i, "score": round(s, 6)} for i, s in zip(top.items, top.scores, strict=True)
+                ]
+                await self._write(
+                    keys=[self.keys.recs(top.user_id), self.keys.refreshed()],
+                    args=[orjson.dumps(items), repr(now), top.model, top.user_id, self.stream_maxlen],
+                    client=pipe,
+                )
+            return [int(v) for v in await pipe.execute()]
+
+    async def read(self, user: str) -> StoredList | None:
+        raw = await self.client.hgetall(self.keys.recs(user))
+        if not raw or b"items" not in raw:
+            return None
+        return StoredList(
+            user_id=user,
+            items=orjson.loads(raw[b"items"]),
+            version=int(raw[b"version"]),
+            refreshed_at=float(raw[b"refreshed_at"]),
+            model=raw[b"model"].decode(),
+        )

@@ -1,0 +1,124 @@
+"""Online matrix factorisation for implicit feedback: River's FunkMF, guarded and vectorised.
+
+River keeps factors in ``defaultdict``s, so scoring an unknown id would insert a random vector.
+Here only ``learn_one`` touches River; scoring reads a contiguous float32 item matrix that is
+kept in sync row by row, and checks membership before it looks up a user.
+
+>>> mf = ImplicitMF(n_factors=4, seed=1)
+>>> for _ in range(50):
+...     mf.learn_one("alice", "apple", weight=1.0, negatives=["pear"])
+>>> s = mf.score_many("alice")
+>>> bool(s[mf.items.row("apple")] > s[mf.items.row("pear")])
+True
+>>> mf.score_many("nobody") is None, "nobody" in mf
+(True, False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from river import optim, reco
+
+
+class ItemIndex:
+    """Item id <-> dense row number; rows are never reused, so arrays indexed by row stay valid."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, int] = {}
+        self.ids: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._rows
+
+    def row(self, item: str) -> int:
+        return self._rows[item]
+
+    def add(self, item: str) -> int:
+        row = self._rows.get(item)
+        if row is None:
+            row = self._rows[item] = len(self.ids)
+            self.ids.append(item)
+        return row
+
+
+class ImplicitMF:
+    """Logistic matrix factorisation learned one positive (plus sampled negatives) at a time."""
+
+    def __init__(
+        self,
+        n_factors: int = 32,
+        learning_rate: float = 0.05,
+        l2: float = 0.001,
+        seed: int = 42,
+        items: ItemIndex | None = None,
+    ) -> None:
+        self.items = items if items is not None else ItemIndex()
+        self._mf = reco.FunkMF(
+            n_factors=n_factors,
+            optimizer=optim.SGD(learning_rate),
+            loss=optim.losses.Log(),
+            l2=l2,
+            initializer=optim.initializers.Normal(mu=0.0, sigma=0.1, seed=seed),
+            seed=seed,
+        )
+        self.n_factors = n_factors
+        self._negative_loss = optim.losses.Log()
+        self._losses: dict[float, optim.losses.Log] = {}
+        self._matrix = np.zeros((1024, n_factors), dtype=np.float32)
+
+    def __contains__(self, user: object) -> bool:
+        return user in self._mf.u_latents
+
+    def learn_one(self, user: str, item: str, weight: float, negatives: Iterable[str] = ()) -> None:
+        """One positive ``(user, item)`` of confidence ``weight``, and a negative per sampled item."""
+        # River's Log loss takes labels in {0, 1}; the confidence rides on its positive weight.
+        self._mf.loss = self._positive_loss(weight)
+        self._mf.learn_one(user, item, True)
+        self._sync(item)
+        self._mf.loss = self._negative_loss
+        for negative in negatives:
+            if negative != item:
+                self._mf.learn_one(user, negative, False)
+                self._sync(negative)
+
+    def _positive_loss(self, weight: float) -> optim.losses.Log:
+        loss = self._losses.get(weight)
+        if loss is None:
+            loss = self._losses[weight] = optim.losses.Log(weight_pos=weight)
+        return loss
+
+    def user_vector(self, user: str) -> np.ndarray | None:
+        latents = self._mf.u_latents
+        return latents[user].astype(np.float32) if user in latents else None
+
+    def score_many(self, user: str) -> np.ndarray | None:
+        """Scores of every known item for ``user`` (row order), or None for a cold user."""
+        vector = self.user_vector(user)
+        if vector is None:
+            return None
+        self._reserve(len(self.items))
+        return self._matrix[: len(self.items)] @ vector
+
+    def item_matrix(self) -> np.ndarray:
+        """The current item factors, one row per item of :attr:`items` (a read-only view)."""
+        view = self._matrix[: len(self.items)]
+        view.flags.writeable = False
+        return view
+
+    def _sync(self, item: str) -> None:
+        row = self.items.add(item)
+        self._reserve(row + 1)
+        self._matrix[row] = self._mf.i_latents[item]
+
+    def _reserve(self, rows: int) -> None:
+        """Grow the matrix (doubling) so it holds ``rows`` rows; unlearned rows stay zero."""
+        size = self._matrix.shape[0]
+        if rows > size:
+            grown = np.zeros((max(rows, 2 * size), self.n_factors), dtype=np.float32)
+            grown[:size] = self._matrix
+            self._matrix = grown

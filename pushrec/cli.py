@@ -1,0 +1,284 @@
+"""The `pushrec` command line: one subcommand per job, one-line errors, exit 2 on usage errors."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from redis.exceptions import RedisError
+
+from infra.settings import ConfigError, Settings, load_settings
+from infra.stack import EmbeddedStack, StackError, require_servers, resolve_addresses
+from infra.store import Keys, RedisTopNStore, connect
+from stream.replay import Pacing, Replayer, ReplayError
+from stream.topics import TopicError, TopicNames, ensure_topics
+
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+log = logging.getLogger("pushrec")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1-65535, got {port}")
+    return port
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+class CommandError(Exception):
+    """A failure to report as one line with a non-zero exit code."""
+
+
+def _setup_logging(settings: Settings) -> None:
+    level = {"crit": "CRITICAL", "warn": "WARNING"}.get(settings.log_level, settings.log_level.upper())
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if settings.log_level != "debug":
+        # kafka-python narrates every connection at INFO; keep its warnings only.
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
+    stack = EmbeddedStack(settings.state_dir)
+    if args.action == "up":
+        state = stack.up(args.kafka_port, args.redis_port)
+        names = TopicNames(settings.kafka.topic_prefix)
+        ensure_topics(state.kafka_bootstrap, names.all, settings.kafka.partitions)
+        _emit(
+            args,
+            {"kafka_bootstrap": state.kafka_bootstrap, "redis_url": state.redis_url},
+            f"stack up: kafka={state.kafka_bootstrap} redis={state.redis_url} (state in {stack.state_dir})",
+        )
+    elif args.action == "down":
+        stopped = stack.down()
+        _emit(args, {"stopped": stopped}, "stack down" if stopped else "stack was not running")
+    else:
+        status = stack.status()
+        text = (
+            f"running: kafka={status['kafka_bootstrap']} redis={status['redis_url']}"
+            if status["running"]
+            else f"not running {_status_detail(status)}"
+        )
+        _emit(args, status, text)
+        return 0 if status["running"] else 3
+    return 0
+
+
+def _status_detail(status: dict[str, object]) -> str:
+    if "kafka_up" not in status:
+        return "(no stack started: run `pushrec stack up`)"
+    return f"(kafka up: {status['kafka_up']}, redis up: {status['redis_up']})"
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.worker import RefreshWorker
+
+    bootstrap, redis_url = resolve_addresses(settings)
+    require_servers(bootstrap, redis_url)
+    RefreshWorker(settings, bootstrap, redis_url, until_idle_s=args.until_idle).run(args.metrics_port)
+    return 0
+
+
+def cmd_push_sender(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.push_sender import PushSender, run_push_sender
+
+    _, redis_url = resolve_addresses(settings)
+    require_servers(None, redis_url)
+    sender = PushSender(settings, redis_url, args.outbox, until_idle_s=args.until_idle)
+    run_push_sender(sender, args.metrics_port)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    bootstrap, _ = resolve_addresses(settings)
+    names = TopicNames(settings.kafka.topic_prefix)
+    ensure_topics(bootstrap, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
+    replayer = Replayer(bootstrap, names, settings.events.max_payload_bytes, settings.events.max_id_length)
+    try:
+        summary = replayer.replay(args.events, args.items, Pacing(rate=args.rate, speedup=args.speedup))
+    finally:
+        replayer.close()
+    result = summary.to_dict()
+    lines = [f"replayed {result['events_sent']} events in {result['seconds']}s"]
+    lines += [f"  {topic}: {count}" for topic, count in sorted(summary.sent.items())]
+    if summary.items_sent:
+        lines.append(f"  {names.items}: {summary.items_sent}")
+    if summary.rejected:
+        lines.append(f"rejected {len(summary.rejected)} lines:")
+        lines += [f"  line {n}: {reason} ({detail})" for n, reason, detail in summary.rejected[:20]]
+        if len(summary.rejected) > 20:
+            lines.append(f"  ... and {len(summary.rejected) - 20} more (see --json)")
+    _emit(args, result, "\n".join(lines))
+    return 0
+
+
+def cmd_recs(args: argparse.Namespace, settings: Settings) -> int:
+    _, redis_url = resolve_addresses(settings)
+
+    async def read() -> dict[str, object] | None:
+        client = connect(redis_url, retries=1)
+        try:
+            stored = await RedisTopNStore(client, Keys(settings.redis.key_prefix)).read(args.user_id)
+        finally:
+            await client.aclose()
+        return stored.to_dict() if stored else None
+
+    stored = asyncio.run(read())
+    if stored is None:
+        raise CommandError(f"no list stored for user {args.user_id!r}")
+    text = [f"user {args.user_id}: version {stored['version']}, model {stored['model']}"]
+    text += [f"  {n:2d}. {i['item_id']}  {i['score']:.4f}" for n, i in enumerate(stored["items"], 1)]  # type: ignore[arg-type]
+    _emit(args, stored, "\n".join(text))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from pushrec.demo import run_demo
+
+    return run_demo(settings, users_to_show=args.users)
+
+
+def _emit(args: argparse.Namespace, data: object, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(text)
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pushrec",
+        description="Streaming, real-time recommendations for push notifications.",
+        epilog="Configuration comes from PUSHREC_* environment variables (see README).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    stack = sub.add_parser("stack", help="start/stop/inspect the embedded Kafka broker and Valkey")
+    stack_sub = stack.add_subparsers(dest="action", required=True, parser_class=_Parser, metavar="ACTION")
+    up = stack_sub.add_parser("up", help="start both servers in the background")
+    up.add_argument("--kafka-port", type=_port, help="broker port (default: a free one)")
+    up.add_argument("--redis-port", type=_port, help="Valkey port (default: a free one)")
+    up.add_argument("--json", action="store_true", help="print the addresses as JSON")
+    down = stack_sub.add_parser("down", help="stop both servers")
+    down.add_argument("--json", action="store_true")
+    status = stack_sub.add_parser("status", help="are they up? (exit 3 if not)")
+    status.add_argument("--json", action="store_true")
+
+    worker = sub.add_parser("worker", help="run the Faust worker: ingest, learn, refresh top-N")
+    worker.add_argument("--metrics-port", type=_port, help="serve Prometheus /metrics on this port")
+    worker.add_argument(
+        "--until-idle",
+        type=_positive,
+        metavar="SECONDS",
+        help="exit 0 after this long with no new events (batch replays, tests)",
+    )
+
+    sender = sub.add_parser("push-sender", help="turn refreshed lists into push notifications")
+    sender.add_argument(
+        "--outbox",
+        type=Path,
+        default=Path("outbox.jsonl"),
+        help="JSON Lines file the notifications are appended to (default: %(default)s)",
+    )
+    sender.add_argument("--metrics-port", type=_port, help="serve Prometheus /metrics on this port")
+    sender.add_argument(
+        "--until-idle",
+        type=_positive,
+        metavar="SECONDS",
+        help="exit 0 after this long with no refreshed lists",
+    )
+
+    replay = sub.add_parser("replay", help="produce a recorded event log to the topics")
+    replay.add_argument("events", type=_existing_file, metavar="EVENTS", help="JSON Lines, may be .gz")
+    replay.add_argument(
+        "--items", type=_existing_file, metavar="ITEMS", help="item catalogue to produce first"
+    )
+    pace = replay.add_mutually_exclusive_group()
+    pace.add_argument("--speedup", type=_positive, metavar="X", help="replay at X times event time")
+    pace.add_argument("--rate", type=_positive, metavar="N", help="N events per second")
+    pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
+    replay.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    recs = sub.add_parser("recs", help="show a user's current top-N from Redis")
+    recs.add_argument("user_id", metavar="USER_ID")
+    recs.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="run everything on a bundled sample, then clean up")
+    demo.add_argument("--users", type=int, default=3, help="how many users' lists to print")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "stack": cmd_stack,
+    "worker": cmd_worker,
+    "push-sender": cmd_push_sender,
+    "replay": cmd_replay,
+    "recs": cmd_recs,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"pushrec: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(settings)
+    try:
+        return COMMANDS[args.command](args, settings)
+    except (StackError, TopicError, ReplayError, CommandError) as exc:
+        print(f"pushrec {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"pushrec {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (RedisError, OSError) as exc:  # e.g. a server went away after retries
+        print(f"pushrec {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Topic names, built in one place, and their creation on the broker.
+
+>>> names = TopicNames("pushrec")
+>>> names.events("click"), names.items, names.dead_letter
+('pushrec.events.click', 'pushrec.items', 'pushrec.dead-letter')
+>>> names.type_of("pushrec.events.add_to_cart")
+'add_to_cart'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from stream.events import EVENT_TYPES
+
+
+class TopicNames:
+    """``<prefix>.events.<type>`` per event type, ``<prefix>.items``, ``<prefix>.dead-letter``."""
+
+    def __init__(self, prefix: str = "pushrec") -> None:
+        self.prefix = prefix
+        self.items = f"{prefix}.items"
+        self.dead_letter = f"{prefix}.dead-letter"
+        self._by_type = {kind: f"{prefix}.events.{kind}" for kind in EVENT_TYPES}
+        self._type_by_topic = {topic: kind for kind, topic in self._by_type.items()}
+
+    def events(self, kind: str) -> str:
+        return self._by_type[kind]
+
+    @property
+    def all_events(self) -> list[str]:
+        return list(self._by_type.values())
+
+    @property
+    def all(self) -> list[str]:
+        return [*self.all_events, self.items, self.dead_letter]
+
+    def type_of(self, topic: str) -> str:
+        return self._type_by_topic[topic]
+
+
+class TopicError(Exception):
+    """Topics could not be created; the message names the broker."""
+
+
+def ensure_topics(
+    bootstrap: str,
+    topics: Iterable[str],
+    partitions: int = 1,
+    replication_factor: int = 1,
+    timeout_s: float = 10.0,
+) -> list[str]:
+    """Create the topics that do not exist yet; return the ones created."""
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap,
+            request_timeout_ms=int(timeout_s * 1000),
+        )
+    except (KafkaError, OSError) as exc:
+        raise TopicError(f"cannot reach Kafka at {bootstrap}: {exc}") from None
+    try:
+        existing = set(admin.list_topics())
+        wanted = [t for t in dict.fromkeys(topics) if t not in existing]
+        created = []
+        for topic in wanted:
+            try:
+                admin.create_topics([NewTopic(topic, partitions, replication_factor)])
+                created.append(topic)
+            except TopicAlreadyExistsError:
+                pass  # another process created it first
+        return created
+    except KafkaError as exc:
+        raise TopicError(f"cannot create topics on {bootstrap}: {exc}") from None
+    finally:
+        admin.close()
