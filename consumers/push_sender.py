@@ -24,6 +24,8 @@ from online_models.push_policy import SENT, PushPolicy
 
 log = logging.getLogger("pushrec.push_sender")
 FAILED = "failed"
+# What became of a refresh-stream entry (label of pushrec_push_entries_total).
+DECIDED, SUPERSEDED, ALREADY_SENT = "decided", "superseded", "already_sent"
 
 
 class PushSender:
@@ -97,23 +99,27 @@ class PushSender:
                     await self.client.xack(self.keys.refreshed(), self.group, entry_id)
 
     async def handle(self, user: str, version: int, out) -> str:  # type: ignore[no-untyped-def]
-        """Decide and deliver one refresh; returns the outcome."""
-        pushes_key = self.keys.pushes(user)
-        if await self.client.zscore(pushes_key, str(version)) is not None:
-            return "already_sent"  # redelivered after a crash: delivered before, do nothing
+        """Decide and deliver one refresh-stream entry; returns what happened to it."""
         stored = await self.store.read(user)
-        if stored is None:
+        if stored is None or stored.version < version:
             self.metrics.pushes.labels(FAILED).inc()
             log.warning("no list stored for user=%s version=%s", user, version)
             return FAILED
+        if stored.version > version:
+            # A newer list was written, and its own entry is further down the stream.
+            self.metrics.push_entries.labels(SUPERSEDED).inc()
+            return SUPERSEDED
+        pushes_key = self.keys.pushes(user)
+        if await self.client.zscore(pushes_key, str(version)) is not None:
+            # Read again after a crash between delivery and ack: it was delivered, do nothing.
+            self.metrics.push_entries.labels(ALREADY_SENT).inc()
+            return ALREADY_SENT
+        self.metrics.push_entries.labels(DECIDED).inc()
         now = time.time()
         items_key = self.keys.pushed_items(user)
-        recent = await self.client.zrangebyscore(
-            pushes_key, now - self.policy.cap_window_s, "+inf", withscores=True
-        )
-        pushed = await self.client.zrangebyscore(
-            items_key, now - self.policy.dedupe_window_s, "+inf", withscores=True
-        )
+        cap_from, dedupe_from = now - self.policy.cap_window_s, now - self.policy.dedupe_window_s
+        recent = await self.client.zrangebyscore(pushes_key, cap_from, "+inf", withscores=True)
+        pushed = await self.client.zrangebyscore(items_key, dedupe_from, "+inf", withscores=True)
         decision = self.policy.decide(
             [i["item_id"] for i in stored.items],
             now,
@@ -122,25 +128,25 @@ class PushSender:
         )
         outcome = decision.outcome
         if outcome == SENT and decision.item is not None:
-            outcome = self._deliver(out, stored, version, decision.item, now)
+            outcome = self._deliver(out, stored, decision.item, now)
             if outcome == SENT:
                 async with self.client.pipeline(transaction=True) as pipe:
                     pipe.zadd(pushes_key, {str(version): now})
                     pipe.zadd(items_key, {decision.item: now})
-                    pipe.zremrangebyscore(pushes_key, "-inf", now - self.policy.cap_window_s)
-                    pipe.zremrangebyscore(items_key, "-inf", now - self.policy.dedupe_window_s)
+                    pipe.zremrangebyscore(pushes_key, "-inf", cap_from)
+                    pipe.zremrangebyscore(items_key, "-inf", dedupe_from)
                     await pipe.execute()
         self.metrics.pushes.labels(outcome).inc()
         return outcome
 
-    def _deliver(self, out, stored: StoredList, version: int, item: str, now: float) -> str:  # type: ignore[no-untyped-def]
+    def _deliver(self, out, stored: StoredList, item: str, now: float) -> str:  # type: ignore[no-untyped-def]
         score = next((i.get("score") for i in stored.items if i["item_id"] == item), None)
         notification = {
-            "notification_id": f"{stored.user_id}:{version}",
+            "notification_id": f"{stored.user_id}:{stored.version}",
             "user_id": stored.user_id,
             "item_id": item,
             "score": score,
-            "list_version": version,
+            "list_version": stored.version,
             "model": stored.model,
             "sent_at": now,
         }

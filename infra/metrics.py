@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import urllib.request
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
 
 # Closed label sets (see SPEC.md); pre-created so dashboards see zeros, not gaps.
 EVENT_OUTCOMES = ("processed", "dead_letter", "duplicate")
@@ -54,6 +57,12 @@ class Metrics:
         self.pushes = Counter(
             "pushrec_pushes", "Push decisions of the sender, by outcome.", ["outcome"], registry=r
         )
+        self.push_entries = Counter(
+            "pushrec_push_entries",
+            "Refresh-stream entries the sender read: decided, superseded by a newer list, already_sent.",
+            ["result"],
+            registry=r,
+        )
         self.hit_rate = Gauge(
             "pushrec_prequential_hit_rate",
             "Share of recent positive events whose item was in the user's served list (HR@N).",
@@ -81,3 +90,25 @@ class Metrics:
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose ``/metrics`` on ``port`` from a background thread."""
         start_http_server(port, addr=addr, registry=self.registry)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> Samples:
+    """Samples of a /metrics endpoint, keyed by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric_sum(samples: Samples, name: str, **labels: str) -> float:
+    return sum(
+        v
+        for (n, lab), v in samples.items()
+        if n == name and all(dict(lab).get(k) == val for k, val in labels.items())
+    )

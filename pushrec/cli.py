@@ -152,6 +152,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_recs(args: argparse.Namespace, settings: Settings) -> int:
     _, redis_url = resolve_addresses(settings)
+    require_servers(None, redis_url)
 
     async def read() -> dict[str, object] | None:
         client = connect(redis_url, retries=1)

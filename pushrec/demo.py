@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from importlib.resources import files
@@ -22,8 +21,8 @@ from pathlib import Path
 
 import orjson
 from kafka import KafkaProducer
-from prometheus_client.parser import text_string_to_metric_families
 
+from infra.metrics import metric_sum, scrape
 from infra.settings import Settings
 from infra.stack import EmbeddedStack, free_port
 from stream.replay import Pacing, Replayer, read_lines
@@ -39,25 +38,6 @@ MALFORMED = [
     ("view", b'{"event_id": "x2", "type": "view", "user_id": "", "item_id": "i", "ts": 1}'),
     ("purchase", b'{"event_id": "x3", "type": "purchase", "user_id": "u", "item_id": "i", "ts": NaN}'),
 ]
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Samples of a /metrics endpoint, keyed by (name, sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def metric_sum(samples: dict, name: str, **labels: str) -> float:
-    return sum(
-        v
-        for (n, lab), v in samples.items()
-        if n == name and all(dict(lab).get(k) == val for k, val in labels.items())
-    )
 
 
 def wait_for(
@@ -186,7 +166,7 @@ def run_demo(settings: Settings, users_to_show: int = 3) -> int:
 
 def _sender_drained(sender_port: int, worker_port: int) -> bool:
     refreshes = metric_sum(scrape(worker_port), "pushrec_list_refreshes_total")
-    return metric_sum(scrape(sender_port), "pushrec_pushes_total") >= refreshes > 0
+    return metric_sum(scrape(sender_port), "pushrec_push_entries_total") >= refreshes > 0
 
 
 def _most_active_users(n: int) -> list[str]:

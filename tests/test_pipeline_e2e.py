@@ -1,0 +1,177 @@
+"""End to end on real servers: replay -> broker -> Faust worker -> Valkey -> push sender -> outbox."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+from kafka import KafkaConsumer, KafkaProducer
+
+from consumers.worker import build_pipeline
+from infra.metrics import metric_sum, scrape
+from infra.stack import free_port
+from pushrec.demo import SAMPLE_EVENTS, stop_process, wait_for
+from stream.deadletter import DeadLetter
+from stream.events import Reason, decode_event
+from stream.topics import TopicNames
+from tests.conftest import Hermetic, dataset
+
+pytestmark = pytest.mark.integration
+
+# Malformed records produced straight to a topic, and the reason each must be dead-lettered with.
+MALFORMED = [
+    ("view", b"{not json", Reason.INVALID_JSON),
+    ("click", b'{"event_id":"b1","type":"click","user_id":"","item_id":"i","ts":1}', Reason.EMPTY_ID),
+    (
+        "purchase",
+        b'{"event_id":"b2","type":"purchase","user_id":"u","item_id":"i","ts":NaN}',
+        Reason.NON_FINITE,
+    ),
+    (
+        "add_to_cart",
+        b'{"event_id":"b3","type":"wishlist","user_id":"u","item_id":"i","ts":1}',
+        Reason.UNKNOWN_TYPE,
+    ),
+    ("view", b'{"event_id":"b4","type":"click","user_id":"u","item_id":"i","ts":1}', Reason.WRONG_TOPIC),
+    ("click", b"\xff\xfe\x00garbage", Reason.INVALID_UTF8),
+    ("view", b"[" * 3000 + b"]" * 3000, Reason.INVALID_JSON),
+    ("purchase", b'{"event_id":"b5","type":"purchase","user_id":"u","item_id":"i"}', Reason.MISSING_FIELD),
+]
+
+
+def head(source: Path, dest: Path, lines: int) -> Path:
+    with gzip.open(source, "rb") as src, open(dest, "wb") as out:
+        for _, line in zip(range(lines), src, strict=False):
+            out.write(line)
+    return dest
+
+
+def run_cli(hermetic: Hermetic, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pushrec.cli", *args],
+        env=hermetic.env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def wait_joined(port: int, proc: subprocess.Popen[bytes]) -> None:
+    wait_for(
+        "the worker to join its group",
+        lambda: metric_sum(scrape(port), "pushrec_worker_assigned_partitions") > 0,
+        60,
+        proc,
+    )
+
+
+def test_replay_through_real_broker_worker_and_valkey(hermetic: Hermetic) -> None:
+    log = head(dataset("taobao/events.jsonl.gz"), hermetic.tmp / "events.jsonl", 3000)
+    events = [decode_event(line) for line in log.read_bytes().splitlines()]
+    port = free_port()
+    worker = hermetic.spawn("worker", "--metrics-port", str(port), log_name="worker.log")
+    try:
+        wait_joined(port, worker)
+        replay = run_cli(hermetic, "replay", str(log), "--json")
+        assert replay.returncode == 0, replay.stderr
+        summary = json.loads(replay.stdout)
+        assert summary["events_sent"] == len(events) and summary["rejected"] == []
+
+        names = TopicNames(hermetic.prefix)
+        producer = KafkaProducer(bootstrap_servers=hermetic.servers.kafka_bootstrap)
+        for kind, raw, _ in MALFORMED:
+            producer.send(names.events(kind), key=b"bad-user", value=raw)
+        producer.flush()
+        producer.close()
+
+        total = len(events) + len(MALFORMED)
+        wait_for(
+            "every record to be counted",
+            lambda: metric_sum(scrape(port), "pushrec_events_total") >= total,
+            120,
+            worker,
+        )
+        samples = scrape(port)
+        by_type = Counter(e.type for e in events)
+        for kind, count in by_type.items():
+            assert metric_sum(samples, "pushrec_events_total", type=kind, outcome="processed") == count
+        assert metric_sum(samples, "pushrec_events_total", outcome="dead_letter") == len(MALFORMED)
+        expected_reasons = Counter(reason.value for _, _, reason in MALFORMED)
+        for reason, count in expected_reasons.items():
+            assert metric_sum(samples, "pushrec_dead_letters_total", reason=reason) == count
+        assert metric_sum(samples, "pushrec_event_to_list_seconds_count") == len(events)
+        assert worker.poll() is None, "the worker must keep running after bad input"
+
+        # Every user with a positive event (all taobao types are positive) has a non-empty list.
+        client = redis.Redis.from_url(hermetic.servers.redis_url)
+        users = {e.user_id for e in events}
+        missing = [
+            u for u in users if not orjson.loads(client.hget(f"{hermetic.prefix}:recs:{u}", "items") or b"[]")
+        ]
+        assert missing == []
+        shown = run_cli(hermetic, "recs", events[0].user_id, "--json")
+        assert shown.returncode == 0, shown.stderr
+        assert len(json.loads(shown.stdout)["items"]) == 20
+
+        # The dead letters carry the raw bytes, their origin and the reason.
+        consumer = KafkaConsumer(
+            names.dead_letter,
+            bootstrap_servers=hermetic.servers.kafka_bootstrap,
+            auto_offset_reset="earliest",
+            consumer_timeout_ms=5000,
+            enable_auto_commit=False,
+        )
+        letters = [DeadLetter.from_record(m.value, m.key, m.headers) for m in consumer]
+        consumer.close()
+        assert sorted((d.raw, d.reason) for d in letters) == sorted((raw, r.value) for _, raw, r in MALFORMED)
+        assert all(
+            d.source[0] in names.all_events and d.source[2] >= 0 and d.key == b"bad-user" for d in letters
+        )
+    finally:
+        stop_process(worker)
+    assert worker.returncode == 0, hermetic.log("worker.log")[-2000:]
+
+    # The push sender turns the refreshed lists into notifications, one line each.
+    outbox = hermetic.tmp / "outbox.jsonl"
+    sent = run_cli(hermetic, "push-sender", "--outbox", str(outbox), "--until-idle", "2")
+    assert sent.returncode == 0, sent.stderr
+    pushes = [orjson.loads(line) for line in outbox.read_bytes().splitlines()]
+    assert pushes and {p["user_id"] for p in pushes} <= users
+    assert len({p["notification_id"] for p in pushes}) == len(pushes)
+
+
+def test_worker_and_in_process_pipeline_give_the_same_lists(hermetic: Hermetic) -> None:
+    """One partition, fixed seed, batch of one: if the lists differ, the transport changed the answer."""
+    log = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 800)  # purchases: one topic, one partition
+    replay = run_cli(hermetic, "replay", str(log), "--json")
+    assert replay.returncode == 0, replay.stderr
+    worker = hermetic.spawn(
+        "worker", "--until-idle", "3", log_name="worker.log", PUSHREC_WORKER__BATCH_MAX="1"
+    )
+    try:
+        worker.wait(timeout=180)
+    finally:
+        stop_process(worker)
+    assert worker.returncode == 0, hermetic.log("worker.log")[-2000:]
+
+    settings = hermetic.settings(PUSHREC_WORKER__BATCH_MAX="1")
+    pipeline = build_pipeline(settings)
+    expected = {}
+    for line in log.read_bytes().splitlines():
+        for top in pipeline.process([decode_event(line)]):
+            expected[top.user_id] = top
+    client = redis.Redis.from_url(hermetic.servers.redis_url)
+    for user, top in expected.items():
+        stored = client.hgetall(f"{hermetic.prefix}:recs:{user}")
+        items = orjson.loads(stored[b"items"])
+        assert [i["item_id"] for i in items] == top.items, user
+        assert [i["score"] for i in items] == pytest.approx(top.scores, abs=1e-6)
+    assert len(expected) >= 30
