@@ -56,18 +56,21 @@ class ImplicitMF:
         l2: float = 0.001,
         seed: int = 42,
         items: ItemIndex | None = None,
+        loss: str = "log",
     ) -> None:
+        """``loss``: "log" (logistic, confidence-weighted positives) or "squared" (FunkMF's default)."""
         self.items = items if items is not None else ItemIndex()
+        self._logistic = loss == "log"
+        self._negative_loss = optim.losses.Log() if self._logistic else optim.losses.Squared()
         self._mf = reco.FunkMF(
             n_factors=n_factors,
             optimizer=optim.SGD(learning_rate),
-            loss=optim.losses.Log(),
+            loss=self._negative_loss,
             l2=l2,
             initializer=optim.initializers.Normal(mu=0.0, sigma=0.1, seed=seed),
             seed=seed,
         )
         self.n_factors = n_factors
-        self._negative_loss = optim.losses.Log()
         self._losses: dict[float, optim.losses.Log] = {}
         self._matrix = np.zeros((1024, n_factors), dtype=np.float32)
 
@@ -77,7 +80,7 @@ class ImplicitMF:
     def learn_one(self, user: str, item: str, weight: float, negatives: Iterable[str] = ()) -> None:
         """One positive ``(user, item)`` of confidence ``weight``, and a negative per sampled item."""
         # River's Log loss takes labels in {0, 1}; the confidence rides on its positive weight.
-        self._mf.loss = self._positive_loss(weight)
+        self._mf.loss = self._positive_loss(weight) if self._logistic else self._negative_loss
         self._mf.learn_one(user, item, True)
         self._sync(item)
         self._mf.loss = self._negative_loss

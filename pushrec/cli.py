@@ -172,6 +172,75 @@ def cmd_recs(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+BASELINES = ("popularity", "recent", "funkmf")
+MODELS = ("pushrec", *BASELINES)
+
+
+def _make_model(name: str, settings: Settings):  # type: ignore[no-untyped-def]
+    from online_models.baselines import FunkMFRanker, PopularityRanker, RecentRanker
+    from online_models.recommender import Recommender
+
+    model = settings.model
+    return {
+        "pushrec": lambda: Recommender(**model.model_dump()),
+        "popularity": lambda: PopularityRanker(model.popularity_half_life_s),
+        "recent": RecentRanker,
+        "funkmf": lambda: FunkMFRanker(seed=model.seed),
+    }[name]()
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from online_models.evaluation import evaluate
+    from stream.events import BadEvent, decode_event
+    from stream.replay import read_lines
+
+    def events():  # type: ignore[no-untyped-def]
+        for number, line in read_lines(args.events):
+            try:
+                yield decode_event(
+                    line,
+                    max_payload_bytes=settings.events.max_payload_bytes,
+                    max_id_length=settings.events.max_id_length,
+                )
+            except BadEvent as bad:
+                log.warning("line %d skipped: %s", number, bad)
+
+    names = list(dict.fromkeys([*(args.model or ["pushrec"]), *BASELINES]))
+    models = {name: _make_model(name, settings) for name in names}
+    dataset = args.events.parent.name if args.events.name.startswith("events.") else args.events.stem
+    with tqdm(
+        desc=f"evaluate {dataset}", unit=" ev", disable=not sys.stderr.isatty(), file=sys.stderr
+    ) as bar:
+        report = evaluate(events(), models, k=args.k, dataset=dataset, progress=bar.update)
+    result = report.to_dict()
+    header = f"{'model':<12}" + "".join(
+        f"{c:>11}" for c in ("HR", "NDCG", "P", "R", "F1", "coverage", "new-HR", "ev/s")
+    )
+    rows = [
+        f"{name:<12}"
+        + "".join(
+            f"{m[c]:>11.4f}" for c in ("hr", "ndcg", "precision", "recall", "f1", "coverage", "new_item_hr")
+        )
+        + f"{m['events_per_s']:>11.0f}"
+        for name, m in report.models.items()
+    ]
+    title = f"{dataset}: {report.events} events, {report.targets} targets, @K={report.k}"
+    _emit(args, result, "\n".join([title, header, *rows]))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pushrec.demo import run_demo
 
@@ -246,6 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
     recs.add_argument("user_id", metavar="USER_ID")
     recs.add_argument("--json", action="store_true")
 
+    evaluate = sub.add_parser(
+        "evaluate", help="prequential (test-then-train) evaluation on a log, in process"
+    )
+    evaluate.add_argument("events", type=_existing_file, metavar="EVENTS", help="JSON Lines, may be .gz")
+    evaluate.add_argument(
+        "--items", type=_existing_file, metavar="ITEMS", help="item catalogue (not used yet)"
+    )
+    evaluate.add_argument(
+        "--k", type=_positive_int, default=10, help="list length scored (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--model",
+        action="append",
+        choices=MODELS,
+        metavar="NAME",
+        help=f"model(s) to evaluate, one of {', '.join(MODELS)}; baselines are always included",
+    )
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+
     demo = sub.add_parser("demo", help="run everything on a bundled sample, then clean up")
     demo.add_argument("--users", type=int, default=3, help="how many users' lists to print")
     return parser
@@ -257,6 +345,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "push-sender": cmd_push_sender,
     "replay": cmd_replay,
     "recs": cmd_recs,
+    "evaluate": cmd_evaluate,
     "demo": cmd_demo,
 }
 

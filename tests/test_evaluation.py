@@ -1,0 +1,74 @@
+"""Prequential evaluation: metric values checked by hand, and the CLI's JSON contract."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace as Ev
+
+import pytest
+
+from online_models.evaluation import evaluate
+from online_models.recommender import TopN
+from pushrec.demo import SAMPLE_EVENTS
+from tests.test_cli import pushrec
+
+
+class FixedRanker:
+    """Always recommends x, y, z; records what it learned."""
+
+    def __init__(self) -> None:
+        self.learned: list[str] = []
+
+    def learn_one(self, user: str, item: str, kind: str, ts: float, rating: float | None = None) -> None:
+        self.learned.append(item)
+
+    def recommend(self, user: str, n: int) -> TopN:
+        return TopN(user, ["x", "y", "z"][:n], [3.0, 2.0, 1.0][:n], "fixed")
+
+
+def ev(item: str, kind: str = "view", rating: float | None = None) -> Ev:
+    return Ev(user_id="u", item_id=item, type=kind, ts=0.0, rating=rating)
+
+
+def test_metrics_match_hand_computed_values() -> None:
+    log = [ev("x"), ev("z", "click"), ev("w", "purchase"), ev("v", "rating", 2.0), ev("x", "add_to_cart")]
+    ranker = FixedRanker()
+    report = evaluate(log, {"fixed": ranker}, k=3)
+    m = report.models["fixed"]
+    assert (report.events, report.targets) == (5, 4)  # the 2-star rating is not a target
+    assert m["hr"] == pytest.approx(3 / 4)  # x (rank 1), z (rank 3), x again (rank 1); w missed
+    assert m["ndcg"] == pytest.approx((1 + 1 / math.log2(4) + 1) / 4)
+    assert m["precision"] == pytest.approx(3 / 4 / 3) and m["recall"] == pytest.approx(3 / 4)
+    assert m["f1"] == pytest.approx(2 * (1 / 4) * (3 / 4) / (1 / 4 + 3 / 4))
+    assert m["coverage"] == pytest.approx(3 / 4)  # x, y, z of the 4 items seen
+    assert m["new_item_hr"] == pytest.approx(2 / 3)  # first x, z hit; w missed; second x is not new
+    assert ranker.learned == ["x", "z", "w", "v", "x"]  # every event learned, after it was scored
+
+
+def test_scoring_happens_before_learning() -> None:
+    from online_models.baselines import RecentRanker
+
+    report = evaluate([ev("a"), ev("a")], {"recent": RecentRanker()}, k=1)
+    assert report.models["recent"]["hr"] == 0.5  # the first view cannot be predicted from itself
+
+
+def test_evaluate_cli_json_contract() -> None:
+    result = pushrec("evaluate", str(SAMPLE_EVENTS), "--json", "--k", "5")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) == {"dataset", "k", "events", "targets", "models"}
+    assert report["k"] == 5 and report["events"] == 3000
+    assert set(report["models"]) == {"pushrec", "popularity", "recent", "funkmf"}
+    for metrics in report["models"].values():
+        assert set(metrics) == {
+            "hr",
+            "ndcg",
+            "precision",
+            "recall",
+            "f1",
+            "coverage",
+            "new_item_hr",
+            "events_per_s",
+        }
+        assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k != "events_per_s")
