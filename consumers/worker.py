@@ -30,10 +30,14 @@ from stream.topics import TopicNames, ensure_topics
 log = logging.getLogger("pushrec.worker")
 
 
+def build_recommender(settings: Settings) -> Recommender:
+    """The product model as configured (the worker's and `pushrec evaluate`'s ``pushrec``)."""
+    return Recommender(**settings.model.model_dump(exclude={"hit_rate_window"}))
+
+
 def build_pipeline(settings: Settings) -> RefreshPipeline:
     """The pure core the worker drives (also used by in-process replays)."""
-    model = settings.model
-    return RefreshPipeline(Recommender(**model.model_dump()), model.hit_rate_window)
+    return RefreshPipeline(build_recommender(settings), settings.model.hit_rate_window)
 
 
 class RefreshWorker:

@@ -70,7 +70,6 @@ class Recommender:
         popularity_half_life_s: float = 86_400.0,
         min_user_events: int = 1,
         type_weights: Mapping[str, float] = DEFAULT_TYPE_WEIGHTS,
-        **_ignored: object,
     ) -> None:
         self.items = ItemIndex()
         self.mf = ImplicitMF(n_factors, learning_rate, l2, seed, items=self.items)

@@ -177,12 +177,12 @@ MODELS = ("pushrec", *BASELINES)
 
 
 def _make_model(name: str, settings: Settings):  # type: ignore[no-untyped-def]
+    from consumers.worker import build_recommender
     from online_models.baselines import FunkMFRanker, PopularityRanker, RecentRanker
-    from online_models.recommender import Recommender
 
     model = settings.model
     return {
-        "pushrec": lambda: Recommender(**model.model_dump()),
+        "pushrec": lambda: build_recommender(settings),
         "popularity": lambda: PopularityRanker(model.popularity_half_life_s),
         "recent": RecentRanker,
         "funkmf": lambda: FunkMFRanker(seed=model.seed),
