@@ -8,14 +8,18 @@ sharing them between workers is the job of a future item-factor sync behind
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import time
+from array import array
 from collections import Counter
 from collections.abc import Sequence
 
 import faust
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infra.metrics import Metrics
 from infra.settings import Settings
@@ -69,6 +73,11 @@ class RefreshWorker:
         self.app.timer(0.5)(self._watch_idle)
         self.app.on_partitions_assigned.connect(self._on_assigned)
         self._last_activity = time.monotonic()
+        # Users whose refreshed list is not in Redis yet, and the record times of their events.
+        self._unwritten: dict[str, None] = {}
+        self._unwritten_sent_at = array("d")
+        self._write_lock = asyncio.Lock()
+        self.app.timer(1.0)(self.write_unwritten)
 
     async def _agent(self, stream: faust.StreamT) -> None:
         worker = self.settings.worker
@@ -98,24 +107,43 @@ class RefreshWorker:
             sent_at.append(message.timestamp or time.time())
             processed[kind] += 1
         self.metrics.batch_size.observe(len(batch))
-        if not good:
-            return
-        started = time.perf_counter()
-        users = self.pipeline.learn(good)
-        self.metrics.model_update.observe(time.perf_counter() - started)
-        lists = self.pipeline.refresh(users)
-        try:
-            await self.store.write_lists(lists, time.time())
-        except Exception:
-            self.metrics.redis_errors.inc()
-            raise
-        written = time.time()
-        for ts in sent_at:
-            self.metrics.event_to_list.observe(max(0.0, written - ts))
-        for kind, count in processed.items():
-            self.metrics.events.labels(kind, "processed").inc(count)
-        self.metrics.list_refreshes.inc(len(lists))
-        self.metrics.hit_rate.set(self.pipeline.hit_rate.value)
+        if good:
+            started = time.perf_counter()
+            users = self.pipeline.learn(good)
+            self.metrics.model_update.observe(time.perf_counter() - started)
+            for kind, count in processed.items():
+                self.metrics.events.labels(kind, "processed").inc(count)
+            self.metrics.hit_rate.set(self.pipeline.hit_rate.value)
+            self._unwritten.update(dict.fromkeys(users))
+            self._unwritten_sent_at.extend(sent_at)
+        await self.write_unwritten()
+
+    async def write_unwritten(self) -> None:
+        """Re-rank and store every user whose list has not reached Redis yet.
+
+        Redis connection errors are retried with backoff by the client; if they persist, the
+        users stay pending and are written by the next batch or the retry timer, so an outage
+        delays lists but neither loses them nor crash-loops the agent.
+        """
+        async with self._write_lock:
+            if not self._unwritten:
+                return
+            # Take the pending set before awaiting: a batch learned meanwhile adds to a fresh one.
+            users, self._unwritten = self._unwritten, {}
+            sent_at, self._unwritten_sent_at = self._unwritten_sent_at, array("d")
+            lists = self.pipeline.refresh(list(users))
+            try:
+                await self.store.write_lists(lists, time.time())
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                self.metrics.redis_errors.inc()
+                log.error("Redis write failed after retries, %d lists pending: %s", len(users), exc)
+                self._unwritten.update(users)
+                self._unwritten_sent_at.extend(sent_at)
+                return
+            written = time.time()
+            for ts in sent_at:
+                self.metrics.event_to_list.observe(max(0.0, written - ts))
+            self.metrics.list_refreshes.inc(len(lists))
 
     async def _dead_letter(self, record: faust.EventT, kind: str, bad: BadEvent) -> None:
         message = record.message
@@ -143,8 +171,9 @@ class RefreshWorker:
         log.info("assigned %d event partitions", len(owned))
 
     async def _watch_idle(self) -> None:
-        if self.until_idle_s is None or not self.app.consumer.assignment():
-            self._last_activity = time.monotonic()  # idle time counts once we own partitions
+        if self.until_idle_s is None or not self.app.consumer.assignment() or self._unwritten:
+            # Idle time counts once we own partitions and every list has reached Redis.
+            self._last_activity = time.monotonic()
             return
         idle = time.monotonic() - self._last_activity
         if idle >= self.until_idle_s:
