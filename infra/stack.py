@@ -159,7 +159,6 @@ class EmbeddedStack:
         self,
         kafka_port: int | None = None,
         redis_port: int | None = None,
-        redis_password: str | None = None,
     ) -> StackState:
         current = self.read_state()
         if current is not None and (_alive(current.broker_pid) or _alive(current.valkey_pid)):
@@ -197,13 +196,10 @@ class EmbeddedStack:
             "--protected-mode",
             "no",
         ]
-        if redis_password:
-            valkey_cmd += ["--requirepass", redis_password]
         valkey = self._spawn(valkey_cmd, "valkey.log")
-        auth = f":{redis_password}@" if redis_password else ""
         state = StackState(
             kafka_bootstrap=f"127.0.0.1:{kafka_port}",
-            redis_url=f"redis://{auth}127.0.0.1:{redis_port}/0",
+            redis_url=f"redis://127.0.0.1:{redis_port}/0",
             broker_pid=broker.pid,
             valkey_pid=valkey.pid,
         )

@@ -116,6 +116,3 @@ class Recommender:
         rows, values = top_n(scores, n, exclude=[r for r in consumed if r < scores.size])
         ids = self.items.ids
         return TopN(user, [ids[r] for r in rows], [float(v) for v in values], model)
-
-    def knows(self, user: str) -> bool:
-        return user in self._users
