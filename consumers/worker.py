@@ -4,6 +4,14 @@ Several workers may share the consumer group: topics are keyed by user, so each 
 (and list) belong to one worker. Item factors are learned by each worker from its own users;
 sharing them between workers is the job of a future item-factor sync behind
 ``RefreshPipeline.recommender`` and is not done here.
+
+Delivery is at-least-once; effects are made idempotent here. Every record's offset and event id
+are remembered with the model: a record below the model's offset for its partition, or an event
+id already seen there, is counted as a duplicate and not learned again. The model, those offsets
+and the id memory are checkpointed together (periodically, on partition revocation and on stop);
+a restarted worker restores the checkpoint and first re-learns, straight from Kafka, any records
+between the checkpoint's offsets and the group's committed offsets, so no event is lost or
+learned twice whatever Faust committed before a crash.
 """
 
 from __future__ import annotations
@@ -16,11 +24,14 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import faust
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from infra.checkpoint import CheckpointStore, DiskCheckpoints, RedisCheckpoints, pack, unpack
 from infra.metrics import Metrics
 from infra.settings import Settings
 from infra.store import Keys, RedisTopNStore, connect
@@ -28,6 +39,7 @@ from online_models.pipeline import RefreshPipeline
 from online_models.recommender import Recommender
 from stream.app import make_app, raw_topic
 from stream.deadletter import dead_letter_headers
+from stream.dedupe import SeenEventIds
 from stream.events import EVENT_TYPES, BadEvent, Event, Reason, decode_event
 from stream.topics import TopicNames, ensure_topics
 
@@ -44,6 +56,33 @@ def build_pipeline(settings: Settings) -> RefreshPipeline:
     return RefreshPipeline(build_recommender(settings), settings.model.hit_rate_window)
 
 
+def checkpoint_store(settings: Settings, redis: object) -> CheckpointStore | None:
+    """The configured checkpoint store (``redis`` is an asyncio client), or None when off."""
+    conf = settings.checkpoint
+    name = conf.name or settings.kafka.consumer_group
+    if conf.store == "disk":
+        return DiskCheckpoints(Path(settings.state_dir) / "checkpoints" / f"{name}.npz")
+    if conf.store == "redis":
+        return RedisCheckpoints(redis, Keys(settings.redis.key_prefix).checkpoint(name))  # type: ignore[arg-type]
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed Kafka record, whether Faust or the catch-up reader fetched it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp: float | None  # seconds
+
+    @property
+    def source(self) -> str:
+        return f"{self.topic}:{self.partition}"
+
+
 class RefreshWorker:
     """Owns the Faust app, its agent, the Redis store and the metrics of one worker process."""
 
@@ -57,42 +96,61 @@ class RefreshWorker:
     ) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
+        self.redis_url = redis_url
         self.names = TopicNames(settings.kafka.topic_prefix)
+        self.keys = Keys(settings.redis.key_prefix)
         self.metrics = metrics or Metrics(EVENT_TYPES, tuple(r.value for r in Reason))
         self.pipeline = build_pipeline(settings)
-        self.store = RedisTopNStore(
-            connect(redis_url, settings.redis.retries),
-            Keys(settings.redis.key_prefix),
-            settings.redis.stream_maxlen,
-        )
+        self.store = self._new_store()
+        self.seen = SeenEventIds(settings.checkpoint.dedupe_ids)
+        # Next offset to learn per "topic:partition": everything below is in the model.
+        self.offsets: dict[str, int] = {}
         self.until_idle_s = until_idle_s
         self.app = make_app(settings, bootstrap)
         self.dead_letter_topic = raw_topic(self.app, self.names.dead_letter)
         events = raw_topic(self.app, *self.names.all_events)
         self.app.agent(events, name="pushrec.refresh")(self._agent)
         self.app.timer(0.5)(self._watch_idle)
+        self.app.timer(1.0)(self.write_unwritten)
+        self.app.timer(1.0)(self.apply_forget_requests)
+        self.app.timer(settings.checkpoint.every_s)(self.save_checkpoint)
         self.app.on_partitions_assigned.connect(self._on_assigned)
+        self.app.on_partitions_revoked.connect(self._on_revoked)
+        self.app.on_before_shutdown.connect(self._on_shutdown)
         self._last_activity = time.monotonic()
         # Users whose refreshed list is not in Redis yet, and the record times of their events.
         self._unwritten: dict[str, None] = {}
         self._unwritten_sent_at = array("d")
         self._write_lock = asyncio.Lock()
-        self.app.timer(1.0)(self.write_unwritten)
+
+    def _new_store(self) -> RedisTopNStore:
+        client = connect(self.redis_url, self.settings.redis.retries)
+        return RedisTopNStore(client, self.keys, self.settings.redis.stream_maxlen)
+
+    @property
+    def checkpoints(self) -> CheckpointStore | None:
+        return checkpoint_store(self.settings, self.store.client)
 
     async def _agent(self, stream: faust.StreamT) -> None:
         worker = self.settings.worker
         async for batch in stream.take_events(worker.batch_max, within=worker.batch_within_s):
-            await self.handle_batch(batch)
+            records = []
+            for event in batch:
+                m = event.message
+                records.append(Record(m.topic, m.partition, m.offset, m.key, event.value, m.timestamp))
+            await self.handle_records(records)
 
-    async def handle_batch(self, batch: Sequence[faust.EventT]) -> None:
+    async def handle_records(self, records: Sequence[Record], dead_letter: bool = True) -> None:
+        """Decode, dead-letter the bad, skip what the model already holds, learn the rest.
+
+        ``dead_letter=False`` for the catch-up after a restart: those records were fully handled
+        before the crash, only the model forgot them.
+        """
         self._last_activity = time.monotonic()
         limits = self.settings.events
-        good: list[Event] = []
-        sent_at: list[float] = []
-        processed: Counter[str] = Counter()
-        for record in batch:
-            message = record.message
-            kind = self.names.type_of(message.topic)
+        decoded: list[tuple[Record, Event | None]] = []
+        for record in records:
+            kind = self.names.type_of(record.topic)
             try:
                 event = decode_event(
                     record.value,
@@ -101,12 +159,30 @@ class RefreshWorker:
                     expected_type=kind,
                 )
             except BadEvent as bad:
-                await self._dead_letter(record, kind, bad)
+                if dead_letter and record.offset >= self.offsets.get(record.source, 0):
+                    await self._dead_letter(record, kind, bad)
+                event = None
+            decoded.append((record, event))
+        # No await from here to the learning: model, offsets and id memory change together.
+        good: list[Event] = []
+        sent_at: list[float] = []
+        processed: Counter[str] = Counter()
+        duplicates: Counter[str] = Counter()
+        for record, event in decoded:
+            source = record.source
+            already_learned = record.offset < self.offsets.get(source, 0)
+            self.offsets[source] = max(self.offsets.get(source, 0), record.offset + 1)
+            if event is None:
+                continue
+            if already_learned or self.seen.check_and_add(source, event.event_id, event.user_id):
+                duplicates[event.type] += 1
                 continue
             good.append(event)
-            sent_at.append(message.timestamp or time.time())
-            processed[kind] += 1
-        self.metrics.batch_size.observe(len(batch))
+            sent_at.append(record.timestamp or time.time())
+            processed[event.type] += 1
+        self.metrics.batch_size.observe(len(records))
+        for kind, count in duplicates.items():
+            self.metrics.events.labels(kind, "duplicate").inc(count)
         if good:
             started = time.perf_counter()
             users = self.pipeline.learn(good)
@@ -145,22 +221,149 @@ class RefreshWorker:
                 self.metrics.event_to_list.observe(max(0.0, written - ts))
             self.metrics.list_refreshes.inc(len(lists))
 
-    async def _dead_letter(self, record: faust.EventT, kind: str, bad: BadEvent) -> None:
-        message = record.message
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Model, offsets, id memory and pending users as one checkpoint blob."""
+        model_meta, arrays = self.pipeline.recommender.state()
+        meta = {
+            "offsets": self.offsets,
+            "seen": self.seen.state(),
+            "unwritten": list(self._unwritten),
+            "model": model_meta,
+            "saved_at": time.time(),
+        }
+        return pack(meta, arrays)
+
+    def restore(self, blob: bytes) -> None:
+        meta, arrays = unpack(blob)
+        self.pipeline.recommender.restore(meta["model"], arrays)
+        self.offsets = dict(meta["offsets"])
+        self.seen.restore(meta["seen"])
+        self._unwritten.update(dict.fromkeys(meta["unwritten"]))
+
+    async def save_checkpoint(self) -> None:
+        store = self.checkpoints
+        if store is None:
+            return
+        try:
+            await store.save(self.snapshot())
+        except (OSError, RedisConnectionError, RedisTimeoutError) as exc:
+            self.metrics.checkpoints.labels("failed").inc()
+            log.error("checkpoint to %s failed: %s", store.where, exc)
+            return
+        self.metrics.checkpoints.labels("ok").inc()
+        self.metrics.checkpoint_time.set(time.time())
+        log.debug("checkpoint saved to %s", store.where)
+
+    async def restore_and_catch_up(self) -> None:
+        """Before Faust starts: load the checkpoint, re-learn what it missed, write pending lists."""
+        store = self.checkpoints
+        if store is None:
+            log.warning("checkpoints are off: the model starts empty at the committed offsets")
+            return
+        blob = await store.load()
+        if blob is None:
+            log.info("no checkpoint at %s: the model starts empty", store.where)
+        else:
+            self.restore(blob)
+            log.info(
+                "restored checkpoint from %s: %d users, %d items, offsets %s",
+                store.where,
+                self.pipeline.recommender.n_users,
+                len(self.pipeline.recommender.items),
+                self.offsets,
+            )
+        gap = await asyncio.to_thread(self._read_gap)
+        batch_max = self.settings.worker.batch_max
+        for start in range(0, len(gap), batch_max):
+            await self.handle_records(gap[start : start + batch_max], dead_letter=False)
+        if gap:
+            log.info("caught up %d records the group committed but the model did not hold", len(gap))
+        await self.apply_forget_requests()
+        await self.write_unwritten()
+
+    def _read_gap(self) -> list[Record]:
+        """Records the group committed but the model does not hold, in offset order per partition:
+        from the checkpoint's offset (the partition's first retained one if the checkpoint does
+        not know it) up to the committed offset."""
+        from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+
+        group = self.settings.kafka.consumer_group
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="pushrec-catch-up")
+        try:
+            committed = admin.list_group_offsets({group: None}).get(group, {})
+        finally:
+            admin.close()
+        ends = {
+            TopicPartition(tp.topic, tp.partition): meta.offset
+            for tp, meta in committed.items()
+            if tp.topic in self.names.all_events and meta.offset > 0
+        }
+        if not ends:
+            return []
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        records: list[Record] = []
+        try:
+            first = consumer.beginning_offsets(list(ends))
+            starts = {tp: self.offsets.get(f"{tp.topic}:{tp.partition}", first[tp]) for tp in ends}
+            remaining = {tp for tp in ends if ends[tp] > starts[tp]}
+            consumer.assign(list(remaining))
+            for tp in remaining:
+                consumer.seek(tp, starts[tp])
+            while remaining:
+                polled = consumer.poll(timeout_ms=5000)
+                if not polled:
+                    raise RuntimeError(f"catch-up stalled before the committed offsets of {remaining}")
+                for tp, messages in polled.items():
+                    for m in messages:
+                        if m.offset < ends[tp]:
+                            ts = m.timestamp / 1000 if m.timestamp else None
+                            records.append(Record(m.topic, m.partition, m.offset, m.key, m.value, ts))
+                    if messages and messages[-1].offset >= ends[tp] - 1:
+                        remaining.discard(tp)
+                        consumer.pause(tp)
+        finally:
+            consumer.close()
+        return records
+
+    # --- forgetting ----------------------------------------------------------------------------
+
+    async def apply_forget_requests(self) -> None:
+        """Erase users named on the forget stream from the model, id memory and pending lists;
+        checkpoint; then delete the request (so the user's id is not kept there either)."""
+        try:
+            entries = await self.store.client.xrange(self.keys.forget_requests())
+        except (RedisConnectionError, RedisTimeoutError):
+            return
+        if not entries:
+            return
+        for _, fields in entries:
+            user = fields[b"user"].decode()
+            in_model = self.pipeline.forget(user)
+            ids = self.seen.forget(user)
+            self._unwritten.pop(user, None)
+            log.info("forgot a user (model: %s, %d event ids)", in_model, ids)
+        await self.save_checkpoint()
+        await self.store.client.xdel(self.keys.forget_requests(), *[entry_id for entry_id, _ in entries])
+
+    # --- Faust hooks ---------------------------------------------------------------------------
+
+    async def _dead_letter(self, record: Record, kind: str, bad: BadEvent) -> None:
         await self.dead_letter_topic.send(
-            key=message.key,
+            key=record.key,
             value=record.value,
             headers=dead_letter_headers(
-                bad.reason, bad.detail, message.topic, message.partition, message.offset
+                bad.reason, bad.detail, record.topic, record.partition, record.offset
             ),
         )
         self.metrics.dead_letters.labels(bad.reason.value).inc()
         self.metrics.events.labels(kind, "dead_letter").inc()
         log.warning(
             "dead-lettered topic=%s partition=%s offset=%s reason=%s detail=%s",
-            message.topic,
-            message.partition,
-            message.offset,
+            record.topic,
+            record.partition,
+            record.offset,
             bad.reason.value,
             bad.detail,
         )
@@ -169,6 +372,14 @@ class RefreshWorker:
         owned = [tp for tp in assigned if tp.topic in self.names.all_events]
         self.metrics.assigned_partitions.set(len(owned))
         log.info("assigned %d event partitions", len(owned))
+
+    async def _on_revoked(self, sender: object, revoked: set, **_: object) -> None:
+        if any(tp.topic in self.names.all_events for tp in revoked):
+            await self.save_checkpoint()
+
+    async def _on_shutdown(self, sender: object, **_: object) -> None:
+        await self.write_unwritten()
+        await self.save_checkpoint()
 
     async def _watch_idle(self) -> None:
         if self.until_idle_s is None or not self.app.consumer.assignment() or self._unwritten:
@@ -182,11 +393,12 @@ class RefreshWorker:
             os.kill(os.getpid(), signal.SIGTERM)  # the same clean path as an operator's SIGTERM
 
     def run(self, metrics_port: int | None = None) -> None:
-        """Create missing topics, serve /metrics, run Faust until stopped (never returns)."""
+        """Create missing topics, restore, serve /metrics, run Faust until stopped (never returns)."""
         kafka = self.settings.kafka
         ensure_topics(self.bootstrap, self.names.all, kafka.partitions, kafka.replication_factor)
         if metrics_port is not None:
             self.metrics.serve(metrics_port)
+        asyncio.run(self._before_faust())
         log.info(
             "worker starting: kafka=%s group=%s topics=%s metrics_port=%s",
             self.bootstrap,
@@ -195,3 +407,11 @@ class RefreshWorker:
             metrics_port,
         )
         faust.Worker(self.app, loglevel=self.settings.log_level, quiet=True).execute_from_commandline()
+
+    async def _before_faust(self) -> None:
+        try:
+            await self.restore_and_catch_up()
+        finally:
+            # Connections belong to this event loop; Faust runs its own.
+            await self.store.client.aclose()
+            self.store = self._new_store()

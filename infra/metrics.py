@@ -79,6 +79,19 @@ class Metrics:
             "Event-topic partitions this worker owns (0 = not in the group yet).",
             registry=r,
         )
+        self.checkpoints = Counter(
+            "pushrec_checkpoints",
+            "Checkpoints of the worker's model, offsets and dedupe memory, by result (ok, failed).",
+            ["result"],
+            registry=r,
+        )
+        self.checkpoint_time = Gauge(
+            "pushrec_checkpoint_last_success_timestamp_seconds",
+            "Unix time of the last checkpoint saved (0 = none yet).",
+            registry=r,
+        )
+        for result in ("ok", "failed"):
+            self.checkpoints.labels(result)
         for kind in event_types:
             for outcome in EVENT_OUTCOMES:
                 self.events.labels(kind, outcome)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from online_models.recommender import DEFAULT_TYPE_WEIGHTS
 
 
 class _Section(BaseModel):
@@ -40,17 +43,48 @@ class EventSettings(_Section):
 
 
 class ModelSettings(_Section):
-    """The online recommender."""
+    """The online recommender (defaults from the search in docs/quality.md)."""
 
     n_factors: int = Field(32, ge=1)
-    learning_rate: float = Field(0.05, gt=0)
+    learning_rate: float = Field(0.3, gt=0, description="SGD step of the online MF")
     l2: float = Field(0.001, ge=0)
-    negatives: int = Field(4, ge=0, description="uniform negative samples per positive event")
+    negatives: int = Field(1, ge=0, description="sampled negatives per positive event")
+    popular_negatives: float = Field(
+        0.0, ge=0, le=1, description="share of negatives drawn by recent popularity (rest uniform)"
+    )
     seed: int = 42
     top_n: int = Field(20, ge=1, description="length of each stored list")
     popularity_half_life_s: float = Field(86_400.0, gt=0, description="event-time half-life")
+    popularity_weight: float = Field(2.0, ge=0, description="blend weight of popularity (max = 1)")
+    session_weight: float = Field(3.0, ge=0, description="blend weight of the last items' factors")
+    session_items: int = Field(1, ge=1, description="how many last items make the session vector")
+    recent_weight: float = Field(100.0, ge=0, description="blend weight of the user's own interest")
+    recent_half_life_s: float = Field(86_400.0, gt=0, description="decay of the user's own interest")
+    recent_memory: int = Field(100, ge=1, description="unconsumed items kept per user")
     min_user_events: int = Field(1, ge=1, description="below this a user gets the popularity list")
+    type_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_TYPE_WEIGHTS),
+        description="confidence per event type, JSON (a rating's is scaled by rating/5)",
+    )
     hit_rate_window: int = Field(1000, ge=1, description="events in the live HR@N window")
+
+    @model_validator(mode="after")
+    def _known_types(self) -> ModelSettings:
+        unknown = set(self.type_weights) - set(DEFAULT_TYPE_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown event type(s) {sorted(unknown)}")
+        return self
+
+
+class CheckpointSettings(_Section):
+    """Where and how often a worker saves its model, offsets and dedupe memory."""
+
+    store: Literal["disk", "redis", "off"] = Field(
+        "disk", description="disk: <state_dir>/checkpoints/<name>.npz; redis: one key; off: none"
+    )
+    every_s: float = Field(30.0, gt=0, description="periodic checkpoint interval (also on stop/revoke)")
+    name: str | None = Field(None, description="checkpoint name; default the consumer group (one per worker)")
+    dedupe_ids: int = Field(100_000, ge=1, description="event ids remembered per partition")
 
 
 class WorkerSettings(_Section):
@@ -95,6 +129,7 @@ class Settings(BaseSettings):
     events: EventSettings = EventSettings()
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
     push: PushSettings = PushSettings()
 
 

@@ -35,6 +35,14 @@ class Keys:
         """Sorted set list-version -> time of the push made for it (frequency cap, idempotency)."""
         return f"{self.prefix}push:sent:{user}"
 
+    def checkpoint(self, name: str) -> str:
+        """A worker's model checkpoint (when checkpoints are kept in Redis)."""
+        return f"{self.prefix}checkpoint:{name}"
+
+    def forget_requests(self) -> str:
+        """The stream of `pushrec forget` requests that running workers apply to their models."""
+        return f"{self.prefix}forget"
+
 
 def connect(url: str, retries: int = 5) -> aioredis.Redis:
     """An asyncio client that retries connection errors with capped exponential backoff."""

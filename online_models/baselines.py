@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
+
 from online_models.mf import ImplicitMF, ItemIndex
 from online_models.popularity import Popularity
-from online_models.recommender import CONSUMING_TYPES, TopN, is_positive
+from online_models.recommender import CONSUMING_TYPES, DEFAULT_TYPE_WEIGHTS, TopN, is_positive
 from online_models.topn import top_n
 
 
@@ -111,3 +113,75 @@ class FunkMFRanker:
         if scores is None:
             return TopN(user, [], [], self.name)
         return self.consumed.rank(user, scores, n, self.name)
+
+
+class ALSRanker:
+    """The implicit library's ALS, refitted from scratch on everything so far every ``every`` events.
+
+    The nightly-batch pattern: between refits the model is frozen, users it has not seen get the
+    popularity list, items it has not seen cannot be recommended. Needs the ``eval`` extra.
+    """
+
+    name = "als"
+
+    def __init__(
+        self,
+        every: int = 5_000,
+        factors: int = 64,
+        regularization: float = 0.05,
+        iterations: int = 15,
+        alpha: float = 10.0,
+        seed: int = 42,
+        half_life_s: float = 86_400.0,
+    ) -> None:
+        from implicit.cpu.als import AlternatingLeastSquares
+        from scipy.sparse import csr_matrix
+
+        self._new_model = lambda: AlternatingLeastSquares(
+            factors=factors,
+            regularization=regularization,
+            iterations=iterations,
+            alpha=alpha,
+            random_state=seed,
+            num_threads=1,
+        )
+        self._csr = csr_matrix
+        self.every = every
+        self.consumed = _Consumed()
+        self.popularity = Popularity(half_life_s)
+        self._users: dict[str, int] = {}
+        self._cells: dict[tuple[int, int], float] = {}
+        self._seen = 0
+        self._trained_users: dict[str, int] = {}
+        self._user_factors = self._item_factors = np.zeros((0, factors), dtype=np.float32)
+
+    def learn_one(self, user: str, item: str, kind: str, ts: float, rating: float | None = None) -> None:
+        row = self.consumed.observe(user, item, kind)
+        if is_positive(kind, rating):
+            self.popularity.learn_one(row, 1.0, ts)
+            weight = DEFAULT_TYPE_WEIGHTS.get(kind, 1.0)
+            key = (self._users.setdefault(user, len(self._users)), row)
+            self._cells[key] = self._cells.get(key, 0.0) + weight
+        self._seen += 1
+        if self._seen % self.every == 0 and self._cells:
+            self._refit()
+
+    def _refit(self) -> None:
+        from threadpoolctl import threadpool_limits
+
+        users, rows = zip(*self._cells, strict=True)
+        matrix = self._csr(
+            (np.fromiter(self._cells.values(), dtype=np.float32), (users, rows)),
+            shape=(len(self._users), len(self.consumed.items)),
+        )
+        with threadpool_limits(1, "blas"):  # implicit's advice: BLAS threads fight its own
+            model = self._new_model()
+            model.fit(matrix, show_progress=False)
+        self._user_factors, self._item_factors = model.user_factors, model.item_factors
+        self._trained_users = dict(self._users)
+
+    def recommend(self, user: str, n: int) -> TopN:
+        index = self._trained_users.get(user)
+        if index is None:
+            return self.consumed.rank(user, self.popularity.scores(), n, PopularityRanker.name)
+        return self.consumed.rank(user, self._item_factors @ self._user_factors[index], n, self.name)

@@ -17,6 +17,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from river import optim, reco
@@ -44,6 +45,10 @@ class ItemIndex:
             row = self._rows[item] = len(self.ids)
             self.ids.append(item)
         return row
+
+    def restore(self, ids: list[str]) -> None:
+        self.ids = list(ids)
+        self._rows = {item: row for row, item in enumerate(self.ids)}
 
 
 class ImplicitMF:
@@ -109,9 +114,47 @@ class ImplicitMF:
 
     def item_matrix(self) -> np.ndarray:
         """The current item factors, one row per item of :attr:`items` (a read-only view)."""
+        self._reserve(len(self.items))
         view = self._matrix[: len(self.items)]
         view.flags.writeable = False
         return view
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Everything learned, as JSON-able metadata and arrays (no pickle): the factors of every
+        user and item River holds, and the state of the initializer's random generator."""
+        users, items = self._mf.u_latents, self._mf.i_latents
+        rng_kind, keys, position, has_gauss, cached = self._initializer_rng().get_state()
+        meta = {
+            "users": list(users),
+            "items": list(items),
+            "rng": [rng_kind, int(position), int(has_gauss), float(cached)],
+        }
+        arrays = {
+            "user_factors": _stack(users.values(), self.n_factors),
+            "item_factors": _stack(items.values(), self.n_factors),
+            "rng_keys": np.asarray(keys),
+        }
+        return meta, arrays
+
+    def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Load :meth:`state` into this (freshly built, identically configured) model."""
+        users, items = self._mf.u_latents, self._mf.i_latents
+        users.clear()
+        items.clear()
+        users.update(zip(meta["users"], np.array(arrays["user_factors"], dtype=np.float64), strict=True))
+        items.update(zip(meta["items"], np.array(arrays["item_factors"], dtype=np.float64), strict=True))
+        rng_kind, position, has_gauss, cached = meta["rng"]
+        self._initializer_rng().set_state((rng_kind, arrays["rng_keys"], position, has_gauss, cached))
+        self._matrix = np.zeros((max(1024, len(self.items)), self.n_factors), dtype=np.float32)
+        for item in items:
+            self._sync(item)
+
+    def forget(self, user: str) -> bool:
+        """Drop the user's factors; False if there were none."""
+        return self._mf.u_latents.pop(user, None) is not None
+
+    def _initializer_rng(self) -> np.random.RandomState:
+        return self._mf.initializer._rng  # River's Normal initializer draws every new factor from it
 
     def _sync(self, item: str) -> None:
         row = self.items.add(item)
@@ -125,3 +168,8 @@ class ImplicitMF:
             grown = np.zeros((max(rows, 2 * size), self.n_factors), dtype=np.float32)
             grown[:size] = self._matrix
             self._matrix = grown
+
+
+def _stack(vectors: Iterable[np.ndarray], n_factors: int) -> np.ndarray:
+    rows = list(vectors)
+    return np.array(rows, dtype=np.float64) if rows else np.zeros((0, n_factors), dtype=np.float64)

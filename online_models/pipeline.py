@@ -77,3 +77,8 @@ class RefreshPipeline:
 
     def process(self, events: Iterable[Interaction]) -> list[TopN]:
         return self.refresh(self.learn(events))
+
+    def forget(self, user: str) -> bool:
+        """Erase the user from the model and the served lists; False if they were unknown."""
+        served = self._served.pop(user, None) is not None
+        return self.recommender.forget(user) or served

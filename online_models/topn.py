@@ -1,4 +1,4 @@
-"""Top-N selection over a dense score vector, with exclusions, in one numpy pass.
+"""Top-N selection over a dense score vector, with exclusions, without sorting the catalogue.
 
 >>> import numpy as np
 >>> idx, scores = top_n(np.array([0.1, 0.9, 0.5, 0.9]), 3, exclude=[3])
@@ -12,6 +12,11 @@ from collections.abc import Iterable
 
 import numpy as np
 
+# Above this size a strided sample picks a safe threshold first (argpartition of 55k floats costs
+# ~0.4 ms; a sample of 1/16 of them plus one comparison pass costs ~0.08 ms).
+_SAMPLE_FROM = 4096
+_STRIDE = 16
+
 
 def top_n(scores: np.ndarray, n: int, exclude: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Indices and scores of the ``n`` best entries, best first, never an excluded index.
@@ -22,17 +27,23 @@ def top_n(scores: np.ndarray, n: int, exclude: Iterable[int] = ()) -> tuple[np.n
     if excluded.size:
         scores = scores.copy()
         scores[excluded] = -np.inf
-    available = scores.size - excluded.size
-    k = min(n, available)
+    k = min(n, scores.size - excluded.size)
     if k <= 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=scores.dtype)
-    if k < scores.size:
-        # Partition on (score, -index) so equal scores keep the lowest indices.
-        candidates = np.argpartition(-scores, k - 1)[:k]
-        threshold = scores[candidates].min()
-        candidates = np.flatnonzero(scores >= threshold)
-    else:
-        candidates = np.arange(scores.size)
+    candidates = np.flatnonzero(scores >= _threshold(scores, k))
     order = np.lexsort((candidates, -scores[candidates]))[:k]
     chosen = candidates[order]
     return chosen, scores[chosen]
+
+
+def _threshold(scores: np.ndarray, k: int) -> float:
+    """A value at most the ``k``-th largest non-excluded score (so nothing of the top ``k`` is lost)."""
+    if scores.size >= _SAMPLE_FROM and k * _STRIDE * 4 < scores.size:
+        sample = scores[::_STRIDE]
+        # The k-th largest of a subset is at most the k-th largest of the whole.
+        threshold = float(np.partition(sample, sample.size - k)[sample.size - k])
+        if threshold > -np.inf:
+            return threshold
+    if k == scores.size:  # nothing excluded, everything wanted
+        return -np.inf
+    return float(np.partition(scores, scores.size - k)[scores.size - k])

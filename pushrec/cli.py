@@ -57,6 +57,10 @@ def _existing_file(text: str) -> Path:
     return path
 
 
+class UsageError(Exception):
+    """A valid-looking command line that cannot work here; exit code 2."""
+
+
 class CommandError(Exception):
     """A failure to report as one line with a non-zero exit code."""
 
@@ -173,12 +177,12 @@ def cmd_recs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 BASELINES = ("popularity", "recent", "funkmf")
-MODELS = ("pushrec", *BASELINES)
+MODELS = ("pushrec", *BASELINES, "als")
 
 
-def _make_model(name: str, settings: Settings):  # type: ignore[no-untyped-def]
+def _make_model(name: str, settings: Settings, als_every: int):  # type: ignore[no-untyped-def]
     from consumers.worker import build_recommender
-    from online_models.baselines import FunkMFRanker, PopularityRanker, RecentRanker
+    from online_models.baselines import ALSRanker, FunkMFRanker, PopularityRanker, RecentRanker
 
     model = settings.model
     return {
@@ -186,7 +190,16 @@ def _make_model(name: str, settings: Settings):  # type: ignore[no-untyped-def]
         "popularity": lambda: PopularityRanker(model.popularity_half_life_s),
         "recent": RecentRanker,
         "funkmf": lambda: FunkMFRanker(seed=model.seed),
+        "als": lambda: ALSRanker(every=als_every, seed=model.seed),
     }[name]()
+
+
+def _als_available() -> bool:
+    try:
+        import implicit  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
@@ -196,8 +209,8 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from stream.events import BadEvent, decode_event
     from stream.replay import read_lines
 
-    def events():  # type: ignore[no-untyped-def]
-        for number, line in read_lines(args.events):
+    def events(path: Path):  # type: ignore[no-untyped-def]
+        for number, line in read_lines(path):
             try:
                 yield decode_event(
                     line,
@@ -205,30 +218,58 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
                     max_id_length=settings.events.max_id_length,
                 )
             except BadEvent as bad:
-                log.warning("line %d skipped: %s", number, bad)
+                log.warning("%s line %d skipped: %s", path, number, bad)
 
     names = list(dict.fromkeys([*(args.model or ["pushrec"]), *BASELINES]))
-    models = {name: _make_model(name, settings) for name in names}
-    dataset = args.events.parent.name if args.events.name.startswith("events.") else args.events.stem
-    with tqdm(
-        desc=f"evaluate {dataset}", unit=" ev", disable=not sys.stderr.isatty(), file=sys.stderr
-    ) as bar:
-        report = evaluate(events(), models, k=args.k, dataset=dataset, progress=bar.update)
-    result = report.to_dict()
-    header = f"{'model':<12}" + "".join(
-        f"{c:>11}" for c in ("HR", "NDCG", "P", "R", "F1", "coverage", "new-HR", "ev/s")
-    )
+    if "als" not in names and _als_available():
+        names.append("als")
+    elif "als" in names and not _als_available():
+        raise UsageError("--model als needs the implicit library: pip install 'pushrec[eval]'")
+    if "als" not in names:
+        log.warning("als baseline skipped: the implicit library is not installed (pushrec[eval])")
+    texts: list[str] = []
+    for path in args.events:
+        models = {name: _make_model(name, settings, args.als_every) for name in names}
+        dataset = path.parent.name if path.name.startswith("events.") else path.name.split(".")[0]
+        with tqdm(
+            desc=f"evaluate {dataset}", unit=" ev", disable=not sys.stderr.isatty(), file=sys.stderr
+        ) as bar:
+            report = evaluate(events(path), models, k=args.k, dataset=dataset, progress=bar.update)
+        log.info("evaluated %s: %d events, %d targets", dataset, report.events, report.targets)
+        if args.json:
+            print(json.dumps(report.to_dict()), flush=True)
+        else:
+            texts.append(_markdown(report) if args.markdown else _table(report))
+    if texts:
+        print("\n\n".join(texts))
+    return 0
+
+
+_COLUMNS = ("hr", "ndcg", "precision", "recall", "f1", "coverage", "new_item_hr")
+_HEADINGS = ("HR", "NDCG", "P", "R", "F1", "coverage", "new-HR", "ev/s")
+
+
+def _table(report) -> str:  # type: ignore[no-untyped-def]
+    header = f"{'model':<12}" + "".join(f"{c:>11}" for c in _HEADINGS)
     rows = [
-        f"{name:<12}"
-        + "".join(
-            f"{m[c]:>11.4f}" for c in ("hr", "ndcg", "precision", "recall", "f1", "coverage", "new_item_hr")
-        )
-        + f"{m['events_per_s']:>11.0f}"
+        f"{name:<12}" + "".join(f"{m[c]:>11.4f}" for c in _COLUMNS) + f"{m['events_per_s']:>11.0f}"
         for name, m in report.models.items()
     ]
-    title = f"{dataset}: {report.events} events, {report.targets} targets, @K={report.k}"
-    _emit(args, result, "\n".join([title, header, *rows]))
-    return 0
+    title = f"{report.dataset}: {report.events} events, {report.targets} targets, @K={report.k}"
+    return "\n".join([title, header, *rows])
+
+
+def _markdown(report) -> str:  # type: ignore[no-untyped-def]
+    lines = [
+        f"**{report.dataset}** ({report.events:,} events, {report.targets:,} targets, K={report.k})",
+        "",
+        "| model | " + " | ".join(_HEADINGS) + " |",
+        "|---" * (len(_HEADINGS) + 1) + "|",
+    ]
+    for name, m in report.models.items():
+        cells = [f"{m[c]:.4f}" for c in _COLUMNS] + [f"{m['events_per_s']:,.0f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _positive_int(text: str) -> int:
@@ -318,9 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate", help="prequential (test-then-train) evaluation on a log, in process"
     )
-    evaluate.add_argument("events", type=_existing_file, metavar="EVENTS", help="JSON Lines, may be .gz")
     evaluate.add_argument(
-        "--items", type=_existing_file, metavar="ITEMS", help="item catalogue (not used yet)"
+        "events", type=_existing_file, nargs="+", metavar="EVENTS", help="JSON Lines, may be .gz; one or more"
     )
     evaluate.add_argument(
         "--k", type=_positive_int, default=10, help="list length scored (default: %(default)s)"
@@ -332,7 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"model(s) to evaluate, one of {', '.join(MODELS)}; baselines are always included",
     )
-    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluate.add_argument(
+        "--als-every",
+        type=_positive_int,
+        default=5_000,
+        metavar="N",
+        help="the als baseline refits from scratch every N events (default: %(default)s)",
+    )
+    output = evaluate.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON report per line (per EVENTS file)")
+    output.add_argument("--markdown", action="store_true", help="Markdown tables (for docs)")
 
     demo = sub.add_parser("demo", help="run everything on a bundled sample, then clean up")
     demo.add_argument("--users", type=int, default=3, help="how many users' lists to print")
@@ -360,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(settings)
     try:
         return COMMANDS[args.command](args, settings)
+    except UsageError as exc:
+        print(f"pushrec {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (StackError, TopicError, ReplayError, CommandError) as exc:
         print(f"pushrec {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -57,6 +57,12 @@ class Hermetic:
     prefix: str
     tmp: Path
 
+    def fresh(self) -> Hermetic:
+        """Another set of names (topics, groups, keys, state dir) for a second run in one test."""
+        name = f"t{uuid.uuid4().hex[:10]}"
+        (self.tmp / name).mkdir()
+        return Hermetic(self.servers, name, self.tmp / name)
+
     def env(self, **extra: str) -> dict[str, str]:
         """Environment for a `pushrec` child process bound to this test's names."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHREC_")}

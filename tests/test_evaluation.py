@@ -59,7 +59,7 @@ def test_evaluate_cli_json_contract() -> None:
     report = json.loads(result.stdout)
     assert set(report) == {"dataset", "k", "events", "targets", "models"}
     assert report["k"] == 5 and report["events"] == 3000
-    assert set(report["models"]) == {"pushrec", "popularity", "recent", "funkmf"}
+    assert set(report["models"]) == {"pushrec", "popularity", "recent", "funkmf", "als"}  # dev installs eval
     for metrics in report["models"].values():
         assert set(metrics) == {
             "hr",
@@ -72,3 +72,23 @@ def test_evaluate_cli_json_contract() -> None:
             "events_per_s",
         }
         assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k != "events_per_s")
+
+
+def test_evaluate_over_several_logs_prints_one_json_report_each(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_pipeline_e2e import head
+
+    small = head(SAMPLE_EVENTS, tmp_path / "small.jsonl", 200)
+    result = pushrec("evaluate", str(SAMPLE_EVENTS), str(small), "--json", "--model", "popularity")
+    assert result.returncode == 0, result.stderr
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["events"] for r in reports] == [3000, 200]
+    assert [r["dataset"] for r in reports] == ["sample-events", "small"]
+
+
+def test_evaluate_markdown_table() -> None:
+    result = pushrec("evaluate", str(SAMPLE_EVENTS), "--markdown", "--k", "5")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("**sample-events** (3,000 events")
+    assert lines[2].startswith("| model | HR | NDCG |")
+    assert {line.split(" | ")[0] for line in lines[4:]} == {"| pushrec", "| popularity", "| recent", "| funkmf", "| als"}

@@ -1,0 +1,153 @@
+"""Crash and redelivery on real servers: kill -9 mid-replay, replay twice, forget a user.
+
+One topic (purchases only), one partition, fixed seed, batch of one: the order and the
+boundaries of learning are then fixed, so "the same state" can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+
+import numpy as np
+import orjson
+import pytest
+import redis
+from kafka import KafkaAdminClient
+
+from infra.checkpoint import unpack
+from infra.metrics import metric_sum, scrape
+from infra.stack import free_port
+from pushrec.demo import SAMPLE_EVENTS, stop_process, wait_for
+from tests.conftest import Hermetic
+from tests.test_pipeline_e2e import head, run_cli, wait_joined
+
+pytestmark = pytest.mark.integration
+
+WORKER_ENV = {"PUSHREC_WORKER__BATCH_MAX": "1", "PUSHREC_CHECKPOINT__EVERY_S": "0.3"}
+
+
+def run_worker_to_idle(hermetic: Hermetic, log_name: str, **env: str) -> None:
+    worker = hermetic.spawn("worker", "--until-idle", "3", log_name=log_name, **{**WORKER_ENV, **env})
+    try:
+        worker.wait(timeout=240)
+    finally:
+        stop_process(worker)
+    assert worker.returncode == 0, hermetic.log(log_name)[-3000:]
+
+
+def final_state(hermetic: Hermetic) -> tuple[dict, dict, dict]:
+    """(model meta, model arrays, every stored list) after the worker stopped."""
+    blob = (hermetic.tmp / "state" / "checkpoints" / f"{hermetic.prefix}-worker.npz").read_bytes()
+    meta, arrays = unpack(blob)
+    for part in ("offsets", "seen"):  # keyed by topic:partition; the topic names differ per run
+        meta[part] = {k.removeprefix(hermetic.prefix): v for k, v in meta[part].items()}
+    client = redis.Redis.from_url(hermetic.servers.redis_url)
+    lists = {}
+    for key in client.scan_iter(f"{hermetic.prefix}:recs:*"):
+        stored = client.hgetall(key)
+        lists[key.decode().removeprefix(hermetic.prefix)] = (orjson.loads(stored[b"items"]), stored[b"model"])
+    return meta, arrays, lists
+
+
+def assert_same_state(a: tuple[dict, dict, dict], b: tuple[dict, dict, dict]) -> None:
+    meta_a, arrays_a, lists_a = a
+    meta_b, arrays_b, lists_b = b
+    assert json.dumps(meta_a["model"], sort_keys=True) == json.dumps(meta_b["model"], sort_keys=True)
+    assert meta_a["offsets"] == meta_b["offsets"] and meta_a["seen"] == meta_b["seen"]
+    assert arrays_a.keys() == arrays_b.keys()
+    for name in arrays_a:
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+    assert lists_a == lists_b
+
+
+def committed_offset(hermetic: Hermetic) -> int:
+    group = f"{hermetic.prefix}-worker"
+    admin = KafkaAdminClient(bootstrap_servers=hermetic.servers.kafka_bootstrap)
+    try:
+        return sum(m.offset for m in admin.list_group_offsets({group: None}).get(group, {}).values())
+    finally:
+        admin.close()
+
+
+@pytest.mark.parametrize(
+    "every_s",
+    ["0.3", "1000"],
+    ids=["checkpoint-ahead-of-commit", "commit-ahead-of-checkpoint"],
+)
+def test_kill_9_mid_replay_then_restart_equals_an_uninterrupted_run(hermetic: Hermetic, every_s: str) -> None:
+    """With frequent checkpoints the restart skips what Kafka redelivers; with none before the
+    kill it re-learns, straight from Kafka, what Faust had already committed."""
+    log = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 1500)  # purchases only
+    assert run_cli(hermetic, "replay", str(log)).returncode == 0
+    run_worker_to_idle(hermetic, "clean.log")
+    clean = final_state(hermetic)
+    assert len(clean[2]) >= 40
+
+    # The same log under fresh names: killed part-way, then restarted.
+    crashed = hermetic.fresh()
+    port = free_port()
+    env = {**WORKER_ENV, "PUSHREC_CHECKPOINT__EVERY_S": every_s}
+    worker = crashed.spawn("worker", "--metrics-port", str(port), log_name="killed.log", **env)
+    replay = None
+    try:
+        wait_joined(port, worker)
+        replay = crashed.spawn("replay", str(log), "--rate", "300", log_name="replay.log")
+        wait_for(
+            "events learned, and a checkpoint or a commit behind them",
+            lambda: metric_sum(scrape(port), "pushrec_events_total", outcome="processed") >= 500
+            and (
+                metric_sum(scrape(port), "pushrec_checkpoints_total", result="ok") >= 2
+                if every_s != "1000"
+                else committed_offset(crashed) > 0
+            ),
+            120,
+            worker,
+        )
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+        assert replay.wait(timeout=60) == 0, crashed.log("replay.log")
+    finally:
+        stop_process(worker)
+        if replay is not None:
+            stop_process(replay)
+    run_worker_to_idle(crashed, "restarted.log", PUSHREC_CHECKPOINT__EVERY_S=every_s)
+    restarted = crashed.log("restarted.log")
+    if every_s == "1000":
+        caught_up = re.search(r"caught up (\d+) records", restarted)
+        assert "no checkpoint" in restarted and caught_up, restarted[-2000:]
+        assert int(caught_up.group(1)) < 1500  # killed mid-replay: Kafka redelivers the rest
+    else:
+        restored = re.search(r"restored checkpoint .* offsets \{'[^']+': (\d+)\}", restarted)
+        assert restored, restarted[-2000:]
+        assert 0 < int(restored.group(1)) < 1500  # the restart had events left to learn
+    assert_same_state(clean, final_state(crashed))
+
+
+def test_replaying_the_same_log_twice_changes_nothing(hermetic: Hermetic) -> None:
+    log = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 600)
+    assert run_cli(hermetic, "replay", str(log)).returncode == 0
+    run_worker_to_idle(hermetic, "first.log")
+    first = final_state(hermetic)
+    assert run_cli(hermetic, "replay", str(log)).returncode == 0  # same event ids, new offsets
+    port = free_port()
+    worker = hermetic.spawn("worker", "--metrics-port", str(port), log_name="second.log", **WORKER_ENV)
+    try:
+        wait_for(
+            "the second pass to be read",
+            lambda: metric_sum(scrape(port), "pushrec_events_total", outcome="duplicate") >= 600,
+            120,
+            worker,
+        )
+        samples = scrape(port)
+        assert metric_sum(samples, "pushrec_events_total", outcome="processed") == 0
+        assert metric_sum(samples, "pushrec_list_refreshes_total") == 0
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    finally:
+        stop_process(worker)
+    second = final_state(hermetic)
+    assert_same_state(
+        ({**first[0], "offsets": None}, first[1], first[2]), ({**second[0], "offsets": None}, second[1], second[2])
+    )
