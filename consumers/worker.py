@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import faust
+import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -331,21 +332,29 @@ class RefreshWorker:
 
     async def apply_forget_requests(self) -> None:
         """Erase users named on the forget stream from the model, id memory and pending lists;
-        checkpoint; then delete the request (so the user's id is not kept there either)."""
+        checkpoint; then replace each request by its result (counts only, no user id)."""
+        client, requests = self.store.client, self.keys.forget_requests()
         try:
-            entries = await self.store.client.xrange(self.keys.forget_requests())
+            entries = await client.xrange(requests)
         except (RedisConnectionError, RedisTimeoutError):
             return
         if not entries:
             return
-        for _, fields in entries:
+        results = {}
+        for entry_id, fields in entries:
             user = fields[b"user"].decode()
-            in_model = self.pipeline.forget(user)
-            ids = self.seen.forget(user)
-            self._unwritten.pop(user, None)
-            log.info("forgot a user (model: %s, %d event ids)", in_model, ids)
+            results[entry_id.decode()] = {
+                "model": self.pipeline.forget(user),
+                "dedupe_ids": self.seen.forget(user),
+                "pending_list": self._unwritten.pop(user, None) is not None,
+            }
         await self.save_checkpoint()
-        await self.store.client.xdel(self.keys.forget_requests(), *[entry_id for entry_id, _ in entries])
+        async with client.pipeline(transaction=True) as pipe:
+            for request_id, result in results.items():
+                pipe.set(self.keys.forget_result(request_id), orjson.dumps(result), ex=3600)
+            pipe.xdel(requests, *results)
+            await pipe.execute()
+        log.info("applied %d forget request(s)", len(results))
 
     # --- Faust hooks ---------------------------------------------------------------------------
 

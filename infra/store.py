@@ -43,6 +43,10 @@ class Keys:
         """The stream of `pushrec forget` requests that running workers apply to their models."""
         return f"{self.prefix}forget"
 
+    def forget_result(self, request_id: str) -> str:
+        """What a worker removed for one forget request (counts only; expires after an hour)."""
+        return f"{self.prefix}forget:result:{request_id}"
+
 
 def connect(url: str, retries: int = 5) -> aioredis.Redis:
     """An asyncio client that retries connection errors with capped exponential backoff."""

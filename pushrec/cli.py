@@ -176,6 +176,24 @@ def cmd_recs(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.forget import forget_user
+
+    _, redis_url = resolve_addresses(settings)
+    require_servers(None, redis_url)
+    report = asyncio.run(forget_user(settings, redis_url, args.user_id, args.wait))
+    model = report["model"]
+    text = [
+        f"forgot user {args.user_id}:",
+        f"  redis keys deleted: {report['redis_keys']} (list, push history)",
+        f"  refresh-stream entries deleted: {report['refresh_stream_entries']}",
+        f"  model ({model['applied_by']}): "
+        + ", ".join(f"{k}={v}" for k, v in model.items() if k != "applied_by"),
+    ]
+    _emit(args, report, "\n".join(text))
+    return 0
+
+
 BASELINES = ("popularity", "recent", "funkmf")
 MODELS = ("pushrec", *BASELINES, "als")
 
@@ -383,6 +401,23 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="one JSON report per line (per EVENTS file)")
     output.add_argument("--markdown", action="store_true", help="Markdown tables (for docs)")
 
+    forget = sub.add_parser(
+        "forget",
+        help="erase a user from model factors, lists, push history and dedupe state",
+        description="Erase USER_ID from Redis (list, push history, refresh stream) and from the model: "
+        "a running worker applies the request and checkpoints; otherwise the stored checkpoint is "
+        "edited and the request waits for the worker.",
+    )
+    forget.add_argument("user_id", metavar="USER_ID")
+    forget.add_argument(
+        "--wait",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for a running worker to apply it (default: %(default)s)",
+    )
+    forget.add_argument("--json", action="store_true")
+
     demo = sub.add_parser("demo", help="run everything on a bundled sample, then clean up")
     demo.add_argument("--users", type=int, default=3, help="how many users' lists to print")
     return parser
@@ -395,6 +430,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "replay": cmd_replay,
     "recs": cmd_recs,
     "evaluate": cmd_evaluate,
+    "forget": cmd_forget,
     "demo": cmd_demo,
 }
 

@@ -91,4 +91,10 @@ def test_evaluate_markdown_table() -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("**sample-events** (3,000 events")
     assert lines[2].startswith("| model | HR | NDCG |")
-    assert {line.split(" | ")[0] for line in lines[4:]} == {"| pushrec", "| popularity", "| recent", "| funkmf", "| als"}
+    assert {line.split(" | ")[0] for line in lines[4:]} == {
+        "| pushrec",
+        "| popularity",
+        "| recent",
+        "| funkmf",
+        "| als",
+    }

@@ -96,11 +96,13 @@ def test_kill_9_mid_replay_then_restart_equals_an_uninterrupted_run(hermetic: He
         replay = crashed.spawn("replay", str(log), "--rate", "300", log_name="replay.log")
         wait_for(
             "events learned, and a checkpoint or a commit behind them",
-            lambda: metric_sum(scrape(port), "pushrec_events_total", outcome="processed") >= 500
-            and (
-                metric_sum(scrape(port), "pushrec_checkpoints_total", result="ok") >= 2
-                if every_s != "1000"
-                else committed_offset(crashed) > 0
+            lambda: (
+                metric_sum(scrape(port), "pushrec_events_total", outcome="processed") >= 500
+                and (
+                    metric_sum(scrape(port), "pushrec_checkpoints_total", result="ok") >= 2
+                    if every_s != "1000"
+                    else committed_offset(crashed) > 0
+                )
             ),
             120,
             worker,
@@ -149,5 +151,58 @@ def test_replaying_the_same_log_twice_changes_nothing(hermetic: Hermetic) -> Non
         stop_process(worker)
     second = final_state(hermetic)
     assert_same_state(
-        ({**first[0], "offsets": None}, first[1], first[2]), ({**second[0], "offsets": None}, second[1], second[2])
+        ({**first[0], "offsets": None}, first[1], first[2]),
+        ({**second[0], "offsets": None}, second[1], second[2]),
     )
+
+
+def assert_forgotten(hermetic: Hermetic, user: str) -> None:
+    client = redis.Redis.from_url(hermetic.servers.redis_url)
+    p = hermetic.prefix
+    assert not client.exists(f"{p}:recs:{user}", f"{p}:push:sent:{user}", f"{p}:push:items:{user}")
+    assert all(f.get(b"user_id") != user.encode() for _, f in client.xrange(f"{p}:refreshed"))
+    meta, _, _ = final_state(hermetic)
+    assert user not in meta["model"]["users"] and user not in meta["model"]["mf"]["users"]
+    assert user not in meta["unwritten"]
+    assert all(owner != user for pairs in meta["seen"].values() for _, owner in pairs)
+
+
+def test_forget_erases_a_user_from_every_store(hermetic: Hermetic) -> None:
+    log = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 600)
+    users = list(dict.fromkeys(orjson.loads(line)["user_id"] for line in log.read_bytes().splitlines()))
+    assert run_cli(hermetic, "replay", str(log)).returncode == 0
+    run_worker_to_idle(hermetic, "worker.log")
+    outbox = hermetic.tmp / "outbox.jsonl"
+    assert run_cli(hermetic, "push-sender", "--outbox", str(outbox), "--until-idle", "2").returncode == 0
+    client = redis.Redis.from_url(hermetic.servers.redis_url)
+    first, second = users[0], users[1]
+    assert client.exists(f"{hermetic.prefix}:push:sent:{first}")  # there is push history to erase
+
+    # No worker running: the checkpoint is edited, the request waits for the worker.
+    offline = run_cli(hermetic, "forget", first, "--wait", "1", "--json")
+    assert offline.returncode == 0, offline.stderr
+    report = json.loads(offline.stdout)
+    assert report["redis_keys"] == 3 and report["refresh_stream_entries"] >= 1
+    assert report["model"]["applied_by"] == "checkpoint" and report["model"]["model"] is True
+    assert report["model"]["dedupe_ids"] >= 1
+    assert_forgotten(hermetic, first)
+    assert client.xlen(f"{hermetic.prefix}:forget") == 1
+
+    # A running worker applies the pending request at start, and a new one within the wait.
+    port = free_port()
+    worker = hermetic.spawn("worker", "--metrics-port", str(port), log_name="worker2.log", **WORKER_ENV)
+    try:
+        wait_joined(port, worker)
+        online = run_cli(hermetic, "forget", second, "--wait", "30", "--json")
+        assert online.returncode == 0, online.stderr
+        model = json.loads(online.stdout)["model"]
+        assert model["applied_by"] == "worker" and model["model"] is True and model["dedupe_ids"] >= 1
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    finally:
+        stop_process(worker)
+    assert client.xlen(f"{hermetic.prefix}:forget") == 0
+    for key in client.scan_iter(f"{hermetic.prefix}:forget:result:*"):  # unread results: counts only
+        assert set(orjson.loads(client.get(key))) == {"model", "dedupe_ids", "pending_list"}
+    for user in (first, second):
+        assert_forgotten(hermetic, user)

@@ -1,0 +1,97 @@
+"""`pushrec forget USER_ID`: erase a user everywhere pushrec keeps them.
+
+- Redis: their list, push history (cap and dedupe sets) and their entries on the refresh stream.
+- The model, the event-id memory and the checkpoint: a running worker applies the request from
+  the forget stream, checkpoints, and leaves a result; with no worker answering within the wait,
+  the checkpoint in the store is edited here and the request stays for the worker to apply
+  when it next runs.
+
+Not erased (documented in the README): the user's records still in Kafka topics until their
+retention expires, and notifications already handed to the delivery channel (the outbox).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from consumers.worker import build_pipeline, checkpoint_store
+from infra.checkpoint import pack, unpack
+from infra.settings import Settings
+from infra.store import Keys, connect
+from stream.dedupe import SeenEventIds
+
+
+async def forget_user(settings: Settings, redis_url: str, user: str, wait_s: float) -> dict[str, Any]:
+    client = connect(redis_url, settings.redis.retries)
+    keys = Keys(settings.redis.key_prefix)
+    try:
+        report: dict[str, Any] = {"user_id": user}
+        report["redis_keys"] = await client.delete(
+            keys.recs(user), keys.pushes(user), keys.pushed_items(user)
+        )
+        report["refresh_stream_entries"] = await _drop_stream_entries(client, keys.refreshed(), user)
+        request_id = (await client.xadd(keys.forget_requests(), {"user": user})).decode()
+        result = await _wait_for_worker(client, keys, request_id, wait_s)
+        if result is not None:
+            report["model"] = {"applied_by": "worker", **result}
+        else:
+            report["model"] = {"applied_by": "checkpoint", **await _edit_checkpoint(settings, client, user)}
+            report["model"]["request"] = "pending: a worker applies it when it next runs"
+        return report
+    finally:
+        await client.aclose()
+
+
+async def _drop_stream_entries(client: aioredis.Redis, stream: str, user: str) -> int:
+    dropped, start = 0, "-"
+    encoded = user.encode()
+    while True:
+        entries = await client.xrange(stream, min=start, max="+", count=1000)
+        if not entries:
+            return dropped
+        mine = [entry_id for entry_id, fields in entries if fields.get(b"user_id") == encoded]
+        if mine:
+            dropped += await client.xdel(stream, *mine)
+        last = entries[-1][0].decode()
+        start = "(" + last
+        if len(entries) < 1000:
+            return dropped
+
+
+async def _wait_for_worker(
+    client: aioredis.Redis, keys: Keys, request_id: str, wait_s: float
+) -> dict[str, Any] | None:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        raw = await client.get(keys.forget_result(request_id))
+        if raw is not None:
+            await client.delete(keys.forget_result(request_id))
+            return orjson.loads(raw)  # type: ignore[no-any-return]
+        await asyncio.sleep(0.2)
+    return None
+
+
+async def _edit_checkpoint(settings: Settings, client: aioredis.Redis, user: str) -> dict[str, Any]:
+    store = checkpoint_store(settings, client)
+    blob = await store.load() if store is not None else None
+    if blob is None:
+        return {"checkpoint": "none"}
+    meta, arrays = unpack(blob)
+    pipeline = build_pipeline(settings)
+    pipeline.recommender.restore(meta["model"], arrays)
+    in_model = pipeline.forget(user)
+    seen = SeenEventIds(settings.checkpoint.dedupe_ids)
+    seen.restore(meta["seen"])
+    dropped = seen.forget(user)
+    pending = user in meta["unwritten"]
+    model_meta, model_arrays = pipeline.recommender.state()
+    meta.update(model=model_meta, seen=seen.state(), unwritten=[u for u in meta["unwritten"] if u != user])
+    for name in ("format", "version"):
+        meta.pop(name)
+    await store.save(pack(meta, model_arrays))  # type: ignore[union-attr]
+    return {"model": in_model, "dedupe_ids": dropped, "pending_list": pending, "checkpoint": store.where}  # type: ignore[union-attr]
