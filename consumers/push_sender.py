@@ -1,8 +1,11 @@
 """The push sender: follow the refresh stream, apply the push policy, append to the outbox.
 
 Reads the Redis stream through a consumer group, so an entry read but not acknowledged before a
-crash is still pending and is read again on restart; the (user, list version) pair is the
-idempotency key, so such a re-read never pushes twice.
+crash is still pending: the same consumer reads it again on restart, and any other sender of the
+group claims it once it has been idle ``push.claim_idle_s``. The (user, list version) pair is the
+notification's idempotency key: recorded in Redis after delivery, and checked against the
+outbox itself (the delivery channel) before delivering, so a crash between delivery and the
+Redis record never pushes twice.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import orjson
 from redis.exceptions import ResponseError
 
+from infra.faults import crash_point
 from infra.metrics import Metrics
 from infra.settings import Settings
 from infra.store import Keys, RedisTopNStore, StoredList, connect
@@ -57,6 +61,8 @@ class PushSender:
         self.outbox = Path(outbox)
         self.metrics = metrics or Metrics()
         self.until_idle_s = until_idle_s
+        self.claim_idle_ms = int(push.claim_idle_s * 1000)
+        self._delivered: set[str] = set()
 
     async def _ensure_group(self) -> None:
         try:
@@ -69,6 +75,8 @@ class PushSender:
         await self._ensure_group()
         log.info("push sender: group=%s consumer=%s outbox=%s", self.group, self.consumer, self.outbox)
         self.outbox.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(self.outbox)
+        self._delivered = _recent_notification_ids(self.outbox)
         last_activity = time.monotonic()
         # First our own pending entries (read before a crash, never acked), then new ones.
         cursor = "0"
@@ -82,10 +90,12 @@ class PushSender:
                     block=500,
                 )
                 entries = reply[0][1] if reply else []
+                if not entries and cursor == "0":
+                    cursor = ">"
+                    continue
                 if not entries:
-                    if cursor == "0":
-                        cursor = ">"
-                        continue
+                    entries = await self._claim_abandoned()
+                if not entries:
                     if (
                         self.until_idle_s is not None
                         and time.monotonic() - last_activity >= self.until_idle_s
@@ -97,6 +107,15 @@ class PushSender:
                 for entry_id, fields in entries:
                     await self.handle(fields[b"user_id"].decode(), int(fields[b"version"]), out)
                     await self.client.xack(self.keys.refreshed(), self.group, entry_id)
+
+    async def _claim_abandoned(self) -> list:  # type: ignore[type-arg]
+        """Entries another sender of the group read and never acked (it crashed, or its host is gone)."""
+        _, claimed, _ = await self.client.xautoclaim(
+            self.keys.refreshed(), self.group, self.consumer, self.claim_idle_ms, "0-0", count=100
+        )
+        if claimed:
+            log.info("claimed %d entries abandoned by another sender", len(claimed))
+        return claimed  # type: ignore[no-any-return]
 
     async def handle(self, user: str, version: int, out) -> str:  # type: ignore[no-untyped-def]
         """Decide and deliver one refresh-stream entry; returns what happened to it."""
@@ -140,9 +159,13 @@ class PushSender:
         return outcome
 
     def _deliver(self, out, stored: StoredList, item: str, now: float) -> str:  # type: ignore[no-untyped-def]
+        notification_id = f"{stored.user_id}:{stored.version}"
+        if notification_id in self._delivered:
+            # Delivered before a crash that came before the Redis record: do not deliver again.
+            return SENT
         score = next((i.get("score") for i in stored.items if i["item_id"] == item), None)
         notification = {
-            "notification_id": f"{stored.user_id}:{stored.version}",
+            "notification_id": notification_id,
             "user_id": stored.user_id,
             "item_id": item,
             "score": score,
@@ -157,7 +180,44 @@ class PushSender:
         except OSError as exc:
             log.error("outbox write failed for user=%s: %s", stored.user_id, exc)
             return FAILED
+        self._delivered.add(notification_id)
+        crash_point("push_sender.after_delivery")
         return SENT
+
+
+def _drop_torn_tail(outbox: Path) -> None:
+    """Cut a last line left half-written by a crash (it was never delivered whole)."""
+    if not outbox.exists() or outbox.stat().st_size == 0:
+        return
+    with open(outbox, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+        if tail.endswith(b"\n"):
+            return
+        cut = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else max(0, size - len(tail))
+        log.warning("outbox ended in a torn line: dropped its last %d bytes", size - cut)
+        f.truncate(cut)
+
+
+def _recent_notification_ids(outbox: Path, tail_bytes: int = 4 << 20) -> set[str]:
+    """Notification ids in the last ``tail_bytes`` of the outbox: what a crash may have left
+    delivered but unrecorded is always at its end."""
+    if not outbox.exists():
+        return set()
+    with open(outbox, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - tail_bytes))
+        lines = f.read().splitlines()
+    if size > tail_bytes:
+        lines = lines[1:]  # the first may be cut
+    ids = set()
+    for line in lines:
+        try:
+            ids.add(orjson.loads(line)["notification_id"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue  # the cut first line of the tail
+    return ids
 
 
 def run_push_sender(sender: PushSender, metrics_port: int | None = None) -> None:

@@ -103,6 +103,9 @@ class PushSettings(_Section):
     quiet_start_hour: int | None = Field(None, ge=0, le=23, description="UTC hour quiet time starts")
     quiet_end_hour: int | None = Field(None, ge=0, le=23, description="UTC hour quiet time ends")
     consumer_group: str = "pushrec-push-sender"
+    claim_idle_s: float = Field(
+        30.0, gt=0, description="claim entries another sender read but left unacked this long"
+    )
 
     @model_validator(mode="after")
     def _quiet_hours_pair(self) -> PushSettings:
