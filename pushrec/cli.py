@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from infra.settings import ConfigError, Settings, load_settings
 from infra.stack import EmbeddedStack, StackError, require_servers, resolve_addresses
 from infra.store import Keys, RedisTopNStore, connect
+from stream.events import Reason
 from stream.replay import Pacing, Replayer, ReplayError
 from stream.topics import TopicError, TopicNames, ensure_topics
 
@@ -152,6 +153,33 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         if len(summary.rejected) > 20:
             lines.append(f"  ... and {len(summary.rejected) - 20} more (see --json)")
     _emit(args, result, "\n".join(lines))
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.dlq import list_dead_letters, redrive
+
+    bootstrap, _ = resolve_addresses(settings)
+    require_servers(bootstrap, None)
+    names = TopicNames(settings.kafka.topic_prefix)
+    ensure_topics(bootstrap, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
+    if args.action == "list":
+        report = list_dead_letters(bootstrap, names.dead_letter, args.limit)
+        head = f"{report.total} dead letters in {names.dead_letter}"
+    else:
+        group = f"{settings.kafka.consumer_group}-dlq-redrive"
+        report = redrive(
+            bootstrap, names.dead_letter, group, args.reason or (), args.from_beginning, args.dry_run
+        )
+        head = f"{'would re-drive' if args.dry_run else 're-drove'} {report.total} dead letters"
+    lines = [head] + [f"  {reason}: {n}" for reason, n in report.by_reason.most_common()]
+    for letter in report.letters[: args.limit]:
+        src = letter["source"]
+        lines.append(
+            f"  [{letter['reason']}] {src['topic']}:{src['partition']}@{src['offset']} "
+            f"{letter['detail']!r} raw={letter['raw'][:60]!r}"
+        )
+    _emit(args, report.to_dict(), "\n".join(lines))
     return 0
 
 
@@ -401,6 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="one JSON report per line (per EVENTS file)")
     output.add_argument("--markdown", action="store_true", help="Markdown tables (for docs)")
 
+    dlq = sub.add_parser(
+        "dlq",
+        help="list dead letters by reason, or re-drive them to their source topics after a fix",
+        description="list: counts by reason and the first --limit letters. redrive: produce the raw "
+        "bytes of each letter (optionally only --reason R) back to the topic it came from; remembers "
+        "how far it got, so a second run sends only newer letters.",
+    )
+    dlq.add_argument("action", choices=("list", "redrive"))
+    dlq.add_argument("--reason", action="append", choices=[r.value for r in Reason], metavar="REASON")
+    dlq.add_argument("--limit", type=_positive_int, default=20, help="letters shown in detail")
+    dlq.add_argument("--from-beginning", action="store_true", help="redrive: start over")
+    dlq.add_argument("--dry-run", action="store_true", help="redrive: only report what would be sent")
+    dlq.add_argument("--json", action="store_true")
+
     forget = sub.add_parser(
         "forget",
         help="erase a user from model factors, lists, push history and dedupe state",
@@ -431,6 +473,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "recs": cmd_recs,
     "evaluate": cmd_evaluate,
     "forget": cmd_forget,
+    "dlq": cmd_dlq,
     "demo": cmd_demo,
 }
 

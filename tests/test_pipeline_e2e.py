@@ -43,6 +43,32 @@ MALFORMED = [
     ("click", b"\xff\xfe\x00garbage", Reason.INVALID_UTF8),
     ("view", b"[" * 3000 + b"]" * 3000, Reason.INVALID_JSON),
     ("purchase", b'{"event_id":"b5","type":"purchase","user_id":"u","item_id":"i"}', Reason.MISSING_FIELD),
+    ("view", b'{"event_id":"b6","type":"view","user_id":"u","item_', Reason.INVALID_JSON),  # truncated
+    ("click", b'["b7", "click", "u", "i", 1]', Reason.NOT_AN_OBJECT),
+    (
+        "view",
+        b'{"event_id":"b8","type":"view","user_id":"u","item_id":"i","ts":"yesterday"}',
+        Reason.BAD_FIELD,
+    ),
+    ("view", b'{"event_id":"b9","type":"view","user_id":"u","item_id":"i","ts":Infinity}', Reason.NON_FINITE),
+    (
+        "view",
+        b'{"event_id":"b10","type":"view","user_id":"' + b"u" * 300 + b'","item_id":"i","ts":1}',
+        Reason.ID_TOO_LONG,
+    ),
+    (
+        "view",
+        b'{"event_id":"b11","type":"view","user_id":"u","item_id":"i","ts":1,"pad":"' + b"x" * 70_000 + b'"}',
+        Reason.OVERSIZED,
+    ),
+    (
+        "view",
+        b'{"event_id":"b12","type":"view","user_id":"u","item_id":"i","ts":1,"n":'
+        + b'{"a":' * 2000
+        + b"1"
+        + b"}" * 2001,
+        Reason.INVALID_JSON,
+    ),
 ]
 
 

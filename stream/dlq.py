@@ -1,0 +1,123 @@
+"""Reading the dead-letter topic back: list dead letters by reason, re-drive them after a fix.
+
+Re-driving produces each letter's raw bytes, with its original key, to the topic it came from,
+so the worker decodes it again: a fixed bug lets it through; a record that is still bad returns
+to the dead letters. Re-drive remembers how far it got (the committed offsets of its own consumer
+group, ``<worker group>-dlq-redrive``), so running it twice does not send the same letters twice;
+``from_beginning`` starts over (valid events are deduplicated by event id in the worker anyway).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from stream.deadletter import DeadLetter
+
+_PREVIEW = 120
+
+
+@dataclass
+class DeadLetterReport:
+    total: int = 0
+    by_reason: Counter[str] = field(default_factory=Counter)
+    letters: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "by_reason": dict(self.by_reason), "letters": self.letters}
+
+
+def _read(consumer: KafkaConsumer, topic: str) -> Iterator[tuple[TopicPartition, int, DeadLetter]]:
+    """Every letter from the consumer's current positions up to the end offsets seen at the start."""
+    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    consumer.assign(partitions)
+    ends = consumer.end_offsets(partitions)
+    remaining = {tp for tp in partitions if consumer.position(tp) < ends[tp]}
+    while remaining:
+        polled = consumer.poll(timeout_ms=5000)
+        if not polled:
+            raise RuntimeError(f"dead-letter topic stopped answering before its end: {remaining}")
+        for tp, messages in polled.items():
+            for m in messages:
+                if m.offset < ends[tp]:
+                    yield tp, m.offset, DeadLetter.from_record(m.value, m.key, m.headers)
+            if consumer.position(tp) >= ends[tp]:
+                remaining.discard(tp)
+                consumer.pause(tp)
+
+
+def list_dead_letters(bootstrap: str, topic: str, limit: int) -> DeadLetterReport:
+    """Counts by reason of every letter, and the first ``limit`` letters in detail."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    report = DeadLetterReport()
+    try:
+        for tp, offset, letter in _read(consumer, topic):
+            report.total += 1
+            report.by_reason[letter.reason] += 1
+            if len(report.letters) < limit:
+                report.letters.append(_describe(tp, offset, letter))
+    finally:
+        consumer.close()
+    return report
+
+
+def redrive(
+    bootstrap: str,
+    topic: str,
+    group: str,
+    reasons: Collection[str] = (),
+    from_beginning: bool = False,
+    dry_run: bool = False,
+) -> DeadLetterReport:
+    """Send letters (of the given reasons, or all) back to their source topics; report what was sent."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    producer = None if dry_run else KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    report = DeadLetterReport()
+    last: dict[TopicPartition, int] = {}
+    try:
+        if from_beginning:
+            partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+            consumer.assign(partitions)
+            consumer.seek_to_beginning(*partitions)
+        for tp, offset, letter in _read(consumer, topic):
+            last[tp] = offset
+            if reasons and letter.reason not in reasons:
+                continue
+            source_topic = letter.source[0]
+            if not source_topic:
+                continue
+            report.total += 1
+            report.by_reason[letter.reason] += 1
+            report.letters.append(_describe(tp, offset, letter))
+            if producer is not None:
+                producer.send(source_topic, value=letter.raw, key=letter.key)
+        if producer is not None:
+            producer.flush()
+            if last:
+                consumer.commit({tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in last.items()})
+    finally:
+        if producer is not None:
+            producer.close()
+        consumer.close()
+    return report
+
+
+def _describe(tp: TopicPartition, offset: int, letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "reason": letter.reason,
+        "detail": letter.detail,
+        "source": {"topic": letter.source[0], "partition": letter.source[1], "offset": letter.source[2]},
+        "dead_letter": {"partition": tp.partition, "offset": offset},
+        "key": letter.key.decode("utf-8", "replace") if letter.key is not None else None,
+        "raw": letter.raw[:_PREVIEW].decode("utf-8", "replace"),
+        "raw_bytes": len(letter.raw),
+    }
