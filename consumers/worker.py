@@ -33,6 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infra.checkpoint import CheckpointStore, DiskCheckpoints, RedisCheckpoints, pack, unpack
+from infra.kafka import KafkaAccess
 from infra.metrics import Metrics
 from infra.settings import Settings
 from infra.store import Keys, RedisTopNStore, connect
@@ -90,13 +91,13 @@ class RefreshWorker:
     def __init__(
         self,
         settings: Settings,
-        bootstrap: str,
+        kafka: KafkaAccess,
         redis_url: str,
         metrics: Metrics | None = None,
         until_idle_s: float | None = None,
     ) -> None:
         self.settings = settings
-        self.bootstrap = bootstrap
+        self.kafka = kafka
         self.redis_url = redis_url
         self.names = TopicNames(settings.kafka.topic_prefix)
         self.keys = Keys(settings.redis.key_prefix)
@@ -107,7 +108,7 @@ class RefreshWorker:
         # Next offset to learn per "topic:partition": everything below is in the model.
         self.offsets: dict[str, int] = {}
         self.until_idle_s = until_idle_s
-        self.app = make_app(settings, bootstrap)
+        self.app = make_app(settings, kafka)
         self.dead_letter_topic = raw_topic(self.app, self.names.dead_letter)
         events = raw_topic(self.app, *self.names.all_events)
         self.app.agent(events, name="pushrec.refresh")(self._agent)
@@ -291,7 +292,7 @@ class RefreshWorker:
         from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
         group = self.settings.kafka.consumer_group
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="pushrec-catch-up")
+        admin = KafkaAdminClient(**self.kafka.client_options(), client_id="pushrec-catch-up")
         try:
             committed = admin.list_group_offsets({group: None}).get(group, {})
         finally:
@@ -303,7 +304,7 @@ class RefreshWorker:
         }
         if not ends:
             return []
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        consumer = KafkaConsumer(**self.kafka.client_options(), enable_auto_commit=False)
         records: list[Record] = []
         try:
             first = consumer.beginning_offsets(list(ends))
@@ -404,13 +405,13 @@ class RefreshWorker:
     def run(self, metrics_port: int | None = None) -> None:
         """Create missing topics, restore, serve /metrics, run Faust until stopped (never returns)."""
         kafka = self.settings.kafka
-        ensure_topics(self.bootstrap, self.names.all, kafka.partitions, kafka.replication_factor)
+        ensure_topics(self.kafka, self.names.all, kafka.partitions, kafka.replication_factor)
         if metrics_port is not None:
             self.metrics.serve(metrics_port)
         asyncio.run(self._before_faust())
         log.info(
             "worker starting: kafka=%s group=%s topics=%s metrics_port=%s",
-            self.bootstrap,
+            self.kafka,
             kafka.consumer_group,
             ",".join(self.names.all_events),
             metrics_port,

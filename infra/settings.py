@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from online_models.recommender import DEFAULT_TYPE_WEIGHTS
@@ -25,6 +25,11 @@ class KafkaSettings(_Section):
     session_timeout_s: float = Field(6.0, gt=0, description="short: group joins wait for it")
     heartbeat_interval_s: float = Field(1.0, gt=0)
     rebalance_timeout_s: float = Field(6.0, gt=0)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = Field(None, description="never logged")
+    ssl_cafile: Path | None = Field(None, description="CA bundle for SSL / SASL_SSL")
 
 
 class RedisSettings(_Section):

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from infra.kafka import KafkaAccess
 from infra.settings import Settings
 
 READY_TIMEOUT_S = 20.0
@@ -97,18 +98,15 @@ def _any_listening(bootstrap: str, timeout_s: float) -> bool:
     return False
 
 
-def broker_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
+def broker_answers(kafka: KafkaAccess, timeout_s: float = 2.0) -> bool:
     """True once the broker answers a metadata request."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
-    if not _any_listening(bootstrap, timeout_s):
+    if not _any_listening(kafka.bootstrap, timeout_s):
         return False
     try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
-            request_timeout_ms=int(timeout_s * 1000),
-        )
+        admin = KafkaAdminClient(**kafka.client_options(), request_timeout_ms=int(timeout_s * 1000))
     except (KafkaError, OSError, ValueError):
         return False
     try:
@@ -145,7 +143,7 @@ class EmbeddedStack:
         state = self.read_state()
         if state is None:
             return {"running": False}
-        broker_up = _alive(state.broker_pid) and broker_answers(state.kafka_bootstrap)
+        broker_up = _alive(state.broker_pid) and broker_answers(KafkaAccess(state.kafka_bootstrap))
         valkey_up = _alive(state.valkey_pid) and redis_answers(state.redis_url)
         return {
             "running": broker_up and valkey_up,
@@ -237,7 +235,7 @@ class EmbeddedStack:
                 if proc.poll() is not None:
                     tail = self._log_tail(log)
                     raise StackError(f"{name} exited with code {proc.returncode} at start-up: {tail}")
-            kafka_ok = kafka_ok or broker_answers(state.kafka_bootstrap, timeout_s=1.0)
+            kafka_ok = kafka_ok or broker_answers(KafkaAccess(state.kafka_bootstrap), timeout_s=1.0)
             redis_ok = redis_ok or redis_answers(state.redis_url, timeout_s=1.0)
             if kafka_ok and redis_ok:
                 return
@@ -286,21 +284,38 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def require_servers(bootstrap: str | None, redis_url: str | None) -> None:
+def require_servers(kafka: KafkaAccess | None, redis_url: str | None) -> None:
     """Fail with a message naming the server that does not answer (never a hang)."""
-    if bootstrap is not None and not broker_answers(bootstrap, timeout_s=5.0):
-        raise StackError(f"Kafka at {bootstrap} does not answer")
-    if redis_url is not None and not redis_answers(redis_url, timeout_s=5.0):
-        raise StackError(f"Redis at {redact(redis_url)} does not answer")
+    if kafka is not None and not broker_answers(kafka, timeout_s=5.0):
+        raise StackError(f"Kafka at {kafka} does not answer")
+    if redis_url is not None:
+        _require_redis(redis_url, timeout_s=5.0)
 
 
-def resolve_addresses(settings: Settings) -> tuple[str, str]:
-    """Kafka bootstrap and Redis URL: from settings, else from a running embedded stack."""
+def _require_redis(url: str, timeout_s: float) -> None:
+    """PING, telling a refused or missing password apart from a server that is not there."""
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        client.ping()
+    except (redis.AuthenticationError, redis.ResponseError) as exc:
+        where = f"Redis at {redact(url)}"
+        if urlsplit(url).password is None and isinstance(exc, redis.AuthenticationError):
+            raise StackError(f"{where} requires a password: redis://:PASSWORD@host:port") from None
+        if isinstance(exc, redis.AuthenticationError):
+            raise StackError(f"{where} rejected the credentials in PUSHREC_REDIS_URL") from None
+        raise StackError(f"{where}: {exc}") from None
+    except (redis.RedisError, OSError):
+        raise StackError(f"Redis at {redact(url)} does not answer") from None
+
+
+def resolve_addresses(settings: Settings) -> tuple[KafkaAccess, str]:
+    """Kafka access and Redis URL: from settings, else from a running embedded stack."""
     bootstrap, redis_url = settings.kafka_bootstrap, settings.redis_url
     if bootstrap and redis_url:
-        return bootstrap, redis_url
+        return KafkaAccess.from_settings(settings, bootstrap), redis_url
     state = EmbeddedStack(settings.state_dir).read_state()
     if state is None:
         missing = "PUSHREC_KAFKA_BOOTSTRAP" if not bootstrap else "PUSHREC_REDIS_URL"
         raise StackError(f"no {missing} set and no embedded stack running: run `pushrec stack up`")
-    return bootstrap or state.kafka_bootstrap, redis_url or state.redis_url
+    kafka = KafkaAccess.from_settings(settings, bootstrap or state.kafka_bootstrap)
+    return kafka, redis_url or state.redis_url

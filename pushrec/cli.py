@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from redis.exceptions import RedisError
 
+from infra.kafka import KafkaAccess
 from infra.settings import ConfigError, Settings, load_settings
 from infra.stack import EmbeddedStack, StackError, require_servers, resolve_addresses
 from infra.store import Keys, RedisTopNStore, connect
@@ -86,7 +87,7 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "up":
         state = stack.up(args.kafka_port, args.redis_port)
         names = TopicNames(settings.kafka.topic_prefix)
-        ensure_topics(state.kafka_bootstrap, names.all, settings.kafka.partitions)
+        ensure_topics(KafkaAccess(state.kafka_bootstrap), names.all, settings.kafka.partitions)
         _emit(
             args,
             {"kafka_bootstrap": state.kafka_bootstrap, "redis_url": state.redis_url},
@@ -116,9 +117,9 @@ def _status_detail(status: dict[str, object]) -> str:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.worker import RefreshWorker
 
-    bootstrap, redis_url = resolve_addresses(settings)
-    require_servers(bootstrap, redis_url)
-    RefreshWorker(settings, bootstrap, redis_url, until_idle_s=args.until_idle).run(args.metrics_port)
+    kafka, redis_url = resolve_addresses(settings)
+    require_servers(kafka, redis_url)
+    RefreshWorker(settings, kafka, redis_url, until_idle_s=args.until_idle).run(args.metrics_port)
     return 0
 
 
@@ -133,11 +134,11 @@ def cmd_push_sender(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    bootstrap, _ = resolve_addresses(settings)
-    require_servers(bootstrap, None)
+    kafka, _ = resolve_addresses(settings)
+    require_servers(kafka, None)
     names = TopicNames(settings.kafka.topic_prefix)
-    ensure_topics(bootstrap, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
-    replayer = Replayer(bootstrap, names, settings.events.max_payload_bytes, settings.events.max_id_length)
+    ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
+    replayer = Replayer(kafka, names, settings.events.max_payload_bytes, settings.events.max_id_length)
     try:
         summary = replayer.replay(args.events, args.items, Pacing(rate=args.rate, speedup=args.speedup))
     finally:
@@ -159,17 +160,17 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     from stream.dlq import list_dead_letters, redrive
 
-    bootstrap, _ = resolve_addresses(settings)
-    require_servers(bootstrap, None)
+    kafka, _ = resolve_addresses(settings)
+    require_servers(kafka, None)
     names = TopicNames(settings.kafka.topic_prefix)
-    ensure_topics(bootstrap, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
+    ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
     if args.action == "list":
-        report = list_dead_letters(bootstrap, names.dead_letter, args.limit)
+        report = list_dead_letters(kafka, names.dead_letter, args.limit)
         head = f"{report.total} dead letters in {names.dead_letter}"
     else:
         group = f"{settings.kafka.consumer_group}-dlq-redrive"
         report = redrive(
-            bootstrap, names.dead_letter, group, args.reason or (), args.from_beginning, args.dry_run
+            kafka, names.dead_letter, group, args.reason or (), args.from_beginning, args.dry_run
         )
         head = f"{'would re-drive' if args.dry_run else 're-drove'} {report.total} dead letters"
     lines = [head] + [f"  {reason}: {n}" for reason, n in report.by_reason.most_common()]

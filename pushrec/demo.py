@@ -22,6 +22,7 @@ from pathlib import Path
 import orjson
 from kafka import KafkaProducer
 
+from infra.kafka import KafkaAccess
 from infra.metrics import metric_sum, scrape
 from infra.settings import Settings
 from infra.stack import EmbeddedStack, free_port
@@ -73,7 +74,7 @@ def run_demo(settings: Settings, users_to_show: int = 3) -> int:
         print("[1/5] starting the embedded Kafka broker (Tansu) and Valkey ...", flush=True)
         state = stack.up()
         names = TopicNames(settings.kafka.topic_prefix)
-        ensure_topics(state.kafka_bootstrap, names.all, settings.kafka.partitions)
+        ensure_topics(KafkaAccess(state.kafka_bootstrap), names.all, settings.kafka.partitions)
         print(f"      kafka={state.kafka_bootstrap} redis={state.redis_url}")
         env = {
             **os.environ,
@@ -110,7 +111,10 @@ def run_demo(settings: Settings, users_to_show: int = 3) -> int:
 
         print(f"[3/5] replaying {SAMPLE_EVENTS.name} (UCI Online Retail excerpt, CC BY 4.0) ...")
         replayer = Replayer(
-            state.kafka_bootstrap, names, settings.events.max_payload_bytes, settings.events.max_id_length
+            KafkaAccess(state.kafka_bootstrap),
+            names,
+            settings.events.max_payload_bytes,
+            settings.events.max_id_length,
         )
         try:
             summary = replayer.replay(SAMPLE_EVENTS, SAMPLE_ITEMS, Pacing())

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import faust
 
+from infra.kafka import KafkaAccess
 from infra.settings import Settings
 
 
-def make_app(settings: Settings, bootstrap: str, app_id: str | None = None) -> faust.App:
-    """A Faust app for ``bootstrap``; consumer group = app id (``settings.kafka.consumer_group``).
+def make_app(settings: Settings, kafka_access: KafkaAccess, app_id: str | None = None) -> faust.App:
+    """A Faust app for ``kafka_access``; consumer group = app id (``settings.kafka.consumer_group``).
 
     Faust's own environment variables (e.g. ``BROKER_URL``) override constructor arguments, so
     every setting we rely on is given here and none is left to its default lookup.
     """
     kafka = settings.kafka
-    brokers = [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
+    brokers = [f"kafka://{host.strip()}" for host in kafka_access.bootstrap.split(",") if host.strip()]
     return faust.App(
         app_id or kafka.consumer_group,
         broker=brokers,
+        broker_credentials=kafka_access.faust_credentials(),
         autodiscover=False,
         web_enabled=False,  # our /metrics server is prometheus-client's; no Faust web port clash
         store="memory://",

@@ -17,6 +17,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from infra.kafka import KafkaAccess
 from stream.deadletter import DeadLetter
 
 _PREVIEW = 120
@@ -51,11 +52,9 @@ def _read(consumer: KafkaConsumer, topic: str) -> Iterator[tuple[TopicPartition,
                 consumer.pause(tp)
 
 
-def list_dead_letters(bootstrap: str, topic: str, limit: int) -> DeadLetterReport:
+def list_dead_letters(kafka: KafkaAccess, topic: str, limit: int) -> DeadLetterReport:
     """Counts by reason of every letter, and the first ``limit`` letters in detail."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
+    consumer = KafkaConsumer(**kafka.client_options(), enable_auto_commit=False, auto_offset_reset="earliest")
     report = DeadLetterReport()
     try:
         for tp, offset, letter in _read(consumer, topic):
@@ -69,7 +68,7 @@ def list_dead_letters(bootstrap: str, topic: str, limit: int) -> DeadLetterRepor
 
 
 def redrive(
-    bootstrap: str,
+    kafka: KafkaAccess,
     topic: str,
     group: str,
     reasons: Collection[str] = (),
@@ -78,9 +77,9 @@ def redrive(
 ) -> DeadLetterReport:
     """Send letters (of the given reasons, or all) back to their source topics; report what was sent."""
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest"
+        **kafka.client_options(), group_id=group, enable_auto_commit=False, auto_offset_reset="earliest"
     )
-    producer = None if dry_run else KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = None if dry_run else KafkaProducer(**kafka.client_options(), acks="all")
     report = DeadLetterReport()
     last: dict[TopicPartition, int] = {}
     try:

@@ -15,6 +15,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from tqdm import tqdm
 
+from infra.kafka import KafkaAccess
 from stream.events import BadEvent, decode_event
 from stream.topics import TopicNames
 
@@ -87,14 +88,16 @@ class ReplaySummary:
 class Replayer:
     """A kafka-python producer that keeps per-user order (one in-flight request, acks=all)."""
 
-    def __init__(self, bootstrap: str, names: TopicNames, max_payload_bytes: int, max_id_length: int) -> None:
+    def __init__(
+        self, kafka: KafkaAccess, names: TopicNames, max_payload_bytes: int, max_id_length: int
+    ) -> None:
         self.names = names
         self.failed: list[str] = []
         self.max_payload_bytes = max_payload_bytes
         self.max_id_length = max_id_length
         try:
             self.producer = KafkaProducer(
-                bootstrap_servers=bootstrap,
+                **kafka.client_options(),
                 acks="all",
                 linger_ms=5,
                 batch_size=256 * 1024,
@@ -104,7 +107,7 @@ class Replayer:
                 request_timeout_ms=15_000,
             )
         except (KafkaError, OSError) as exc:
-            raise ReplayError(f"cannot reach Kafka at {bootstrap}: {exc}") from None
+            raise ReplayError(f"cannot reach Kafka at {kafka}: {exc}") from None
 
     def replay_items(self, path: Path, summary: ReplaySummary) -> None:
         for number, line in read_lines(path):

@@ -15,6 +15,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from infra.kafka import KafkaAccess
 from stream.events import EVENT_TYPES
 
 
@@ -48,7 +49,7 @@ class TopicError(Exception):
 
 
 def ensure_topics(
-    bootstrap: str,
+    kafka: KafkaAccess,
     topics: Iterable[str],
     partitions: int = 1,
     replication_factor: int = 1,
@@ -56,12 +57,9 @@ def ensure_topics(
 ) -> list[str]:
     """Create the topics that do not exist yet; return the ones created."""
     try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
-            request_timeout_ms=int(timeout_s * 1000),
-        )
+        admin = KafkaAdminClient(**kafka.client_options(), request_timeout_ms=int(timeout_s * 1000))
     except (KafkaError, OSError) as exc:
-        raise TopicError(f"cannot reach Kafka at {bootstrap}: {exc}") from None
+        raise TopicError(f"cannot reach Kafka at {kafka}: {exc}") from None
     try:
         existing = set(admin.list_topics())
         wanted = [t for t in dict.fromkeys(topics) if t not in existing]
@@ -74,6 +72,6 @@ def ensure_topics(
                 pass  # another process created it first
         return created
     except KafkaError as exc:
-        raise TopicError(f"cannot create topics on {bootstrap}: {exc}") from None
+        raise TopicError(f"cannot create topics on {kafka}: {exc}") from None
     finally:
         admin.close()

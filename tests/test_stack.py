@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.kafka import KafkaAccess
 from infra.stack import EmbeddedStack, StackError, broker_answers, redis_answers
 from tests.test_cli import pushrec
 
@@ -23,7 +24,9 @@ def test_stack_up_status_down(tmp_path: Path) -> None:
     state = EmbeddedStack(tmp_path).read_state()
     assert state is not None
     try:
-        assert broker_answers(addresses["kafka_bootstrap"]) and redis_answers(addresses["redis_url"])
+        assert broker_answers(KafkaAccess(addresses["kafka_bootstrap"])) and redis_answers(
+            addresses["redis_url"]
+        )
         status = pushrec("stack", "status", "--json", env=env)
         assert status.returncode == 0 and json.loads(status.stdout)["running"] is True
         # A second `up` finds the running stack instead of starting another.
