@@ -26,7 +26,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import faust
 import orjson
@@ -289,11 +288,7 @@ class RefreshWorker:
     def _read_gap(self) -> list[Record]:
         """Records the group committed but the model does not hold, in offset order per partition:
         from the checkpoint's offset (the partition's first retained one if the checkpoint does
-        not know it) up to the committed offset.
-
-        A partition whose log now ends below the checkpoint's offset was recreated (e.g. the
-        memory-only embedded broker restarted): its offset is forgotten, so the new log is
-        learned from its start (event ids still catch repeats)."""
+        not know it) up to the committed offset."""
         from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
         group = self.settings.kafka.consumer_group
@@ -302,23 +297,22 @@ class RefreshWorker:
             committed = admin.list_group_offsets({group: None}).get(group, {})
         finally:
             admin.close()
+        ends = {
+            TopicPartition(tp.topic, tp.partition): meta.offset
+            for tp, meta in committed.items()
+            if tp.topic in self.names.all_events and meta.offset > 0
+        }
+        if not ends:
+            return []
         consumer = KafkaConsumer(**self.kafka.client_options(), enable_auto_commit=False)
+        records: list[Record] = []
         try:
-            self._forget_offsets_beyond_log_end(consumer)
-            ends = {
-                TopicPartition(tp.topic, tp.partition): meta.offset
-                for tp, meta in committed.items()
-                if tp.topic in self.names.all_events and meta.offset > 0
-            }
-            if not ends:
-                return []
             first = consumer.beginning_offsets(list(ends))
             starts = {tp: self.offsets.get(f"{tp.topic}:{tp.partition}", first[tp]) for tp in ends}
             remaining = {tp for tp in ends if ends[tp] > starts[tp]}
             consumer.assign(list(remaining))
             for tp in remaining:
                 consumer.seek(tp, starts[tp])
-            records: list[Record] = []
             while remaining:
                 polled = consumer.poll(timeout_ms=5000)
                 if not polled:
@@ -331,31 +325,9 @@ class RefreshWorker:
                     if messages and messages[-1].offset >= ends[tp] - 1:
                         remaining.discard(tp)
                         consumer.pause(tp)
-            return records
         finally:
             consumer.close()
-
-    def _forget_offsets_beyond_log_end(self, consumer: Any) -> None:
-        from kafka import TopicPartition
-
-        known = {}
-        for source in self.offsets:
-            topic, _, partition = source.rpartition(":")
-            if topic in self.names.all_events:
-                known[TopicPartition(topic, int(partition))] = source
-        if not known:
-            return
-        for tp, end in consumer.end_offsets(list(known)).items():
-            source = known[tp]
-            if end < self.offsets[source]:
-                log.warning(
-                    "%s ends at offset %d, below the checkpoint's %d: the topic was recreated; "
-                    "learning its new log from the start",
-                    source,
-                    end,
-                    self.offsets[source],
-                )
-                del self.offsets[source]
+        return records
 
     # --- forgetting ----------------------------------------------------------------------------
 
