@@ -171,6 +171,10 @@ class EmbeddedStack:
         _check_port_free(kafka_port, "the Kafka broker")
         _check_port_free(redis_port, "Valkey")
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        # A fresh memory-only broker has empty logs: worker checkpoints of the old ones would make
+        # a worker skip the new log's first offsets as "already learned".
+        for stale in (self.state_dir / "checkpoints").glob("*.npz"):
+            stale.unlink()
 
         listener = f"tcp://127.0.0.1:{kafka_port}"
         # Tansu reads its own environment variables (LISTENER_URL, ...): give it a clean one.

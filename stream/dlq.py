@@ -21,6 +21,8 @@ from infra.kafka import KafkaAccess
 from stream.deadletter import DeadLetter
 
 _PREVIEW = 120
+_QUIET_MS = 1500
+_FIRST_POLL_MS = 5000
 
 
 @dataclass
@@ -34,22 +36,20 @@ class DeadLetterReport:
 
 
 def _read(consumer: KafkaConsumer, topic: str) -> Iterator[tuple[TopicPartition, int, DeadLetter]]:
-    """Every letter from the consumer's current positions up to the end offsets seen at the start."""
-    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-    consumer.assign(partitions)
-    ends = consumer.end_offsets(partitions)
-    remaining = {tp for tp in partitions if consumer.position(tp) < ends[tp]}
-    while remaining:
-        polled = consumer.poll(timeout_ms=5000)
-        if not polled:
-            raise RuntimeError(f"dead-letter topic stopped answering before its end: {remaining}")
+    """Every letter from the consumer's current positions until a poll finds nothing new.
+
+    (Not up to ListOffsets' end offsets: the embedded Tansu broker reports batches there, not
+    records.)"""
+    if not consumer.assignment():
+        consumer.assign(
+            [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        )
+    wait_ms = _FIRST_POLL_MS  # the first poll also fetches metadata and positions
+    while polled := consumer.poll(timeout_ms=wait_ms):
+        wait_ms = _QUIET_MS
         for tp, messages in polled.items():
             for m in messages:
-                if m.offset < ends[tp]:
-                    yield tp, m.offset, DeadLetter.from_record(m.value, m.key, m.headers)
-            if consumer.position(tp) >= ends[tp]:
-                remaining.discard(tp)
-                consumer.pause(tp)
+                yield tp, m.offset, DeadLetter.from_record(m.value, m.key, m.headers)
 
 
 def list_dead_letters(kafka: KafkaAccess, topic: str, limit: int) -> DeadLetterReport:

@@ -18,7 +18,11 @@ pytestmark = pytest.mark.integration
 
 def test_stack_up_status_down(tmp_path: Path) -> None:
     env = {"PUSHREC_STATE_DIR": str(tmp_path)}
+    stale = tmp_path / "checkpoints" / "pushrec-worker.npz"  # of a previous broker's (gone) logs
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
     up = pushrec("stack", "up", "--json", env=env)
+    assert not stale.exists()
     assert up.returncode == 0, up.stderr
     addresses = json.loads(up.stdout)
     state = EmbeddedStack(tmp_path).read_state()
