@@ -111,17 +111,17 @@ class Recommender:
 
     def __init__(
         self,
-        n_factors: int = 32,
+        n_factors: int = 16,
         learning_rate: float = 0.3,
         l2: float = 0.001,
         negatives: int = 1,
-        popular_negatives: float = 0.0,
+        popular_negatives: float = 0.5,
         seed: int = 42,
         top_n: int = 20,
         popularity_half_life_s: float = 86_400.0,
         popularity_weight: float = 2.0,
         session_weight: float = 3.0,
-        session_items: int = 1,
+        session_items: int = 5,
         recent_weight: float = 100.0,
         recent_half_life_s: float = 86_400.0,
         recent_memory: int = 100,
@@ -254,7 +254,8 @@ class Recommender:
         if scores is None:
             scores, model = self.popularity.scores(), POPULARITY
         consumed = state.consumed if state is not None else ()
-        rows, values = top_n(scores, n, exclude=[r for r in consumed if r < scores.size])
+        # ``scores`` is a fresh array either way, so top_n may mask exclusions in place.
+        rows, values = top_n(scores, n, exclude=[r for r in consumed if r < scores.size], in_place=True)
         ids = self.items.ids
         return TopN(user, [ids[r] for r in rows], [float(v) for v in values], model)
 
@@ -264,12 +265,14 @@ class Recommender:
             return None
         matrix = self.mf.item_matrix()
         if self.session_weight and state.session:
-            query += self.session_weight * matrix[list(state.session)].mean(axis=0)
+            query += (self.session_weight / len(state.session)) * matrix[list(state.session)].sum(axis=0)
         scores = matrix @ query
         if self.popularity_weight:
             self.popularity.add_normalised(scores, self.popularity_weight)
         if self.recent_weight and state.interest:
             rows = np.fromiter(state.interest, dtype=np.int64, count=len(state.interest))
-            own = [value * self._decay(state.last_ts - seen) for value, seen in state.interest.values()]
-            scores[rows] += self.recent_weight * np.asarray(own, dtype=np.float32)
+            value_seen = np.array(list(state.interest.values()))
+            age = np.maximum(state.last_ts - value_seen[:, 1], 0.0)
+            own = value_seen[:, 0] * np.exp2(-age / self.recent_half_life_s)
+            scores[rows] += (self.recent_weight * own).astype(np.float32)
         return scores

@@ -18,14 +18,18 @@ _SAMPLE_FROM = 4096
 _STRIDE = 16
 
 
-def top_n(scores: np.ndarray, n: int, exclude: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+def top_n(
+    scores: np.ndarray, n: int, exclude: Iterable[int] = (), in_place: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices and scores of the ``n`` best entries, best first, never an excluded index.
 
     Ties break towards the lower index, so the answer does not depend on call order.
+    ``in_place=True`` lets it overwrite excluded entries of ``scores`` instead of copying.
     """
     excluded = np.fromiter(exclude, dtype=np.int64)
     if excluded.size:
-        scores = scores.copy()
+        if not in_place:
+            scores = scores.copy()
         scores[excluded] = -np.inf
     k = min(n, scores.size - excluded.size)
     if k <= 0:
