@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import faust
 
 from infra.kafka import KafkaAccess
@@ -15,6 +17,8 @@ def make_app(settings: Settings, kafka_access: KafkaAccess, app_id: str | None =
     every setting we rely on is given here and none is left to its default lookup.
     """
     kafka = settings.kafka
+    datadir = Path(settings.state_dir) / "faust" / (app_id or kafka.consumer_group)
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     brokers = [f"kafka://{host.strip()}" for host in kafka_access.bootstrap.split(",") if host.strip()]
     return faust.App(
         app_id or kafka.consumer_group,
@@ -23,6 +27,8 @@ def make_app(settings: Settings, kafka_access: KafkaAccess, app_id: str | None =
         autodiscover=False,
         web_enabled=False,  # our /metrics server is prometheus-client's; no Faust web port clash
         store="memory://",
+        # Faust keeps a data directory (default: ./<app id>-data in the working directory).
+        datadir=str(datadir),
         topic_partitions=kafka.partitions,
         topic_replication_factor=kafka.replication_factor,
         topic_disable_leader=True,
