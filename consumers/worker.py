@@ -116,6 +116,7 @@ class RefreshWorker:
         self.app.timer(1.0)(self.write_unwritten)
         self.app.timer(1.0)(self.apply_forget_requests)
         self.app.timer(settings.checkpoint.every_s)(self.save_checkpoint)
+        self.app.timer(2.0)(self._export_lag)
         self.app.on_partitions_assigned.connect(self._on_assigned)
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.app.on_before_shutdown.connect(self._on_shutdown)
@@ -382,6 +383,16 @@ class RefreshWorker:
         owned = [tp for tp in assigned if tp.topic in self.names.all_events]
         self.metrics.assigned_partitions.set(len(owned))
         log.info("assigned %d event partitions", len(owned))
+
+    async def _export_lag(self) -> None:
+        consumer = self.app.consumer
+        lag = 0
+        for tp in consumer.assignment():
+            if tp.topic in self.names.all_events:
+                end = consumer.highwater(tp)
+                if end is not None and end >= 0:
+                    lag += max(0, end - self.offsets.get(f"{tp.topic}:{tp.partition}", 0))
+        self.metrics.consumer_lag.set(lag)
 
     async def _on_revoked(self, sender: object, revoked: set, **_: object) -> None:
         if any(tp.topic in self.names.all_events for tp in revoked):

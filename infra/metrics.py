@@ -79,6 +79,11 @@ class Metrics:
             "Event-topic partitions this worker owns (0 = not in the group yet).",
             registry=r,
         )
+        self.consumer_lag = Gauge(
+            "pushrec_worker_consumer_lag",
+            "Records in this worker's event partitions not learned yet (log end minus next offset).",
+            registry=r,
+        )
         self.checkpoints = Counter(
             "pushrec_checkpoints",
             "Checkpoints of the worker's model, offsets and dedupe memory, by result (ok, failed).",
