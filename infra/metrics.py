@@ -10,7 +10,26 @@ from prometheus_client.parser import text_string_to_metric_families
 # Closed label sets (see SPEC.md); pre-created so dashboards see zeros, not gaps.
 EVENT_OUTCOMES = ("processed", "dead_letter", "duplicate")
 PUSH_OUTCOMES = ("sent", "capped", "deduped", "quiet_hours", "failed")
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 
 class Metrics:

@@ -33,6 +33,9 @@ class KafkaSettings(_Section):
     session_timeout_s: float = Field(6.0, gt=0, description="short: group joins wait for it")
     heartbeat_interval_s: float = Field(1.0, gt=0)
     rebalance_timeout_s: float = Field(6.0, gt=0)
+    fetch_max_wait_ms: int = Field(
+        50, ge=1, le=1500, description="longest a consumer fetch waits for data (latency floor on Tansu)"
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None

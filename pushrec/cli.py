@@ -205,6 +205,25 @@ def cmd_recs(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from pushrec.bench import default_events, run_bench
+
+    events = args.events or default_events()
+    result = run_bench(settings, events, args.events_max, args.fraction, log.info)
+    lines = [
+        f"pushrec bench: {result['events']:,} events ({result['users']:,} users, {result['items']:,} items)",
+        f"  ceiling (trivial Faust agent)  {result['ceiling_events_per_s']:>10,.0f} events/s",
+        f"  pipeline (worker, backlog)     {result['pipeline_events_per_s']:>10,.0f} events/s"
+        f"   ratio {result['ratio']:.2f}",
+        f"  event-to-list at {result['latency_rate_events_per_s']:,.0f}/s   "
+        f"p50 {result['latency_p50_s'] * 1000:.0f} ms   p99 {result['latency_p99_s'] * 1000:.0f} ms",
+        f"  evaluate (pushrec model)       {result['evaluate_events_per_s']:>10,.0f} events/s",
+        f"  worker peak RSS                {result['worker_peak_rss_bytes'] / 2**20:>10,.0f} MiB",
+    ]
+    _emit(args, result, "\n".join(lines))
+    return 0
+
+
 def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.forget import forget_user
 
@@ -430,6 +449,25 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="one JSON report per line (per EVENTS file)")
     output.add_argument("--markdown", action="store_true", help="Markdown tables (for docs)")
 
+    bench = sub.add_parser(
+        "bench",
+        help="throughput and latency of the real pipeline against Faust's own ceiling, in one run",
+        description="Measures, on the embedded stack (or the configured servers): a trivial Faust agent's "
+        "rate, the worker's rate on a backlog of the same events, event-to-list latency at --fraction of "
+        "that rate, the worker's peak memory and evaluate's speed.",
+    )
+    bench.add_argument(
+        "--events",
+        type=_existing_file,
+        metavar="EVENTS",
+        help="log to use (default: ../shared/datasets/taobao if present, else the bundled sample scaled up)",
+    )
+    bench.add_argument("--events-max", type=_positive_int, default=50_000, metavar="N", help="events used")
+    bench.add_argument(
+        "--fraction", type=_positive, default=0.5, help="latency is measured at this share of the rate"
+    )
+    bench.add_argument("--json", action="store_true")
+
     dlq = sub.add_parser(
         "dlq",
         help="list dead letters by reason, or re-drive them to their source topics after a fix",
@@ -475,6 +513,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "evaluate": cmd_evaluate,
     "forget": cmd_forget,
     "dlq": cmd_dlq,
+    "bench": cmd_bench,
     "demo": cmd_demo,
 }
 

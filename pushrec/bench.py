@@ -1,0 +1,252 @@
+"""`pushrec bench`: the real pipeline's throughput and latency against Faust's own ceiling,
+measured in one run on the same machine, broker and events.
+
+1. ceiling: the events are produced to fresh topics first, then a trivial Faust agent
+   (``pushrec.bench_agent``: the worker's micro-batching and codec, nothing else) consumes them;
+   rate = events / (last decoded - first decoded).
+2. pipeline: the same events to fresh topics, then ``pushrec worker`` consumes the backlog (decode,
+   dedupe, learn, re-rank, Redis write, checkpoints as configured); rate = events / (last counted -
+   first counted) from its /metrics, polled every 50 ms. A backlog is consumed as fast as the
+   worker can: that rate is its maximum sustainable rate. Peak RSS is the worker's VmHWM.
+3. latency: a fresh worker, then the events replayed at ``fraction`` x the pipeline rate;
+   p50/p99 of event-to-list (record timestamp to Redis write), interpolated within the
+   worker's histogram buckets.
+4. evaluate: `pushrec evaluate`'s speed for the product model alone on the same events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from infra.kafka import KafkaAccess
+from infra.metrics import Samples, metric_sum, scrape
+from infra.settings import Settings
+from infra.stack import EmbeddedStack, free_port
+from pushrec.demo import SAMPLE_EVENTS, stop_process, wait_for
+from stream.replay import Pacing, Replayer, read_lines
+from stream.topics import TopicNames, ensure_topics
+
+SHARED_TAOBAO = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "taobao" / "events.jsonl.gz"
+COUNTED = ("processed", "duplicate", "dead_letter")
+
+
+def default_events() -> Path:
+    return SHARED_TAOBAO if SHARED_TAOBAO.exists() else SAMPLE_EVENTS
+
+
+def _lines(path: Path, limit: int) -> list[bytes]:
+    """The first ``limit`` lines; a shorter log is repeated with fresh ids (the sample scaled up)."""
+    base = [line for _, line in read_lines(path)]
+    out: list[bytes] = []
+    copy = 0
+    while len(out) < limit and base:
+        for line in base[: limit - len(out)]:
+            if copy:
+                event = json.loads(line)
+                event["event_id"] += f"~{copy}"
+                event["user_id"] += f"~{copy}"
+                line = json.dumps(event).encode()
+            out.append(line)
+        copy += 1
+    return out
+
+
+def quantile(samples: Samples, name: str, q: float) -> float:
+    """``q``-quantile of a Prometheus histogram, linear within its bucket (as histogram_quantile)."""
+    buckets = sorted(
+        (float(dict(labels)["le"]), value) for (n, labels), value in samples.items() if n == f"{name}_bucket"
+    )
+    total = buckets[-1][1]
+    if not total:
+        return float("nan")
+    rank, lower_bound, lower_count = q * total, 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / max(
+                count - lower_count, 1e-12
+            )
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+class _Run:
+    """Fresh topic names, consumer group and key prefix for one measurement."""
+
+    def __init__(self, base_env: dict[str, str], workdir: Path, name: str) -> None:
+        self.prefix = f"bench{uuid.uuid4().hex[:6]}{name}"
+        self.workdir = workdir
+        self.env = {
+            **base_env,
+            "PUSHREC_KAFKA__TOPIC_PREFIX": self.prefix,
+            "PUSHREC_KAFKA__CONSUMER_GROUP": f"{self.prefix}-worker",
+            "PUSHREC_REDIS__KEY_PREFIX": f"{self.prefix}:",
+        }
+
+    def spawn(self, *args: str, log: str) -> subprocess.Popen[bytes]:
+        with open(self.workdir / log, "wb") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+
+def _counted(port: int) -> float:
+    samples = scrape(port)
+    return sum(metric_sum(samples, "pushrec_events_total", outcome=o) for o in COUNTED)
+
+
+def _peak_rss(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@contextlib.contextmanager
+def _servers(settings: Settings, workdir: Path) -> Iterator[dict[str, str]]:
+    """The configured Kafka/Redis, else an embedded stack for the duration of the bench."""
+    if settings.kafka_bootstrap and settings.redis_url:
+        yield {"PUSHREC_STATE_DIR": str(workdir / "state")}
+        return
+    stack = EmbeddedStack(workdir / "stack")
+    state = stack.up()
+    try:
+        yield {
+            "PUSHREC_KAFKA_BOOTSTRAP": state.kafka_bootstrap,
+            "PUSHREC_REDIS_URL": state.redis_url,
+            "PUSHREC_STATE_DIR": str(workdir / "state"),
+        }
+    finally:
+        stack.down()
+
+
+def run_bench(settings: Settings, events: Path, limit: int, fraction: float, log: Any) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="pushrec-bench-"))
+    lines = _lines(events, limit)
+    log_path = workdir / "events.jsonl"
+    log_path.write_bytes(b"\n".join(lines) + b"\n")
+    parsed = [json.loads(line) for line in lines]
+    users = len({e["user_id"] for e in parsed})
+    items = len({e["item_id"] for e in parsed})
+    n = len(lines)
+    with _servers(settings, workdir) as server_env:
+        base_env = {**os.environ, **server_env}
+
+        bootstrap = server_env.get("PUSHREC_KAFKA_BOOTSTRAP") or settings.kafka_bootstrap
+        kafka = KafkaAccess.from_settings(settings, str(bootstrap))
+
+        def produce(run: _Run, pacing: Pacing) -> None:
+            names = TopicNames(run.prefix)
+            ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
+            replayer = Replayer(
+                kafka, names, settings.events.max_payload_bytes, settings.events.max_id_length
+            )
+            try:
+                replayer.replay(log_path, pacing=pacing, progress=False)
+            finally:
+                replayer.close()
+
+        log(f"bench: {n:,} events from {events} ({users:,} users, {items:,} items); work dir {workdir}")
+        # 1. The ceiling.
+        ceiling_run = _Run(base_env, workdir, "c")
+        produce(ceiling_run, Pacing())
+        out = workdir / "ceiling.json"
+        agent = ceiling_run.spawn("pushrec.bench_agent", str(n), str(out), log="ceiling.log")
+        try:
+            wait_for("the trivial agent to decode every event", out.exists, 600, agent)
+        finally:
+            stop_process(agent)
+        seen = json.loads(out.read_text())
+        ceiling = seen["count"] / max(seen["last"] - seen["first"], 1e-9)
+        log(f"ceiling: trivial Faust agent {ceiling:,.0f} events/s")
+
+        # 2. The pipeline on a backlog.
+        pipe_run = _Run(base_env, workdir, "p")
+        produce(pipe_run, Pacing())
+        port = free_port()
+        worker = pipe_run.spawn("pushrec.cli", "worker", "--metrics-port", str(port), log="pipeline.log")
+        first = last = None
+        peak = 0
+        try:
+            deadline = time.monotonic() + 1800
+            while time.monotonic() < deadline:
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the worker exited: see {workdir / 'pipeline.log'}")
+                peak = max(peak, _peak_rss(worker.pid))
+                with contextlib.suppress(OSError):
+                    counted = _counted(port)
+                    now = time.time()
+                    if counted > 0 and first is None:
+                        first = now
+                    if counted >= n:
+                        last = now
+                        break
+                time.sleep(0.05)
+            else:
+                raise RuntimeError("the pipeline did not finish within 30 minutes")
+        finally:
+            peak = max(peak, _peak_rss(worker.pid))
+            stop_process(worker)
+        assert first is not None and last is not None
+        pipeline = n / max(last - first, 1e-9)
+        log(f"pipeline: {pipeline:,.0f} events/s; worker peak RSS {peak / 2**20:,.0f} MiB")
+
+        # 3. Latency at a fraction of that rate.
+        lat_run = _Run(base_env, workdir, "l")
+        rate = fraction * pipeline
+        port = free_port()
+        worker = lat_run.spawn("pushrec.cli", "worker", "--metrics-port", str(port), log="latency.log")
+        try:
+            wait_for(
+                "the latency worker to join",
+                lambda: metric_sum(scrape(port), "pushrec_worker_assigned_partitions") > 0,
+                120,
+                worker,
+            )
+            produce(lat_run, Pacing(rate=rate))
+            wait_for("every paced event to be counted", lambda: _counted(port) >= n, 600, worker)
+            samples = scrape(port)
+        finally:
+            stop_process(worker)
+        p50 = quantile(samples, "pushrec_event_to_list_seconds", 0.5)
+        p99 = quantile(samples, "pushrec_event_to_list_seconds", 0.99)
+        log(f"latency at {rate:,.0f} events/s: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
+
+    # 4. evaluate's speed for the product model on the same events.
+    from consumers.worker import build_recommender
+    from online_models.evaluation import evaluate
+    from stream.events import decode_event
+
+    report = evaluate([decode_event(line) for line in lines], {"pushrec": build_recommender(settings)})
+    evaluate_rate = report.models["pushrec"]["events_per_s"]
+    with contextlib.suppress(OSError):
+        for child in workdir.iterdir():
+            if child.suffix == ".jsonl":
+                child.unlink()
+    return {
+        "events": n,
+        "pipeline_events_per_s": round(pipeline, 1),
+        "ceiling_events_per_s": round(ceiling, 1),
+        "ratio": round(pipeline / ceiling, 3),
+        "latency_p50_s": round(p50, 4),
+        "latency_p99_s": round(p99, 4),
+        "latency_rate_events_per_s": round(rate, 1),
+        "evaluate_events_per_s": round(evaluate_rate, 1),
+        "worker_peak_rss_bytes": peak,
+        "users": users,
+        "items": items,
+        "source": str(events),
+        "logs": str(workdir),
+    }
