@@ -132,7 +132,58 @@ def _servers(settings: Settings, workdir: Path) -> Iterator[dict[str, str]]:
         stack.down()
 
 
-def run_bench(settings: Settings, events: Path, limit: int, fraction: float, log: Any) -> dict[str, Any]:
+def model_memory(
+    settings: Settings, points: tuple[int, int] = (10_000, 50_000), events_per_user: int = 3
+) -> dict[str, Any]:
+    """Bytes the product model holds per user and per item, measured with tracemalloc (numpy
+    arrays included) as the slope between two sizes, and extrapolated linearly to 1M users."""
+    import random
+    import tracemalloc
+
+    from consumers.worker import build_recommender
+
+    def held(users: int, items: int) -> int:
+        rng = random.Random(0)
+        tracemalloc.start()
+        rec = build_recommender(settings)
+        for i in range(items):  # every item learned once by a catalogue-filler user
+            rec.learn_one("filler", f"i{i}", "view", float(i))
+        for u in range(users):
+            for k in range(events_per_user):
+                rec.learn_one(
+                    f"u{u}", f"i{rng.randrange(items)}", "click", float(items + u * events_per_user + k)
+                )
+        size, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        del rec
+        return size
+
+    small, large = points
+    base_items = 10_000
+    at_small = held(small, base_items)
+    per_user = (held(large, base_items) - at_small) / (large - small)
+    per_item = (held(small, 5 * base_items) - at_small) / (4 * base_items)
+    return {
+        "bytes_per_user": round(per_user),
+        "bytes_per_item": round(per_item),
+        "model_bytes_measured": {
+            str(small): at_small,
+            str(large): round(at_small + per_user * (large - small)),
+        },
+        "model_bytes_1m_users_extrapolated": round(at_small + per_user * (1_000_000 - small)),
+        "memory_method": f"tracemalloc slope between {small:,} and {large:,} users "
+        f"({events_per_user} events each) and between 10k and 50k items; 1M users extrapolated linearly",
+    }
+
+
+def run_bench(
+    settings: Settings,
+    events: Path,
+    limit: int,
+    fraction: float,
+    log: Any,
+    memory_users: tuple[int, int] = (10_000, 50_000),
+) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="pushrec-bench-"))
     lines = _lines(events, limit)
     log_path = workdir / "events.jsonl"
@@ -231,6 +282,8 @@ def run_bench(settings: Settings, events: Path, limit: int, fraction: float, log
 
     report = evaluate([decode_event(line) for line in lines], {"pushrec": build_recommender(settings)})
     evaluate_rate = report.models["pushrec"]["events_per_s"]
+    memory = model_memory(settings, memory_users)
+    log(f"model memory: {memory['bytes_per_user']:,} B/user, {memory['bytes_per_item']:,} B/item")
     with contextlib.suppress(OSError):
         for child in workdir.iterdir():
             if child.suffix == ".jsonl":
@@ -247,6 +300,7 @@ def run_bench(settings: Settings, events: Path, limit: int, fraction: float, log
         "worker_peak_rss_bytes": peak,
         "users": users,
         "items": items,
+        **memory,
         "source": str(events),
         "logs": str(workdir),
     }

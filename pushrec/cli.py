@@ -209,7 +209,10 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from pushrec.bench import default_events, run_bench
 
     events = args.events or default_events()
-    result = run_bench(settings, events, args.events_max, args.fraction, log.info)
+    small, large = args.memory_users
+    if not small < large:
+        raise UsageError("--memory-users: the first size must be smaller than the second")
+    result = run_bench(settings, events, args.events_max, args.fraction, log.info, (small, large))
     lines = [
         f"pushrec bench: {result['events']:,} events ({result['users']:,} users, {result['items']:,} items)",
         f"  ceiling (trivial Faust agent)  {result['ceiling_events_per_s']:>10,.0f} events/s",
@@ -219,6 +222,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         f"p50 {result['latency_p50_s'] * 1000:.0f} ms   p99 {result['latency_p99_s'] * 1000:.0f} ms",
         f"  evaluate (pushrec model)       {result['evaluate_events_per_s']:>10,.0f} events/s",
         f"  worker peak RSS                {result['worker_peak_rss_bytes'] / 2**20:>10,.0f} MiB",
+        f"  model memory                   {result['bytes_per_user']:>10,} B/user "
+        f"{result['bytes_per_item']:,} B/item; 1M users "
+        f"~{result['model_bytes_1m_users_extrapolated'] / 2**30:.1f} GiB (extrapolated)",
     ]
     _emit(args, result, "\n".join(lines))
     return 0
@@ -465,6 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--events-max", type=_positive_int, default=50_000, metavar="N", help="events used")
     bench.add_argument(
         "--fraction", type=_positive, default=0.5, help="latency is measured at this share of the rate"
+    )
+    bench.add_argument(
+        "--memory-users",
+        type=_positive_int,
+        nargs=2,
+        default=(10_000, 50_000),
+        metavar=("SMALL", "LARGE"),
+        help="model sizes (users) between which bytes per user are measured (default: %(default)s)",
     )
     bench.add_argument("--json", action="store_true")
 

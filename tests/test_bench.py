@@ -42,6 +42,9 @@ def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
             str(SAMPLE_EVENTS),
             "--events-max",
             "4000",
+            "--memory-users",
+            "500",
+            "1500",
             "--json",
         ],
         env=hermetic.env(),
@@ -66,6 +69,7 @@ def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
         report["pipeline_events_per_s"] / report["ceiling_events_per_s"], rel=0.01
     )
     assert 0 < report["latency_p50_s"] <= report["latency_p99_s"]
+    assert report["bytes_per_user"] > 0 and report["bytes_per_item"] > 0
 
 
 def test_histogram_quantile_interpolates_within_buckets() -> None:

@@ -119,9 +119,10 @@ def test_replay_through_real_broker_worker_and_valkey(hermetic: Hermetic) -> Non
         producer.close()
 
         total = len(events) + len(MALFORMED)
-        wait_for(
-            "every record to be counted",
-            lambda: metric_sum(scrape(port), "pushrec_events_total") >= total,
+        wait_for(  # counted when learned; its list reaches Redis a moment later
+            "every record to be counted and every list written",
+            lambda: metric_sum(scrape(port), "pushrec_events_total") >= total
+            and metric_sum(scrape(port), "pushrec_event_to_list_seconds_count") >= len(events),
             120,
             worker,
         )
