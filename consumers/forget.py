@@ -19,8 +19,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from consumers.worker import build_pipeline, checkpoint_store
-from infra.checkpoint import pack, unpack
+from consumers.worker import build_pipeline, checkpoint_store, erase_user, pack_state, unpack_state
 from infra.settings import Settings
 from infra.store import Keys, connect
 from stream.dedupe import SeenEventIds
@@ -79,19 +78,12 @@ async def _wait_for_worker(
 async def _edit_checkpoint(settings: Settings, client: aioredis.Redis, user: str) -> dict[str, Any]:
     store = checkpoint_store(settings, client)
     blob = await store.load() if store is not None else None
-    if blob is None:
+    if store is None or blob is None:
         return {"checkpoint": "none"}
-    meta, arrays = unpack(blob)
     pipeline = build_pipeline(settings)
-    pipeline.recommender.restore(meta["model"], arrays)
-    in_model = pipeline.forget(user)
     seen = SeenEventIds(settings.checkpoint.dedupe_ids)
-    seen.restore(meta["seen"])
-    dropped = seen.forget(user)
-    pending = user in meta["unwritten"]
-    model_meta, model_arrays = pipeline.recommender.state()
-    meta.update(model=model_meta, seen=seen.state(), unwritten=[u for u in meta["unwritten"] if u != user])
-    for name in ("format", "version"):
-        meta.pop(name)
-    await store.save(pack(meta, model_arrays))  # type: ignore[union-attr]
-    return {"model": in_model, "dedupe_ids": dropped, "pending_list": pending, "checkpoint": store.where}  # type: ignore[union-attr]
+    offsets, pending = unpack_state(blob, pipeline, seen)
+    unwritten = dict.fromkeys(pending)
+    result = erase_user(pipeline, seen, unwritten, user)
+    await store.save(pack_state(pipeline, seen, offsets, unwritten))
+    return {**result, "checkpoint": store.where}

@@ -23,9 +23,10 @@ import signal
 import time
 from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faust
 import orjson
@@ -67,6 +68,42 @@ def checkpoint_store(settings: Settings, redis: object) -> CheckpointStore | Non
     if conf.store == "redis":
         return RedisCheckpoints(redis, Keys(settings.redis.key_prefix).checkpoint(name))  # type: ignore[arg-type]
     return None
+
+
+def pack_state(
+    pipeline: RefreshPipeline, seen: SeenEventIds, offsets: dict[str, int], unwritten: Iterable[str]
+) -> bytes:
+    """The checkpoint blob: model, offsets, event-id memory and users whose list is pending."""
+    model_meta, arrays = pipeline.recommender.state()
+    meta = {
+        "offsets": offsets,
+        "seen": seen.state(),
+        "unwritten": list(unwritten),
+        "model": model_meta,
+        "saved_at": time.time(),
+    }
+    return pack(meta, arrays)
+
+
+def unpack_state(
+    blob: bytes, pipeline: RefreshPipeline, seen: SeenEventIds
+) -> tuple[dict[str, int], list[str]]:
+    """Load a checkpoint blob into ``pipeline`` and ``seen``; return its offsets and pending users."""
+    meta, arrays = unpack(blob)
+    pipeline.recommender.restore(meta["model"], arrays)
+    seen.restore(meta["seen"])
+    return dict(meta["offsets"]), list(meta["unwritten"])
+
+
+def erase_user(
+    pipeline: RefreshPipeline, seen: SeenEventIds, unwritten: dict[str, None], user: str
+) -> dict[str, Any]:
+    """Erase ``user`` from the model, the event-id memory and the pending lists; what was removed."""
+    return {
+        "model": pipeline.forget(user),
+        "dedupe_ids": seen.forget(user),
+        "pending_list": unwritten.pop(user, None) is not None,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,23 +264,11 @@ class RefreshWorker:
     # --- checkpoints -------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """Model, offsets, id memory and pending users as one checkpoint blob."""
-        model_meta, arrays = self.pipeline.recommender.state()
-        meta = {
-            "offsets": self.offsets,
-            "seen": self.seen.state(),
-            "unwritten": list(self._unwritten),
-            "model": model_meta,
-            "saved_at": time.time(),
-        }
-        return pack(meta, arrays)
+        return pack_state(self.pipeline, self.seen, self.offsets, self._unwritten)
 
     def restore(self, blob: bytes) -> None:
-        meta, arrays = unpack(blob)
-        self.pipeline.recommender.restore(meta["model"], arrays)
-        self.offsets = dict(meta["offsets"])
-        self.seen.restore(meta["seen"])
-        self._unwritten.update(dict.fromkeys(meta["unwritten"]))
+        self.offsets, unwritten = unpack_state(blob, self.pipeline, self.seen)
+        self._unwritten.update(dict.fromkeys(unwritten))
 
     async def save_checkpoint(self) -> None:
         store = self.checkpoints
@@ -345,11 +370,7 @@ class RefreshWorker:
         results = {}
         for entry_id, fields in entries:
             user = fields[b"user"].decode()
-            results[entry_id.decode()] = {
-                "model": self.pipeline.forget(user),
-                "dedupe_ids": self.seen.forget(user),
-                "pending_list": self._unwritten.pop(user, None) is not None,
-            }
+            results[entry_id.decode()] = erase_user(self.pipeline, self.seen, self._unwritten, user)
         await self.save_checkpoint()
         async with client.pipeline(transaction=True) as pipe:
             for request_id, result in results.items():

@@ -121,8 +121,10 @@ def test_replay_through_real_broker_worker_and_valkey(hermetic: Hermetic) -> Non
         total = len(events) + len(MALFORMED)
         wait_for(  # counted when learned; its list reaches Redis a moment later
             "every record to be counted and every list written",
-            lambda: metric_sum(scrape(port), "pushrec_events_total") >= total
-            and metric_sum(scrape(port), "pushrec_event_to_list_seconds_count") >= len(events),
+            lambda: (
+                metric_sum(scrape(port), "pushrec_events_total") >= total
+                and metric_sum(scrape(port), "pushrec_event_to_list_seconds_count") >= len(events)
+            ),
             120,
             worker,
         )
