@@ -30,6 +30,7 @@ log = logging.getLogger("pushrec.push_sender")
 FAILED = "failed"
 # What became of a refresh-stream entry (label of pushrec_push_entries_total).
 DECIDED, SUPERSEDED, ALREADY_SENT = "decided", "superseded", "already_sent"
+OUTSIDE_SEGMENT = "outside_segment"  # a campaign (--segment TAG) skips users not tagged so
 
 
 class PushSender:
@@ -43,7 +44,9 @@ class PushSender:
         metrics: Metrics | None = None,
         until_idle_s: float | None = None,
         consumer_name: str | None = None,
+        segment: str | None = None,
     ) -> None:
+        """``segment``: push only to users whose interest segment is tagged with it (a campaign)."""
         push = settings.push
         self.keys = Keys(settings.redis.key_prefix)
         self.client = connect(redis_url, settings.redis.retries)
@@ -63,6 +66,7 @@ class PushSender:
         self.until_idle_s = until_idle_s
         self.claim_idle_ms = int(push.claim_idle_s * 1000)
         self._delivered: set[str] = set()
+        self.segment = segment
 
     async def _ensure_group(self) -> None:
         try:
@@ -133,6 +137,9 @@ class PushSender:
             # Read again after a crash between delivery and ack: it was delivered, do nothing.
             self.metrics.push_entries.labels(ALREADY_SENT).inc()
             return ALREADY_SENT
+        if self.segment is not None and self.segment not in stored.tags:
+            self.metrics.push_entries.labels(OUTSIDE_SEGMENT).inc()
+            return OUTSIDE_SEGMENT
         self.metrics.push_entries.labels(DECIDED).inc()
         now = time.time()
         items_key = self.keys.pushed_items(user)
@@ -163,12 +170,13 @@ class PushSender:
         if notification_id in self._delivered:
             # Delivered before a crash that came before the Redis record: do not deliver again.
             return SENT
-        score = next((i.get("score") for i in stored.items if i["item_id"] == item), None)
+        listed = next((i for i in stored.items if i["item_id"] == item), {})
         notification = {
             "notification_id": notification_id,
             "user_id": stored.user_id,
             "item_id": item,
-            "score": score,
+            "score": listed.get("score"),
+            "reason": listed.get("reason"),
             "list_version": stored.version,
             "model": stored.model,
             "sent_at": now,

@@ -43,7 +43,7 @@ from online_models.recommender import Recommender
 from stream.app import make_app, raw_topic
 from stream.deadletter import dead_letter_headers
 from stream.dedupe import SeenEventIds
-from stream.events import EVENT_TYPES, BadEvent, Event, Reason, decode_event
+from stream.events import EVENT_TYPES, BadEvent, Event, Item, Reason, decode_event, decode_item
 from stream.topics import TopicNames, ensure_topics
 
 log = logging.getLogger("pushrec.worker")
@@ -147,7 +147,9 @@ class RefreshWorker:
         self.until_idle_s = until_idle_s
         self.app = make_app(settings, kafka)
         self.dead_letter_topic = raw_topic(self.app, self.names.dead_letter)
-        events = raw_topic(self.app, *self.names.all_events)
+        # One agent for events and the catalogue: one order of effects on the model, one offset map.
+        self.consumed_topics = [*self.names.all_events, self.names.items]
+        events = raw_topic(self.app, *self.consumed_topics)
         self.app.agent(events, name="pushrec.refresh")(self._agent)
         self.app.timer(0.5)(self._watch_idle)
         self.app.timer(1.0)(self.write_unwritten)
@@ -189,6 +191,10 @@ class RefreshWorker:
         self._last_activity = time.monotonic()
         limits = self.settings.events
         decoded: list[tuple[Record, Event | None]] = []
+        catalogue = [r for r in records if r.topic == self.names.items]
+        if catalogue:
+            await self.handle_items(catalogue, dead_letter)
+            records = [r for r in records if r.topic != self.names.items]
         for record in records:
             kind = self.names.type_of(record.topic)
             try:
@@ -233,6 +239,42 @@ class RefreshWorker:
             self._unwritten.update(dict.fromkeys(users))
             self._unwritten_sent_at.extend(sent_at)
         await self.write_unwritten()
+
+    async def handle_items(self, records: Sequence[Record], dead_letter: bool = True) -> None:
+        """Catalogue records: store each item in Redis and let the model embed the new or changed
+        ones (one batch). Announcing an item twice changes nothing, so redelivery is harmless."""
+        limits = self.settings.events
+        items: list[Item] = []
+        for record in records:
+            fresh = record.offset >= self.offsets.get(record.source, 0)
+            self.offsets[record.source] = max(self.offsets.get(record.source, 0), record.offset + 1)
+            try:
+                items.append(
+                    decode_item(
+                        record.value,
+                        max_payload_bytes=limits.max_payload_bytes,
+                        max_id_length=limits.max_id_length,
+                    )
+                )
+            except BadEvent as bad:
+                if dead_letter and fresh:
+                    await self._dead_letter(record, None, bad)
+        if not items:
+            return
+        started = time.perf_counter()
+        embedded = self.pipeline.recommender.add_items(
+            [i.item_id for i in items], [i.title for i in items], [i.category for i in items]
+        )
+        self.metrics.catalogue_items.labels("embedded").inc(embedded)
+        self.metrics.catalogue_items.labels("unchanged").inc(len(items) - embedded)
+        log.info(
+            "catalogue: %d item(s), %d embedded in %.2fs", len(items), embedded, time.perf_counter() - started
+        )
+        try:
+            await self.store.write_items(items)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            self.metrics.redis_errors.inc()
+            log.error("Redis write of %d catalogue item(s) failed after retries: %s", len(items), exc)
 
     async def write_unwritten(self) -> None:
         """Re-rank and store every user whose list has not reached Redis yet.
@@ -326,7 +368,7 @@ class RefreshWorker:
         ends = {
             TopicPartition(tp.topic, tp.partition): meta.offset
             for tp, meta in committed.items()
-            if tp.topic in self.names.all_events and meta.offset > 0
+            if tp.topic in self.consumed_topics and meta.offset > 0
         }
         if not ends:
             return []
@@ -381,7 +423,7 @@ class RefreshWorker:
 
     # --- Faust hooks ---------------------------------------------------------------------------
 
-    async def _dead_letter(self, record: Record, kind: str, bad: BadEvent) -> None:
+    async def _dead_letter(self, record: Record, kind: str | None, bad: BadEvent) -> None:
         await self.dead_letter_topic.send(
             key=record.key,
             value=record.value,
@@ -390,7 +432,10 @@ class RefreshWorker:
             ),
         )
         self.metrics.dead_letters.labels(bad.reason.value).inc()
-        self.metrics.events.labels(kind, "dead_letter").inc()
+        if kind is None:
+            self.metrics.catalogue_items.labels("dead_letter").inc()
+        else:
+            self.metrics.events.labels(kind, "dead_letter").inc()
         log.warning(
             "dead-lettered topic=%s partition=%s offset=%s reason=%s detail=%s",
             record.topic,

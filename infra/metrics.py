@@ -67,6 +67,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.catalogue_items = Counter(
+            "pushrec_catalogue_items",
+            "Catalogue records by outcome (embedded: new or changed text; unchanged; dead_letter).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("embedded", "unchanged", "dead_letter"):
+            self.catalogue_items.labels(outcome)
         self.list_refreshes = Counter("pushrec_list_refreshes", "Top-N lists written to Redis.", registry=r)
         self.redis_errors = Counter(
             "pushrec_redis_errors",
@@ -78,7 +86,8 @@ class Metrics:
         )
         self.push_entries = Counter(
             "pushrec_push_entries",
-            "Refresh-stream entries the sender read: decided, superseded by a newer list, already_sent.",
+            "Refresh-stream entries the sender read: decided, superseded by a newer list, already_sent, "
+            "outside_segment (a --segment campaign skipped the user).",
             ["result"],
             registry=r,
         )

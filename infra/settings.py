@@ -82,6 +82,30 @@ class ModelSettings(_Section):
         default_factory=lambda: dict(DEFAULT_TYPE_WEIGHTS),
         description="confidence per event type, JSON (a rating's is scaled by rating/5)",
     )
+    ann_min_items: int = Field(
+        100_000,
+        ge=0,
+        description="from this many items on, lists come from an HNSW index ([ann] extra); 0 = never",
+    )
+    ann_expansion: int = Field(
+        128, ge=8, description="HNSW search/insert breadth: higher = better recall, slower"
+    )
+    ann_pending_max: int = Field(
+        4096, ge=1, description="changed items scored exactly until this many, then re-indexed in one batch"
+    )
+    content_encoder: Literal["hashed", "minilm", "off"] = Field(
+        "hashed", description="item text encoder: hashed (numpy), minilm ([content] extra), off"
+    )
+    content_dim: int = Field(256, ge=8, description="width of the hashed encoder's vectors")
+    content_learning_rate: float = Field(0.01, gt=0, description="SGD step of the content-to-factors map")
+    content_refresh_every: int = Field(
+        1000, ge=1, description="positive events between re-predictions of untouched items' factors"
+    )
+    content_weight: float = Field(
+        0.0,
+        ge=0,
+        description="starting blend weight of untouched items' text similarity (then learned online)",
+    )
     hit_rate_window: int = Field(1000, ge=1, description="events in the live HR@N window")
 
     @field_validator("type_weights")

@@ -35,6 +35,10 @@ class Keys:
         """Sorted set list-version -> time of the push made for it (frequency cap, idempotency)."""
         return f"{self.prefix}push:sent:{user}"
 
+    def item(self, item_id: str) -> str:
+        """Hash: a catalogue item's title, category, price."""
+        return f"{self.prefix}item:{item_id}"
+
     def checkpoint(self, name: str) -> str:
         """A worker's model checkpoint (when checkpoints are kept in Redis)."""
         return f"{self.prefix}checkpoint:{name}"
@@ -68,6 +72,7 @@ class StoredList:
     version: int
     refreshed_at: float
     model: str
+    tags: list[str]  # the user's interest segment's name (empty without a catalogue)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +81,7 @@ class StoredList:
             "version": self.version,
             "refreshed_at": self.refreshed_at,
             "model": self.model,
+            "tags": self.tags,
         }
 
 
@@ -90,12 +96,29 @@ class RankedList(Protocol):
     def scores(self) -> list[float]: ...
     @property
     def model(self) -> str: ...
+    @property
+    def reasons(self) -> list[str]: ...
+    @property
+    def tags(self) -> list[str]: ...
+
+
+class CatalogueItem(Protocol):
+    """What the store keeps of a catalogue item (``stream.events.Item`` has it)."""
+
+    @property
+    def item_id(self) -> str: ...
+    @property
+    def title(self) -> str | None: ...
+    @property
+    def category(self) -> str | None: ...
+    @property
+    def price(self) -> float | None: ...
 
 
 # One round trip per list, atomic: bump the version, store the list, tell the sender.
 _WRITE_LIST = """
 local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('HSET', KEYS[1], 'items', ARGV[1], 'refreshed_at', ARGV[2], 'model', ARGV[3])
+redis.call('HSET', KEYS[1], 'items', ARGV[1], 'refreshed_at', ARGV[2], 'model', ARGV[3], 'tags', ARGV[6])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'user_id', ARGV[4], 'version', version)
 return version
 """
@@ -119,12 +142,35 @@ class RedisTopNStore:
                 items = [
                     {"item_id": i, "score": round(s, 6)} for i, s in zip(top.items, top.scores, strict=True)
                 ]
+                for item, reason in zip(items, top.reasons, strict=False):
+                    item["reason"] = reason
                 await self._write(
                     keys=[self.keys.recs(top.user_id), self.keys.refreshed()],
-                    args=[orjson.dumps(items), repr(now), top.model, top.user_id, self.stream_maxlen],
+                    args=[
+                        orjson.dumps(items),
+                        repr(now),
+                        top.model,
+                        top.user_id,
+                        self.stream_maxlen,
+                        orjson.dumps(top.tags),
+                    ],
                     client=pipe,
                 )
             return [int(v) for v in await pipe.execute()]
+
+    async def write_items(self, items: Sequence[CatalogueItem]) -> None:
+        """Keep each catalogue item's title, category and price current (one hash per item)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for item in items:
+                fields = {"title": item.title, "category": item.category, "price": item.price}
+                present = {k: str(v) for k, v in fields.items() if v is not None}
+                if present:
+                    pipe.hset(self.keys.item(item.item_id), mapping=present)  # type: ignore[arg-type]
+            await pipe.execute()
+
+    async def read_item(self, item_id: str) -> dict[str, str]:
+        raw = await self.client.hgetall(self.keys.item(item_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def read(self, user: str) -> StoredList | None:
         raw = await self.client.hgetall(self.keys.recs(user))
@@ -136,4 +182,5 @@ class RedisTopNStore:
             version=int(raw[b"version"]),
             refreshed_at=float(raw[b"refreshed_at"]),
             model=raw[b"model"].decode(),
+            tags=orjson.loads(raw.get(b"tags", b"[]")),
         )

@@ -3,6 +3,8 @@
 For each target event (click, add_to_cart, purchase, view; a rating >= 4) every model ranks the
 full catalogue for the user *before* it learns from the event; then all models learn it.
 There is one relevant item per target, so precision@K = hit / K and recall@K = hit.
+``new_item_hr``: HR on targets the user never touched before; ``cold_item_hr``: HR on targets
+whose item nobody in the stream touched before (only a model told the catalogue can find those).
 
 >>> from types import SimpleNamespace as Ev
 >>> from online_models.baselines import RecentRanker
@@ -45,6 +47,8 @@ class _Tally:
     ndcg: float = 0.0
     new_targets: int = 0
     new_hits: int = 0
+    cold_targets: int = 0
+    cold_hits: int = 0
     seconds: float = 0.0
     recommended: set[str] = field(default_factory=set)
 
@@ -60,6 +64,7 @@ class _Tally:
             "f1": f1,
             "coverage": len(self.recommended) / catalogue if catalogue else 0.0,
             "new_item_hr": self.new_hits / self.new_targets if self.new_targets else 0.0,
+            "cold_item_hr": self.cold_hits / self.cold_targets if self.cold_targets else 0.0,
             "events_per_s": events / self.seconds if self.seconds else 0.0,
         }
 
@@ -100,6 +105,7 @@ def evaluate(
         history = seen.setdefault(ev.user_id, set())
         target = is_positive(ev.type, ev.rating)
         new_item = ev.item_id not in history
+        cold_item = ev.item_id not in catalogue  # first seen in the stream
         n_targets += target
         for name, model in models.items():
             tally = tallies[name]
@@ -113,6 +119,9 @@ def evaluate(
                 if new_item:
                     tally.new_targets += 1
                     tally.new_hits += rank is not None
+                if cold_item:
+                    tally.cold_targets += 1
+                    tally.cold_hits += rank is not None
             model.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
             tally.seconds += clock() - started
         history.add(ev.item_id)

@@ -16,7 +16,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -148,6 +148,26 @@ class ImplicitMF:
         self._matrix = np.zeros((max(1024, len(self.items)), self.n_factors), dtype=np.float32)
         for item in items:
             self._sync(item)
+
+    def seed_items(self, items: Sequence[str], factors: np.ndarray) -> int:
+        """Give items factors before their first interaction (a cold-start prediction, or a
+        synthetic catalogue); items that already have factors keep theirs. Returns how many."""
+        latents = self._mf.i_latents
+        new = [(item, vector) for item, vector in zip(items, factors, strict=True) if item not in latents]
+        if not new:
+            return 0
+        rows = np.fromiter((self.items.add(item) for item, _ in new), dtype=np.int64, count=len(new))
+        vectors = np.array([vector for _, vector in new], dtype=np.float64)
+        latents.update(zip((item for item, _ in new), vectors, strict=True))
+        self._reserve(int(rows.max()) + 1)
+        self._matrix[rows] = vectors
+        return len(new)
+
+    def set_rows(self, rows: np.ndarray, factors: np.ndarray) -> None:
+        """Overwrite the scoring rows of items River does not hold (predicted factors of cold
+        items); River's own factors are untouched."""
+        self._reserve(int(rows.max()) + 1 if rows.size else 0)
+        self._matrix[rows] = factors
 
     def forget(self, user: str) -> bool:
         """Drop the user's factors; False if there were none."""

@@ -72,7 +72,14 @@ class Popularity:
         age = (self._t_latest - self._t_ref) / self.half_life_s
         return self._raw[: self._size] / np.float32(2.0**age)
 
-    def add_normalised(self, scores: np.ndarray, weight: float) -> None:
-        """``scores[:n] += weight · pop / max pop`` in place (pop in [0, 1], 1 for the top item)."""
-        if self._max > 0:
-            scores[: self._size] += np.float32(weight / self._max) * self._raw[: self._size]
+    def add_normalised(self, scores: np.ndarray, weight: float, rows: np.ndarray | None = None) -> None:
+        """``scores += weight · pop / max pop`` in place (pop in [0, 1], 1 for the top item);
+        ``scores[j]`` belongs to row ``rows[j]`` if ``rows`` is given, else to row ``j``."""
+        if self._max <= 0:
+            return
+        scale = np.float32(weight / self._max)
+        if rows is None:
+            scores[: self._size] += scale * self._raw[: self._size]
+        else:
+            known = rows < self._size
+            scores[known] += scale * self._raw[rows[known]]

@@ -23,18 +23,22 @@ a mix). The defaults come from the search in ``docs/quality.md``.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
+from online_models import ann
+from online_models.content import Catalogue, make_encoder
 from online_models.mf import ImplicitMF, ItemIndex
 from online_models.popularity import Popularity
+from online_models.segments import InterestSegments
 from online_models.topn import top_n
 
 # Confidence of each event type as a positive signal (view < click < add_to_cart < purchase);
@@ -48,6 +52,35 @@ POSITIVE_RATING = 4.0
 
 MODEL_NAME = "pushrec"
 POPULARITY = "popularity"
+# Candidates the approximate path scores exactly beside the graph's: the popularity head (popularity
+# only grows for touched rows, which are pending, so the head of the last flush plus the pending
+# rows always contain today's head).
+_POPULAR_HEAD = 256
+
+log = logging.getLogger(__name__)
+
+POPULAR_REASON = "popular right now"
+# Step of the online update of ``content_weight`` (from the runs in docs/quality.md: 0.1 learned
+# too slowly to help the shop with new arrivals, 3 overshot on the back catalogue).
+_CONTENT_WEIGHT_STEP = 1.0
+_VERB = {
+    "view": "viewed",
+    "click": "clicked",
+    "add_to_cart": "put in your cart",
+    "purchase": "bought",
+    "rating": "rated",
+}
+_OWN_REASON = {"view": "you viewed it", "click": "you clicked it", "add_to_cart": "it is in your cart"}
+
+
+def _nearest(items: np.ndarray, history: np.ndarray) -> np.ndarray:
+    """For each row of ``items``, the index of the ``history`` row with the highest cosine."""
+
+    def unit(m: np.ndarray) -> np.ndarray:
+        norms = np.linalg.norm(m, axis=1, keepdims=True)
+        return m / np.where(norms > 0, norms, 1.0)
+
+    return np.argmax(unit(items) @ unit(history).T, axis=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +91,9 @@ class TopN:
     items: list[str]
     scores: list[float]
     model: str
+    reasons: list[str] = field(default_factory=list)  # one short "why" per item (or none)
+    tags: list[str] = field(default_factory=list)  # the user's interest segment's name
+    segment: int | None = None
 
 
 @dataclass
@@ -69,6 +105,8 @@ class _UserState:
     interest: dict[int, tuple[float, float]] = field(default_factory=dict)
     # The last items the user touched (any type), for the session part of the query vector.
     session: deque[int] = field(default_factory=deque)
+    # What the user last did to each session item (event type), for explanations.
+    kinds: dict[int, str] = field(default_factory=dict)
 
 
 def is_positive(kind: str, rating: float | None) -> bool:
@@ -127,7 +165,24 @@ class Recommender:
         recent_memory: int = 100,
         min_user_events: int = 1,
         type_weights: Mapping[str, float] = DEFAULT_TYPE_WEIGHTS,
+        ann_min_items: int = 100_000,
+        ann_expansion: int = 128,
+        ann_pending_max: int = 4096,
+        content_encoder: str = "hashed",
+        content_dim: int = 256,
+        content_learning_rate: float = 0.01,
+        content_refresh_every: int = 1000,
+        content_weight: float = 0.0,
+        n_segments: int = 8,
     ) -> None:
+        """``ann_*``: from ``ann_min_items`` catalogue rows on (0 = never) lists come from an HNSW
+        index (the ``[ann]`` extra) instead of scoring every item; see ``online_models.ann``.
+        ``content_*``: items announced by :meth:`add_items` are embedded by ``content_encoder``
+        ("hashed", "minilm" or "off"); the factors of items nobody touched yet are predicted from
+        that (re-predicted every ``content_refresh_every`` positive events), and they also score
+        ``content_weight`` x the cosine of their text to the user's last items' (a starting value:
+        the weight is learned online, see :meth:`_tune_content_weight`); see
+        ``online_models.content``."""
         self.items = ItemIndex()
         self.mf = ImplicitMF(n_factors, learning_rate, l2, seed, items=self.items)
         self.popularity = Popularity(popularity_half_life_s)
@@ -145,6 +200,28 @@ class Recommender:
         self._rng = random.Random(seed)
         self._positives = _RecentPositives()
         self._users: dict[str, _UserState] = {}
+        self.ann_min_items = ann_min_items
+        self.ann_expansion = ann_expansion
+        self.ann_pending_max = ann_pending_max
+        self._ann: ann.FactorIndex | None = None
+        self._popular_head = np.empty(0, dtype=np.int64)
+        self.content_encoder = content_encoder
+        self.content_dim = content_dim
+        self.content_learning_rate = content_learning_rate
+        self.content_refresh_every = content_refresh_every
+        self.content_weight = content_weight
+        self._content_rng = random.Random(seed + 1)
+        self.catalogue: Catalogue | None = None  # made when the first items are announced
+        self.segments = InterestSegments(n_segments, seed)  # learned once there is a catalogue
+        # Rows seen in the event stream, in order of first sight; None = every row (no catalogue).
+        self._stream_rows: list[int] | None = None
+        self._in_stream: set[int] = set()
+        self._positives_since_refresh = 0
+
+    @property
+    def approximate_index(self) -> ann.FactorIndex | None:
+        """The HNSW index lists come from, once built (see ``ann_min_items``)."""
+        return self._ann
 
     @property
     def n_users(self) -> int:
@@ -153,12 +230,20 @@ class Recommender:
     def learn_one(self, user: str, item: str, kind: str, ts: float, rating: float | None = None) -> None:
         """Update popularity, the user's history and (for positive events) the factors."""
         row = self.items.add(item)
+        if self._stream_rows is not None and row not in self._in_stream:
+            self._in_stream.add(row)
+            self._stream_rows.append(row)
         state = self._users.get(user)
+        if state is not None and self.catalogue is not None and is_positive(kind, rating):
+            self._tune_content_weight(user, state, row)
         if state is None:
             state = self._users[user] = _UserState(session=deque(maxlen=self.session_items))
         state.events += 1
         state.last_ts = max(state.last_ts, ts)
         state.session.append(row)
+        state.kinds[row] = kind
+        if len(state.kinds) > 2 * self.session_items:
+            state.kinds = {r: state.kinds[r] for r in state.session if r in state.kinds}
         if kind in CONSUMING_TYPES:
             state.consumed.add(row)
             state.interest.pop(row, None)
@@ -170,8 +255,82 @@ class Recommender:
         if row not in state.consumed:
             self._remember(state, row, weight, ts)
         self.popularity.learn_one(row, weight, ts)
-        self.mf.learn_one(user, item, weight, self._sample_negatives())
+        negatives = self._sample_negatives()
+        if self.catalogue is not None:
+            self._warm_start(item, negatives)
+        self.mf.learn_one(user, item, weight, negatives)
         self._positives.add(row)
+        if self._ann is not None:
+            self._ann.changed([row, *map(self.items.row, negatives)])
+        if self.catalogue is not None:
+            self.catalogue.learn_one(row, self.mf.item_matrix()[row])
+            self.segments.learn_one(self.mf.user_vector(user), self.catalogue.terms(row))  # type: ignore[arg-type]
+            self._positives_since_refresh += 1
+            if self._positives_since_refresh >= self.content_refresh_every:
+                self._predict_cold()
+
+    # --- item content --------------------------------------------------------------------------
+
+    def add_items(
+        self, items: Sequence[str], titles: Sequence[str | None], categories: Sequence[str | None]
+    ) -> int:
+        """Announce catalogue items (new, or with changed text): embed their content in one batch;
+        an item nobody has touched yet gets factors predicted from it. Returns how many were embedded."""
+        if self.content_encoder == "off":
+            return 0
+        if self.catalogue is None:
+            self.catalogue = Catalogue(
+                make_encoder(self.content_encoder, self.content_dim),
+                self.mf.n_factors,
+                self.content_learning_rate,
+            )
+            self._stream_rows = list(range(len(self.items)))
+            self._in_stream = set(self._stream_rows)
+        rows = [self.items.add(item) for item in items]
+        embedded = self.catalogue.add(rows, titles, categories)
+        self.catalogue.mark_cold(row for row in embedded if self.items.ids[row] not in self.mf)
+        self._predict_cold()
+        return len(embedded)
+
+    def _tune_content_weight(self, user: str, state: _UserState, target: int) -> None:
+        """One pairwise (BPR) step on ``content_weight`` before learning a positive event: the
+        target against a random item, both scored as :meth:`recommend` would. Text similarity earns
+        weight where untouched items do get picked (a shop's new arrivals) and loses it where it
+        only pushes ignored items up (a back catalogue nobody rated yet)."""
+        assert self.catalogue is not None
+        query = self._query(user, state)
+        if query is None or len(self.items) < 2:
+            return
+        other = self._content_rng.randrange(len(self.items))
+        if other == target or other in state.consumed:
+            return
+        rows = np.array(sorted((target, other)), dtype=np.int64)
+        scores = self._blend(query, state, rows)
+        match = np.zeros(2, dtype=np.float32)
+        self._add_content_match(match, state, rows, weight=1.0)
+        t = int(rows[1] == target)
+        margin = float(scores[t] - scores[1 - t])
+        step = _CONTENT_WEIGHT_STEP * (match[t] - match[1 - t]) / (1.0 + math.exp(min(margin, 50.0)))
+        self.content_weight = max(0.0, self.content_weight + float(step))
+
+    def _warm_start(self, item: str, negatives: list[str]) -> None:
+        """A cold item about to be learned starts from its predicted factors, not random ones."""
+        assert self.catalogue is not None
+        for name in (item, *negatives):
+            row = self.items.row(name)
+            if self.catalogue.warm(row):
+                self.mf.seed_items([name], self.mf.item_matrix()[row : row + 1].copy())
+
+    def _predict_cold(self) -> None:
+        """Write the projection's current prediction into every cold item's row."""
+        assert self.catalogue is not None
+        self._positives_since_refresh = 0
+        rows = self.catalogue.cold_rows()
+        if not rows.size:
+            return
+        self.mf.set_rows(rows, self.catalogue.predict(rows))
+        if self._ann is not None:
+            self._ann.changed(rows.tolist())
 
     def _remember(self, state: _UserState, row: int, weight: float, ts: float) -> None:
         previous = state.interest.pop(row, None)
@@ -185,13 +344,17 @@ class Recommender:
         return math.pow(2.0, -max(age_s, 0.0) / self.recent_half_life_s)
 
     def _sample_negatives(self) -> list[str]:
-        if len(self.items) < 2:
+        """Negatives come from items seen in the stream (all rows unless a catalogue announced
+        more): an item nobody touched is not evidence of anything, and keeps its cold start."""
+        stream = self._stream_rows
+        size = len(self.items) if stream is None else len(stream)
+        if size < 2:
             return []
-        rng, ids, size = self._rng, self.items.ids, len(self.items)
+        rng, ids = self._rng, self.items.ids
         return [
             ids[self._positives.draw(rng)]
             if self._positives and rng.random() < self.popular_negatives
-            else ids[rng.randrange(size)]
+            else ids[rng.randrange(size) if stream is None else stream[rng.randrange(size)]]
             for _ in range(self.negatives)
         ]
 
@@ -213,10 +376,20 @@ class Recommender:
                     sorted(u.consumed),
                     [[row, value, seen] for row, (value, seen) in u.interest.items()],
                     list(u.session),
+                    [[row, kind] for row, kind in u.kinds.items()],
                 ]
                 for user, u in self._users.items()
             },
         }
+        if self.catalogue is not None:
+            meta["segments"] = self.segments.state()
+            meta["content_weight"] = self.content_weight
+            meta["content_rng"] = list(self._content_rng.getstate()[1])
+            meta["content"], content_arrays = self.catalogue.state()
+            cold = np.array(meta["content"]["cold"], dtype=np.int64)
+            meta["content_since_refresh"] = self._positives_since_refresh
+            meta["stream_rows"] = self._stream_rows
+            arrays = {**arrays, **content_arrays, "content_cold_factors": self.mf.item_matrix()[cold].copy()}
         return meta, {**arrays, **pop_arrays}
 
     def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -227,6 +400,24 @@ class Recommender:
         version, internal, gauss = meta["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
         self._positives.restore(meta["positives"])
+        self._ann = None  # rebuilt from the restored factors on the next list
+        self.catalogue = None
+        self._stream_rows, self._in_stream = None, set()
+        if "content" in meta:
+            self.catalogue = Catalogue(
+                make_encoder(self.content_encoder, self.content_dim),
+                self.mf.n_factors,
+                self.content_learning_rate,
+            )
+            self.catalogue.restore(meta["content"], arrays)
+            cold = np.array(meta["content"]["cold"], dtype=np.int64)
+            self.mf.set_rows(cold, arrays["content_cold_factors"])
+            self._positives_since_refresh = meta["content_since_refresh"]
+            self._stream_rows = list(meta["stream_rows"])
+            self._in_stream = set(self._stream_rows)
+            self.segments.restore(meta["segments"])
+            self.content_weight = meta["content_weight"]
+            self._content_rng.setstate((3, tuple(meta["content_rng"]), None))
         self._users = {
             user: _UserState(
                 events,
@@ -234,8 +425,9 @@ class Recommender:
                 set(consumed),
                 {row: (value, seen) for row, value, seen in interest},
                 deque(session, maxlen=self.session_items),
+                {row: kind for row, kind in kinds},
             )
-            for user, (events, last_ts, consumed, interest, session) in meta["users"].items()
+            for user, (events, last_ts, consumed, interest, session, kinds) in meta["users"].items()
         }
 
     def forget(self, user: str) -> bool:
@@ -243,36 +435,175 @@ class Recommender:
         known = self._users.pop(user, None) is not None
         return self.mf.forget(user) or known
 
-    def recommend(self, user: str, n: int | None = None) -> TopN:
-        """The user's top-``n``; never an item they consumed. Read-only: no state changes."""
+    def recommend(self, user: str, n: int | None = None, exact: bool = False) -> TopN:
+        """The user's top-``n``; never an item they consumed. Leaves what was learned unchanged
+        (it may bring the approximate index up to date). ``exact=True`` scores every item even
+        where the approximate index would be used (to measure its recall)."""
         n = self.n if n is None else n
         state = self._users.get(user)
-        scores = None
+        query = None
         if state is not None and state.events >= self.min_user_events:
-            scores = self._blend(user, state)
-        model = MODEL_NAME
-        if scores is None:
-            scores, model = self.popularity.scores(), POPULARITY
-        consumed = state.consumed if state is not None else ()
-        # ``scores`` is a fresh array either way, so top_n may mask exclusions in place.
-        rows, values = top_n(scores, n, exclude=[r for r in consumed if r < scores.size], in_place=True)
-        ids = self.items.ids
-        return TopN(user, [ids[r] for r in rows], [float(v) for v in values], model)
-
-    def _blend(self, user: str, state: _UserState) -> np.ndarray | None:
-        query = self.mf.user_vector(user)
+            query = self._query(user, state)
         if query is None:
-            return None
+            scores = self.popularity.scores()
+            consumed = state.consumed if state is not None else ()
+            rows, values = top_n(scores, n, exclude=[r for r in consumed if r < scores.size], in_place=True)
+            return self._top(user, rows, values, POPULARITY, state, None)
+        assert state is not None
+        index = None if exact else self._index()
+        if index is None:
+            scores = self._blend(query, state)
+            # ``scores`` is a fresh array, so top_n may mask exclusions in place.
+            rows, values = top_n(scores, n, exclude=state.consumed, in_place=True)
+            return self._top(user, rows, values, MODEL_NAME, state, query)
+        found, pending = index.candidates(query, k=2 * n + len(state.consumed))
+        interest = np.fromiter(state.interest, dtype=np.int64, count=len(state.interest))
+        candidates = np.sort(np.concatenate([found, pending, interest, self._popular_head]))
+        candidates = candidates[np.concatenate(([True], candidates[1:] != candidates[:-1]))]
+        if state.consumed:
+            consumed = np.fromiter(state.consumed, dtype=np.int64, count=len(state.consumed))
+            candidates = candidates[~np.isin(candidates, consumed, assume_unique=True)]
+        picked, values = top_n(self._blend(query, state, candidates), n, in_place=True)
+        return self._top(user, candidates[picked], values, MODEL_NAME, state, query)
+
+    def user_query(self, user: str) -> np.ndarray | None:
+        """The vector a known user's items are scored against (None for a user without factors)."""
+        state = self._users.get(user)
+        return None if state is None else self._query(user, state)
+
+    def _top(
+        self,
+        user: str,
+        rows: np.ndarray,
+        values: np.ndarray,
+        model: str,
+        state: _UserState | None,
+        query: np.ndarray | None,
+    ) -> TopN:
+        ids = self.items.ids
+        segment, tags = None, []
+        taste = self.mf.user_vector(user) if query is not None and self.catalogue is not None else None
+        if taste is not None:  # the vector segments learn from (not the session-shifted query)
+            segment = self.segments.predict_one(taste)
+            tags = self.segments.tags(segment)
+        return TopN(
+            user,
+            [ids[r] for r in rows],
+            [float(v) for v in values],
+            model,
+            self._explain(rows, state if model == MODEL_NAME else None),
+            tags,
+            segment,
+        )
+
+    def _explain(self, rows: np.ndarray, state: _UserState | None) -> list[str]:
+        """A short reason per listed item: the user's own unfinished interest, else the item of
+        their last ones it is nearest to (factor cosine; text cosine for an untouched item)."""
+        if state is None or not state.session:
+            return [POPULAR_REASON] * len(rows)
+        history = np.array(list(dict.fromkeys(reversed(state.session))), dtype=np.int64)
         matrix = self.mf.item_matrix()
-        if self.session_weight and state.session:
+        nearest = _nearest(matrix[rows], matrix[history])
+        cold = np.zeros(len(rows), dtype=bool)
+        if self.catalogue is not None:
+            cold = np.isin(rows, self.catalogue.cold_rows())
+            if cold.any():
+                embeddings = self.catalogue.embeddings
+                nearest[cold] = _nearest(embeddings[rows[cold]], embeddings[history])
+        reasons = []
+        for k, row in enumerate(rows.tolist()):
+            if row in state.interest:
+                reasons.append(_OWN_REASON.get(state.kinds.get(row, "view"), "you looked at it"))
+                continue
+            seen = int(history[nearest[k]])
+            verb = _VERB.get(state.kinds.get(seen, "view"), "viewed")
+            title = self._title(seen)
+            reasons.append(f"new, like {title} you {verb}" if cold[k] else f"because you {verb} {title}")
+        return reasons
+
+    def _title(self, row: int) -> str:
+        title = self.catalogue.titles.get(row) if self.catalogue is not None else None
+        return title or self.items.ids[row]
+
+    def _query(self, user: str, state: _UserState) -> np.ndarray | None:
+        """The user's vector plus the session part, or None for a user without factors."""
+        query = self.mf.user_vector(user)
+        if query is not None and self.session_weight and state.session:
+            matrix = self.mf.item_matrix()
             query += (self.session_weight / len(state.session)) * matrix[list(state.session)].sum(axis=0)
-        scores = matrix @ query
+        return query
+
+    def _blend(self, query: np.ndarray, state: _UserState, rows: np.ndarray | None = None) -> np.ndarray:
+        """Blended scores of ``rows`` (sorted, unique; None = every item), in that order."""
+        matrix = self.mf.item_matrix()
+        scores = matrix @ query if rows is None else matrix[rows] @ query
         if self.popularity_weight:
-            self.popularity.add_normalised(scores, self.popularity_weight)
+            self.popularity.add_normalised(scores, self.popularity_weight, rows)
         if self.recent_weight and state.interest:
-            rows = np.fromiter(state.interest, dtype=np.int64, count=len(state.interest))
+            touched = np.fromiter(state.interest, dtype=np.int64, count=len(state.interest))
             value_seen = np.array(list(state.interest.values()))
             age = np.maximum(state.last_ts - value_seen[:, 1], 0.0)
-            own = value_seen[:, 0] * np.exp2(-age / self.recent_half_life_s)
-            scores[rows] += (self.recent_weight * own).astype(np.float32)
+            own = self.recent_weight * value_seen[:, 0] * np.exp2(-age / self.recent_half_life_s)
+            if rows is not None:  # where each touched row sits among ``rows``, if it is there
+                at = np.minimum(np.searchsorted(rows, touched), len(rows) - 1)
+                present = rows[at] == touched
+                touched, own = at[present], own[present]
+            scores[touched] += own.astype(np.float32)
+        if self.catalogue is not None and self.content_weight:
+            self._add_content_match(scores, state, rows)
         return scores
+
+    def _add_content_match(
+        self, scores: np.ndarray, state: _UserState, rows: np.ndarray | None, weight: float | None = None
+    ) -> None:
+        """Items nobody touched yet also score by how close their text is to the user's last items'
+        (cosine of content embeddings, times ``content_weight``)."""
+        assert self.catalogue is not None
+        cold = self.catalogue.cold_rows()
+        if not cold.size:
+            return
+        profile = self.catalogue.profile(state.session)
+        if profile is None:
+            return
+        weight = self.content_weight if weight is None else weight
+        embeddings = self.catalogue.embeddings
+        if rows is None:  # one contiguous product beats gathering the cold rows first
+            scores[cold] += np.float32(weight) * (embeddings[: scores.size] @ profile)[cold]
+        else:
+            where = np.flatnonzero(np.isin(rows, cold, assume_unique=True))
+            scores[where] += np.float32(weight) * (embeddings[rows[where]] @ profile)
+
+    def _index(self) -> ann.FactorIndex | None:
+        """The approximate index, built on first need and brought up to date; None below
+        ``ann_min_items`` rows (or without the ``[ann]`` extra, logged once)."""
+        size = len(self.items)
+        if not self.ann_min_items or size < self.ann_min_items:
+            return None
+        if self._ann is None:
+            if not ann.available():
+                log.warning(
+                    "catalogue of %d items, but usearch is not installed: scoring every item "
+                    "(pip install 'pushrec[ann]')",
+                    size,
+                )
+                self.ann_min_items = 0
+                return None
+            log.info("building the approximate index over %d items", size)
+            self._ann = ann.FactorIndex(
+                self.mf.n_factors, expansion=self.ann_expansion, pending_max=self.ann_pending_max
+            )
+            self._ann.build(self.mf.item_matrix())
+            self._popular_head = self._popularity_head()
+        elif size > self._ann.indexed:
+            self._ann.changed(range(self._ann.indexed, size))
+        if self._ann.due():
+            self._ann.flush(self.mf.item_matrix())
+            self._popular_head = self._popularity_head()
+        return self._ann
+
+    def _popularity_head(self) -> np.ndarray:
+        counts = self.popularity.scores()
+        k = min(_POPULAR_HEAD, counts.size)
+        if k == 0:
+            return np.empty(0, dtype=np.int64)
+        return np.sort(np.argpartition(counts, counts.size - k)[counts.size - k :])

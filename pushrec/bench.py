@@ -44,7 +44,7 @@ def default_events() -> Path:
     return SHARED_TAOBAO if SHARED_TAOBAO.exists() else SAMPLE_EVENTS
 
 
-def _lines(path: Path, limit: int) -> list[bytes]:
+def load_lines(path: Path, limit: int) -> list[bytes]:
     """The first ``limit`` lines; a shorter log is repeated with fresh ids (the sample scaled up)."""
     base = [line for _, line in read_lines(path)]
     out: list[bytes] = []
@@ -185,7 +185,7 @@ def run_bench(
     memory_users: tuple[int, int] = (10_000, 50_000),
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="pushrec-bench-"))
-    lines = _lines(events, limit)
+    lines = load_lines(events, limit)
     log_path = workdir / "events.jsonl"
     log_path.write_bytes(b"\n".join(lines) + b"\n")
     parsed = [json.loads(line) for line in lines]

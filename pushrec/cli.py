@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -128,7 +128,7 @@ def cmd_push_sender(args: argparse.Namespace, settings: Settings) -> int:
 
     _, redis_url = resolve_addresses(settings)
     require_servers(None, redis_url)
-    sender = PushSender(settings, redis_url, args.outbox, until_idle_s=args.until_idle)
+    sender = PushSender(settings, redis_url, args.outbox, until_idle_s=args.until_idle, segment=args.segment)
     run_push_sender(sender, args.metrics_port)
     return 0
 
@@ -200,7 +200,12 @@ def cmd_recs(args: argparse.Namespace, settings: Settings) -> int:
     if stored is None:
         raise CommandError(f"no list stored for user {args.user_id!r}")
     text = [f"user {args.user_id}: version {stored['version']}, model {stored['model']}"]
-    text += [f"  {n:2d}. {i['item_id']}  {i['score']:.4f}" for n, i in enumerate(stored["items"], 1)]  # type: ignore[arg-type]
+    if stored["tags"]:
+        text.append(f"  interest segment: {', '.join(stored['tags'])}")  # type: ignore[arg-type]
+    text += [
+        f"  {n:2d}. {i['item_id']}  {i['score']:.4f}" + (f"  ({i['reason']})" if i.get("reason") else "")
+        for n, i in enumerate(stored["items"], 1)  # type: ignore[arg-type]
+    ]
     _emit(args, stored, "\n".join(text))
     return 0
 
@@ -209,6 +214,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from pushrec.bench import default_events, run_bench
 
     events = args.events or default_events()
+    if args.items:
+        return _bench_catalogue(args, settings, events)
     small, large = args.memory_users
     if not small < large:
         raise UsageError("--memory-users: the first size must be smaller than the second")
@@ -226,6 +233,38 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         f"{result['bytes_per_item']:,} B/item; 1M users "
         f"~{result['model_bytes_1m_users_extrapolated'] / 2**30:.1f} GiB (extrapolated)",
     ]
+    _emit(args, result, "\n".join(lines))
+    return 0
+
+
+def _bench_catalogue(args: argparse.Namespace, settings: Settings, events: Path) -> int:
+    from online_models import ann
+    from pushrec.bench_catalogue import run_catalogue_bench
+
+    if not ann.available():
+        raise CommandError("bench --items needs the [ann] extra: pip install 'pushrec[ann]'")
+    result = run_catalogue_bench(settings, events, args.items, args.events_max, log.info, args.users)
+    n = result["n"]
+    lines = [
+        f"pushrec bench --items: {result['items']:,} items, top-{n} for {result['users_sampled']} users",
+        f"  HNSW index built in {result['index_build_s']} s",
+    ]
+    for title, part in (
+        ("fresh index", result["fresh_index"]),
+        ("after live updates", result["after_live_updates"]),
+    ):
+        lines.append(
+            f"  {title:<19} exact {part['exact_ms_per_user']:>7.2f} ms  approximate "
+            f"{part['approx_ms_per_user']:>6.3f} ms per user (x{part['speedup']})  "
+            f"recall@{n} {part[f'recall_at_{n}']}; index alone {part['index_search_ms']:.3f} ms, "
+            f"recall@{n} {part[f'index_recall_at_{n}']}"
+        )
+    lines.append(
+        f"  live: {result['live_events']:,} events at {result['live_events_per_s']:,.0f}/s, "
+        "a list per event; "
+        f"{result['reindex_batches']} re-index batches ({result['reindex_rows']:,} rows) took "
+        f"{result['reindex_share_of_live_time']:.0%} of the time"
+    )
     _emit(args, result, "\n".join(lines))
     return 0
 
@@ -249,6 +288,7 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
 
 
 BASELINES = ("popularity", "recent", "funkmf")
+NO_CONTENT = "pushrec-no-content"  # the product model told nothing of the catalogue (with --items)
 MODELS = ("pushrec", *BASELINES, "als")
 
 
@@ -259,6 +299,9 @@ def _make_model(name: str, settings: Settings, als_every: int):  # type: ignore[
     model = settings.model
     return {
         "pushrec": lambda: build_recommender(settings),
+        NO_CONTENT: lambda: build_recommender(
+            settings.model_copy(update={"model": model.model_copy(update={"content_encoder": "off"})})
+        ),
         "popularity": lambda: PopularityRanker(model.popularity_half_life_s),
         "recent": RecentRanker,
         "funkmf": lambda: FunkMFRanker(seed=model.seed),
@@ -299,9 +342,21 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("--model als needs the implicit library: pip install 'pushrec[eval]'")
     if "als" not in names:
         log.warning("als baseline skipped: the implicit library is not installed (pushrec[eval])")
+    if args.items and len(args.items) != len(args.events):
+        raise UsageError(f"--items: give one ITEMS file per EVENTS file ({len(args.events)})")
+    if args.items and "pushrec" in names and settings.model.content_encoder != "off":
+        names.insert(names.index("pushrec") + 1, NO_CONTENT)
     texts: list[str] = []
-    for path in args.events:
+    for number, path in enumerate(args.events):
         models = {name: _make_model(name, settings, args.als_every) for name in names}
+        if args.items:
+            announced = _announce_items(args.items[number], models.values(), settings)
+            log.info(
+                "catalogue: %d items from %s (%s encoder)",
+                announced,
+                args.items[number],
+                settings.model.content_encoder,
+            )
         dataset = path.parent.name if path.name.startswith("events.") else path.name.split(".")[0]
         with tqdm(
             desc=f"evaluate {dataset}", unit=" ev", disable=not sys.stderr.isatty(), file=sys.stderr
@@ -317,14 +372,37 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-_COLUMNS = ("hr", "ndcg", "precision", "recall", "f1", "coverage", "new_item_hr")
-_HEADINGS = ("HR", "NDCG", "P", "R", "F1", "coverage", "new-HR", "ev/s")
+def _announce_items(path: Path, models: Iterable[object], settings: Settings) -> int:
+    """Tell every model that takes a catalogue (the product model) about the items in ``path``."""
+    from stream.events import BadEvent, decode_item
+    from stream.replay import read_lines
+
+    items = []
+    for number, line in read_lines(path):
+        try:
+            items.append(decode_item(line, max_id_length=settings.events.max_id_length))
+        except BadEvent as bad:
+            log.warning("%s line %d skipped: %s", path, number, bad)
+    ids, titles, categories = (
+        [i.item_id for i in items],
+        [i.title for i in items],
+        [i.category for i in items],
+    )
+    for model in models:
+        add_items = getattr(model, "add_items", None)
+        if add_items is not None:
+            add_items(ids, titles, categories)
+    return len(items)
+
+
+_COLUMNS = ("hr", "ndcg", "precision", "recall", "f1", "coverage", "new_item_hr", "cold_item_hr")
+_HEADINGS = ("HR", "NDCG", "P", "R", "F1", "coverage", "new-HR", "cold-HR", "ev/s")
 
 
 def _table(report) -> str:  # type: ignore[no-untyped-def]
-    header = f"{'model':<12}" + "".join(f"{c:>11}" for c in _HEADINGS)
+    header = f"{'model':<20}" + "".join(f"{c:>11}" for c in _HEADINGS)
     rows = [
-        f"{name:<12}" + "".join(f"{m[c]:>11.4f}" for c in _COLUMNS) + f"{m['events_per_s']:>11.0f}"
+        f"{name:<20}" + "".join(f"{m[c]:>11.4f}" for c in _COLUMNS) + f"{m['events_per_s']:>11.0f}"
         for name, m in report.models.items()
     ]
     title = f"{report.dataset}: {report.events} events, {report.targets} targets, @K={report.k}"
@@ -407,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sender.add_argument("--metrics-port", type=_port, help="serve Prometheus /metrics on this port")
     sender.add_argument(
+        "--segment",
+        metavar="TAG",
+        help="a campaign: push only to users whose interest segment carries this tag (see recs --json)",
+    )
+    sender.add_argument(
         "--until-idle",
         type=_positive,
         metavar="SECONDS",
@@ -433,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "events", type=_existing_file, nargs="+", metavar="EVENTS", help="JSON Lines, may be .gz; one or more"
+    )
+    evaluate.add_argument(
+        "--items",
+        type=_existing_file,
+        nargs="+",
+        metavar="ITEMS",
+        help="catalogue (title, category) per EVENTS file, in the same order: the product model "
+        "embeds it and can rank items before their first event; adds the row pushrec-no-content",
     )
     evaluate.add_argument(
         "--k", type=_positive_int, default=10, help="list length scored (default: %(default)s)"
@@ -479,6 +570,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=(10_000, 50_000),
         metavar=("SMALL", "LARGE"),
         help="model sizes (users) between which bytes per user are measured (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--items",
+        type=_positive_int,
+        metavar="N",
+        help="instead: top-N over an N-item catalogue, HNSW index against exact search (needs [ann])",
+    )
+    bench.add_argument(
+        "--users", type=_positive_int, default=500, help="users sampled by --items (default: %(default)s)"
     )
     bench.add_argument("--json", action="store_true")
 

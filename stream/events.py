@@ -134,14 +134,8 @@ def _number(obj: dict[str, Any], name: str, required: bool) -> float | None:
     return number
 
 
-def decode_event(
-    raw: bytes,
-    *,
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-    max_id_length: int = DEFAULT_MAX_ID_LENGTH,
-    expected_type: str | None = None,
-) -> Event:
-    """Parse and validate one record; raise :class:`BadEvent` for anything that is not an event."""
+def _load_object(raw: bytes, max_payload_bytes: int) -> dict[str, Any]:
+    """The JSON object in ``raw``, or :class:`BadEvent` saying why there is none."""
     if len(raw) > max_payload_bytes:
         raise BadEvent(Reason.OVERSIZED, f"{len(raw)} bytes (max {max_payload_bytes})")
     try:
@@ -150,6 +144,18 @@ def decode_event(
         raise _classify_json_error(raw, str(exc)) from None
     if not isinstance(obj, dict):
         raise BadEvent(Reason.NOT_AN_OBJECT, f"top level is {type(obj).__name__}, not an object")
+    return obj
+
+
+def decode_event(
+    raw: bytes,
+    *,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_id_length: int = DEFAULT_MAX_ID_LENGTH,
+    expected_type: str | None = None,
+) -> Event:
+    """Parse and validate one record; raise :class:`BadEvent` for anything that is not an event."""
+    obj = _load_object(raw, max_payload_bytes)
 
     kind = obj.get("type")
     if kind is None:
@@ -179,6 +185,39 @@ def decode_event(
         price=price,
         quantity=quantity,
         session_id=session_id,
+    )
+
+
+MAX_TEXT_LENGTH = 2_000  # title and category of a catalogue item
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One catalogue entry (``pushrec.items`` topic, ``--items`` files)."""
+
+    item_id: str
+    title: str | None = None
+    category: str | None = None
+    price: float | None = None
+
+
+def decode_item(
+    raw: bytes,
+    *,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_id_length: int = DEFAULT_MAX_ID_LENGTH,
+) -> Item:
+    """Parse and validate one catalogue record; raise :class:`BadEvent` (same reasons) if it is not one.
+
+    >>> decode_item(b'{"item_id": "1", "title": "Toy Story (1995)", "category": "Animation"}').title
+    'Toy Story (1995)'
+    """
+    obj = _load_object(raw, max_payload_bytes)
+    return Item(
+        item_id=_text(obj, "item_id", max_id_length, True),  # type: ignore[arg-type]
+        title=_text(obj, "title", MAX_TEXT_LENGTH, False),
+        category=_text(obj, "category", MAX_TEXT_LENGTH, False),
+        price=_number(obj, "price", False),
     )
 
 

@@ -43,6 +43,7 @@ def test_metrics_match_hand_computed_values() -> None:
     assert m["f1"] == pytest.approx(2 * (1 / 4) * (3 / 4) / (1 / 4 + 3 / 4))
     assert m["coverage"] == pytest.approx(3 / 4)  # x, y, z of the 4 items seen
     assert m["new_item_hr"] == pytest.approx(2 / 3)  # first x, z hit; w missed; second x is not new
+    assert m["cold_item_hr"] == pytest.approx(2 / 3)  # x, z, w first seen in the stream (one user)
     assert ranker.learned == ["x", "z", "w", "v", "x"]  # every event learned, after it was scored
 
 
@@ -69,6 +70,7 @@ def test_evaluate_cli_json_contract() -> None:
             "f1",
             "coverage",
             "new_item_hr",
+            "cold_item_hr",
             "events_per_s",
         }
         assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k != "events_per_s")
@@ -83,6 +85,28 @@ def test_evaluate_over_several_logs_prints_one_json_report_each(tmp_path) -> Non
     reports = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["events"] for r in reports] == [3000, 200]
     assert [r["dataset"] for r in reports] == ["sample-events", "small"]
+
+
+def test_cold_item_hr_counts_items_first_seen_in_the_stream() -> None:
+    other = Ev(user_id="v", item_id="z", type="view", ts=0.0, rating=None)
+    report = evaluate([ev("x"), other, ev("z")], {"fixed": FixedRanker()}, k=3)
+    m = report.models["fixed"]
+    assert m["new_item_hr"] == 1.0  # x and z were new to u, and v's z too, all listed
+    assert m["cold_item_hr"] == 1.0 and report.targets == 3  # u's z is not cold: v touched it first
+
+
+def test_evaluate_with_a_catalogue_adds_the_no_content_row() -> None:
+    from pushrec.demo import SAMPLE_ITEMS
+
+    result = pushrec(
+        "evaluate", str(SAMPLE_EVENTS), "--items", str(SAMPLE_ITEMS), "--json", "--model", "pushrec"
+    )
+    assert result.returncode == 0, result.stderr
+    models = json.loads(result.stdout)["models"]
+    assert list(models)[:2] == ["pushrec", "pushrec-no-content"]
+    assert models["pushrec"]["hr"] > 0 and models["pushrec-no-content"]["cold_item_hr"] == 0.0
+    bad = pushrec("evaluate", str(SAMPLE_EVENTS), "--items", str(SAMPLE_ITEMS), str(SAMPLE_ITEMS))
+    assert bad.returncode == 2 and "one ITEMS file per EVENTS file" in bad.stderr
 
 
 def test_evaluate_markdown_table() -> None:

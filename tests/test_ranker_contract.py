@@ -15,6 +15,8 @@ from online_models.recommender import Recommender
 
 RANKERS: dict[str, Callable[[], Ranker]] = {
     "pushrec": lambda: Recommender(n_factors=8, seed=3),
+    # the same model answering from its approximate index (pending rows flushed every 5 changes)
+    "pushrec-ann": lambda: Recommender(n_factors=8, seed=3, ann_min_items=1, ann_pending_max=5),
     "popularity": PopularityRanker,
     "recent": RecentRanker,
     "funkmf": lambda: FunkMFRanker(seed=3),
@@ -36,8 +38,8 @@ def checkerboard_log(n: int = 12, epochs: int = 30) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: Recommender(n_factors=8, seed=3), lambda: ALSRanker(every=60, factors=8, seed=3)],
-    ids=["pushrec", "als"],
+    [RANKERS["pushrec"], RANKERS["pushrec-ann"], lambda: ALSRanker(every=60, factors=8, seed=3)],
+    ids=["pushrec", "pushrec-ann", "als"],
 )
 def test_checkerboard_known_answer(make: Callable[[], Ranker]) -> None:
     """Purchased items are excluded, so the one same-parity item left, the diagonal, must be top-1.

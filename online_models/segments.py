@@ -1,0 +1,90 @@
+"""Interest segments: shoppers clustered online (River's k-means) by their taste vector, each
+segment named by the categories and title words of what its members engage with.
+
+A segment's tags are its heaviest terms (counts decayed as events arrive), so names follow the
+season. Used to label lists (``pushrec recs --json``) and to aim a push campaign
+(``pushrec push-sender --segment TAG``).
+
+>>> import numpy as np
+>>> seg = InterestSegments(n_segments=2, seed=0)
+>>> for _ in range(30):
+...     _ = seg.learn_one(np.array([1.0, 0.0]), ["Comedy", "romance"])
+...     _ = seg.learn_one(np.array([-1.0, 0.0]), ["Horror", "zombie"])
+>>> seg.tags(seg.predict_one(np.array([-0.9, 0.1])))
+['Horror', 'zombie']
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from river import cluster
+
+# Term weights of a segment shrink by this factor per event it learns (a half-life of ~700 events).
+_DECAY = 0.999
+_PRUNE_BELOW = 0.05
+
+
+class InterestSegments:
+    def __init__(self, n_segments: int = 8, seed: int = 42, n_tags: int = 3) -> None:
+        # Centres move 2 % of the way to each point; taste vectors are ~0.1-1 in scale.
+        self._kmeans = cluster.KMeans(n_clusters=n_segments, halflife=0.02, sigma=0.1, seed=seed)
+        self._terms: dict[int, Counter[str]] = {}
+        self._scale: dict[int, float] = {}
+        self._centres: np.ndarray | None = None  # the centres as an array, until the next learn
+        self.n_tags = n_tags
+
+    def learn_one(self, vector: np.ndarray, terms: Sequence[str]) -> int:
+        """Move the nearest centre towards ``vector``; credit ``terms`` to that segment; return it."""
+        self._kmeans.learn_one(dict(enumerate(vector.tolist())))
+        self._centres = None
+        segment = self.predict_one(vector)
+        counts = self._terms.setdefault(segment, Counter())
+        # Decay without touching every term: newer credit is worth 1/_DECAY times more; rescale
+        # (and drop terms that faded out) before the numbers grow large.
+        scale = self._scale[segment] = self._scale.get(segment, 1.0) / _DECAY
+        for term in terms:
+            counts[term] += scale
+        if scale > 1e6:
+            self._scale[segment] = 1.0
+            for term, weight in list(counts.items()):
+                if weight / scale < _PRUNE_BELOW:
+                    del counts[term]
+                else:
+                    counts[term] = weight / scale
+        return segment
+
+    def predict_one(self, vector: np.ndarray) -> int:
+        """The nearest centre (River's k-means holds them; the distances are taken in numpy)."""
+        if self._centres is None:
+            centres = self._kmeans.centers
+            self._centres = np.array(
+                [[centres[c].get(i, 0.0) for i in range(vector.size)] for c in range(len(centres))]
+            )
+        return int(np.argmin(((self._centres - vector) ** 2).sum(axis=1)))
+
+    def tags(self, segment: int) -> list[str]:
+        """The segment's name: its ``n_tags`` heaviest terms (none before it learned any)."""
+        counts = self._terms.get(segment)
+        return [term for term, _ in counts.most_common(self.n_tags)] if counts else []
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "centers": {
+                str(c): [[k, v] for k, v in centre.items()] for c, centre in self._kmeans.centers.items()
+            },
+            "terms": {str(s): list(counts.items()) for s, counts in self._terms.items()},
+            "scale": {str(s): scale for s, scale in self._scale.items()},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._centres = None
+        for c, pairs in state["centers"].items():
+            centre = self._kmeans.centers[int(c)]
+            centre.clear()
+            centre.update({int(k): v for k, v in pairs})
+        self._terms = {int(s): Counter(dict(pairs)) for s, pairs in state["terms"].items()}
+        self._scale = {int(s): scale for s, scale in state["scale"].items()}

@@ -1,0 +1,122 @@
+"""Lists from the approximate index (online_models.ann) against exact scoring of every item."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from online_models import ann
+from online_models.recommender import Recommender
+from pushrec.demo import SAMPLE_EVENTS
+from stream.events import decode_event
+from stream.replay import read_lines
+
+pytestmark = pytest.mark.skipif(not ann.available(), reason="needs the [ann] extra (usearch)")
+
+
+def trained(n_items: int, **options: int) -> tuple[Recommender, list[str]]:
+    """The product model on the bundled sample, its catalogue grown with random factors."""
+    rec = Recommender(seed=5, **options)
+    events = [decode_event(line) for _, line in read_lines(SAMPLE_EVENTS)]
+    for ev in events:
+        rec.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
+    grow = n_items - len(rec.items)
+    rng = np.random.default_rng(0)
+    rec.mf.seed_items([f"s{i}" for i in range(grow)], rng.normal(0, 0.3, (grow, rec.mf.n_factors)))
+    return rec, list(dict.fromkeys(ev.user_id for ev in events))
+
+
+def recall(rec: Recommender, users: list[str]) -> float:
+    hits = [len(set(rec.recommend(u, exact=True).items) & set(rec.recommend(u).items)) / rec.n for u in users]
+    return float(np.mean(hits))
+
+
+def test_approximate_lists_recall_the_exact_ones() -> None:
+    rec, users = trained(30_000, ann_min_items=10_000)
+    assert recall(rec, users) >= 0.95
+    assert rec.approximate_index is not None and len(rec.approximate_index) == 30_000
+
+
+def test_a_new_item_is_listed_before_it_is_indexed() -> None:
+    rec, users = trained(30_000, ann_min_items=10_000, ann_pending_max=10_000)
+    user = users[0]
+    rec.recommend(user)  # builds the index
+    index = rec.approximate_index
+    assert index is not None and index.pending == 0
+    # An item arrives with factors right on the user's direction (as a cold-start prediction would).
+    query = rec.user_query(user)
+    assert query is not None
+    rec.mf.seed_items(["moved"], [10 * query / np.linalg.norm(query)])
+    assert rec.recommend(user).items[0] == rec.recommend(user, exact=True).items[0] == "moved"
+    assert len(index) == 30_000 and index.pending == 1  # found among the pending rows, not the graph
+
+
+def test_learning_marks_rows_and_batches_re_index_them() -> None:
+    rec, users = trained(20_000, ann_min_items=10_000, ann_pending_max=50)
+    rec.recommend(users[0])
+    index = rec.approximate_index
+    assert index is not None
+    for t in range(200):
+        rec.learn_one(users[t % len(users)], f"s{t}", "click", 2e9 + t)
+        rec.recommend(users[t % len(users)])
+    assert index.flushes >= 2 and index.flushed_rows >= 100
+    assert recall(rec, users) >= 0.95
+
+
+def test_restore_rebuilds_the_index_from_the_restored_factors() -> None:
+    rec, users = trained(15_000, ann_min_items=10_000)
+    before = [rec.recommend(u, exact=True).items for u in users]
+    again = Recommender(seed=5, ann_min_items=10_000)
+    again.restore(*rec.state())
+    assert again.approximate_index is None
+    assert [again.recommend(u, exact=True).items for u in users] == before
+    # (a multi-threaded HNSW build is not deterministic, so the approximate lists are compared
+    # by recall, not equality)
+    assert recall(again, users) >= 0.95 and again.approximate_index is not None
+
+
+def test_without_usearch_it_scores_every_item_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec, users = trained(12_000, ann_min_items=10_000)
+    monkeypatch.setattr(ann, "Index", None)
+    with caplog.at_level(logging.WARNING):
+        lists = [rec.recommend(u).items for u in users[:5]]
+    assert rec.approximate_index is None
+    assert lists == [rec.recommend(u, exact=True).items for u in users[:5]]
+    assert "usearch is not installed" in caplog.text
+
+
+def test_bench_items_reports_time_and_recall() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pushrec.cli",
+            "bench",
+            "--items",
+            "30000",
+            "--events-max",
+            "3000",
+            "--users",
+            "30",
+            "--events",
+            str(SAMPLE_EVENTS),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["items"] >= 30_000 and report["users_sampled"] == 30
+    for part in ("fresh_index", "after_live_updates"):
+        assert report[part]["recall_at_20"] >= 0.9 and report[part]["index_recall_at_20"] >= 0.9
+        assert report[part]["exact_ms_per_user"] > 0 and report[part]["approx_ms_per_user"] > 0
+    assert report["live_events"] == 1500 and report["reindex_batches"] >= 0

@@ -1,0 +1,112 @@
+"""Item content: cold-start ranking, explanations, interest segments, checkpoints, the encoders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from online_models.content import HashedTfidf, make_encoder
+from online_models.recommender import POPULAR_REASON, Recommender
+
+CATALOGUE = {
+    "hat": ("red wool hat", "Winter|Knitwear"),
+    "scarf": ("red wool scarf", "Winter|Knitwear"),
+    "gloves": ("wool gloves", "Winter|Knitwear"),
+    "hose": ("garden hose 20m", "Garden"),
+    "rake": ("garden rake", "Garden"),
+    "shears": ("hedge shears", "Garden"),
+}
+
+
+def shop(**options: object) -> Recommender:
+    rec = Recommender(n_factors=8, seed=1, **options)  # type: ignore[arg-type]
+    ids = list(CATALOGUE)
+    rec.add_items(ids, [CATALOGUE[i][0] for i in ids], [CATALOGUE[i][1] for i in ids])
+    return rec
+
+
+def test_an_untouched_item_is_ranked_from_its_text_and_explained() -> None:
+    rec = shop(content_weight=5.0)
+    for t, (user, item) in enumerate([("ann", "rake"), ("bob", "rake"), ("ann", "hose"), ("cy", "hat")]):
+        rec.learn_one(user, item, "purchase", float(t))
+    top = rec.recommend("cy", 5)
+    # Nobody touched the scarf or the gloves yet: their text puts them next to the hat cy bought
+    # (the scarf first, above the popular rake; the gloves share fewer words).
+    assert top.items[0] == "scarf" and "gloves" in top.items
+    assert top.reasons[0] == "new, like red wool hat you bought"
+    assert "hat" not in top.items  # consumed
+    cold = rec.catalogue
+    assert cold is not None and cold.knows(rec.items.row("scarf"))
+
+
+def test_without_content_an_untouched_item_cannot_be_listed() -> None:
+    rec = shop(content_encoder="off")
+    rec.learn_one("cy", "hat", "purchase", 0.0)
+    assert rec.recommend("cy", 5).items == []  # only the hat is known, and it is consumed
+    assert rec.catalogue is None
+
+
+def test_a_cold_item_starts_learning_from_its_predicted_factors() -> None:
+    rec = shop(content_refresh_every=50)
+    for t in range(200):  # the projection learns what knitwear looks like in factor space
+        rec.learn_one(f"u{t % 7}", ["hat", "gloves"][t % 2], "click", float(t))
+    scarf = rec.items.row("scarf")
+    predicted = rec.mf.item_matrix()[scarf].copy()
+    assert np.linalg.norm(predicted) > 0
+    rec.learn_one("u0", "scarf", "click", 999.0)
+    assert not rec.catalogue.warm(scarf)  # type: ignore[union-attr]  # no longer cold
+    moved = rec.mf.item_matrix()[scarf]
+    assert np.linalg.norm(moved - predicted) < np.linalg.norm(predicted)  # one step from, not a restart
+
+
+def test_explanations_name_the_users_own_items_and_popularity() -> None:
+    rec = shop()
+    rec.learn_one("dee", "gloves", "add_to_cart", 0.0)
+    rec.learn_one("eve", "rake", "view", 1.0)
+    top = rec.recommend("dee", 6)
+    assert top.reasons[top.items.index("gloves")] == "it is in your cart"
+    assert len(top.reasons) == len(top.items)
+    assert rec.recommend("stranger", 2).reasons == [POPULAR_REASON] * 2
+
+
+def test_segments_are_named_by_what_their_members_touch() -> None:
+    rec = shop(n_segments=2)
+    for t in range(300):
+        knit, garden = ["hat", "scarf", "gloves"][t % 3], ["hose", "rake", "shears"][t % 3]
+        rec.learn_one(f"k{t % 5}", knit, "click", float(t))
+        rec.learn_one(f"g{t % 5}", garden, "click", float(t))
+    knitters = {tuple(rec.recommend(f"k{u}").tags) for u in range(5)}
+    gardeners = {tuple(rec.recommend(f"g{u}").tags) for u in range(5)}
+    assert all("Knitwear" in tags or "Winter" in tags or "wool" in tags for tags in knitters)
+    assert all("Garden" in tags or "garden" in tags for tags in gardeners)
+
+
+def test_checkpoint_keeps_catalogue_projection_and_segments() -> None:
+    rec = shop(content_weight=2.0)
+    for t in range(60):
+        rec.learn_one(f"u{t % 4}", list(CATALOGUE)[t % 4], "click", float(t))
+    again = Recommender(n_factors=8, seed=1, content_weight=2.0)
+    again.restore(*rec.state())
+    for user in ("u0", "u1", "u2", "u3"):
+        a, b = rec.recommend(user), again.recommend(user)
+        assert (a.items, a.scores, a.reasons, a.tags) == (b.items, b.scores, b.reasons, b.tags)
+    for t in range(60, 80):  # and they go on learning identically
+        for model in (rec, again):
+            model.learn_one(f"u{t % 4}", list(CATALOGUE)[t % 6], "click", float(t))
+    assert rec.recommend("u1").scores == again.recommend("u1").scores
+
+
+def test_announcing_the_same_items_again_changes_nothing() -> None:
+    rec = shop()
+    ids = list(CATALOGUE)
+    assert rec.add_items(ids, [CATALOGUE[i][0] for i in ids], [CATALOGUE[i][1] for i in ids]) == 0
+    assert rec.add_items(["hat"], ["blue wool hat"], ["Winter|Knitwear"]) == 1  # text changed
+
+
+def test_hashed_encoder_is_normalised_and_deterministic() -> None:
+    a = HashedTfidf(64).encode(["wool scarf", ""])
+    b = HashedTfidf(64).encode(["wool scarf", ""])
+    assert np.array_equal(a, b)
+    assert np.isclose(np.linalg.norm(a[0]), 1.0) and not a[1].any()
+    with pytest.raises(ValueError, match="unknown content encoder"):
+        make_encoder("word2vec")
