@@ -106,6 +106,7 @@ class ModelSettings(_Section):
         ge=0,
         description="starting blend weight of untouched items' text similarity (then learned online)",
     )
+    n_segments: int = Field(8, ge=1, description="interest segments users are clustered into")
     hit_rate_window: int = Field(1000, ge=1, description="events in the live HR@N window")
 
     @field_validator("type_weights")

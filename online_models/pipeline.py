@@ -70,7 +70,7 @@ class RefreshPipeline:
 
     def refresh(self, users: Sequence[str]) -> list[TopN]:
         """Re-rank the given users and remember what they were served."""
-        lists = [self.recommender.recommend(user) for user in users]
+        lists = [self.recommender.recommend(user, explain=True) for user in users]
         for top in lists:
             self._served[top.user_id] = frozenset(top.items)
         return lists

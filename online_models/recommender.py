@@ -328,9 +328,10 @@ class Recommender:
         rows = self.catalogue.cold_rows()
         if not rows.size:
             return
+        # Not re-indexed: the approximate index keeps each untouched item's prediction from when
+        # it was indexed (re-inserting a whole catalogue every refresh would cost minutes); the
+        # candidates it returns are scored with the fresh prediction.
         self.mf.set_rows(rows, self.catalogue.predict(rows))
-        if self._ann is not None:
-            self._ann.changed(rows.tolist())
 
     def _remember(self, state: _UserState, row: int, weight: float, ts: float) -> None:
         previous = state.interest.pop(row, None)
@@ -435,10 +436,11 @@ class Recommender:
         known = self._users.pop(user, None) is not None
         return self.mf.forget(user) or known
 
-    def recommend(self, user: str, n: int | None = None, exact: bool = False) -> TopN:
+    def recommend(self, user: str, n: int | None = None, exact: bool = False, explain: bool = False) -> TopN:
         """The user's top-``n``; never an item they consumed. Leaves what was learned unchanged
         (it may bring the approximate index up to date). ``exact=True`` scores every item even
-        where the approximate index would be used (to measure its recall)."""
+        where the approximate index would be used (to measure its recall); ``explain=True`` adds
+        a reason per item and the user's interest segment (what the stored lists carry)."""
         n = self.n if n is None else n
         state = self._users.get(user)
         query = None
@@ -448,14 +450,14 @@ class Recommender:
             scores = self.popularity.scores()
             consumed = state.consumed if state is not None else ()
             rows, values = top_n(scores, n, exclude=[r for r in consumed if r < scores.size], in_place=True)
-            return self._top(user, rows, values, POPULARITY, state, None)
+            return self._top(user, rows, values, POPULARITY, state, None, explain)
         assert state is not None
         index = None if exact else self._index()
         if index is None:
             scores = self._blend(query, state)
             # ``scores`` is a fresh array, so top_n may mask exclusions in place.
             rows, values = top_n(scores, n, exclude=state.consumed, in_place=True)
-            return self._top(user, rows, values, MODEL_NAME, state, query)
+            return self._top(user, rows, values, MODEL_NAME, state, query, explain)
         found, pending = index.candidates(query, k=2 * n + len(state.consumed))
         interest = np.fromiter(state.interest, dtype=np.int64, count=len(state.interest))
         candidates = np.sort(np.concatenate([found, pending, interest, self._popular_head]))
@@ -464,7 +466,7 @@ class Recommender:
             consumed = np.fromiter(state.consumed, dtype=np.int64, count=len(state.consumed))
             candidates = candidates[~np.isin(candidates, consumed, assume_unique=True)]
         picked, values = top_n(self._blend(query, state, candidates), n, in_place=True)
-        return self._top(user, candidates[picked], values, MODEL_NAME, state, query)
+        return self._top(user, candidates[picked], values, MODEL_NAME, state, query, explain)
 
     def user_query(self, user: str) -> np.ndarray | None:
         """The vector a known user's items are scored against (None for a user without factors)."""
@@ -479,8 +481,11 @@ class Recommender:
         model: str,
         state: _UserState | None,
         query: np.ndarray | None,
+        explain: bool,
     ) -> TopN:
         ids = self.items.ids
+        if not explain:
+            return TopN(user, [ids[r] for r in rows], [float(v) for v in values], model)
         segment, tags = None, []
         taste = self.mf.user_vector(user) if query is not None and self.catalogue is not None else None
         if taste is not None:  # the vector segments learn from (not the session-shifted query)

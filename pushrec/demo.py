@@ -199,10 +199,12 @@ def _print_lists(redis_url: str, settings: Settings, users: list[str]) -> None:
     for stored in asyncio.run(read_all()):
         if stored is None:
             continue
-        print(f"  user {stored.user_id} (list v{stored.version}, model {stored.model}):")
+        segment = f", segment: {', '.join(stored.tags)}" if stored.tags else ""
+        print(f"  user {stored.user_id} (list v{stored.version}, model {stored.model}{segment}):")
         for rank, entry in enumerate(stored.items[:5], 1):
             title = titles.get(entry["item_id"], "")
-            print(f"    {rank}. {entry['item_id']:<8} {entry['score']:+.3f}  {title}")
+            reason = f"  <- {entry['reason']}" if entry.get("reason") else ""
+            print(f"    {rank}. {entry['item_id']:<8} {entry['score']:+.3f}  {title}{reason}")
 
 
 def _print_pushes(outbox: Path) -> None:

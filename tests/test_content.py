@@ -29,7 +29,7 @@ def test_an_untouched_item_is_ranked_from_its_text_and_explained() -> None:
     rec = shop(content_weight=5.0)
     for t, (user, item) in enumerate([("ann", "rake"), ("bob", "rake"), ("ann", "hose"), ("cy", "hat")]):
         rec.learn_one(user, item, "purchase", float(t))
-    top = rec.recommend("cy", 5)
+    top = rec.recommend("cy", 5, explain=True)
     # Nobody touched the scarf or the gloves yet: their text puts them next to the hat cy bought
     # (the scarf first, above the popular rake; the gloves share fewer words).
     assert top.items[0] == "scarf" and "gloves" in top.items
@@ -63,10 +63,10 @@ def test_explanations_name_the_users_own_items_and_popularity() -> None:
     rec = shop()
     rec.learn_one("dee", "gloves", "add_to_cart", 0.0)
     rec.learn_one("eve", "rake", "view", 1.0)
-    top = rec.recommend("dee", 6)
+    top = rec.recommend("dee", 6, explain=True)
     assert top.reasons[top.items.index("gloves")] == "it is in your cart"
     assert len(top.reasons) == len(top.items)
-    assert rec.recommend("stranger", 2).reasons == [POPULAR_REASON] * 2
+    assert rec.recommend("stranger", 2, explain=True).reasons == [POPULAR_REASON] * 2
 
 
 def test_segments_are_named_by_what_their_members_touch() -> None:
@@ -75,8 +75,8 @@ def test_segments_are_named_by_what_their_members_touch() -> None:
         knit, garden = ["hat", "scarf", "gloves"][t % 3], ["hose", "rake", "shears"][t % 3]
         rec.learn_one(f"k{t % 5}", knit, "click", float(t))
         rec.learn_one(f"g{t % 5}", garden, "click", float(t))
-    knitters = {tuple(rec.recommend(f"k{u}").tags) for u in range(5)}
-    gardeners = {tuple(rec.recommend(f"g{u}").tags) for u in range(5)}
+    knitters = {tuple(rec.recommend(f"k{u}", explain=True).tags) for u in range(5)}
+    gardeners = {tuple(rec.recommend(f"g{u}", explain=True).tags) for u in range(5)}
     assert all("Knitwear" in tags or "Winter" in tags or "wool" in tags for tags in knitters)
     assert all("Garden" in tags or "garden" in tags for tags in gardeners)
 
@@ -88,7 +88,7 @@ def test_checkpoint_keeps_catalogue_projection_and_segments() -> None:
     again = Recommender(n_factors=8, seed=1, content_weight=2.0)
     again.restore(*rec.state())
     for user in ("u0", "u1", "u2", "u3"):
-        a, b = rec.recommend(user), again.recommend(user)
+        a, b = rec.recommend(user, explain=True), again.recommend(user, explain=True)
         assert (a.items, a.scores, a.reasons, a.tags) == (b.items, b.scores, b.reasons, b.tags)
     for t in range(60, 80):  # and they go on learning identically
         for model in (rec, again):
