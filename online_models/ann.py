@@ -32,7 +32,7 @@ import numpy as np
 try:
     from usearch.index import Index
 except ImportError:  # pragma: no cover - exercised by the install without the [ann] extra
-    Index = None
+    Index = None  # type: ignore[assignment,misc]
 
 
 def available() -> bool:

@@ -364,7 +364,7 @@ class Recommender:
         mf_meta, arrays = self.mf.state()
         pop_meta, pop_arrays = self.popularity.state()
         version, internal, gauss = self._rng.getstate()
-        meta = {
+        meta: dict[str, Any] = {
             "items": self.items.ids,
             "mf": mf_meta,
             "popularity": pop_meta,
@@ -386,8 +386,9 @@ class Recommender:
             meta["segments"] = self.segments.state()
             meta["content_weight"] = self.content_weight
             meta["content_rng"] = list(self._content_rng.getstate()[1])
-            meta["content"], content_arrays = self.catalogue.state()
-            cold = np.array(meta["content"]["cold"], dtype=np.int64)
+            content_meta, content_arrays = self.catalogue.state()
+            meta["content"] = content_meta
+            cold = np.array(content_meta["cold"], dtype=np.int64)
             meta["content_since_refresh"] = self._positives_since_refresh
             meta["stream_rows"] = self._stream_rows
             arrays = {**arrays, **content_arrays, "content_cold_factors": self.mf.item_matrix()[cold].copy()}
@@ -463,8 +464,8 @@ class Recommender:
         candidates = np.sort(np.concatenate([found, pending, interest, self._popular_head]))
         candidates = candidates[np.concatenate(([True], candidates[1:] != candidates[:-1]))]
         if state.consumed:
-            consumed = np.fromiter(state.consumed, dtype=np.int64, count=len(state.consumed))
-            candidates = candidates[~np.isin(candidates, consumed, assume_unique=True)]
+            consumed_rows = np.fromiter(state.consumed, dtype=np.int64, count=len(state.consumed))
+            candidates = candidates[~np.isin(candidates, consumed_rows, assume_unique=True)]
         picked, values = top_n(self._blend(query, state, candidates), n, in_place=True)
         return self._top(user, candidates[picked], values, MODEL_NAME, state, query, explain)
 

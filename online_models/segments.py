@@ -16,7 +16,7 @@ season. Used to label lists (``pushrec recs --json``) and to aim a push campaign
 
 from __future__ import annotations
 
-from collections import Counter
+import heapq
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +32,7 @@ class InterestSegments:
     def __init__(self, n_segments: int = 8, seed: int = 42, n_tags: int = 3) -> None:
         # Centres move 2 % of the way to each point; taste vectors are ~0.1-1 in scale.
         self._kmeans = cluster.KMeans(n_clusters=n_segments, halflife=0.02, sigma=0.1, seed=seed)
-        self._terms: dict[int, Counter[str]] = {}
+        self._terms: dict[int, dict[str, float]] = {}
         self._scale: dict[int, float] = {}
         self._centres: np.ndarray | None = None  # the centres as an array, until the next learn
         self.n_tags = n_tags
@@ -42,12 +42,12 @@ class InterestSegments:
         self._kmeans.learn_one(dict(enumerate(vector.tolist())))
         self._centres = None
         segment = self.predict_one(vector)
-        counts = self._terms.setdefault(segment, Counter())
+        counts = self._terms.setdefault(segment, {})
         # Decay without touching every term: newer credit is worth 1/_DECAY times more; rescale
         # (and drop terms that faded out) before the numbers grow large.
         scale = self._scale[segment] = self._scale.get(segment, 1.0) / _DECAY
         for term in terms:
-            counts[term] += scale
+            counts[term] = counts.get(term, 0.0) + scale
         if scale > 1e6:
             self._scale[segment] = 1.0
             for term, weight in list(counts.items()):
@@ -69,7 +69,7 @@ class InterestSegments:
     def tags(self, segment: int) -> list[str]:
         """The segment's name: its ``n_tags`` heaviest terms (none before it learned any)."""
         counts = self._terms.get(segment)
-        return [term for term, _ in counts.most_common(self.n_tags)] if counts else []
+        return heapq.nlargest(self.n_tags, counts, key=counts.__getitem__) if counts else []
 
     def state(self) -> dict[str, Any]:
         return {
@@ -86,5 +86,5 @@ class InterestSegments:
             centre = self._kmeans.centers[int(c)]
             centre.clear()
             centre.update({int(k): v for k, v in pairs})
-        self._terms = {int(s): Counter(dict(pairs)) for s, pairs in state["terms"].items()}
+        self._terms = {int(s): dict(pairs) for s, pairs in state["terms"].items()}
         self._scale = {int(s): scale for s, scale in state["scale"].items()}
