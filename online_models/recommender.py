@@ -8,7 +8,11 @@ For a known user ``u``, every item ``i`` of the catalogue is scored
     + recent_weight · own(u, i)
 
 ``own(u, i)`` is the user's decayed, type-weighted interest in an item they touched (viewed,
-clicked, put in the cart) and did not consume. The factors are learned one event at a time by
+clicked, put in the cart) and did not consume. With a catalogue (:meth:`Recommender.add_items`),
+items nobody touched yet get factors predicted from their text and a learned text-match term
+(``online_models.content``), users get interest segments (``online_models.segments``) and lists
+get reasons (``online_models.explain``). From ``ann_min_items`` items on, candidates come from an
+HNSW index (``online_models.ann``) instead of the whole catalogue. The factors are learned one event at a time by
 River (logistic loss, a confidence per event type, sampled negatives: uniform, popularity-aware or
 a mix). The defaults come from the search in ``docs/quality.md``.
 
@@ -36,6 +40,7 @@ import numpy as np
 
 from online_models import ann
 from online_models.content import Catalogue, make_encoder
+from online_models.explain import POPULAR_REASON, History, reasons
 from online_models.mf import ImplicitMF, ItemIndex
 from online_models.popularity import Popularity
 from online_models.segments import InterestSegments
@@ -59,28 +64,9 @@ _POPULAR_HEAD = 256
 
 log = logging.getLogger(__name__)
 
-POPULAR_REASON = "popular right now"
 # Step of the online update of ``content_weight`` (from the runs in docs/quality.md: 0.1 learned
 # too slowly to help the shop with new arrivals, 3 overshot on the back catalogue).
 _CONTENT_WEIGHT_STEP = 1.0
-_VERB = {
-    "view": "viewed",
-    "click": "clicked",
-    "add_to_cart": "put in your cart",
-    "purchase": "bought",
-    "rating": "rated",
-}
-_OWN_REASON = {"view": "you viewed it", "click": "you clicked it", "add_to_cart": "it is in your cart"}
-
-
-def _nearest(items: np.ndarray, history: np.ndarray) -> np.ndarray:
-    """For each row of ``items``, the index of the ``history`` row with the highest cosine."""
-
-    def unit(m: np.ndarray) -> np.ndarray:
-        norms = np.linalg.norm(m, axis=1, keepdims=True)
-        return m / np.where(norms > 0, norms, 1.0)
-
-    return np.argmax(unit(items) @ unit(history).T, axis=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,29 +489,21 @@ class Recommender:
         )
 
     def _explain(self, rows: np.ndarray, state: _UserState | None) -> list[str]:
-        """A short reason per listed item: the user's own unfinished interest, else the item of
-        their last ones it is nearest to (factor cosine; text cosine for an untouched item)."""
         if state is None or not state.session:
             return [POPULAR_REASON] * len(rows)
-        history = np.array(list(dict.fromkeys(reversed(state.session))), dtype=np.int64)
-        matrix = self.mf.item_matrix()
-        nearest = _nearest(matrix[rows], matrix[history])
-        cold = np.zeros(len(rows), dtype=bool)
-        if self.catalogue is not None:
-            cold = np.isin(rows, self.catalogue.cold_rows())
-            if cold.any():
-                embeddings = self.catalogue.embeddings
-                nearest[cold] = _nearest(embeddings[rows[cold]], embeddings[history])
-        reasons = []
-        for k, row in enumerate(rows.tolist()):
-            if row in state.interest:
-                reasons.append(_OWN_REASON.get(state.kinds.get(row, "view"), "you looked at it"))
-                continue
-            seen = int(history[nearest[k]])
-            verb = _VERB.get(state.kinds.get(seen, "view"), "viewed")
-            title = self._title(seen)
-            reasons.append(f"new, like {title} you {verb}" if cold[k] else f"because you {verb} {title}")
-        return reasons
+        kinds = state.kinds
+        history = History(
+            rows=np.array(list(dict.fromkeys(reversed(state.session))), dtype=np.int64),
+            kinds=kinds,
+            own={row: kinds.get(row, "view") for row in rows.tolist() if row in state.interest},
+        )
+        catalogue = self.catalogue
+        if catalogue is None:
+            return reasons(
+                rows, history, self.mf.item_matrix(), None, np.zeros(len(rows), dtype=bool), self._title
+            )
+        cold = np.isin(rows, catalogue.cold_rows())
+        return reasons(rows, history, self.mf.item_matrix(), catalogue.embeddings, cold, self._title)
 
     def _title(self, row: int) -> str:
         title = self.catalogue.titles.get(row) if self.catalogue is not None else None

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from online_models.content import HashedTfidf, make_encoder
-from online_models.recommender import POPULAR_REASON, Recommender
+from online_models.explain import POPULAR_REASON
+from online_models.recommender import Recommender
 
 CATALOGUE = {
     "hat": ("red wool hat", "Winter|Knitwear"),

@@ -1,0 +1,75 @@
+"""Why an item is on a user's list: one short reason per listed item, stored with the list and
+carried by the push notification.
+
+The reason is the user's own unfinished interest in the item, or else the item of their last
+ones it is nearest to: in factor space for an item the stream knows, in text for an untouched
+one from the catalogue.
+
+>>> import numpy as np
+>>> factors = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+>>> reasons(np.array([1, 2]), History(rows=np.array([0, 2]), kinds={0: "purchase"}, own={2: "add_to_cart"}),
+...         factors, None, np.zeros(2, dtype=bool), title={0: "red wool hat"}.get)
+['because you bought red wool hat', 'it is in your cart']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+POPULAR_REASON = "popular right now"
+_VERB = {
+    "view": "viewed",
+    "click": "clicked",
+    "add_to_cart": "put in your cart",
+    "purchase": "bought",
+    "rating": "rated",
+}
+_OWN = {"view": "you viewed it", "click": "you clicked it", "add_to_cart": "it is in your cart"}
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """What a user did lately: their last item rows (newest first), the event type of each, and
+    the touched, unconsumed items they may still want (row -> last event type)."""
+
+    rows: np.ndarray
+    kinds: Mapping[int, str]
+    own: Mapping[int, str]
+
+
+def reasons(
+    listed: np.ndarray,
+    history: History,
+    factors: np.ndarray,
+    embeddings: np.ndarray | None,
+    cold: np.ndarray,
+    title: Callable[[int], str | None],
+) -> list[str]:
+    """One reason per row of ``listed``; ``cold[k]``: listed[k] is untouched (explained by text,
+    from ``embeddings``); ``title(row)`` names an item (None: its row is shown as is)."""
+    nearest = _nearest(factors[listed], factors[history.rows])
+    if cold.any() and embeddings is not None:
+        nearest[cold] = _nearest(embeddings[listed[cold]], embeddings[history.rows])
+    out = []
+    for k, row in enumerate(listed.tolist()):
+        if row in history.own:
+            out.append(_OWN.get(history.own[row], "you looked at it"))
+            continue
+        seen = int(history.rows[nearest[k]])
+        verb = _VERB.get(history.kinds.get(seen, "view"), "viewed")
+        name = title(seen) or str(seen)
+        out.append(f"new, like {name} you {verb}" if cold[k] else f"because you {verb} {name}")
+    return out
+
+
+def _nearest(items: np.ndarray, history: np.ndarray) -> np.ndarray:
+    """For each row of ``items``, the index of the ``history`` row with the highest cosine."""
+
+    def unit(m: np.ndarray) -> np.ndarray:
+        norms = np.linalg.norm(m, axis=1, keepdims=True)
+        return m / np.where(norms > 0, norms, 1.0)
+
+    return np.argmax(unit(items) @ unit(history).T, axis=1)
