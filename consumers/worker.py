@@ -34,6 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infra.checkpoint import CheckpointStore, DiskCheckpoints, RedisCheckpoints, pack, unpack
+from infra.faults import fail_point
 from infra.kafka import KafkaAccess
 from infra.metrics import Metrics
 from infra.settings import Settings
@@ -47,6 +48,7 @@ from stream.events import EVENT_TYPES, BadEvent, Event, Item, Reason, decode_eve
 from stream.topics import TopicNames, ensure_topics
 
 log = logging.getLogger("pushrec.worker")
+EXIT_BUG = 70  # EX_SOFTWARE: the worker met an unexpected exception and stopped without a checkpoint
 
 
 def build_recommender(settings: Settings) -> Recommender:
@@ -180,7 +182,22 @@ class RefreshWorker:
             for event in batch:
                 m = event.message
                 records.append(Record(m.topic, m.partition, m.offset, m.key, event.value, m.timestamp))
-            await self.handle_records(records)
+            try:
+                await self.handle_records(records)
+            except Exception:
+                # A bug, not bad input (that is dead-lettered). Faust would restart the agent and
+                # the batch would be gone; the model may hold half of it. Exit without a
+                # checkpoint instead: the restart restores the last one and re-reads the rest
+                # from Kafka, so nothing is lost (and a poison record crash-loops visibly).
+                log.critical(
+                    "unexpected error on a batch of %d records; exiting (code %d) without a checkpoint "
+                    "so that a restart re-reads it from Kafka",
+                    len(records),
+                    EXIT_BUG,
+                    exc_info=True,
+                )
+                logging.shutdown()
+                os._exit(EXIT_BUG)
 
     async def handle_records(self, records: Sequence[Record], dead_letter: bool = True) -> None:
         """Decode, dead-letter the bad, skip what the model already holds, learn the rest.
@@ -231,6 +248,7 @@ class RefreshWorker:
             self.metrics.events.labels(kind, "duplicate").inc(count)
         if good:
             started = time.perf_counter()
+            fail_point("worker.learn")
             users = self.pipeline.learn(good)
             self.metrics.model_update.observe(time.perf_counter() - started)
             for kind, count in processed.items():

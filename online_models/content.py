@@ -253,6 +253,15 @@ class Catalogue:
         norm = float(np.linalg.norm(mean))
         return mean / norm if norm > 0 else None
 
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Embeddings of ``rows``; a zero vector for a row without content (an item the stream
+        brought but the catalogue never described)."""
+        inside = rows < self.has.size
+        out = np.zeros((rows.size, self.encoder.dim), dtype=np.float32)
+        known = np.flatnonzero(inside)[self.has[rows[inside]]]
+        out[known] = self.embeddings[rows[known]]
+        return out
+
     def knows(self, row: int) -> bool:
         return row < self.has.size and bool(self.has[row])
 

@@ -44,15 +44,15 @@ def reasons(
     listed: np.ndarray,
     history: History,
     factors: np.ndarray,
-    embeddings: np.ndarray | None,
+    text: Callable[[np.ndarray], np.ndarray] | None,
     cold: np.ndarray,
     title: Callable[[int], str | None],
 ) -> list[str]:
-    """One reason per row of ``listed``; ``cold[k]``: listed[k] is untouched (explained by text,
-    from ``embeddings``); ``title(row)`` names an item (None: its row is shown as is)."""
+    """One reason per row of ``listed``; ``cold[k]``: listed[k] is untouched (explained by text:
+    ``text(rows)`` gives their embeddings); ``title(row)`` names an item (None: its row is shown)."""
     nearest = _nearest(factors[listed], factors[history.rows])
-    if cold.any() and embeddings is not None:
-        nearest[cold] = _nearest(embeddings[listed[cold]], embeddings[history.rows])
+    if cold.any() and text is not None:
+        nearest[cold] = _nearest(text(listed[cold]), text(history.rows))
     out = []
     for k, row in enumerate(listed.tolist()):
         if row in history.own:

@@ -503,7 +503,7 @@ class Recommender:
                 rows, history, self.mf.item_matrix(), None, np.zeros(len(rows), dtype=bool), self._title
             )
         cold = np.isin(rows, catalogue.cold_rows())
-        return reasons(rows, history, self.mf.item_matrix(), catalogue.embeddings, cold, self._title)
+        return reasons(rows, history, self.mf.item_matrix(), catalogue.vectors, cold, self._title)
 
     def _title(self, row: int) -> str:
         title = self.catalogue.titles.get(row) if self.catalogue is not None else None

@@ -111,3 +111,14 @@ def test_hashed_encoder_is_normalised_and_deterministic() -> None:
     assert np.isclose(np.linalg.norm(a[0]), 1.0) and not a[1].any()
     with pytest.raises(ValueError, match="unknown content encoder"):
         make_encoder("word2vec")
+
+
+def test_reasons_when_the_user_touched_items_the_catalogue_never_described() -> None:
+    rec = shop(content_weight=5.0)
+    for k in range(1100):  # the stream brings items beyond the catalogue's rows
+        rec.learn_one(f"v{k % 9}", f"x{k}", "view", float(k))
+    rec.learn_one("cy", "x1099", "click", 2000.0)
+    rec.learn_one("cy", "hat", "purchase", 2001.0)
+    top = rec.recommend("cy", 20, explain=True)
+    assert "scarf" in top.items and len(top.reasons) == len(top.items)
+    assert top.reasons[top.items.index("scarf")] == "new, like red wool hat you bought"

@@ -127,6 +127,28 @@ def test_kill_9_mid_replay_then_restart_equals_an_uninterrupted_run(hermetic: He
     assert_same_state(clean, final_state(crashed))
 
 
+def test_a_bug_mid_batch_exits_without_losing_anything(hermetic: Hermetic) -> None:
+    """An unexpected exception while learning (injected at the 700th batch) must not be swallowed
+    by Faust's agent restart: the worker exits with code 70 and no checkpoint, and the restart
+    ends in exactly the state of an uninterrupted run."""
+    log = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 1500)  # purchases only
+    assert run_cli(hermetic, "replay", str(log)).returncode == 0
+    run_worker_to_idle(hermetic, "clean.log")
+    clean = final_state(hermetic)
+
+    broken = hermetic.fresh()
+    assert run_cli(broken, "replay", str(log)).returncode == 0
+    worker = broken.spawn("worker", log_name="broken.log", PUSHREC_FAULTS="worker.learn=700", **WORKER_ENV)
+    try:
+        assert worker.wait(timeout=240) == 70, broken.log("broken.log")[-2000:]
+    finally:
+        stop_process(worker)
+    text = broken.log("broken.log")
+    assert "unexpected error on a batch of 1 records" in text and "InjectedFault" in text
+    run_worker_to_idle(broken, "restarted.log")
+    assert_same_state(clean, final_state(broken))
+
+
 def test_replaying_the_same_log_twice_changes_nothing(hermetic: Hermetic) -> None:
     log = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 600)
     assert run_cli(hermetic, "replay", str(log)).returncode == 0
