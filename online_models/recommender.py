@@ -12,9 +12,9 @@ clicked, put in the cart) and did not consume. With a catalogue (:meth:`Recommen
 items nobody touched yet get factors predicted from their text and a learned text-match term
 (``online_models.content``), users get interest segments (``online_models.segments``) and lists
 get reasons (``online_models.explain``). From ``ann_min_items`` items on, candidates come from an
-HNSW index (``online_models.ann``) instead of the whole catalogue. The factors are learned one event at a time by
-River (logistic loss, a confidence per event type, sampled negatives: uniform, popularity-aware or
-a mix). The defaults come from the search in ``docs/quality.md``.
+HNSW index (``online_models.ann``) instead of the whole catalogue. The factors are learned one
+event at a time by River (logistic loss, a confidence per event type, sampled negatives: uniform,
+popularity-aware or a mix). The defaults come from the search in ``docs/quality.md``.
 
 >>> rec = Recommender(n_factors=4, seed=0, top_n=2)
 >>> rec.learn_one("u1", "apple", "purchase", ts=1.0)
