@@ -149,7 +149,7 @@ class ImplicitMF:
         for item in items:
             self._sync(item)
 
-    def seed_items(self, items: Sequence[str], factors: np.ndarray) -> int:
+    def seed_items(self, items: Sequence[str], factors: np.ndarray | Sequence[np.ndarray]) -> int:
         """Give items factors before their first interaction (a cold-start prediction, or a
         synthetic catalogue); items that already have factors keep theirs. Returns how many."""
         latents = self._mf.i_latents

@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from redis.exceptions import RedisError
 
@@ -200,11 +200,13 @@ def cmd_recs(args: argparse.Namespace, settings: Settings) -> int:
     if stored is None:
         raise CommandError(f"no list stored for user {args.user_id!r}")
     text = [f"user {args.user_id}: version {stored['version']}, model {stored['model']}"]
-    if stored["tags"]:
-        text.append(f"  interest segment: {', '.join(stored['tags'])}")  # type: ignore[arg-type]
+    tags: list[str] = stored["tags"]  # type: ignore[assignment]
+    items: list[dict[str, Any]] = stored["items"]  # type: ignore[assignment]
+    if tags:
+        text.append(f"  interest segment: {', '.join(tags)}")
     text += [
         f"  {n:2d}. {i['item_id']}  {i['score']:.4f}" + (f"  ({i['reason']})" if i.get("reason") else "")
-        for n, i in enumerate(stored["items"], 1)  # type: ignore[arg-type]
+        for n, i in enumerate(items, 1)
     ]
     _emit(args, stored, "\n".join(text))
     return 0

@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from stream.replay import read_lines
 pytestmark = pytest.mark.skipif(not ann.available(), reason="needs the [ann] extra (usearch)")
 
 
-def trained(n_items: int, **options: int) -> tuple[Recommender, list[str]]:
+def trained(n_items: int, **options: Any) -> tuple[Recommender, list[str]]:
     """The product model on the bundled sample, its catalogue grown with random factors."""
     rec = Recommender(seed=5, **options)
     events = [decode_event(line) for _, line in read_lines(SAMPLE_EVENTS)]
