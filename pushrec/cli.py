@@ -115,9 +115,9 @@ def _status_detail(status: dict[str, object]) -> str:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from consumers.worker import RefreshWorker
-
     from threadpoolctl import threadpool_limits
+
+    from consumers.worker import RefreshWorker
 
     kafka, redis_url = resolve_addresses(settings)
     require_servers(kafka, redis_url)
