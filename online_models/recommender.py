@@ -30,6 +30,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -154,6 +156,7 @@ class Recommender:
         ann_min_items: int = 100_000,
         ann_expansion: int = 128,
         ann_pending_max: int = 4096,
+        ann_background: bool = True,
         content_encoder: str = "hashed",
         content_dim: int = 256,
         content_learning_rate: float = 0.01,
@@ -162,7 +165,8 @@ class Recommender:
         n_segments: int = 8,
     ) -> None:
         """``ann_*``: from ``ann_min_items`` catalogue rows on (0 = never) lists come from an HNSW
-        index (the ``[ann]`` extra) instead of scoring every item; see ``online_models.ann``.
+        index (the ``[ann]`` extra) instead of scoring every item; see ``online_models.ann``. With
+        ``ann_background`` the index is built in a thread and lists stay exact until it is ready.
         ``content_*``: items announced by :meth:`add_items` are embedded by ``content_encoder``
         ("hashed", "minilm" or "off"); the factors of items nobody touched yet are predicted from
         that (re-predicted every ``content_refresh_every`` positive events), and they also score
@@ -190,6 +194,10 @@ class Recommender:
         self.ann_expansion = ann_expansion
         self.ann_pending_max = ann_pending_max
         self._ann: ann.FactorIndex | None = None
+        self.ann_background = ann_background
+        # A build in progress: (thread, the index it fills, start time), and rows changed meanwhile.
+        self._ann_build: tuple[threading.Thread, ann.FactorIndex, float] | None = None
+        self._changed_while_building: set[int] = set()
         self._popular_head = np.empty(0, dtype=np.int64)
         self.content_encoder = content_encoder
         self.content_dim = content_dim
@@ -248,6 +256,8 @@ class Recommender:
         self._positives.add(row)
         if self._ann is not None:
             self._ann.changed([row, *map(self.items.row, negatives)])
+        elif self._ann_build is not None:
+            self._changed_while_building.update([row, *map(self.items.row, negatives)])
         if self.catalogue is not None:
             self.catalogue.learn_one(row, self.mf.item_matrix()[row])
             self.segments.learn_one(self.mf.user_vector(user), self.catalogue.terms(row))  # type: ignore[arg-type]
@@ -388,7 +398,7 @@ class Recommender:
         version, internal, gauss = meta["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
         self._positives.restore(meta["positives"])
-        self._ann = None  # rebuilt from the restored factors on the next list
+        self._ann = self._ann_build = None  # rebuilt from the restored factors on the next list
         self.catalogue = None
         self._stream_rows, self._in_stream = None, set()
         if "content" in meta:
@@ -558,32 +568,66 @@ class Recommender:
             scores[where] += np.float32(weight) * (embeddings[rows[where]] @ profile)
 
     def _index(self) -> ann.FactorIndex | None:
-        """The approximate index, built on first need and brought up to date; None below
-        ``ann_min_items`` rows (or without the ``[ann]`` extra, logged once)."""
+        """The approximate index, brought up to date; None below ``ann_min_items`` rows, without
+        the ``[ann]`` extra (logged once), or while it is being built: the first need starts the
+        build (in a background thread with ``ann_background``: usearch releases the GIL, so the
+        event loop and its heartbeats go on; lists are scored exactly meanwhile)."""
         size = len(self.items)
         if not self.ann_min_items or size < self.ann_min_items:
             return None
-        if self._ann is None:
-            if not ann.available():
-                log.warning(
-                    "catalogue of %d items, but usearch is not installed: scoring every item "
-                    "(pip install 'pushrec[ann]')",
-                    size,
-                )
-                self.ann_min_items = 0
-                return None
-            log.info("building the approximate index over %d items", size)
-            self._ann = ann.FactorIndex(
-                self.mf.n_factors, expansion=self.ann_expansion, pending_max=self.ann_pending_max
-            )
-            self._ann.build(self.mf.item_matrix())
-            self._popular_head = self._popularity_head()
-        elif size > self._ann.indexed:
+        if self._ann is None and not self._adopt_built_index():
+            return None
+        assert self._ann is not None
+        if size > self._ann.indexed:
             self._ann.changed(range(self._ann.indexed, size))
         if self._ann.due():
             self._ann.flush(self.mf.item_matrix())
             self._popular_head = self._popularity_head()
         return self._ann
+
+    def build_index(self) -> ann.FactorIndex | None:
+        """Build the approximate index now and wait for it (None when it does not apply)."""
+        if len(self.items) >= self.ann_min_items > 0 and self._ann is None:
+            self._adopt_built_index()
+            if self._ann_build is not None:
+                self._ann_build[0].join()
+        return self._index()
+
+    def _adopt_built_index(self) -> bool:
+        """Start the build if none runs; adopt the index once built. True when it is in use."""
+        if self._ann_build is None:
+            if not ann.available():
+                log.warning(
+                    "catalogue of %d items, but usearch is not installed: scoring every item "
+                    "(pip install 'pushrec[ann]')",
+                    len(self.items),
+                )
+                self.ann_min_items = 0
+                return False
+            snapshot = self.mf.item_matrix().copy()
+            index = ann.FactorIndex(
+                self.mf.n_factors, expansion=self.ann_expansion, pending_max=self.ann_pending_max
+            )
+            log.info("building the approximate index over %d items", len(snapshot))
+            thread = threading.Thread(
+                target=index.build, args=(snapshot,), name="pushrec-ann-build", daemon=True
+            )
+            self._ann_build = (thread, index, time.monotonic())
+            self._changed_while_building = set()
+            if self.ann_background:
+                thread.start()
+                return False
+            thread.run()
+        thread, index, started = self._ann_build
+        if thread.is_alive():
+            return False
+        self._ann_build = None
+        index.changed(self._changed_while_building)  # moved while their old factors were indexed
+        self._changed_while_building = set()
+        self._ann = index
+        self._popular_head = self._popularity_head()
+        log.info("approximate index of %d items ready after %.1fs", len(index), time.monotonic() - started)
+        return True
 
     def _popularity_head(self) -> np.ndarray:
         counts = self.popularity.scores()

@@ -104,7 +104,7 @@ def run_catalogue_bench(
 
     rec.ann_min_items = 1
     t0 = time.perf_counter()
-    rec.recommend(parsed[0].user_id)  # builds the index
+    rec.build_index()
     build_s = time.perf_counter() - t0
     log(f"catalogue: HNSW index built in {build_s:.1f} s")
 

@@ -39,6 +39,7 @@ def recall(rec: Recommender, users: list[str]) -> float:
 
 def test_approximate_lists_recall_the_exact_ones() -> None:
     rec, users = trained(30_000, ann_min_items=10_000)
+    rec.build_index()
     assert recall(rec, users) >= 0.95
     assert rec.approximate_index is not None and len(rec.approximate_index) == 30_000
 
@@ -46,7 +47,7 @@ def test_approximate_lists_recall_the_exact_ones() -> None:
 def test_a_new_item_is_listed_before_it_is_indexed() -> None:
     rec, users = trained(30_000, ann_min_items=10_000, ann_pending_max=10_000)
     user = users[0]
-    rec.recommend(user)  # builds the index
+    rec.build_index()
     index = rec.approximate_index
     assert index is not None and index.pending == 0
     # An item arrives with factors right on the user's direction (as a cold-start prediction would).
@@ -59,7 +60,7 @@ def test_a_new_item_is_listed_before_it_is_indexed() -> None:
 
 def test_learning_marks_rows_and_batches_re_index_them() -> None:
     rec, users = trained(20_000, ann_min_items=10_000, ann_pending_max=50)
-    rec.recommend(users[0])
+    rec.build_index()
     index = rec.approximate_index
     assert index is not None
     for t in range(200):
@@ -76,9 +77,21 @@ def test_restore_rebuilds_the_index_from_the_restored_factors() -> None:
     again.restore(*rec.state())
     assert again.approximate_index is None
     assert [again.recommend(u, exact=True).items for u in users] == before
+    again.build_index()
     # (a multi-threaded HNSW build is not deterministic, so the approximate lists are compared
     # by recall, not equality)
     assert recall(again, users) >= 0.95 and again.approximate_index is not None
+
+
+def test_the_index_is_built_in_the_background_and_lists_stay_exact_meanwhile() -> None:
+    rec, users = trained(30_000, ann_min_items=10_000)
+    first = rec.recommend(users[0])  # starts the build and answers by scoring every item
+    assert rec.approximate_index is None and first.items == rec.recommend(users[0], exact=True).items
+    rec.learn_one(users[1], "s7", "click", 3e9)  # moves rows while the graph is being filled
+    index = rec.build_index()  # waits for the thread, adopts the index
+    assert index is not None and rec.approximate_index is index
+    assert index.pending >= 2  # the rows that moved during the build are scored exactly
+    assert recall(rec, users) >= 0.95
 
 
 def test_without_usearch_it_scores_every_item_and_says_so(

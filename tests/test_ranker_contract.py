@@ -16,7 +16,9 @@ from online_models.recommender import Recommender
 RANKERS: dict[str, Callable[[], Ranker]] = {
     "pushrec": lambda: Recommender(n_factors=8, seed=3),
     # the same model answering from its approximate index (pending rows flushed every 5 changes)
-    "pushrec-ann": lambda: Recommender(n_factors=8, seed=3, ann_min_items=1, ann_pending_max=5),
+    "pushrec-ann": lambda: Recommender(
+        n_factors=8, seed=3, ann_min_items=1, ann_pending_max=5, ann_background=False
+    ),
     "popularity": PopularityRanker,
     "recent": RecentRanker,
     "funkmf": lambda: FunkMFRanker(seed=3),
