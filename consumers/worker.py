@@ -222,7 +222,7 @@ class RefreshWorker:
                     expected_type=kind,
                 )
             except BadEvent as bad:
-                if dead_letter and record.offset >= self.offsets.get(record.source, 0):
+                if dead_letter and not self._held(record):
                     await self._dead_letter(record, kind, bad)
                 event = None
             decoded.append((record, event))
@@ -232,12 +232,11 @@ class RefreshWorker:
         processed: Counter[str] = Counter()
         duplicates: Counter[str] = Counter()
         for record, event in decoded:
-            source = record.source
-            already_learned = record.offset < self.offsets.get(source, 0)
-            self.offsets[source] = max(self.offsets.get(source, 0), record.offset + 1)
+            already_learned = self._held(record)
+            self._advance(record)
             if event is None:
                 continue
-            if already_learned or self.seen.check_and_add(source, event.event_id, event.user_id):
+            if already_learned or self.seen.check_and_add(record.source, event.event_id, event.user_id):
                 duplicates[event.type] += 1
                 continue
             good.append(event)
@@ -258,14 +257,19 @@ class RefreshWorker:
             self._unwritten_sent_at.extend(sent_at)
         await self.write_unwritten()
 
+    def _held(self, record: Record) -> bool:
+        """Whether the model already holds this record (its offset is below the partition's next)."""
+        return record.offset < self.offsets.get(record.source, 0)
+
+    def _advance(self, record: Record) -> None:
+        self.offsets[record.source] = max(self.offsets.get(record.source, 0), record.offset + 1)
+
     async def handle_items(self, records: Sequence[Record], dead_letter: bool = True) -> None:
         """Catalogue records: store each item in Redis and let the model embed the new or changed
         ones (one batch). Announcing an item twice changes nothing, so redelivery is harmless."""
         limits = self.settings.events
         items: list[Item] = []
         for record in records:
-            fresh = record.offset >= self.offsets.get(record.source, 0)
-            self.offsets[record.source] = max(self.offsets.get(record.source, 0), record.offset + 1)
             try:
                 items.append(
                     decode_item(
@@ -275,8 +279,12 @@ class RefreshWorker:
                     )
                 )
             except BadEvent as bad:
-                if dead_letter and fresh:
+                if dead_letter and not self._held(record):
                     await self._dead_letter(record, None, bad)
+        # No await from here to the model: the offsets and the catalogue change together (an
+        # offset advanced across an await could reach a checkpoint before its item does).
+        for record in records:
+            self._advance(record)
         if not items:
             return
         started = time.perf_counter()
