@@ -97,6 +97,17 @@ class _UserState:
     kinds: dict[int, str] = field(default_factory=dict)
 
 
+def _rng_state(rng: random.Random) -> list[Any]:
+    """A ``random.Random``'s state as JSON (for checkpoints)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_rng_state(rng: random.Random, state: list[Any]) -> None:
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
+
+
 def is_positive(kind: str, rating: float | None) -> bool:
     """Whether an event says the user liked the item (ratings count from 4 up)."""
     if kind == "rating":
@@ -275,18 +286,23 @@ class Recommender:
         if self.content_encoder == "off":
             return 0
         if self.catalogue is None:
-            self.catalogue = Catalogue(
-                make_encoder(self.content_encoder, self.content_dim),
-                self.mf.n_factors,
-                self.content_learning_rate,
-            )
-            self._stream_rows = list(range(len(self.items)))
-            self._in_stream = set(self._stream_rows)
+            self.catalogue = self._new_catalogue()
+            self._set_stream_rows(list(range(len(self.items))))  # every row so far came from events
         rows = [self.items.add(item) for item in items]
         embedded = self.catalogue.add(rows, titles, categories)
-        self.catalogue.mark_cold(row for row in embedded if self.items.ids[row] not in self.mf)
-        self._predict_cold()
+        cold = np.array([row for row in embedded if self.items.ids[row] not in self.mf], dtype=np.int64)
+        self.catalogue.mark_cold(cold.tolist())
+        if cold.size:  # the others keep theirs until the next refresh (see _predict_cold)
+            self.mf.set_rows(cold, self.catalogue.predict(cold))
         return len(embedded)
+
+    def _new_catalogue(self) -> Catalogue:
+        encoder = make_encoder(self.content_encoder, self.content_dim)
+        return Catalogue(encoder, self.mf.n_factors, self.content_learning_rate)
+
+    def _set_stream_rows(self, rows: list[int] | None) -> None:
+        self._stream_rows = rows
+        self._in_stream = set(rows or ())
 
     def _tune_content_weight(self, user: str, state: _UserState, target: int) -> None:
         """One pairwise (BPR) step on ``content_weight`` before learning a positive event: the
@@ -359,12 +375,11 @@ class Recommender:
         """Everything learned, as JSON-able metadata and numpy arrays (see ``infra.checkpoint``)."""
         mf_meta, arrays = self.mf.state()
         pop_meta, pop_arrays = self.popularity.state()
-        version, internal, gauss = self._rng.getstate()
         meta: dict[str, Any] = {
             "items": self.items.ids,
             "mf": mf_meta,
             "popularity": pop_meta,
-            "rng": [version, list(internal), gauss],
+            "rng": _rng_state(self._rng),
             "positives": self._positives.state(),
             "users": {
                 user: [
@@ -381,7 +396,7 @@ class Recommender:
         if self.catalogue is not None:
             meta["segments"] = self.segments.state()
             meta["content_weight"] = self.content_weight
-            meta["content_rng"] = list(self._content_rng.getstate()[1])
+            meta["content_rng"] = _rng_state(self._content_rng)
             content_meta, content_arrays = self.catalogue.state()
             meta["content"] = content_meta
             cold = np.array(content_meta["cold"], dtype=np.int64)
@@ -395,27 +410,21 @@ class Recommender:
         self.items.restore(meta["items"])
         self.mf.restore(meta["mf"], arrays)
         self.popularity.restore(meta["popularity"], arrays)
-        version, internal, gauss = meta["rng"]
-        self._rng.setstate((version, tuple(internal), gauss))
+        _set_rng_state(self._rng, meta["rng"])
         self._positives.restore(meta["positives"])
         self._ann = self._ann_build = None  # rebuilt from the restored factors on the next list
         self.catalogue = None
-        self._stream_rows, self._in_stream = None, set()
+        self._set_stream_rows(None)
         if "content" in meta:
-            self.catalogue = Catalogue(
-                make_encoder(self.content_encoder, self.content_dim),
-                self.mf.n_factors,
-                self.content_learning_rate,
-            )
+            self.catalogue = self._new_catalogue()
             self.catalogue.restore(meta["content"], arrays)
             cold = np.array(meta["content"]["cold"], dtype=np.int64)
             self.mf.set_rows(cold, arrays["content_cold_factors"])
             self._positives_since_refresh = meta["content_since_refresh"]
-            self._stream_rows = list(meta["stream_rows"])
-            self._in_stream = set(self._stream_rows)
+            self._set_stream_rows(list(meta["stream_rows"]))
             self.segments.restore(meta["segments"])
             self.content_weight = meta["content_weight"]
-            self._content_rng.setstate((3, tuple(meta["content_rng"]), None))
+            _set_rng_state(self._content_rng, meta["content_rng"])
         self._users = {
             user: _UserState(
                 events,
@@ -508,12 +517,9 @@ class Recommender:
             own={row: kinds.get(row, "view") for row in rows.tolist() if row in state.interest},
         )
         catalogue = self.catalogue
-        if catalogue is None:
-            return reasons(
-                rows, history, self.mf.item_matrix(), None, np.zeros(len(rows), dtype=bool), self._title
-            )
-        cold = np.isin(rows, catalogue.cold_rows())
-        return reasons(rows, history, self.mf.item_matrix(), catalogue.vectors, cold, self._title)
+        text = None if catalogue is None else catalogue.vectors
+        cold = np.zeros(len(rows), dtype=bool) if catalogue is None else np.isin(rows, catalogue.cold_rows())
+        return reasons(rows, history, self.mf.item_matrix(), text, cold, self._title)
 
     def _title(self, row: int) -> str:
         title = self.catalogue.titles.get(row) if self.catalogue is not None else None
