@@ -168,10 +168,6 @@ class RedisTopNStore:
                     pipe.hset(self.keys.item(item.item_id), mapping=present)  # type: ignore[arg-type]
             await pipe.execute()
 
-    async def read_item(self, item_id: str) -> dict[str, str]:
-        raw = await self.client.hgetall(self.keys.item(item_id))
-        return {k.decode(): v.decode() for k, v in raw.items()}
-
     async def read(self, user: str) -> StoredList | None:
         raw = await self.client.hgetall(self.keys.recs(user))
         if not raw or b"items" not in raw:

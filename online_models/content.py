@@ -198,9 +198,6 @@ class Catalogue:
         self._cold: set[int] = set()
         self._cold_rows: np.ndarray | None = np.empty(0, dtype=np.int64)
 
-    def __len__(self) -> int:
-        return int(self.has.sum())
-
     def add(
         self, rows: Sequence[int], titles: Sequence[str | None], categories: Sequence[str | None]
     ) -> list[int]:
