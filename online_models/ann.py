@@ -84,7 +84,7 @@ class FactorIndex:
         self._flag = np.zeros(max(len(matrix), 1024), dtype=bool)
         self._count = 0
         if len(matrix):
-            self._index.add(np.arange(len(matrix)), matrix, threads=self._threads)
+            self._index.add(np.arange(len(matrix)), np.ascontiguousarray(matrix), threads=self._threads)
         self.indexed = len(matrix)
 
     def changed(self, rows: Iterable[int]) -> None:

