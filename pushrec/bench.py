@@ -7,8 +7,8 @@ measured in one run on the same machine, broker and events.
 2. pipeline: the same events to fresh topics, then ``pushrec worker`` consumes the backlog (decode,
    dedupe, learn, re-rank, Redis write, checkpoints as configured); rate = events counted between
    the first sighting of a count and the last event / that interval, from its /metrics, polled
-   every 0.25 s. A backlog is consumed as fast as the
-   worker can: that rate is its maximum sustainable rate. Peak RSS is the worker's VmHWM.
+   every 0.25 s. A backlog is consumed as fast as the worker can: that rate is its maximum
+   sustainable rate. Peak RSS is the VmHWM of the worker's two processes (Faust and model), summed.
 3. latency: a fresh worker, then the events replayed at ``fraction`` x the pipeline rate;
    p50/p99 of event-to-list (record timestamp to Redis write), interpolated within the
    worker's histogram buckets.
@@ -108,11 +108,16 @@ def _counted(port: int) -> float:
 
 
 def _peak_rss(pid: int) -> int:
+    """VmHWM of the process plus that of its child processes (the worker's model process): the
+    sum of each process's own peak, an upper bound of their peak together."""
+    total = 0
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+                total += int(line.split()[1]) * 1024
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            total += _peak_rss(int(child))
+    return total
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from redis.exceptions import RedisError
 
 from infra.kafka import KafkaAccess
+from infra.logs import setup_logging
 from infra.settings import ConfigError, Settings, load_settings
 from infra.stack import EmbeddedStack, StackError, require_servers, resolve_addresses
 from infra.store import Keys, RedisTopNStore, connect
@@ -67,18 +68,6 @@ class CommandError(Exception):
     """A failure to report as one line with a non-zero exit code."""
 
 
-def _setup_logging(settings: Settings) -> None:
-    level = {"crit": "CRITICAL", "warn": "WARNING"}.get(settings.log_level, settings.log_level.upper())
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if settings.log_level != "debug":
-        # kafka-python narrates every connection at INFO; keep its warnings only.
-        logging.getLogger("kafka").setLevel(logging.WARNING)
-
-
 # --- commands -------------------------------------------------------------------------------
 
 
@@ -115,17 +104,11 @@ def _status_detail(status: dict[str, object]) -> str:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from threadpoolctl import threadpool_limits
-
-    from consumers.worker import RefreshWorker
+    from consumers.ingest import Ingest
 
     kafka, redis_url = resolve_addresses(settings)
     require_servers(kafka, redis_url)
-    # One BLAS thread: the worker shares the machine with its event loop and the broker, and
-    # OpenBLAS's spinning threads then slow small products down (a 9k x 256 product took 12 ms
-    # instead of 0.6 ms on a busy 2-core machine). `evaluate` keeps numpy's default.
-    threadpool_limits(limits=1, user_api="blas")
-    RefreshWorker(settings, kafka, redis_url, until_idle_s=args.until_idle).run(args.metrics_port)
+    Ingest(settings, kafka, redis_url, until_idle_s=args.until_idle).run(args.metrics_port)
     return 0
 
 
@@ -647,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pushrec: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(settings)
+    setup_logging(settings)
     try:
         return COMMANDS[args.command](args, settings)
     except UsageError as exc:

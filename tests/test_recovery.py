@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -62,6 +63,23 @@ def assert_same_state(a: tuple[dict, dict, dict], b: tuple[dict, dict, dict]) ->
     assert lists_a == lists_b
 
 
+def model_process(worker_pid: int) -> int:
+    """The pid of the model process a worker started (multiprocessing's spawn; its resource
+    tracker is the other child)."""
+    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
+    (model,) = [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return model
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 def committed_offset(hermetic: Hermetic) -> int:
     group = f"{hermetic.prefix}-worker"
     admin = KafkaAdminClient(bootstrap_servers=hermetic.servers.kafka_bootstrap)
@@ -107,8 +125,11 @@ def test_kill_9_mid_replay_then_restart_equals_an_uninterrupted_run(hermetic: He
             120,
             worker,
         )
+        model = model_process(worker.pid)
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=10)
+        # No orphan keeps learning, writing lists or checkpointing beside the restarted worker.
+        wait_for("the model process to die with the Faust process", lambda: not running(model), 10)
         assert replay.wait(timeout=60) == 0, crashed.log("replay.log")
     finally:
         stop_process(worker)

@@ -1,0 +1,191 @@
+"""The Faust side of the worker: consume the event and catalogue topics and hand every record, in
+order, to the model process (``consumers/worker.py``), which decodes, learns, ranks and writes.
+
+Two processes because one could not keep up: Faust's own per-record work and the model's each
+take most of a core (a trivial decoding agent ran at ~8-10k events/s; the whole worker in one
+process at 0.35-0.48 of that). Split, they run on both cores.
+
+The model process is the source of truth for what was learned: it keeps its own offsets and
+checkpoint, so Faust may commit records the model has not learned yet (a crash of either
+process ends both, and the restart re-reads those records from Kafka before Faust starts).
+Both processes end together: the model process dies with this one (Linux parent-death signal),
+and this one exits with the model's exit code when the model process ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import faust
+
+from consumers.worker import (
+    ASSIGNED,
+    CHECKPOINT,
+    DONE,
+    EXIT_BUG,
+    HIGHWATER,
+    PENDING,
+    READY,
+    RECORDS,
+    STOP,
+    model_process,
+)
+from infra.kafka import KafkaAccess
+from infra.settings import Settings
+from stream.app import make_app, raw_topic
+from stream.topics import TopicNames, ensure_topics
+
+log = logging.getLogger("pushrec.worker")
+
+
+class Ingest:
+    """The Faust app and agent of one worker, and the model process it feeds."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        kafka: KafkaAccess,
+        redis_url: str,
+        until_idle_s: float | None = None,
+    ) -> None:
+        self.settings = settings
+        self.kafka = kafka
+        self.redis_url = redis_url
+        self.names = TopicNames(settings.kafka.topic_prefix)
+        self.until_idle_s = until_idle_s
+        self.app = make_app(settings, kafka)
+        events = raw_topic(self.app, *self.names.all_events, self.names.items)
+        self.app.agent(events, name="pushrec.refresh")(self._agent)
+        self.app.timer(0.25)(self._watch_model)
+        self.app.timer(0.5)(self._watch_idle)
+        self.app.timer(2.0)(self._send_highwater)
+        self.app.on_partitions_assigned.connect(self._on_assigned)
+        self.app.on_partitions_revoked.connect(self._on_revoked)
+        self.app.on_before_shutdown.connect(self._on_shutdown)
+        # One sending thread keeps messages in order; a full pipe blocks it, not the event loop.
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="pushrec-to-model")
+        self._process: Any = None
+        self._inbox: Any = None  # what the model process reads
+        self._outbox: Any = None  # what it answers
+        self._model_pending = False
+        self._done = 0
+        self._last_activity = time.monotonic()
+
+    def run(self, metrics_port: int | None = None) -> None:
+        """Create missing topics, start the model process (it restores and catches up, and serves
+        /metrics), then run Faust until stopped (never returns)."""
+        kafka = self.settings.kafka
+        ensure_topics(self.kafka, self.names.all, kafka.partitions, kafka.replication_factor)
+        context = multiprocessing.get_context("spawn")
+        model_inbox, self._inbox = context.Pipe(duplex=False)
+        self._outbox, model_outbox = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=model_process,
+            args=(self.settings, self.kafka, self.redis_url, metrics_port, model_inbox, model_outbox),
+            name="pushrec-model",
+        )
+        self._process.start()
+        model_inbox.close()
+        model_outbox.close()
+        while not self._outbox.poll(0.2):
+            self._exit_if_model_ended()
+        kind, _ = self._outbox.recv()
+        assert kind == READY, kind
+        log.info(
+            "worker starting: kafka=%s group=%s topics=%s metrics_port=%s model pid=%d",
+            self.kafka,
+            kafka.consumer_group,
+            ",".join(self.names.all_events),
+            metrics_port,
+            self._process.pid,
+        )
+        faust.Worker(self.app, loglevel=self.settings.log_level, quiet=True).execute_from_commandline()
+
+    async def _agent(self, stream: faust.StreamT) -> None:
+        worker = self.settings.worker
+        async for batch in stream.take_events(worker.batch_max, within=worker.batch_within_s):
+            records = []
+            for event in batch:
+                m = event.message
+                records.append((m.topic, m.partition, m.offset, m.key, event.value, m.timestamp))
+            self._last_activity = time.monotonic()
+            await self._send(RECORDS, records)
+
+    async def _send(self, kind: str, payload: object) -> None:
+        blob = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._sender, self._inbox.send_bytes, blob)
+        except (BrokenPipeError, EOFError, OSError):
+            self._exit_if_model_ended(wait_s=5.0)
+            raise
+
+    async def _request(self, kind: str) -> None:
+        """Send ``kind`` and wait until the model process answers DONE (or ends)."""
+        done = self._done
+        await self._send(kind, None)
+        while self._done == done:
+            self._read_answers()
+            self._exit_if_model_ended()
+            await asyncio.sleep(0.02)
+
+    def _read_answers(self) -> None:
+        while self._outbox.poll(0):
+            kind, payload = self._outbox.recv()
+            if kind == PENDING:
+                self._model_pending = payload
+                self._last_activity = time.monotonic()
+            elif kind == DONE:
+                self._done += 1
+
+    def _exit_if_model_ended(self, wait_s: float = 0.0) -> None:
+        self._process.join(wait_s)
+        code = self._process.exitcode
+        if code is None:
+            return
+        log.critical("the model process ended (exit code %s): stopping the worker", code)
+        logging.shutdown()
+        os._exit(code if code > 0 else EXIT_BUG)
+
+    async def _watch_model(self) -> None:
+        self._read_answers()
+        self._exit_if_model_ended()
+
+    async def _send_highwater(self) -> None:
+        consumer = self.app.consumer
+        ends = {}
+        for tp in consumer.assignment():
+            if tp.topic in self.names.all_events:
+                end = consumer.highwater(tp)
+                if end is not None and end >= 0:
+                    ends[f"{tp.topic}:{tp.partition}"] = end
+        await self._send(HIGHWATER, ends)
+
+    async def _on_assigned(self, sender: object, assigned: set, **_: object) -> None:
+        await self._send(ASSIGNED, len([tp for tp in assigned if tp.topic in self.names.all_events]))
+
+    async def _on_revoked(self, sender: object, revoked: set, **_: object) -> None:
+        if any(tp.topic in self.names.all_events for tp in revoked):
+            await self._request(CHECKPOINT)
+
+    async def _on_shutdown(self, sender: object, **_: object) -> None:
+        await self._request(STOP)
+        self._process.join(30)
+
+    async def _watch_idle(self) -> None:
+        if self.until_idle_s is None or not self.app.consumer.assignment() or self._model_pending:
+            # Idle time counts once we own partitions and every list has reached Redis.
+            self._last_activity = time.monotonic()
+            return
+        idle = time.monotonic() - self._last_activity
+        if idle >= self.until_idle_s:
+            log.info("idle for %.1fs: stopping (--until-idle)", idle)
+            self.until_idle_s = None
+            os.kill(os.getpid(), signal.SIGTERM)  # the same clean path as an operator's SIGTERM
