@@ -492,7 +492,7 @@ class Recommender:
     ) -> TopN:
         ids = self.items.ids
         if not explain:
-            return TopN(user, [ids[r] for r in rows], [float(v) for v in values], model)
+            return TopN(user, [ids[r] for r in rows.tolist()], values.tolist(), model)
         segment, tags = None, []
         taste = self.mf.user_vector(user) if query is not None and self.catalogue is not None else None
         if taste is not None:  # the vector segments learn from (not the session-shifted query)
@@ -500,8 +500,8 @@ class Recommender:
             tags = self.segments.tags(segment)
         return TopN(
             user,
-            [ids[r] for r in rows],
-            [float(v) for v in values],
+            [ids[r] for r in rows.tolist()],
+            values.tolist(),
             model,
             self._explain(rows, state if model == MODEL_NAME else None),
             tags,
