@@ -13,6 +13,10 @@ measured in one run on the same machine, broker and events.
    p50/p99 of event-to-list (record timestamp to Redis write), interpolated within the
    worker's histogram buckets.
 4. evaluate: `pushrec evaluate`'s speed for the product model alone on the same events.
+
+With ``repeat`` > 1, steps 1 and 2 run as that many (ceiling, pipeline) pairs and the pair with
+the median ratio is reported (every pair is in ``pairs``): on a shared machine the speed drifts
+between runs, and a ceiling measured minutes away from its pipeline says little about it.
 """
 
 from __future__ import annotations
@@ -189,6 +193,7 @@ def run_bench(
     fraction: float,
     log: Any,
     memory_users: tuple[int, int] = (10_000, 50_000),
+    repeat: int = 1,
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="pushrec-bench-"))
     lines = load_lines(events, limit)
@@ -216,53 +221,77 @@ def run_bench(
                 replayer.close()
 
         log(f"bench: {n:,} events from {events} ({users:,} users, {items:,} items); work dir {workdir}")
-        # 1. The ceiling.
-        ceiling_run = _Run(base_env, workdir, "c")
-        produce(ceiling_run, Pacing())
-        out = workdir / "ceiling.json"
-        agent = ceiling_run.spawn("pushrec.bench_agent", str(n), str(out), log="ceiling.log")
-        try:
-            wait_for("the trivial agent to decode every event", out.exists, 600, agent)
-        finally:
-            stop_process(agent)
-        seen = json.loads(out.read_text())
-        ceiling = seen["count"] / max(seen["last"] - seen["first"], 1e-9)
-        log(f"ceiling: trivial Faust agent {ceiling:,.0f} events/s")
 
-        # 2. The pipeline on a backlog.
-        pipe_run = _Run(base_env, workdir, "p")
-        produce(pipe_run, Pacing())
-        port = free_port()
-        worker = pipe_run.spawn("pushrec.cli", "worker", "--metrics-port", str(port), log="pipeline.log")
-        # (time, events counted) when counting started and when it reached n; polled every
-        # 0.25 s: scraping /metrics costs the worker CPU (at 50 ms it was 9 % of its samples).
-        first: tuple[float, float] | None = None
-        last = None
-        peak = 0
-        try:
-            deadline = time.monotonic() + 1800
-            while time.monotonic() < deadline:
-                if worker.poll() is not None:
-                    raise RuntimeError(f"the worker exited: see {workdir / 'pipeline.log'}")
+        def ceiling_rate() -> float:
+            run = _Run(base_env, workdir, "c")
+            produce(run, Pacing())
+            out = workdir / f"ceiling-{run.prefix}.json"
+            agent = run.spawn("pushrec.bench_agent", str(n), str(out), log=f"{run.prefix}-ceiling.log")
+            try:
+                wait_for("the trivial agent to decode every event", out.exists, 600, agent)
+            finally:
+                stop_process(agent)
+            seen = json.loads(out.read_text())
+            return seen["count"] / max(seen["last"] - seen["first"], 1e-9)
+
+        def pipeline_rate() -> tuple[float, int]:
+            """The worker's rate on a backlog, and its peak RSS."""
+            run = _Run(base_env, workdir, "p")
+            produce(run, Pacing())
+            port = free_port()
+            log_name = f"{run.prefix}-pipeline.log"
+            worker = run.spawn("pushrec.cli", "worker", "--metrics-port", str(port), log=log_name)
+            # (time, events counted) when counting started and when it reached n; polled every
+            # 0.25 s: scraping /metrics costs the worker CPU (at 50 ms it was 9 % of its samples).
+            first: tuple[float, float] | None = None
+            last = None
+            peak = 0
+            try:
+                deadline = time.monotonic() + 1800
+                while time.monotonic() < deadline:
+                    if worker.poll() is not None:
+                        raise RuntimeError(f"the worker exited: see {workdir / log_name}")
+                    peak = max(peak, _peak_rss(worker.pid))
+                    with contextlib.suppress(OSError):
+                        counted = _counted(port)
+                        now = time.time()
+                        if counted > 0 and first is None:
+                            first = (now, counted)
+                        if counted >= n:
+                            last = now
+                            break
+                    time.sleep(0.25)
+                else:
+                    raise RuntimeError("the pipeline did not finish within 30 minutes")
+            finally:
                 peak = max(peak, _peak_rss(worker.pid))
-                with contextlib.suppress(OSError):
-                    counted = _counted(port)
-                    now = time.time()
-                    if counted > 0 and first is None:
-                        first = (now, counted)
-                    if counted >= n:
-                        last = now
-                        break
-                time.sleep(0.25)
-            else:
-                raise RuntimeError("the pipeline did not finish within 30 minutes")
-        finally:
-            peak = max(peak, _peak_rss(worker.pid))
-            stop_process(worker)
-        assert first is not None and last is not None
-        # Only what was counted after the first sighting ran in the measured interval.
-        pipeline = (n - first[1]) / max(last - first[0], 1e-9)
-        log(f"pipeline: {pipeline:,.0f} events/s; worker peak RSS {peak / 2**20:,.0f} MiB")
+                stop_process(worker)
+            assert first is not None and last is not None
+            # Only what was counted after the first sighting ran in the measured interval.
+            return (n - first[1]) / max(last - first[0], 1e-9), peak
+
+        # 1 and 2, in pairs: this machine's speed drifts between runs, so each pipeline rate is
+        # compared with the ceiling measured just before it.
+        pairs = []
+        peak = 0
+        for k in range(repeat):
+            ceiling = ceiling_rate()
+            pipeline, rss = pipeline_rate()
+            peak = max(peak, rss)
+            pairs.append(
+                {
+                    "ceiling": round(ceiling, 1),
+                    "pipeline": round(pipeline, 1),
+                    "ratio": round(pipeline / ceiling, 3),
+                }
+            )
+            log(
+                f"pair {k + 1}/{repeat}: ceiling (trivial Faust agent) {ceiling:,.0f} events/s, "
+                f"pipeline {pipeline:,.0f} events/s, ratio {pipeline / ceiling:.2f}; "
+                f"worker peak RSS {rss / 2**20:,.0f} MiB"
+            )
+        median = sorted(pairs, key=lambda p: p["ratio"])[(len(pairs) - 1) // 2]
+        ceiling, pipeline = median["ceiling"], median["pipeline"]
 
         # 3. Latency at a fraction of that rate.
         lat_run = _Run(base_env, workdir, "l")
@@ -302,7 +331,8 @@ def run_bench(
         "events": n,
         "pipeline_events_per_s": round(pipeline, 1),
         "ceiling_events_per_s": round(ceiling, 1),
-        "ratio": round(pipeline / ceiling, 3),
+        "ratio": median["ratio"],
+        "pairs": pairs,
         "latency_p50_s": round(p50, 4),
         "latency_p99_s": round(p99, 4),
         "latency_rate_events_per_s": round(rate, 1),

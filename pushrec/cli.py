@@ -210,12 +210,21 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     small, large = args.memory_users
     if not small < large:
         raise UsageError("--memory-users: the first size must be smaller than the second")
-    result = run_bench(settings, events, args.events_max, args.fraction, log.info, (small, large))
+    result = run_bench(
+        settings, events, args.events_max, args.fraction, log.info, (small, large), args.repeat
+    )
     lines = [
         f"pushrec bench: {result['events']:,} events ({result['users']:,} users, {result['items']:,} items)",
         f"  ceiling (trivial Faust agent)  {result['ceiling_events_per_s']:>10,.0f} events/s",
         f"  pipeline (worker, backlog)     {result['pipeline_events_per_s']:>10,.0f} events/s"
-        f"   ratio {result['ratio']:.2f}",
+        f"   ratio {result['ratio']:.2f}"
+        + (
+            f" (median of {len(result['pairs'])} pairs: "
+            + ", ".join(f"{p['ratio']:.2f}" for p in result["pairs"])
+            + ")"
+            if len(result["pairs"]) > 1
+            else ""
+        ),
         f"  event-to-list at {result['latency_rate_events_per_s']:,.0f}/s   "
         f"p50 {result['latency_p50_s'] * 1000:.0f} ms   p99 {result['latency_p99_s'] * 1000:.0f} ms",
         f"  evaluate (pushrec model)       {result['evaluate_events_per_s']:>10,.0f} events/s",
@@ -553,6 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--events-max", type=_positive_int, default=50_000, metavar="N", help="events used")
     bench.add_argument(
         "--fraction", type=_positive, default=0.5, help="latency is measured at this share of the rate"
+    )
+    bench.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="measure ceiling and pipeline as N alternating pairs; report the median ratio (default: 1)",
     )
     bench.add_argument(
         "--memory-users",
