@@ -117,13 +117,23 @@ class Ingest:
                 m = event.message
                 records.append((m.topic, m.partition, m.offset, m.key, event.value, m.timestamp))
             self._last_activity = time.monotonic()
-            await self._send(RECORDS, records)
+            try:
+                await self._send(RECORDS, records)
+            except Exception:
+                # Faust would restart the agent and this batch would never reach the model while
+                # the offsets move on. Exit instead: the restart re-reads it from Kafka.
+                log.critical(
+                    "could not hand %d records to the model process; exiting", len(records), exc_info=True
+                )
+                self._process.kill()
+                logging.shutdown()
+                os._exit(EXIT_BUG)
 
     async def _send(self, kind: str, payload: object) -> None:
         blob = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             await asyncio.get_running_loop().run_in_executor(self._sender, self._inbox.send_bytes, blob)
-        except (BrokenPipeError, EOFError, OSError):
+        except OSError:  # a broken pipe: the model process is ending; exit with its code
             self._exit_if_model_ended(wait_s=5.0)
             raise
 

@@ -358,8 +358,11 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
                 settings.model.content_encoder,
             )
         dataset = path.parent.name if path.name.startswith("events.") else path.name.split(".")[0]
-        with tqdm(
-            desc=f"evaluate {dataset}", unit=" ev", disable=not sys.stderr.isatty(), file=sys.stderr
+        with tqdm(  # counts events x models: each model replays the whole log in turn
+            desc=f"evaluate {dataset} ({len(models)} models)",
+            unit=" ev",
+            disable=not sys.stderr.isatty(),
+            file=sys.stderr,
         ) as bar:
             report = evaluate(events(path), models, k=args.k, dataset=dataset, progress=bar.update)
         log.info("evaluated %s: %d events, %d targets", dataset, report.events, report.targets)
