@@ -173,6 +173,12 @@ class RefreshWorker:
         self._write_lock = asyncio.Lock()
         self._reported_pending = False
         self._outbox: Connection | None = None
+        # Behind (more records already waiting), a user touched in consecutive batches is
+        # re-ranked once per REFRESH_MAX_DELAY_S instead of once per batch: the backlog drains
+        # sooner and no list waits longer than that (plus one batch).
+        self._behind: Callable[[], bool] = lambda: False
+        self._pending_since = 0.0
+        self._refresh_max_delay_s = settings.worker.refresh_max_delay_s
 
     def _new_store(self) -> RedisTopNStore:
         client = connect(self.redis_url, self.settings.redis.retries)
@@ -191,6 +197,7 @@ class RefreshWorker:
         the Faust process wait on a full pipe instead of buffering records here."""
         self._outbox = outbox
         await self.restore_and_catch_up()
+        self._behind = lambda: inbox.poll(0)  # read only between messages: no reader is waiting
         outbox.send((READY, None))
         loop = asyncio.get_running_loop()
         reader = ThreadPoolExecutor(1, thread_name_prefix="pushrec-inbox")
@@ -289,9 +296,12 @@ class RefreshWorker:
             for kind, count in processed.items():
                 self.metrics.events.labels(kind, "processed").inc(count)
             self.metrics.hit_rate.set(self.pipeline.hit_rate.value)
+            if not self._unwritten:
+                self._pending_since = time.monotonic()
             self._unwritten.update(dict.fromkeys(users))
             self._unwritten_sent_at.extend(sent_at)
-        await self.write_unwritten()
+        if not self._behind() or time.monotonic() - self._pending_since >= self._refresh_max_delay_s:
+            await self.write_unwritten()
 
     def _held(self, record: Record) -> bool:
         """Whether the model already holds this record (its offset is below the partition's next)."""

@@ -134,6 +134,12 @@ class WorkerSettings(_Section):
 
     batch_max: int = Field(500, ge=1, description="events per micro-batch at most")
     batch_within_s: float = Field(0.05, gt=0, description="wait at most this for a batch to fill")
+    refresh_max_delay_s: float = Field(
+        0.5,
+        ge=0,
+        description="when behind (more records already waiting), re-rank touched users at most this "
+        "often instead of after every batch; 0 = after every batch",
+    )
 
 
 class PushSettings(_Section):

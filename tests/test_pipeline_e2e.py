@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -178,12 +179,18 @@ def test_replay_through_real_broker_worker_and_valkey(hermetic: Hermetic) -> Non
 
 
 def test_worker_and_in_process_pipeline_give_the_same_lists(hermetic: Hermetic) -> None:
-    """One partition, fixed seed, batch of one: if the lists differ, the transport changed the answer."""
+    """One partition, fixed seed, batch of one, a re-rank after every batch: if the lists differ,
+    the transport changed the answer."""
     log = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 800)  # purchases: one topic, one partition
     replay = run_cli(hermetic, "replay", str(log), "--json")
     assert replay.returncode == 0, replay.stderr
     worker = hermetic.spawn(
-        "worker", "--until-idle", "3", log_name="worker.log", PUSHREC_WORKER__BATCH_MAX="1"
+        "worker",
+        "--until-idle",
+        "3",
+        log_name="worker.log",
+        PUSHREC_WORKER__BATCH_MAX="1",
+        PUSHREC_WORKER__REFRESH_MAX_DELAY_S="0",
     )
     try:
         worker.wait(timeout=180)
@@ -204,3 +211,45 @@ def test_worker_and_in_process_pipeline_give_the_same_lists(hermetic: Hermetic) 
         assert [i["item_id"] for i in items] == top.items, user
         assert [i["score"] for i in items] == pytest.approx(top.scores, abs=1e-6)
     assert len(expected) >= 30
+
+
+def test_a_worker_behind_re_ranks_each_user_once_per_interval_and_loses_no_list(hermetic: Hermetic) -> None:
+    """On a backlog (records already waiting), touched users are re-ranked at most every
+    REFRESH_MAX_DELAY_S instead of after every batch; every user still ends with a list that
+    counts all their events (the last re-rank comes after their last event)."""
+    log = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 800)  # purchases: one topic, one partition
+    assert run_cli(hermetic, "replay", str(log)).returncode == 0
+    port = free_port()
+    env = {"PUSHREC_WORKER__BATCH_MAX": "1", "PUSHREC_WORKER__REFRESH_MAX_DELAY_S": "2"}
+    worker = hermetic.spawn("worker", "--metrics-port", str(port), log_name="worker.log", **env)
+    try:
+        wait_for(
+            "the backlog to be learned",
+            lambda: metric_sum(scrape(port), "pushrec_events_total", outcome="processed") >= 800,
+            180,
+            worker,
+        )
+        users = {json.loads(line)["user_id"] for line in log.read_bytes().splitlines()}
+        wait_for(  # what is still pending after the last batch is written within a second
+            "every user's list",
+            lambda: metric_sum(scrape(port), "pushrec_list_refreshes_total") >= len(users),
+            30,
+        )
+        refreshes = metric_sum(scrape(port), "pushrec_list_refreshes_total")
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    finally:
+        stop_process(worker)
+    # 800 batches of one; re-ranked after every batch that would be 800 list writes.
+    assert refreshes < 400, refreshes
+    bought: dict[str, set[str]] = {}
+    for line in log.read_bytes().splitlines():
+        event = json.loads(line)
+        bought.setdefault(event["user_id"], set()).add(event["item_id"])
+    client = redis.Redis.from_url(hermetic.servers.redis_url)
+    for user, items in bought.items():
+        stored = client.hgetall(f"{hermetic.prefix}:recs:{user}")
+        assert stored, user  # nobody's list was lost
+        # Ranked before the user's last purchase, a list could still hold that item (not yet
+        # consumed then); ranked after all of them, it holds none.
+        assert not items & {i["item_id"] for i in orjson.loads(stored[b"items"])}, user

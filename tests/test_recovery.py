@@ -26,7 +26,13 @@ from tests.test_pipeline_e2e import head, run_cli, wait_joined
 
 pytestmark = pytest.mark.integration
 
-WORKER_ENV = {"PUSHREC_WORKER__BATCH_MAX": "1", "PUSHREC_CHECKPOINT__EVERY_S": "0.3"}
+# Batch of one and a re-rank after every batch (no deferral when behind): the boundaries of
+# learning and of ranking are then fixed, so stored lists can be compared exactly.
+WORKER_ENV = {
+    "PUSHREC_WORKER__BATCH_MAX": "1",
+    "PUSHREC_WORKER__REFRESH_MAX_DELAY_S": "0",
+    "PUSHREC_CHECKPOINT__EVERY_S": "0.3",
+}
 
 
 def run_worker_to_idle(hermetic: Hermetic, log_name: str, **env: str) -> None:
