@@ -193,7 +193,7 @@ def run_bench(
     fraction: float,
     log: Any,
     memory_users: tuple[int, int] = (10_000, 50_000),
-    repeat: int = 1,
+    repeat: int = 3,
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="pushrec-bench-"))
     lines = load_lines(events, limit)

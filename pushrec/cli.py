@@ -569,9 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--repeat",
         type=_positive_int,
-        default=1,
+        default=3,
         metavar="N",
-        help="measure ceiling and pipeline as N alternating pairs; report the median ratio (default: 1)",
+        help="measure ceiling and pipeline as N alternating pairs; report the median ratio (default: 3)",
     )
     bench.add_argument(
         "--memory-users",
