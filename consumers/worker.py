@@ -172,11 +172,12 @@ class RefreshWorker:
         self._unwritten_sent_at = array("d")
         self._write_lock = asyncio.Lock()
         self._reported_pending = False
+        # The pipes to the Faust process (set by serve; no inbox until caught up).
+        self._inbox: Connection | None = None
         self._outbox: Connection | None = None
         # Behind (more records already waiting), a user touched in consecutive batches is
         # re-ranked once per REFRESH_MAX_DELAY_S instead of once per batch: the backlog drains
         # sooner and no list waits longer than that (plus one batch).
-        self._behind: Callable[[], bool] = lambda: False
         self._pending_since = 0.0
         self._refresh_max_delay_s = settings.worker.refresh_max_delay_s
 
@@ -197,7 +198,7 @@ class RefreshWorker:
         the Faust process wait on a full pipe instead of buffering records here."""
         self._outbox = outbox
         await self.restore_and_catch_up()
-        self._behind = lambda: inbox.poll(0)  # read only between messages: no reader is waiting
+        self._inbox = inbox
         outbox.send((READY, None))
         loop = asyncio.get_running_loop()
         reader = ThreadPoolExecutor(1, thread_name_prefix="pushrec-inbox")
@@ -235,6 +236,10 @@ class RefreshWorker:
             if self._producer is not None:
                 self._producer.close(timeout=10)
             await self.store.client.aclose()
+
+    def _behind(self) -> bool:
+        """More records are already waiting (read only between messages: no reader is waiting)."""
+        return self._inbox is not None and self._inbox.poll(0)
 
     def _report_pending(self) -> None:
         """Tell the Faust process when lists start or stop waiting for Redis (its idle watch)."""
