@@ -76,6 +76,7 @@ class Ingest:
         self._inbox: Any = None  # what the model process reads
         self._outbox: Any = None  # what it answers
         self._model_pending = False
+        self._ready = False
         self._done = 0
         self._last_activity = time.monotonic()
 
@@ -95,10 +96,11 @@ class Ingest:
         self._process.start()
         model_inbox.close()
         model_outbox.close()
-        while not self._outbox.poll(0.2):
+        # PENDING may come first: catch-up writes lists, and Redis may refuse them.
+        while not self._ready:
+            if self._outbox.poll(0.2):
+                self._read_answers()
             self._exit_if_model_ended()
-        kind, _ = self._outbox.recv()
-        assert kind == READY, kind
         log.info(
             "worker starting: kafka=%s group=%s topics=%s metrics_port=%s model pid=%d",
             self.kafka,
@@ -154,6 +156,8 @@ class Ingest:
                 self._last_activity = time.monotonic()
             elif kind == DONE:
                 self._done += 1
+            elif kind == READY:
+                self._ready = True
 
     def _exit_if_model_ended(self, wait_s: float = 0.0) -> None:
         self._process.join(wait_s)
