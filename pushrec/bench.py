@@ -8,7 +8,8 @@ measured in one run on the same machine, broker and events.
    dedupe, learn, re-rank, Redis write, checkpoints as configured); rate = events counted between
    the first sighting of a count and the last event / that interval, from its /metrics, polled
    every 0.25 s. A backlog is consumed as fast as the worker can: that rate is its maximum
-   sustainable rate. Peak RSS is the VmHWM of the worker's two processes (Faust and model), summed.
+   sustainable rate. Peak RSS is the VmHWM of the worker's processes (Faust, model and
+   multiprocessing's resource tracker), summed.
 3. latency: a fresh worker, then the events replayed at ``fraction`` x the pipeline rate;
    p50/p99 of event-to-list (record timestamp to Redis write), interpolated within the
    worker's histogram buckets.
@@ -112,8 +113,9 @@ def _counted(port: int) -> float:
 
 
 def _peak_rss(pid: int) -> int:
-    """VmHWM of the process plus that of its child processes (the worker's model process): the
-    sum of each process's own peak, an upper bound of their peak together."""
+    """VmHWM of the process plus that of its child processes (the worker's model process and
+    multiprocessing's resource tracker): the sum of each process's own peak, an upper bound of
+    their peak together."""
     total = 0
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
