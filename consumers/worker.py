@@ -254,7 +254,7 @@ class RefreshWorker:
         ``dead_letter=False`` for the catch-up after a restart: those records were fully handled
         before the crash, only the model forgot them.
         """
-        limits = self.settings.events
+        limits = self.settings.events.limits
         decoded: list[tuple[Record, Event | None]] = []
         catalogue = [r for r in records if r.topic == self.names.items]
         if catalogue:
@@ -263,12 +263,7 @@ class RefreshWorker:
         for record in records:
             kind = self.names.type_of(record.topic)
             try:
-                event = decode_event(
-                    record.value,
-                    max_payload_bytes=limits.max_payload_bytes,
-                    max_id_length=limits.max_id_length,
-                    expected_type=kind,
-                )
+                event = decode_event(record.value, limits, expected_type=kind)
             except BadEvent as bad:
                 if dead_letter and not self._held(record):
                     await self._dead_letter(record, kind, bad)
@@ -296,8 +291,18 @@ class RefreshWorker:
         if good:
             started = time.perf_counter()
             fail_point("worker.learn")
+            refused_before = self.pipeline.recommender.refused_updates
             users = self.pipeline.learn(good)
             self.metrics.model_update.observe(time.perf_counter() - started)
+            refused = self.pipeline.recommender.refused_updates - refused_before
+            if refused:
+                self.metrics.refused_updates.inc(refused)
+                log.warning(
+                    "%d of %d events' model updates refused: they would have left factors non-finite "
+                    "or exploding (see pushrec_model_refused_updates_total)",
+                    refused,
+                    len(good),
+                )
             for kind, count in processed.items():
                 self.metrics.events.labels(kind, "processed").inc(count)
             self.metrics.hit_rate.set(self.pipeline.hit_rate.value)
@@ -318,17 +323,11 @@ class RefreshWorker:
     async def handle_items(self, records: Sequence[Record], dead_letter: bool = True) -> None:
         """Catalogue records: store each item in Redis and let the model embed the new or changed
         ones (one batch). Announcing an item twice changes nothing, so redelivery is harmless."""
-        limits = self.settings.events
+        limits = self.settings.events.limits
         items: list[Item] = []
         for record in records:
             try:
-                items.append(
-                    decode_item(
-                        record.value,
-                        max_payload_bytes=limits.max_payload_bytes,
-                        max_id_length=limits.max_id_length,
-                    )
-                )
+                items.append(decode_item(record.value, limits))
             except BadEvent as bad:
                 if dead_letter and not self._held(record):
                     await self._dead_letter(record, None, bad)

@@ -67,6 +67,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.refused_updates = Counter(
+            "pushrec_model_refused_updates",
+            "Model updates undone because they would have left a factor non-finite or past its norm "
+            "bound (a bad input the codec let through, or a learning rate that diverges).",
+            registry=r,
+        )
         self.catalogue_items = Counter(
             "pushrec_catalogue_items",
             "Catalogue records by outcome (embedded: new or changed text; unchanged; dead_letter).",

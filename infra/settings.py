@@ -16,7 +16,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from online_models.mf import MAX_WEIGHT
 from online_models.recommender import DEFAULT_TYPE_WEIGHTS
+from stream.events import EventLimits
 
 
 class _Section(BaseModel):
@@ -52,10 +54,26 @@ class RedisSettings(_Section):
 
 
 class EventSettings(_Section):
-    """What counts as a well-formed event."""
+    """What counts as a well-formed event (anything else is dead-lettered)."""
 
     max_payload_bytes: int = Field(64 * 1024, ge=64)
     max_id_length: int = Field(256, ge=1)
+    min_rating: float = Field(0.0, ge=0, description="lowest rating accepted (the model reads 0-5 stars)")
+    max_rating: float = Field(5.0, gt=0, le=5, description="highest rating accepted (bad_field above)")
+    min_ts: float = Field(0.0, description="earliest event time accepted, unix seconds")
+    max_ts: float = Field(
+        4_102_444_800.0, description="latest event time accepted (default 2100-01-01: refuses milliseconds)"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EventSettings:
+        if self.min_rating > self.max_rating or self.min_ts >= self.max_ts:
+            raise ValueError("min_rating must not exceed max_rating, and min_ts must be below max_ts")
+        return self
+
+    @property
+    def limits(self) -> EventLimits:
+        return EventLimits(**self.model_dump())
 
 
 class ModelSettings(_Section):
@@ -115,6 +133,8 @@ class ModelSettings(_Section):
         unknown = set(weights) - set(DEFAULT_TYPE_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown event type(s) {sorted(unknown)}")
+        if not all(0.0 <= w <= MAX_WEIGHT for w in weights.values()):
+            raise ValueError(f"each weight must lie in [0, {MAX_WEIGHT:g}]")
         return weights
 
 

@@ -8,21 +8,34 @@ costs ~24 µs instead of ~65-100 µs item-major (BLAS handles many short rows ba
 
 >>> mf = ImplicitMF(n_factors=4, seed=1)
 >>> for _ in range(50):
-...     mf.learn_one("alice", "apple", weight=1.0, negatives=["pear"])
+...     _ = mf.learn_one("alice", "apple", weight=1.0, negatives=["pear"])
 >>> s = mf.score_many("alice")
 >>> bool(s[mf.items.row("apple")] > s[mf.items.row("pear")])
 True
 >>> mf.score_many("nobody") is None, "nobody" in mf
 (True, False)
+
+No update may leave a factor non-finite or past ``MAX_FACTOR_NORM``: such an update is undone
+and counted, whatever its input.
+
+>>> mf.learn_one("alice", "apple", weight=1e300), mf.refused
+(False, 1)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 from river import optim, reco
+
+# Largest confidence one event may carry (the settings' type weights stay within it).
+MAX_WEIGHT = 10.0
+# Largest norm a factor vector may reach. The shared logs' largest is 3.5 (users and items,
+# default settings); an update past this is a bad input or a learning rate that diverges.
+MAX_FACTOR_NORM = 100.0
 
 
 class ItemIndex:
@@ -78,29 +91,51 @@ class ImplicitMF:
             seed=seed,
         )
         self.n_factors = n_factors
-        self._losses: dict[float, optim.losses.Log] = {}
+        # One positive loss whose weight is set per event (a cache per weight would let a
+        # producer grow the worker's memory one distinct rating at a time).
+        self._positive_loss = optim.losses.Log() if self._logistic else self._negative_loss
+        self.refused = 0  # updates undone by the guard (see learn_one)
         self._matrix = np.zeros((n_factors, 1024), dtype=np.float32)  # factor-major: see above
 
     def __contains__(self, user: object) -> bool:
         return user in self._mf.u_latents
 
-    def learn_one(self, user: str, item: str, weight: float, negatives: Iterable[str] = ()) -> None:
-        """One positive ``(user, item)`` of confidence ``weight``, and a negative per sampled item."""
-        # River's Log loss takes labels in {0, 1}; the confidence rides on its positive weight.
-        self._mf.loss = self._positive_loss(weight) if self._logistic else self._negative_loss
-        self._mf.learn_one(user, item, True)
-        self._sync(item)
-        self._mf.loss = self._negative_loss
-        for negative in negatives:
-            if negative != item:
-                self._mf.learn_one(user, negative, False)
-                self._sync(negative)
+    def learn_one(self, user: str, item: str, weight: float, negatives: Iterable[str] = ()) -> bool:
+        """One positive ``(user, item)`` of confidence ``weight``, and a negative per sampled item.
 
-    def _positive_loss(self, weight: float) -> optim.losses.Log:
-        loss = self._losses.get(weight)
-        if loss is None:
-            loss = self._losses[weight] = optim.losses.Log(weight_pos=weight)
-        return loss
+        Refused (False, counted in :attr:`refused`, nothing changed) when ``weight`` is not in
+        [0, ``MAX_WEIGHT``] or the step would leave a touched factor non-finite or longer than
+        ``MAX_FACTOR_NORM``: one bad event must not poison every score."""
+        touched = [item, *(n for n in negatives if n != item)]
+        if not 0.0 <= weight <= MAX_WEIGHT:  # also False for NaN
+            self.refused += 1
+            return False
+        users, items = self._mf.u_latents, self._mf.i_latents
+        before = {name: items[name].copy() for name in touched if name in items}
+        user_before = users[user].copy() if user in users else None
+        # River's Log loss takes labels in {0, 1}; the confidence rides on its positive weight.
+        if self._logistic:
+            self._positive_loss.weight_pos = weight
+        self._mf.loss = self._positive_loss
+        self._mf.learn_one(user, item, True)
+        self._mf.loss = self._negative_loss
+        for negative in touched[1:]:
+            self._mf.learn_one(user, negative, False)
+        if _sane(users[user]) and all(_sane(items[name]) for name in touched):
+            for name in touched:
+                self._sync(name)
+            return True
+        self.refused += 1
+        if user_before is None:
+            del users[user]
+        else:
+            users[user] = user_before
+        for name in touched:
+            if name in before:
+                items[name] = before[name]
+            else:
+                del items[name]
+        return False
 
     def user_vector(self, user: str) -> np.ndarray | None:
         latents = self._mf.u_latents
@@ -189,6 +224,11 @@ class ImplicitMF:
             grown = np.zeros((self.n_factors, max(rows, 2 * size)), dtype=np.float32)
             grown[:, :size] = self._matrix
             self._matrix = grown
+
+
+def _sane(vector: np.ndarray) -> bool:
+    norm = math.sqrt(float(vector @ vector))  # NaN or inf when any entry is
+    return norm <= MAX_FACTOR_NORM
 
 
 def _stack(vectors: Iterable[np.ndarray], n_factors: int) -> np.ndarray:

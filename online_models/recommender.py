@@ -233,8 +233,15 @@ class Recommender:
     def n_users(self) -> int:
         return len(self._users)
 
+    @property
+    def refused_updates(self) -> int:
+        """Factor updates undone because they would have left a factor non-finite or exploding."""
+        return self.mf.refused
+
     def learn_one(self, user: str, item: str, kind: str, ts: float, rating: float | None = None) -> None:
         """Update popularity, the user's history and (for positive events) the factors."""
+        if not math.isfinite(ts):
+            raise ValueError(f"event time {ts!r} is not finite")
         row = self.items.add(item)
         if self._stream_rows is not None and row not in self._in_stream:
             self._in_stream.add(row)
@@ -256,15 +263,17 @@ class Recommender:
         if not is_positive(kind, rating):
             return
         weight = self.type_weights.get(kind, 1.0)
-        if kind == "rating" and rating is not None:
-            weight *= rating / 5.0
+        if kind == "rating" and rating is not None:  # 0-5 stars (the codec refuses the rest)
+            weight *= min(max(rating, 0.0), 5.0) / 5.0
         if row not in state.consumed:
             self._remember(state, row, weight, ts)
         self.popularity.learn_one(row, weight, ts)
         negatives = self._sample_negatives()
         if self.catalogue is not None:
             self._warm_start(item, negatives)
-        self.mf.learn_one(user, item, weight, negatives)
+        if not self.mf.learn_one(user, item, weight, negatives):
+            log.debug("update of %r by %r refused: factors would be non-finite or exploding", user, item)
+            return
         self._positives.add(row)
         if self._ann is not None:
             self._ann.changed([row, *map(self.items.row, negatives)])

@@ -214,9 +214,7 @@ def run_bench(
         def produce(run: _Run, pacing: Pacing) -> None:
             names = TopicNames(run.prefix)
             ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
-            replayer = Replayer(
-                kafka, names, settings.events.max_payload_bytes, settings.events.max_id_length
-            )
+            replayer = Replayer(kafka, names, settings.events.limits)
             try:
                 replayer.replay(log_path, pacing=pacing, progress=False)
             finally:

@@ -127,7 +127,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     require_servers(kafka, None)
     names = TopicNames(settings.kafka.topic_prefix)
     ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
-    replayer = Replayer(kafka, names, settings.events.max_payload_bytes, settings.events.max_id_length)
+    replayer = Replayer(kafka, names, settings.events.limits)
     try:
         summary = replayer.replay(args.events, args.items, Pacing(rate=args.rate, speedup=args.speedup))
     finally:
@@ -327,11 +327,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     def events(path: Path):  # type: ignore[no-untyped-def]
         for number, line in read_lines(path):
             try:
-                yield decode_event(
-                    line,
-                    max_payload_bytes=settings.events.max_payload_bytes,
-                    max_id_length=settings.events.max_id_length,
-                )
+                yield decode_event(line, settings.events.limits)
             except BadEvent as bad:
                 log.warning("%s line %d skipped: %s", path, number, bad)
 
@@ -383,7 +379,7 @@ def _announce_items(path: Path, models: Iterable[object], settings: Settings) ->
     items = []
     for number, line in read_lines(path):
         try:
-            items.append(decode_item(line, max_id_length=settings.events.max_id_length))
+            items.append(decode_item(line, settings.events.limits))
         except BadEvent as bad:
             log.warning("%s line %d skipped: %s", path, number, bad)
     ids, titles, categories = (

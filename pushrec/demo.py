@@ -113,8 +113,7 @@ def run_demo(settings: Settings, users_to_show: int = 3) -> int:
         replayer = Replayer(
             KafkaAccess(state.kafka_bootstrap),
             names,
-            settings.events.max_payload_bytes,
-            settings.events.max_id_length,
+            settings.events.limits,
         )
         try:
             summary = replayer.replay(SAMPLE_EVENTS, SAMPLE_ITEMS, Pacing())

@@ -20,8 +20,6 @@ from typing import Any
 import orjson
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rating")
-DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
-DEFAULT_MAX_ID_LENGTH = 256
 
 
 class Reason(enum.StrEnum):
@@ -47,6 +45,23 @@ class BadEvent(ValueError):
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class EventLimits:
+    """What a well-formed record may hold; anything outside is dead-lettered (``infra.settings``
+    builds one from ``PUSHREC_EVENTS__*``). The bounds on values keep one producer's bug from
+    reaching the model: a rating of 1e300 or a timestamp in milliseconds is refused here."""
+
+    max_payload_bytes: int = 64 * 1024
+    max_id_length: int = 256
+    min_rating: float = 0.0
+    max_rating: float = 5.0
+    min_ts: float = 0.0
+    max_ts: float = 4_102_444_800.0  # 2100-01-01: a millisecond timestamp (1.7e12) is far past it
+
+
+DEFAULT_LIMITS = EventLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +149,12 @@ def _number(obj: dict[str, Any], name: str, required: bool) -> float | None:
     return number
 
 
+def _bounded(value: float | None, name: str, low: float, high: float, unit: str = "") -> float | None:
+    if value is not None and not low <= value <= high:
+        raise BadEvent(Reason.BAD_FIELD, f"{name} {value:g} is outside [{low:g}, {high:g}]{unit}")
+    return value
+
+
 def _load_object(raw: bytes, max_payload_bytes: int) -> dict[str, Any]:
     """The JSON object in ``raw``, or :class:`BadEvent` saying why there is none."""
     if len(raw) > max_payload_bytes:
@@ -148,14 +169,17 @@ def _load_object(raw: bytes, max_payload_bytes: int) -> dict[str, Any]:
 
 
 def decode_event(
-    raw: bytes,
-    *,
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-    max_id_length: int = DEFAULT_MAX_ID_LENGTH,
-    expected_type: str | None = None,
+    raw: bytes, limits: EventLimits = DEFAULT_LIMITS, *, expected_type: str | None = None
 ) -> Event:
-    """Parse and validate one record; raise :class:`BadEvent` for anything that is not an event."""
-    obj = _load_object(raw, max_payload_bytes)
+    """Parse and validate one record; raise :class:`BadEvent` for anything that is not an event.
+
+    >>> decode_event(b'{"event_id": "e", "type": "rating", "user_id": "u", "item_id": "i", '
+    ...              b'"ts": 1, "rating": 1e300}')
+    Traceback (most recent call last):
+    ...
+    stream.events.BadEvent: bad_field: rating 1e+300 is outside [0, 5]
+    """
+    obj = _load_object(raw, limits.max_payload_bytes)
 
     kind = obj.get("type")
     if kind is None:
@@ -166,15 +190,16 @@ def decode_event(
     if expected_type is not None and kind != expected_type:
         raise BadEvent(Reason.WRONG_TOPIC, f"a {kind} event on the {expected_type} topic")
 
-    event_id, user_id, item_id = (_text(obj, n, max_id_length, True) for n in _ID_FIELDS)
-    ts = _number(obj, "ts", True)
+    event_id, user_id, item_id = (_text(obj, n, limits.max_id_length, True) for n in _ID_FIELDS)
+    ts = _bounded(_number(obj, "ts", True), "ts", limits.min_ts, limits.max_ts, " (seconds since the epoch)")
     rating, price = (_number(obj, n, False) for n in _FLOAT_FIELDS)
+    rating = _bounded(rating, "rating", limits.min_rating, limits.max_rating)
     quantity = obj.get("quantity")
     if quantity is not None and (isinstance(quantity, bool) or not isinstance(quantity, int)):
         raise BadEvent(Reason.BAD_FIELD, f"quantity must be an integer, got {type(quantity).__name__}")
     if kind == "rating" and rating is None:
         raise BadEvent(Reason.MISSING_FIELD, "a rating event needs rating")
-    session_id = _text(obj, "session_id", max_id_length, False)
+    session_id = _text(obj, "session_id", limits.max_id_length, False)
     return Event(
         event_id=event_id,  # type: ignore[arg-type]
         type=kind,
@@ -201,20 +226,15 @@ class Item:
     price: float | None = None
 
 
-def decode_item(
-    raw: bytes,
-    *,
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-    max_id_length: int = DEFAULT_MAX_ID_LENGTH,
-) -> Item:
+def decode_item(raw: bytes, limits: EventLimits = DEFAULT_LIMITS) -> Item:
     """Parse and validate one catalogue record; raise :class:`BadEvent` (same reasons) if it is not one.
 
     >>> decode_item(b'{"item_id": "1", "title": "Toy Story (1995)", "category": "Animation"}').title
     'Toy Story (1995)'
     """
-    obj = _load_object(raw, max_payload_bytes)
+    obj = _load_object(raw, limits.max_payload_bytes)
     return Item(
-        item_id=_text(obj, "item_id", max_id_length, True),  # type: ignore[arg-type]
+        item_id=_text(obj, "item_id", limits.max_id_length, True),  # type: ignore[arg-type]
         title=_text(obj, "title", MAX_TEXT_LENGTH, False),
         category=_text(obj, "category", MAX_TEXT_LENGTH, False),
         price=_number(obj, "price", False),

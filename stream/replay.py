@@ -16,7 +16,7 @@ from kafka.errors import KafkaError
 from tqdm import tqdm
 
 from infra.kafka import KafkaAccess
-from stream.events import BadEvent, decode_event
+from stream.events import DEFAULT_LIMITS, BadEvent, EventLimits, decode_event
 from stream.topics import TopicNames
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -88,13 +88,10 @@ class ReplaySummary:
 class Replayer:
     """A kafka-python producer that keeps per-user order (one in-flight request, acks=all)."""
 
-    def __init__(
-        self, kafka: KafkaAccess, names: TopicNames, max_payload_bytes: int, max_id_length: int
-    ) -> None:
+    def __init__(self, kafka: KafkaAccess, names: TopicNames, limits: EventLimits = DEFAULT_LIMITS) -> None:
         self.names = names
         self.failed: list[str] = []
-        self.max_payload_bytes = max_payload_bytes
-        self.max_id_length = max_id_length
+        self.limits = limits
         try:
             self.producer = KafkaProducer(
                 **kafka.client_options(),
@@ -138,11 +135,7 @@ class Replayer:
         with tqdm(desc="replay", unit=" ev", disable=not show, file=sys.stderr) as bar:
             for number, line in read_lines(events):
                 try:
-                    event = decode_event(
-                        line,
-                        max_payload_bytes=self.max_payload_bytes,
-                        max_id_length=self.max_id_length,
-                    )
+                    event = decode_event(line, self.limits)
                 except BadEvent as bad:
                     summary.rejected.append((number, bad.reason.value, bad.detail))
                     continue

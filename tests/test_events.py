@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream.events import EVENT_TYPES, BadEvent, Event, Reason, decode_event, encode_event
+from stream.events import EVENT_TYPES, BadEvent, Event, EventLimits, Reason, decode_event, encode_event
 
 VALID = {"event_id": "e1", "type": "click", "user_id": "u1", "item_id": "i1", "ts": 1.5}
 
@@ -53,6 +53,12 @@ CORPUS = [
     (raw(user_id="u" * 300), Reason.ID_TOO_LONG),
     (raw(session_id="s" * 300), Reason.ID_TOO_LONG),
     (raw(extra="x" * 70_000), Reason.OVERSIZED),
+    # Values no shop sends (issue 19, item 6: one rating of 1e300 poisoned every list).
+    (raw(type="rating", rating=1e300), Reason.BAD_FIELD),
+    (raw(type="rating", rating=-3), Reason.BAD_FIELD),
+    (raw(type="rating", rating=1e9), Reason.BAD_FIELD),
+    (raw(ts=1_700_000_000_000), Reason.BAD_FIELD),  # milliseconds
+    (raw(ts=-1.0), Reason.BAD_FIELD),
 ]
 
 
@@ -73,11 +79,15 @@ def test_event_on_the_wrong_topic_is_rejected() -> None:
 
 def test_limits_are_configurable() -> None:
     with pytest.raises(BadEvent) as info:
-        decode_event(raw(), max_payload_bytes=20)
+        decode_event(raw(), EventLimits(max_payload_bytes=20))
     assert info.value.reason is Reason.OVERSIZED
     with pytest.raises(BadEvent) as info:
-        decode_event(raw(user_id="abcd"), max_id_length=3)
+        decode_event(raw(user_id="abcd"), EventLimits(max_id_length=3))
     assert info.value.reason is Reason.ID_TOO_LONG
+    stars = EventLimits(min_rating=1.0)
+    assert decode_event(raw(type="rating", rating=1.0), stars).rating == 1.0
+    with pytest.raises(BadEvent, match=r"rating 0 is outside \[1, 5\]"):
+        decode_event(raw(type="rating", rating=0), stars)
 
 
 @given(st.binary(max_size=300))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from online_models.mf import MAX_FACTOR_NORM, ImplicitMF
 from online_models.pipeline import RefreshPipeline
 from online_models.popularity import Popularity
 from online_models.recommender import POPULARITY, Recommender
@@ -127,3 +130,63 @@ def test_settings_defaults_are_the_recommenders_defaults() -> None:
     signature = inspect.signature(Recommender).parameters
     for name, value in ModelSettings().model_dump(exclude={"hit_rate_window"}).items():
         assert value == signature[name].default or dict(signature[name].default) == value, name
+
+
+def test_one_absurd_rating_does_not_poison_every_list() -> None:
+    """Regression (issue 19, item 6): 50 clicks, one rating of 1e300, 30 more clicks made every
+    user's scores ~1e19-1e21 and the rated item's popularity inf."""
+    rec = Recommender(seed=0)
+    rng = np.random.default_rng(0)
+    for t in range(50):
+        rec.learn_one(f"u{t % 7}", f"i{rng.integers(30)}", "click", float(t))
+    rec.learn_one("u1", "i3", "rating", 50.0, rating=1e300)
+    for t in range(51, 81):
+        rec.learn_one(f"u{t % 7}", f"i{rng.integers(30)}", "click", float(t))
+    assert np.isfinite(rec.popularity.scores()).all()
+    for user in [*(f"u{k}" for k in range(7)), "stranger"]:
+        scores = rec.recommend(user).scores
+        assert scores and all(math.isfinite(s) and abs(s) < 1e3 for s in scores), (user, scores[:3])
+    assert float(np.abs(rec.mf.item_matrix()).max()) < 10
+
+
+def test_an_update_that_would_explode_the_factors_is_refused_and_counted() -> None:
+    mf = ImplicitMF(n_factors=4, seed=0)
+    mf.learn_one("u", "a", 1.0, ["b"])
+    users, items = mf._mf.u_latents, mf._mf.i_latents
+    before = (users["u"].copy(), items["a"].copy(), items["b"].copy(), mf.item_matrix().copy())
+    for weight in (1e300, math.nan, math.inf, -1.0):
+        assert mf.learn_one("u", "a", weight, ["b"]) is False
+    assert mf.refused == 4
+    np.testing.assert_array_equal(users["u"], before[0])
+    np.testing.assert_array_equal(items["a"], before[1])
+    np.testing.assert_array_equal(mf.item_matrix(), before[3])
+
+    diverging = ImplicitMF(n_factors=4, learning_rate=1e6, seed=0)  # every step overshoots
+    for step in range(20):
+        diverging.learn_one(f"u{step % 3}", f"i{step % 5}", 1.0, [f"i{(step + 1) % 5}"])
+    assert diverging.refused > 0
+    vectors = [*diverging._mf.u_latents.values(), *diverging._mf.i_latents.values()]
+    assert all(np.isfinite(v).all() and np.linalg.norm(v) <= MAX_FACTOR_NORM for v in vectors)
+    assert np.isfinite(diverging.item_matrix()).all()
+    assert "u-new" not in diverging and diverging.learn_one("u-new", "i-new", 1.0) is False
+    assert "u-new" not in diverging and "i-new" not in diverging._mf.i_latents  # undone whole
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 4),
+            st.integers(0, 9),
+            st.sampled_from(["view", "click", "add_to_cart", "purchase", "rating"]),
+            st.floats(allow_nan=True, allow_infinity=True),
+        ),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_learning_keeps_every_score_finite(events: list[tuple[int, int, str, float]]) -> None:
+    rec = Recommender(n_factors=4, seed=0, top_n=5)
+    for t, (user, item, kind, rating) in enumerate(events):
+        rec.learn_one(f"u{user}", f"i{item}", kind, float(t), rating=rating if kind == "rating" else None)
+    for user in range(5):
+        assert all(math.isfinite(s) for s in rec.recommend(f"u{user}").scores)

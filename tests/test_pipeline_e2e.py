@@ -70,6 +70,21 @@ MALFORMED = [
         + b"}" * 2001,
         Reason.INVALID_JSON,
     ),
+    # Values out of range (issue 19, item 6: these three ratings were all counted "processed",
+    # and one of them poisoned every list).
+    *(
+        (
+            "rating",
+            b'{"event_id":"r%d","type":"rating","user_id":"u","item_id":"i","ts":1,"rating":%s}' % (n, r),
+            Reason.BAD_FIELD,
+        )
+        for n, r in enumerate([b"1e300", b"-3", b"1e9"])
+    ),
+    (
+        "click",
+        b'{"event_id":"ms","type":"click","user_id":"u","item_id":"i","ts":1700000000000}',
+        Reason.BAD_FIELD,
+    ),
 ]
 
 
@@ -150,6 +165,12 @@ def test_replay_through_real_broker_worker_and_valkey(hermetic: Hermetic) -> Non
         shown = run_cli(hermetic, "recs", events[0].user_id, "--json")
         assert shown.returncode == 0, shown.stderr
         assert len(json.loads(shown.stdout)["items"]) == 20
+        scores = [
+            entry["score"]
+            for u in users
+            for entry in orjson.loads(client.hget(f"{hermetic.prefix}:recs:{u}", "items") or b"[]")
+        ]
+        assert max(map(abs, scores)) < 1e3  # no absurd value reached the model
 
         # The dead letters carry the raw bytes, their origin and the reason.
         consumer = KafkaConsumer(

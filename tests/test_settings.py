@@ -30,3 +30,26 @@ def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("PUSHREC_MODEL__TYPE_WEIGHTS", '{"wishlist": 1.0}')
     with pytest.raises(ConfigError, match="PUSHREC_MODEL__TYPE_WEIGHTS"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PUSHREC_MODEL__TYPE_WEIGHTS", '{"purchase": 1e300}'),
+        ("PUSHREC_MODEL__TYPE_WEIGHTS", '{"view": -1}'),
+        ("PUSHREC_EVENTS__MAX_RATING", "10"),
+        ("PUSHREC_EVENTS__MIN_RATING", "6"),
+    ],
+)
+def test_bounds_on_what_the_model_reads_are_checked_at_load(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=variable.rsplit("__", 1)[0]):
+        load_settings()
+
+
+def test_event_limits_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PUSHREC_EVENTS__MIN_RATING", "1")
+    limits = load_settings().events.limits
+    assert (limits.min_rating, limits.max_rating, limits.max_id_length) == (1.0, 5.0, 256)
