@@ -1,0 +1,55 @@
+"""`pushrec dlq list|redrive`: read dead letters by reason, or send them back after a fix."""
+
+from __future__ import annotations
+
+import argparse
+
+from infra.settings import Settings
+from infra.stack import require_servers, resolve_addresses
+from pushrec.commands._shared import Subcommands, emit, positive_int
+from stream.events import Reason
+from stream.topics import TopicNames, ensure_topics
+
+
+def add_parser(sub: Subcommands) -> None:
+    dlq = sub.add_parser(
+        "dlq",
+        help="list dead letters by reason, or re-drive them to their source topics after a fix",
+        description="list: counts by reason and the first --limit letters. redrive: produce the raw "
+        "bytes of each letter (optionally only --reason R) back to the topic it came from; remembers "
+        "how far it got, so a second run sends only newer letters.",
+    )
+    dlq.add_argument("action", choices=("list", "redrive"))
+    dlq.add_argument("--reason", action="append", choices=[r.value for r in Reason], metavar="REASON")
+    dlq.add_argument("--limit", type=positive_int, default=20, help="letters shown in detail")
+    dlq.add_argument("--from-beginning", action="store_true", help="redrive: start over")
+    dlq.add_argument("--dry-run", action="store_true", help="redrive: only report what would be sent")
+    dlq.add_argument("--json", action="store_true")
+    dlq.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.dlq import list_dead_letters, redrive
+
+    kafka, _ = resolve_addresses(settings)
+    require_servers(kafka, None)
+    names = TopicNames(settings.kafka.topic_prefix)
+    ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
+    if args.action == "list":
+        report = list_dead_letters(kafka, names.dead_letter, args.limit)
+        head = f"{report.total} dead letters in {names.dead_letter}"
+    else:
+        group = f"{settings.kafka.consumer_group}-dlq-redrive"
+        report = redrive(
+            kafka, names.dead_letter, group, args.reason or (), args.from_beginning, args.dry_run
+        )
+        head = f"{'would re-drive' if args.dry_run else 're-drove'} {report.total} dead letters"
+    lines = [head] + [f"  {reason}: {n}" for reason, n in report.by_reason.most_common()]
+    for letter in report.letters[: args.limit]:
+        src = letter["source"]
+        lines.append(
+            f"  [{letter['reason']}] {src['topic']}:{src['partition']}@{src['offset']} "
+            f"{letter['detail']!r} raw={letter['raw'][:60]!r}"
+        )
+    emit(args, report.to_dict(), "\n".join(lines))
+    return 0

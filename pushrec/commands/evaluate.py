@@ -1,0 +1,182 @@
+"""`pushrec evaluate`: prequential (test-then-train) evaluation of the models on logs, in process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from infra.settings import Settings
+from online_models.evaluation import Report, evaluate
+from pushrec.commands._shared import Subcommands, UsageError, existing_file, positive_int
+from stream.events import BadEvent, Event, decode_event, decode_item
+from stream.replay import read_lines
+
+log = logging.getLogger("pushrec")
+
+BASELINES = ("popularity", "recent", "funkmf")
+NO_CONTENT = "pushrec-no-content"  # the product model told nothing of the catalogue (with --items)
+MODELS = ("pushrec", *BASELINES, "als")
+_COLUMNS = ("hr", "ndcg", "precision", "recall", "f1", "coverage", "new_item_hr", "cold_item_hr")
+_HEADINGS = ("HR", "NDCG", "P", "R", "F1", "coverage", "new-HR", "cold-HR", "ev/s")
+
+
+def add_parser(sub: Subcommands) -> None:
+    evaluate = sub.add_parser(
+        "evaluate", help="prequential (test-then-train) evaluation on a log, in process"
+    )
+    evaluate.add_argument(
+        "events", type=existing_file, nargs="+", metavar="EVENTS", help="JSON Lines, may be .gz; one or more"
+    )
+    evaluate.add_argument(
+        "--items",
+        type=existing_file,
+        nargs="+",
+        metavar="ITEMS",
+        help="catalogue (title, category) per EVENTS file, in the same order: the product model "
+        "embeds it and can rank items before their first event; adds the row pushrec-no-content",
+    )
+    evaluate.add_argument(
+        "--k", type=positive_int, default=10, help="list length scored (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--model",
+        action="append",
+        choices=MODELS,
+        metavar="NAME",
+        help=f"model(s) to evaluate, one of {', '.join(MODELS)}; baselines are always included",
+    )
+    evaluate.add_argument(
+        "--als-every",
+        type=positive_int,
+        default=5_000,
+        metavar="N",
+        help="the als baseline refits from scratch every N events (default: %(default)s)",
+    )
+    output = evaluate.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON report per line (per EVENTS file)")
+    output.add_argument("--markdown", action="store_true", help="Markdown tables (for docs)")
+    evaluate.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    names = list(dict.fromkeys([*(args.model or ["pushrec"]), *BASELINES]))
+    if "als" not in names and _als_available():
+        names.append("als")
+    elif "als" in names and not _als_available():
+        raise UsageError("--model als needs the implicit library: pip install 'pushrec[eval]'")
+    if "als" not in names:
+        log.warning("als baseline skipped: the implicit library is not installed (pushrec[eval])")
+    if args.items and len(args.items) != len(args.events):
+        raise UsageError(f"--items: give one ITEMS file per EVENTS file ({len(args.events)})")
+    if args.items and "pushrec" in names and settings.model.content_encoder != "off":
+        names.insert(names.index("pushrec") + 1, NO_CONTENT)
+    texts: list[str] = []
+    for number, path in enumerate(args.events):
+        models = {name: _make_model(name, settings, args.als_every) for name in names}
+        if args.items:
+            announced = _announce_items(args.items[number], models.values(), settings)
+            log.info(
+                "catalogue: %d items from %s (%s encoder)",
+                announced,
+                args.items[number],
+                settings.model.content_encoder,
+            )
+        dataset = path.parent.name if path.name.startswith("events.") else path.name.split(".")[0]
+        with tqdm(  # counts events x models: each model replays the whole log in turn
+            desc=f"evaluate {dataset} ({len(models)} models)",
+            unit=" ev",
+            disable=not sys.stderr.isatty(),
+            file=sys.stderr,
+        ) as bar:
+            report = evaluate(_events(path, settings), models, k=args.k, dataset=dataset, progress=bar.update)
+        log.info("evaluated %s: %d events, %d targets", dataset, report.events, report.targets)
+        if args.json:
+            print(json.dumps(report.to_dict()), flush=True)
+        else:
+            texts.append(_markdown(report) if args.markdown else _table(report))
+    if texts:
+        print("\n\n".join(texts))
+    return 0
+
+
+def _events(path: Path, settings: Settings) -> Iterator[Event]:
+    for number, line in read_lines(path):
+        try:
+            yield decode_event(line, settings.events.limits)
+        except BadEvent as bad:
+            log.warning("%s line %d skipped: %s", path, number, bad)
+
+
+def _make_model(name: str, settings: Settings, als_every: int) -> Any:
+    from consumers.worker import build_recommender
+    from online_models.baselines import ALSRanker, FunkMFRanker, PopularityRanker, RecentRanker
+
+    model = settings.model
+    return {
+        "pushrec": lambda: build_recommender(settings),
+        NO_CONTENT: lambda: build_recommender(
+            settings.model_copy(update={"model": model.model_copy(update={"content_encoder": "off"})})
+        ),
+        "popularity": lambda: PopularityRanker(model.popularity_half_life_s),
+        "recent": RecentRanker,
+        "funkmf": lambda: FunkMFRanker(seed=model.seed),
+        "als": lambda: ALSRanker(every=als_every, seed=model.seed),
+    }[name]()
+
+
+def _als_available() -> bool:
+    try:
+        import implicit  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _announce_items(path: Path, models: Iterable[object], settings: Settings) -> int:
+    """Tell every model that takes a catalogue (the product model) about the items in ``path``."""
+    items = []
+    for number, line in read_lines(path):
+        try:
+            items.append(decode_item(line, settings.events.limits))
+        except BadEvent as bad:
+            log.warning("%s line %d skipped: %s", path, number, bad)
+    ids, titles, categories = (
+        [i.item_id for i in items],
+        [i.title for i in items],
+        [i.category for i in items],
+    )
+    for model in models:
+        add_items = getattr(model, "add_items", None)
+        if add_items is not None:
+            add_items(ids, titles, categories)
+    return len(items)
+
+
+def _table(report: Report) -> str:
+    header = f"{'model':<20}" + "".join(f"{c:>11}" for c in _HEADINGS)
+    rows = [
+        f"{name:<20}" + "".join(f"{m[c]:>11.4f}" for c in _COLUMNS) + f"{m['events_per_s']:>11.0f}"
+        for name, m in report.models.items()
+    ]
+    title = f"{report.dataset}: {report.events} events, {report.targets} targets, @K={report.k}"
+    return "\n".join([title, header, *rows])
+
+
+def _markdown(report: Report) -> str:
+    lines = [
+        f"**{report.dataset}** ({report.events:,} events, {report.targets:,} targets, K={report.k})",
+        "",
+        "| model | " + " | ".join(_HEADINGS) + " |",
+        "|---" * (len(_HEADINGS) + 1) + "|",
+    ]
+    for name, m in report.models.items():
+        cells = [f"{m[c]:.4f}" for c in _COLUMNS] + [f"{m['events_per_s']:,.0f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

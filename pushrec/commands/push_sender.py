@@ -1,0 +1,43 @@
+"""`pushrec push-sender`: refreshed lists become push notifications under the push policy."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from infra.settings import Settings
+from infra.stack import require_servers, resolve_addresses
+from pushrec.commands._shared import Subcommands, port, positive
+
+
+def add_parser(sub: Subcommands) -> None:
+    sender = sub.add_parser("push-sender", help="turn refreshed lists into push notifications")
+    sender.add_argument(
+        "--outbox",
+        type=Path,
+        default=Path("outbox.jsonl"),
+        help="JSON Lines file the notifications are appended to (default: %(default)s)",
+    )
+    sender.add_argument("--metrics-port", type=port, help="serve Prometheus /metrics on this port")
+    sender.add_argument(
+        "--segment",
+        metavar="TAG",
+        help="a campaign: push only to users whose interest segment carries this tag (see recs --json)",
+    )
+    sender.add_argument(
+        "--until-idle",
+        type=positive,
+        metavar="SECONDS",
+        help="exit 0 after this long with no refreshed lists",
+    )
+    sender.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.push_sender import PushSender, run_push_sender
+
+    _, redis_url = resolve_addresses(settings)
+    require_servers(None, redis_url)
+    sender = PushSender(settings, redis_url, args.outbox, until_idle_s=args.until_idle, segment=args.segment)
+    run_push_sender(sender, args.metrics_port)
+    return 0
