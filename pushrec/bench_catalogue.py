@@ -87,7 +87,7 @@ def run_catalogue_bench(
     parsed = [decode_event(line) for line in load_lines(events, limit)]
     half = len(parsed) // 2
     rec = build_recommender(settings)
-    rec.ann_min_items = 0  # no index while the first half is learned without lists
+    rec.candidates.min_items = 0  # no index while the first half is learned without lists
     t0 = time.perf_counter()
     for ev in parsed[:half]:
         rec.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
@@ -102,7 +102,7 @@ def run_catalogue_bench(
     del factors
     log(f"catalogue: grown to {len(rec.items):,} items (factors ~ Gaussian fit of the learned ones)")
 
-    rec.ann_min_items = 1
+    rec.candidates.min_items = 1
     t0 = time.perf_counter()
     rec.build_index()
     build_s = time.perf_counter() - t0
@@ -148,7 +148,7 @@ def run_catalogue_bench(
         "reindex_s": round(flush_s, 2),
         "reindex_share_of_live_time": round(flush_s / live_s, 3),
         "after_live_updates": after,
-        "ann_expansion": rec.ann_expansion,
-        "ann_pending_max": rec.ann_pending_max,
+        "ann_expansion": rec.candidates.expansion,
+        "ann_pending_max": rec.candidates.pending_max,
         "source": str(events),
     }

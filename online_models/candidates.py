@@ -1,0 +1,141 @@
+"""Where a list's candidates come from: every item (exact), or from ``min_items`` catalogue rows
+on an HNSW index (``online_models.ann``, the ``[ann]`` extra) built in a background thread,
+plus the rows it has not caught up with, the user's own items and the popularity head."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+
+import numpy as np
+
+from online_models import ann
+from online_models.mf import ImplicitMF
+from online_models.popularity import Popularity
+
+# Candidates the approximate path scores exactly beside the graph's: the popularity head (popularity
+# only grows for touched rows, which are pending, so the head of the last flush plus the pending
+# rows always contain today's head).
+_POPULAR_HEAD = 256
+
+log = logging.getLogger("online_models.recommender")
+
+
+class Candidates:
+    """The approximate index's life: built on first need, kept up to date row by row."""
+
+    def __init__(
+        self,
+        mf: ImplicitMF,
+        popularity: Popularity,
+        min_items: int = 100_000,
+        expansion: int = 128,
+        pending_max: int = 4096,
+        background: bool = True,
+    ) -> None:
+        """From ``min_items`` rows on (0 = never) lists come from the index; with ``background``
+        it is built in a thread (usearch releases the GIL, so the event loop and its heartbeats
+        go on) and lists are scored exactly meanwhile."""
+        self.mf = mf
+        self.popularity = popularity
+        self.min_items = min_items
+        self.expansion = expansion
+        self.pending_max = pending_max
+        self.background = background
+        self.index: ann.FactorIndex | None = None
+        # A build in progress: (thread, the index it fills, start time), and rows changed meanwhile.
+        self._build: tuple[threading.Thread, ann.FactorIndex, float] | None = None
+        self._changed_while_building: set[int] = set()
+        self._popular_head = np.empty(0, dtype=np.int64)
+
+    def changed(self, rows: Iterable[int]) -> None:
+        """These rows' factors moved: re-index them (or remember them while the index builds)."""
+        if self.index is not None:
+            self.index.changed(rows)
+        elif self._build is not None:
+            self._changed_while_building.update(rows)
+
+    def reset(self) -> None:
+        """Drop the index (restored factors): it is rebuilt on the next list."""
+        self.index = self._build = None
+
+    def rows(self, query: np.ndarray, n: int, own: Iterable[int], consumed: set[int]) -> np.ndarray | None:
+        """Sorted, unique candidate rows for a top-``n`` (never a consumed one), or None when
+        every item is to be scored. ``own``: the user's touched rows, always candidates."""
+        index = self.current()
+        if index is None:
+            return None
+        found, pending = index.candidates(query, k=2 * n + len(consumed))
+        own_rows = np.fromiter(own, dtype=np.int64)
+        candidates = np.unique(np.concatenate([found, pending, own_rows, self._popular_head]))
+        if consumed:
+            consumed_rows = np.fromiter(consumed, dtype=np.int64, count=len(consumed))
+            candidates = candidates[~np.isin(candidates, consumed_rows, assume_unique=True)]
+        return candidates
+
+    def current(self) -> ann.FactorIndex | None:
+        """The approximate index, brought up to date; None below ``min_items`` rows, without the
+        ``[ann]`` extra (logged once), or while it is being built (the first need starts it)."""
+        size = len(self.mf.items)
+        if not self.min_items or size < self.min_items:
+            return None
+        if self.index is None and not self._adopt_built():
+            return None
+        assert self.index is not None
+        if size > self.index.indexed:
+            self.index.changed(range(self.index.indexed, size))
+        if self.index.due():
+            self.index.flush(self.mf.item_matrix())
+            self._popular_head = self._popularity_head()
+        return self.index
+
+    def build(self) -> ann.FactorIndex | None:
+        """Build the index now and wait for it (None when it does not apply)."""
+        if len(self.mf.items) >= self.min_items > 0 and self.index is None:
+            self._adopt_built()
+            if self._build is not None:
+                self._build[0].join()
+        return self.current()
+
+    def _adopt_built(self) -> bool:
+        """Start the build if none runs; adopt the index once built. True when it is in use."""
+        if self._build is None:
+            if not ann.available():
+                log.warning(
+                    "catalogue of %d items, but usearch is not installed: scoring every item "
+                    "(pip install 'pushrec[ann]')",
+                    len(self.mf.items),
+                )
+                self.min_items = 0
+                return False
+            snapshot = self.mf.item_matrix().copy()
+            index = ann.FactorIndex(self.mf.n_factors, expansion=self.expansion, pending_max=self.pending_max)
+            log.info("building the approximate index over %d items", len(snapshot))
+            thread = threading.Thread(
+                target=index.build, args=(snapshot,), name="pushrec-ann-build", daemon=True
+            )
+            self._build = (thread, index, time.monotonic())
+            self._changed_while_building = set()
+            if self.background:
+                thread.start()
+                return False
+            thread.run()
+        thread, index, started = self._build
+        if thread.is_alive():
+            return False
+        self._build = None
+        index.changed(self._changed_while_building)  # moved while their old factors were indexed
+        self._changed_while_building = set()
+        self.index = index
+        self._popular_head = self._popularity_head()
+        log.info("approximate index of %d items ready after %.1fs", len(index), time.monotonic() - started)
+        return True
+
+    def _popularity_head(self) -> np.ndarray:
+        counts = self.popularity.scores()
+        k = min(_POPULAR_HEAD, counts.size)
+        if k == 0:
+            return np.empty(0, dtype=np.int64)
+        return np.sort(np.argpartition(counts, counts.size - k)[counts.size - k :])

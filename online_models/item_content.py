@@ -1,0 +1,200 @@
+"""The catalogue's part of the model: items the shop describes are embedded from their text
+(``online_models.content``); an item nobody touched yet gets factors predicted from it and
+scores a learned text-match term; users are grouped into interest segments
+(``online_models.segments``). Inactive (every method a no-op) until the first items arrive."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import numpy as np
+
+from online_models.content import Catalogue, make_encoder
+from online_models.mf import ImplicitMF
+from online_models.sampling import rng_state, set_rng_state
+from online_models.segments import InterestSegments
+
+# Step of the online update of ``weight`` (from the runs in docs/quality.md: 0.1 learned too
+# slowly to help the shop with new arrivals, 3 overshot on the back catalogue).
+_WEIGHT_STEP = 1.0
+
+
+class ItemContent:
+    """Catalogue, cold-item predictions, the text-match term of the blend and interest segments."""
+
+    def __init__(
+        self,
+        mf: ImplicitMF,
+        encoder: str = "hashed",
+        dim: int = 256,
+        learning_rate: float = 0.01,
+        refresh_every: int = 1000,
+        weight: float = 0.0,
+        n_segments: int = 8,
+        seed: int = 42,
+    ) -> None:
+        """``encoder``: "hashed", "minilm" or "off" (items are then ignored). Untouched items'
+        factors are re-predicted every ``refresh_every`` positive events; ``weight`` is the
+        starting weight of the text match (then learned online, see :meth:`tune_weight`)."""
+        self.mf = mf
+        self.encoder = encoder
+        self.dim = dim
+        self.learning_rate = learning_rate
+        self.refresh_every = refresh_every
+        self.weight = weight
+        self._rng = random.Random(seed + 1)
+        self.catalogue: Catalogue | None = None  # made when the first items are announced
+        self.segments = InterestSegments(n_segments, seed)  # learned once there is a catalogue
+        # Rows seen in the event stream, in order of first sight; None = every row (no catalogue).
+        self.stream_rows: list[int] | None = None
+        self._in_stream: set[int] = set()
+        self._positives_since_refresh = 0
+
+    def add_items(
+        self, items: Sequence[str], titles: Sequence[str | None], categories: Sequence[str | None]
+    ) -> int:
+        """Embed new or changed items in one batch; an item nobody has touched yet gets factors
+        predicted from its text. Returns how many were embedded."""
+        if self.encoder == "off":
+            return 0
+        if self.catalogue is None:
+            self.catalogue = self._new_catalogue()
+            self._set_stream_rows(list(range(len(self.mf.items))))  # every row so far came from events
+        rows = [self.mf.items.add(item) for item in items]
+        embedded = self.catalogue.add(rows, titles, categories)
+        cold = np.array([row for row in embedded if self.mf.items.ids[row] not in self.mf], dtype=np.int64)
+        self.catalogue.mark_cold(cold.tolist())
+        if cold.size:  # the others keep theirs until the next refresh (see _predict_cold)
+            self.mf.set_rows(cold, self.catalogue.predict(cold))
+        return len(embedded)
+
+    def observe(self, row: int) -> None:
+        """An event touched ``row``: it is now an item of the stream (a negative candidate)."""
+        if self.stream_rows is not None and row not in self._in_stream:
+            self._in_stream.add(row)
+            self.stream_rows.append(row)
+
+    def tune_weight(
+        self, target: int, session: Collection[int], consumed: Collection[int], score: Callable
+    ) -> None:
+        """One pairwise (BPR) step on ``weight`` before a positive event is learned: the target
+        against a random item, both scored by ``score(rows)`` (the blend). Text similarity earns
+        weight where untouched items do get picked (a shop's new arrivals) and loses it where it
+        only pushes ignored items up (a back catalogue nobody rated yet)."""
+        other = self._rng.randrange(len(self.mf.items))
+        if other == target or other in consumed:
+            return
+        rows = np.array(sorted((target, other)), dtype=np.int64)
+        scores = score(rows)
+        match = np.zeros(2, dtype=np.float32)
+        self.add_match(match, session, rows, weight=1.0)
+        t = int(rows[1] == target)
+        margin = float(scores[t] - scores[1 - t])
+        step = _WEIGHT_STEP * (match[t] - match[1 - t]) / (1.0 + math.exp(min(margin, 50.0)))
+        self.weight = max(0.0, self.weight + float(step))
+
+    def warm_start(self, names: Sequence[str]) -> None:
+        """A cold item about to be learned starts from its predicted factors, not random ones."""
+        assert self.catalogue is not None
+        for name in names:
+            row = self.mf.items.row(name)
+            if self.catalogue.warm(row):
+                self.mf.seed_items([name], self.mf.item_matrix()[row : row + 1].copy())
+
+    def learn_positive(self, user: str, row: int) -> None:
+        """After the factors learned a positive: the text-to-factors map and the segments learn
+        from it, and every ``refresh_every`` positives the cold items are re-predicted."""
+        assert self.catalogue is not None
+        self.catalogue.learn_one(row, self.mf.item_matrix()[row])
+        self.segments.learn_one(self.mf.user_vector(user), self.catalogue.terms(row))  # type: ignore[arg-type]
+        self._positives_since_refresh += 1
+        if self._positives_since_refresh >= self.refresh_every:
+            self._predict_cold()
+
+    def add_match(
+        self,
+        scores: np.ndarray,
+        session: Collection[int],
+        rows: np.ndarray | None,
+        weight: float | None = None,
+    ) -> None:
+        """Items nobody touched yet also score by how close their text is to the user's last items'
+        (cosine of content embeddings, times ``weight``); ``rows`` as in the blend."""
+        assert self.catalogue is not None
+        cold = self.catalogue.cold_rows()
+        if not cold.size:
+            return
+        profile = self.catalogue.profile(session)
+        if profile is None:
+            return
+        weight = self.weight if weight is None else weight
+        embeddings = self.catalogue.embeddings
+        if rows is None:  # one contiguous product beats gathering the cold rows first
+            scores[cold] += np.float32(weight) * (embeddings[: scores.size] @ profile)[cold]
+        else:
+            where = np.flatnonzero(np.isin(rows, cold, assume_unique=True))
+            scores[where] += np.float32(weight) * (embeddings[rows[where]] @ profile)
+
+    def segment(self, user: str) -> tuple[int | None, list[str]]:
+        """The user's interest segment and its tags (None, [] without a catalogue or factors)."""
+        taste = self.mf.user_vector(user) if self.catalogue is not None else None
+        if taste is None:  # the vector segments learn from (not the session-shifted query)
+            return None, []
+        segment = self.segments.predict_one(taste)
+        return segment, self.segments.tags(segment)
+
+    def title(self, row: int) -> str:
+        title = self.catalogue.titles.get(row) if self.catalogue is not None else None
+        return title or self.mf.items.ids[row]
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        if self.catalogue is None:
+            return {}, {}
+        content_meta, arrays = self.catalogue.state()
+        cold = np.array(content_meta["cold"], dtype=np.int64)
+        meta = {
+            "segments": self.segments.state(),
+            "content_weight": self.weight,
+            "content_rng": rng_state(self._rng),
+            "content": content_meta,
+            "content_since_refresh": self._positives_since_refresh,
+            "stream_rows": self.stream_rows,
+        }
+        return meta, {**arrays, "content_cold_factors": self.mf.item_matrix()[cold].copy()}
+
+    def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.catalogue = None
+        self._set_stream_rows(None)
+        if "content" not in meta:
+            return
+        self.catalogue = self._new_catalogue()
+        self.catalogue.restore(meta["content"], arrays)
+        cold = np.array(meta["content"]["cold"], dtype=np.int64)
+        self.mf.set_rows(cold, arrays["content_cold_factors"])
+        self._positives_since_refresh = meta["content_since_refresh"]
+        self._set_stream_rows(list(meta["stream_rows"]))
+        self.segments.restore(meta["segments"])
+        self.weight = meta["content_weight"]
+        set_rng_state(self._rng, meta["content_rng"])
+
+    def _new_catalogue(self) -> Catalogue:
+        return Catalogue(make_encoder(self.encoder, self.dim), self.mf.n_factors, self.learning_rate)
+
+    def _set_stream_rows(self, rows: list[int] | None) -> None:
+        self.stream_rows = rows
+        self._in_stream = set(rows or ())
+
+    def _predict_cold(self) -> None:
+        """Write the projection's current prediction into every cold item's row."""
+        assert self.catalogue is not None
+        self._positives_since_refresh = 0
+        rows = self.catalogue.cold_rows()
+        if not rows.size:
+            return
+        # Not re-indexed: the approximate index keeps each untouched item's prediction from when
+        # it was indexed (re-inserting a whole catalogue every refresh would cost minutes); the
+        # candidates it returns are scored with the fresh prediction.
+        self.mf.set_rows(rows, self.catalogue.predict(rows))
