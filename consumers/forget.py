@@ -19,7 +19,8 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from consumers.worker import build_pipeline, checkpoint_store, erase_user, pack_state, unpack_state
+from consumers.recovery import checkpoint_store, erase_user, pack_state, unpack_state
+from consumers.worker import build_pipeline
 from infra.settings import Settings
 from infra.store import Keys, connect
 from stream.dedupe import SeenEventIds

@@ -1,5 +1,5 @@
 """The Faust side of the worker: consume the event and catalogue topics and hand every record, in
-order, to the model process (``consumers/worker.py``), which decodes, learns, ranks and writes.
+order, to the model process (``consumers/model_process.py``), which decodes, learns, ranks and writes.
 
 Two processes because one could not keep up: Faust's own per-record work and the model's each
 take most of a core (a trivial decoding agent ran at ~8-10k events/s; the whole worker in one
@@ -26,18 +26,8 @@ from typing import Any
 
 import faust
 
-from consumers.worker import (
-    ASSIGNED,
-    CHECKPOINT,
-    DONE,
-    EXIT_BUG,
-    HIGHWATER,
-    PENDING,
-    READY,
-    RECORDS,
-    STOP,
-    model_process,
-)
+from consumers.model_process import model_process
+from consumers.protocol import ASSIGNED, CHECKPOINT, DONE, EXIT_BUG, HIGHWATER, PENDING, READY, RECORDS, STOP
 from infra.kafka import KafkaAccess
 from infra.settings import Settings
 from stream.app import make_app, raw_topic

@@ -1,0 +1,15 @@
+"""The messages the Faust process (``consumers.ingest``) and the model process
+(``consumers.model_process``) exchange over their pipe: ``(kind, payload)`` pickled, in order."""
+
+EXIT_BUG = 70  # EX_SOFTWARE: the worker met an unexpected exception and stopped without a checkpoint
+
+# What the Faust process sends the model process.
+RECORDS = "records"  # payload: [(topic, partition, offset, key, value, timestamp s), ...]
+ASSIGNED = "assigned"  # payload: number of event partitions the group gave this worker
+HIGHWATER = "highwater"  # payload: {"topic:partition": next offset the broker will write}
+CHECKPOINT = "checkpoint"  # partitions are being revoked: checkpoint now, then answer DONE
+STOP = "stop"  # write pending lists, checkpoint, answer DONE and exit
+# What the model process answers.
+READY = "ready"  # restored and caught up: Faust may start
+DONE = "done"
+PENDING = "pending"  # payload: whether some refreshed lists are not in Redis yet (sent on change)
