@@ -17,10 +17,12 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import redis.asyncio as aioredis
+
+from infra.store import reply_bytes
 
 FORMAT = "pushrec-checkpoint"
 VERSION = 1
@@ -34,7 +36,7 @@ def pack(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
     header = {"format": FORMAT, "version": VERSION, **meta}
     buffer = io.BytesIO()
     encoded = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    np.savez(buffer, meta=encoded, **arrays)
+    np.savez(buffer, meta=encoded, **cast(dict[str, Any], arrays))  # numpy's stub mistakes a kwarg
     return buffer.getvalue()
 
 
@@ -91,7 +93,7 @@ class RedisCheckpoints:
         await self.client.set(self.key, blob)
 
     async def load(self) -> bytes | None:
-        return await self.client.get(self.key)  # type: ignore[no-any-return]
+        return reply_bytes(await self.client.get(self.key))
 
     async def delete(self) -> None:
         await self.client.delete(self.key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -50,6 +50,16 @@ class Keys:
     def forget_result(self, request_id: str) -> str:
         """What a worker removed for one forget request (counts only; expires after an hour)."""
         return f"{self.prefix}forget:result:{request_id}"
+
+
+# redis-py types every reply as bytes | str, since it cannot know ``decode_responses``; each
+# client pushrec makes (``connect``) leaves replies undecoded, so they are bytes: said once, here.
+def reply_bytes(reply: object) -> bytes | None:
+    return cast(bytes | None, reply)
+
+
+def reply_hash(reply: object) -> dict[bytes, bytes]:
+    return cast(dict[bytes, bytes], reply)
 
 
 def connect(url: str, retries: int = 5) -> aioredis.Redis:
@@ -175,7 +185,7 @@ class RedisTopNStore:
             await pipe.execute()
 
     async def read(self, user: str) -> StoredList | None:
-        raw = await self.client.hgetall(self.keys.recs(user))
+        raw = reply_hash(await self.client.hgetall(self.keys.recs(user)))
         if not raw or b"items" not in raw:
             return None
         return StoredList(

@@ -93,7 +93,8 @@ class ImplicitMF:
         self.n_factors = n_factors
         # One positive loss whose weight is set per event (a cache per weight would let a
         # producer grow the worker's memory one distinct rating at a time).
-        self._positive_loss = optim.losses.Log() if self._logistic else self._negative_loss
+        self._weighted_log = optim.losses.Log()
+        self._positive_loss = self._weighted_log if self._logistic else self._negative_loss
         self.refused = 0  # updates undone by the guard (see learn_one)
         self._matrix = np.zeros((n_factors, 1024), dtype=np.float32)  # factor-major: see above
 
@@ -114,8 +115,7 @@ class ImplicitMF:
         before = {name: items[name].copy() for name in touched if name in items}
         user_before = users[user].copy() if user in users else None
         # River's Log loss takes labels in {0, 1}; the confidence rides on its positive weight.
-        if self._logistic:
-            self._positive_loss.weight_pos = weight
+        self._weighted_log.weight_pos = weight
         self._mf.loss = self._positive_loss
         self._mf.learn_one(user, item, True)
         self._mf.loss = self._negative_loss
@@ -182,7 +182,7 @@ class ImplicitMF:
         rng_kind, position, has_gauss, cached = meta["rng"]
         self._initializer_rng().set_state((rng_kind, arrays["rng_keys"], position, has_gauss, cached))
         self._matrix = np.zeros((self.n_factors, max(1024, len(self.items))), dtype=np.float32)
-        for item in items:
+        for item in meta["items"]:
             self._sync(item)
 
     def seed_items(self, items: Sequence[str], factors: np.ndarray | Sequence[np.ndarray]) -> int:
@@ -210,7 +210,8 @@ class ImplicitMF:
         return self._mf.u_latents.pop(user, None) is not None
 
     def _initializer_rng(self) -> np.random.RandomState:
-        return self._mf.initializer._rng  # River's Normal initializer draws every new factor from it
+        # River's Normal initializer draws every new factor from it (River does not type it).
+        return self._mf.initializer._rng  # type: ignore[attr-defined,no-any-return]
 
     def _sync(self, item: str) -> None:
         row = self.items.add(item)

@@ -183,10 +183,10 @@ class Recommender:
             content.observe(row)
         state = self._users.get(user)
         if state is not None and content is not None and is_positive(kind, rating):
-            query = self._query(user, state)
+            query, known = self._query(user, state), state
             if query is not None and len(self.items) >= 2:
                 content.tune_weight(
-                    row, state.session, state.consumed, lambda rows: self._blend(query, state, rows)
+                    row, state.session, state.consumed, lambda rows: self._blend(query, known, rows)
                 )
         if state is None:
             state = self._users[user] = UserState(session=deque(maxlen=self.session_items))

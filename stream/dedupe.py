@@ -39,7 +39,10 @@ class SeenEventIds:
         return {partition: [list(pair) for pair in ids.items()] for partition, ids in self._seen.items()}
 
     def restore(self, state: dict[str, list[list[str]]]) -> None:
-        self._seen = {partition: OrderedDict(map(tuple, pairs)) for partition, pairs in state.items()}
+        self._seen = {
+            partition: OrderedDict((event, user) for event, user in pairs)
+            for partition, pairs in state.items()
+        }
 
     def forget(self, user: str) -> int:
         """Drop every id of the user's events; how many were held."""
