@@ -8,6 +8,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from infra.kafka import KafkaAccess
+from infra.settings import Settings
+from infra.stack import require_servers, resolve_addresses
+from stream.topics import TopicNames, ensure_topics
+
 # ``add_subparsers()``'s return type is private to argparse.
 Subcommands = Any
 
@@ -55,6 +60,22 @@ def existing_file(text: str) -> Path:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"no such file: {text}")
     return path
+
+
+def add_until_idle(parser: argparse.ArgumentParser, what: str) -> None:
+    """The ``--until-idle SECONDS`` option of the long-running commands."""
+    parser.add_argument(
+        "--until-idle", type=positive, metavar="SECONDS", help=f"exit 0 after this long with no {what}"
+    )
+
+
+def kafka_with_topics(settings: Settings) -> tuple[KafkaAccess, TopicNames]:
+    """The configured (or embedded) broker, checked to answer, with pushrec's topics created."""
+    kafka, _ = resolve_addresses(settings)
+    require_servers(kafka, None)
+    names = TopicNames(settings.kafka.topic_prefix)
+    ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
+    return kafka, names
 
 
 def emit(args: argparse.Namespace, data: object, text: str) -> None:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 
 from infra.settings import Settings
-from infra.stack import require_servers, resolve_addresses
-from pushrec.commands._shared import Subcommands, emit, positive_int
+from pushrec.commands._shared import Subcommands, emit, kafka_with_topics, positive_int
 from stream.events import Reason
-from stream.topics import TopicNames, ensure_topics
 
 
 def add_parser(sub: Subcommands) -> None:
@@ -31,10 +29,7 @@ def add_parser(sub: Subcommands) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from stream.dlq import list_dead_letters, redrive
 
-    kafka, _ = resolve_addresses(settings)
-    require_servers(kafka, None)
-    names = TopicNames(settings.kafka.topic_prefix)
-    ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
+    kafka, names = kafka_with_topics(settings)
     if args.action == "list":
         report = list_dead_letters(kafka, names.dead_letter, args.limit)
         head = f"{report.total} dead letters in {names.dead_letter}"

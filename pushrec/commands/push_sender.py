@@ -7,7 +7,7 @@ from pathlib import Path
 
 from infra.settings import Settings
 from infra.stack import require_servers, resolve_addresses
-from pushrec.commands._shared import Subcommands, port, positive
+from pushrec.commands._shared import Subcommands, add_until_idle, port
 
 
 def add_parser(sub: Subcommands) -> None:
@@ -24,12 +24,7 @@ def add_parser(sub: Subcommands) -> None:
         metavar="TAG",
         help="a campaign: push only to users whose interest segment carries this tag (see recs --json)",
     )
-    sender.add_argument(
-        "--until-idle",
-        type=positive,
-        metavar="SECONDS",
-        help="exit 0 after this long with no refreshed lists",
-    )
+    add_until_idle(sender, "refreshed lists")
     sender.set_defaults(run=run)
 
 

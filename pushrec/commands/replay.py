@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 
 from infra.settings import Settings
-from infra.stack import require_servers, resolve_addresses
-from pushrec.commands._shared import Subcommands, emit, existing_file, positive
+from pushrec.commands._shared import Subcommands, emit, existing_file, kafka_with_topics, positive
 from stream.replay import Pacing, Replayer
-from stream.topics import TopicNames, ensure_topics
 
 
 def add_parser(sub: Subcommands) -> None:
@@ -26,10 +24,7 @@ def add_parser(sub: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    kafka, _ = resolve_addresses(settings)
-    require_servers(kafka, None)
-    names = TopicNames(settings.kafka.topic_prefix)
-    ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
+    kafka, names = kafka_with_topics(settings)
     replayer = Replayer(kafka, names, settings.events.limits)
     try:
         summary = replayer.replay(args.events, args.items, Pacing(rate=args.rate, speedup=args.speedup))

@@ -6,18 +6,13 @@ import argparse
 
 from infra.settings import Settings
 from infra.stack import require_servers, resolve_addresses
-from pushrec.commands._shared import Subcommands, port, positive
+from pushrec.commands._shared import Subcommands, add_until_idle, port
 
 
 def add_parser(sub: Subcommands) -> None:
     worker = sub.add_parser("worker", help="run the Faust worker: ingest, learn, refresh top-N")
     worker.add_argument("--metrics-port", type=port, help="serve Prometheus /metrics on this port")
-    worker.add_argument(
-        "--until-idle",
-        type=positive,
-        metavar="SECONDS",
-        help="exit 0 after this long with no new events (batch replays, tests)",
-    )
+    add_until_idle(worker, "new events (batch replays, tests)")
     worker.set_defaults(run=run)
 
 
