@@ -25,7 +25,8 @@ and counted, whatever its input.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,10 @@ class ImplicitMF:
             seed=seed,
         )
         self.n_factors = n_factors
+        self.seed = seed
+        # Item factors as they were when change tracking last started (see take_item_deltas);
+        # None while not tracking.
+        self._base: dict[str, np.ndarray] | None = None
         # One positive loss whose weight is set per event (a cache per weight would let a
         # producer grow the worker's memory one distinct rating at a time).
         self._weighted_log = optim.losses.Log()
@@ -112,7 +117,13 @@ class ImplicitMF:
             self.refused += 1
             return False
         users, items = self._mf.u_latents, self._mf.i_latents
-        before = {name: items[name].copy() for name in touched if name in items}
+        new = [name for name in touched if name not in items]
+        for name in new:  # before River draws one from its own generator
+            items[name] = self.initial_vector(name)
+        before = {name: items[name].copy() for name in touched}
+        if self._base is not None:
+            for name in touched:
+                self._base.setdefault(name, before[name])
         user_before = users[user].copy() if user in users else None
         # River's Log loss takes labels in {0, 1}; the confidence rides on its positive weight.
         self._weighted_log.weight_pos = weight
@@ -131,11 +142,44 @@ class ImplicitMF:
         else:
             users[user] = user_before
         for name in touched:
-            if name in before:
-                items[name] = before[name]
-            else:
-                del items[name]
+            items[name] = before[name]
+        for name in new:
+            del items[name]
+            if self._base is not None:
+                self._base.pop(name, None)
         return False
+
+    def initial_vector(self, item: str) -> np.ndarray:
+        """An item's first factors: a function of the seed and the item id alone, so every worker
+        (or shard) starts an item at the same vector and their changes to it add up."""
+        key = zlib.crc32(item.encode("utf-8", "surrogatepass"))
+        return np.random.default_rng([self.seed, key]).normal(0.0, 0.1, self.n_factors)
+
+    def split_streams(self, shard: int) -> None:
+        """New users' first factors from a generator of this shard's own (items keep theirs)."""
+        self._initializer_rng().seed([self.seed, shard])
+
+    def track_item_changes(self) -> None:
+        """From now on remember each item's factors before its first change (take_item_deltas)."""
+        self._base = {}
+
+    def take_item_deltas(self) -> dict[str, np.ndarray]:
+        """What learning added to each item's factors since tracking started or the last call."""
+        if self._base is None:
+            return {}
+        items = self._mf.i_latents
+        deltas = {name: items[name] - base for name, base in self._base.items()}
+        self._base = {}
+        return deltas
+
+    def set_items(self, vectors: Mapping[str, np.ndarray]) -> list[int]:
+        """Overwrite (or add) items' factors, e.g. the group's merged item state; their rows."""
+        items = self._mf.i_latents
+        rows = []
+        for name, vector in vectors.items():
+            items[name] = np.array(vector, dtype=np.float64)
+            rows.append(self._sync(name))
+        return rows
 
     def user_vector(self, user: str) -> np.ndarray | None:
         latents = self._mf.u_latents
@@ -195,6 +239,9 @@ class ImplicitMF:
         rows = np.fromiter((self.items.add(item) for item, _ in new), dtype=np.int64, count=len(new))
         vectors = np.array([vector for _, vector in new], dtype=np.float64)
         latents.update(zip((item for item, _ in new), vectors, strict=True))
+        if self._base is not None:  # a prediction, not learning: not a change to share
+            for (item, _), vector in zip(new, vectors, strict=True):
+                self._base[item] = vector.copy()
         self._reserve(int(rows.max()) + 1)
         self._matrix[:, rows] = vectors.T
         return len(new)
@@ -213,10 +260,11 @@ class ImplicitMF:
         # River's Normal initializer draws every new factor from it (River does not type it).
         return self._mf.initializer._rng  # type: ignore[attr-defined,no-any-return]
 
-    def _sync(self, item: str) -> None:
+    def _sync(self, item: str) -> int:
         row = self.items.add(item)
         self._reserve(row + 1)
         self._matrix[:, row] = self._mf.i_latents[item]
+        return row
 
     def _reserve(self, rows: int) -> None:
         """Grow the matrix (doubling) so it holds ``rows`` rows; unlearned rows stay zero."""

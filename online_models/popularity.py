@@ -34,8 +34,24 @@ class Popularity:
         self._max = 0.0
         self._t_ref: float | None = None
         self._t_latest = 0.0
+        # (row, weight, ts) of every count since tracking started (see take_counts); None: off.
+        self._counts: list[tuple[int, float, float]] | None = None
 
-    def learn_one(self, row: int, weight: float, ts: float) -> None:
+    def track_counts(self) -> None:
+        """From now on remember every count learned (take_counts), to share with other shards."""
+        self._counts = []
+
+    def take_counts(self) -> list[tuple[int, float, float]]:
+        """The (row, weight, ts) counts learned since tracking started or the last call."""
+        if self._counts is None:
+            return []
+        counts, self._counts = self._counts, []
+        return counts
+
+    def learn_one(self, row: int, weight: float, ts: float, share: bool = True) -> None:
+        """Count one event on ``row``; ``share=False`` for a count another shard learned."""
+        if share and self._counts is not None:
+            self._counts.append((row, weight, ts))
         if self._t_ref is None:
             self._t_ref = self._t_latest = ts
         self._t_latest = max(self._t_latest, ts)

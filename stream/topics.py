@@ -5,6 +5,8 @@
 ('pushrec.events.click', 'pushrec.items', 'pushrec.dead-letter')
 >>> names.type_of("pushrec.events.add_to_cart")
 'add_to_cart'
+>>> partition_of("1000339", 4)
+1
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ from collections.abc import Iterable
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.partitioner.default import murmur2
 
 from infra.kafka import KafkaAccess
 from stream.events import EVENT_TYPES
+
+
+def partition_of(user_id: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner (kafka-python's, the Java client's) gives a
+    record keyed by ``user_id``: where that user's events, and so their state, live."""
+    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 class TopicNames:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -57,6 +58,20 @@ def add_parser(sub: Subcommands) -> None:
         metavar="N",
         help="the als baseline refits from scratch every N events (default: %(default)s)",
     )
+    evaluate.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="also evaluate the product model as N workers: users split by Kafka's partitioner, item "
+        "state merged every --sync-s seconds of event time (row pushrec-N-workers)",
+    )
+    evaluate.add_argument(
+        "--sync-s",
+        type=_sync_interval,
+        default=1.0,
+        metavar="S",
+        help="with --workers: seconds of event time between item-state merges, or 'never' (default: 1)",
+    )
     output = evaluate.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON report per line (per EVENTS file)")
     output.add_argument("--markdown", action="store_true", help="Markdown tables (for docs)")
@@ -77,9 +92,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"--items: give one ITEMS file per EVENTS file ({len(args.events)})")
     if args.items and "pushrec" in names and settings.model.content_encoder != "off":
         names.insert(names.index("pushrec") + 1, NO_CONTENT)
+    if args.workers and args.workers > 1:
+        names.insert(
+            names.index("pushrec") + 1 if "pushrec" in names else 0, f"pushrec-{args.workers}-workers"
+        )
     texts: list[str] = []
     for number, path in enumerate(args.events):
-        models = {name: _make_model(name, settings, args.als_every) for name in names}
+        models = {name: _make_model(name, settings, args) for name in names}
         if args.items:
             announced = _announce_items(args.items[number], models.values(), settings)
             log.info(
@@ -114,11 +133,17 @@ def _events(path: Path, settings: Settings) -> Iterator[Event]:
             log.warning("%s line %d skipped: %s", path, number, bad)
 
 
-def _make_model(name: str, settings: Settings, als_every: int) -> Any:
+def _make_model(name: str, settings: Settings, args: argparse.Namespace) -> Any:
     from consumers.worker import build_recommender
     from online_models.baselines import ALSRanker, FunkMFRanker, PopularityRanker, RecentRanker
+    from online_models.item_sync import ShardedRecommender
+    from stream.topics import partition_of
 
     model = settings.model
+    if name.endswith("-workers"):
+        n = args.workers
+        shards = [build_recommender(settings) for _ in range(n)]
+        return ShardedRecommender(shards, lambda user: partition_of(user, n), args.sync_s)
     return {
         "pushrec": lambda: build_recommender(settings),
         NO_CONTENT: lambda: build_recommender(
@@ -127,8 +152,20 @@ def _make_model(name: str, settings: Settings, als_every: int) -> Any:
         "popularity": lambda: PopularityRanker(model.popularity_half_life_s),
         "recent": RecentRanker,
         "funkmf": lambda: FunkMFRanker(seed=model.seed),
-        "als": lambda: ALSRanker(every=als_every, seed=model.seed),
+        "als": lambda: ALSRanker(every=args.als_every, seed=model.seed),
     }[name]()
+
+
+def _sync_interval(text: str) -> float | None:
+    if text == "never":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds or 'never': {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, or 'never', got {text}")
+    return value
 
 
 def _als_available() -> bool:

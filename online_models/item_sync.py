@@ -1,0 +1,78 @@
+"""One item state for several model shards: users are split between shards (as partitions split
+them between workers), item state is learned by all of them and merged every ``sync_s`` seconds
+of event time.
+
+The merge is additive, so it does not depend on who merges or in what order: each shard reports
+what its learning changed since the last merge (the delta of every item's factors, the popularity
+counts it learned), the deltas of an item are summed onto the item's merged factors (an item
+starts from the same vector everywhere: ``ImplicitMF.initial_vector``) and the counts are added,
+and every shard then holds the merged state: every item any shard has seen, with every shard's
+counts. This is the protocol a group of workers runs over Kafka; here it runs in process, for
+`pushrec evaluate --workers N` (deterministic: shards merge in a fixed order at fixed times).
+
+>>> from online_models.recommender import Recommender
+>>> shards = ShardedRecommender([Recommender(n_factors=4, seed=0) for _ in range(2)],
+...                             shard_of=lambda user: int(user[-1]), sync_s=1.0)
+>>> shards.learn_one("u0", "apple", "click", ts=0.0)
+>>> shards.learn_one("u1", "pear", "click", ts=5.0)     # first event past the interval: merge
+>>> "apple" in shards.shards[1].items                    # shard 1 now holds shard 0's item
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from online_models.recommender import Recommender, TopN
+
+
+class ShardedRecommender:
+    """``shards[shard_of(user)]`` owns each user; item state is merged every ``sync_s`` seconds
+    of event time (None: never, each shard learns items from its own users only)."""
+
+    def __init__(
+        self, shards: Sequence[Recommender], shard_of: Callable[[str], int], sync_s: float | None = 1.0
+    ) -> None:
+        self.shards = list(shards)
+        self.shard_of = shard_of
+        self.sync_s = sync_s
+        self.merges = 0
+        self._merged: dict[str, np.ndarray] = {}  # every item's factors as of the last merge
+        self._next_merge: float | None = None
+        for index, shard in enumerate(self.shards[1:], start=1):
+            shard.split_streams(index)
+        if sync_s is not None:
+            for shard in self.shards:
+                shard.track_item_changes()
+
+    def learn_one(self, user: str, item: str, kind: str, ts: float, rating: float | None = None) -> None:
+        if self.sync_s is not None:
+            if self._next_merge is None:
+                self._next_merge = ts + self.sync_s
+            elif ts >= self._next_merge:
+                self.merge()
+                self._next_merge = ts + self.sync_s
+        self.shards[self.shard_of(user)].learn_one(user, item, kind, ts, rating)
+
+    def recommend(self, user: str, n: int | None = None) -> TopN:
+        return self.shards[self.shard_of(user)].recommend(user, n)
+
+    def merge(self) -> None:
+        """Sum every shard's item changes into the merged state and give it to every shard."""
+        changes = [shard.take_item_changes() for shard in self.shards]
+        merged: dict[str, np.ndarray] = {}
+        for shard, (deltas, _) in zip(self.shards, changes, strict=True):
+            for item, delta in deltas.items():
+                start = merged.get(item)
+                if start is None:
+                    start = self._merged.get(item)
+                    if start is None:
+                        start = shard.mf.initial_vector(item)
+                merged[item] = start + delta
+        self._merged.update(merged)
+        for index, shard in enumerate(self.shards):
+            others = [count for k, (_, counts) in enumerate(changes) if k != index for count in counts]
+            shard.apply_item_state(merged, others)
+        self.merges += 1

@@ -1,0 +1,107 @@
+"""Item state merged across shards (the scale-out protocol, in process): additive, complete,
+deterministic; and the partitioner that splits users is Kafka's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from online_models.item_sync import ShardedRecommender
+from online_models.recommender import Recommender
+from pushrec.demo import SAMPLE_EVENTS
+from stream.events import decode_event
+from stream.replay import read_lines
+from stream.topics import partition_of
+from tests.conftest import Hermetic
+from tests.test_cli import pushrec
+
+USERS = {"alice": 0, "bob": 1}
+
+
+def two_shards(sync_s: float | None) -> ShardedRecommender:
+    return ShardedRecommender([Recommender(n_factors=4, seed=0) for _ in range(2)], USERS.__getitem__, sync_s)
+
+
+def test_a_merge_adds_every_shards_changes_to_an_item() -> None:
+    sharded = two_shards(sync_s=10.0)
+    a, b = sharded.shards
+    for t in range(3):  # both shards learn the same item from their own users in one interval
+        sharded.learn_one("alice", "scarf", "click", float(t))
+        sharded.learn_one("bob", "scarf", "purchase", float(t))
+    start = a.mf.initial_vector("scarf")
+    np.testing.assert_array_equal(start, b.mf.initial_vector("scarf"))  # the same start everywhere
+    delta_a = a.mf._mf.i_latents["scarf"] - start
+    delta_b = b.mf._mf.i_latents["scarf"] - start
+    sharded.learn_one("alice", "hat", "view", 20.0)  # past the interval: merge first
+    assert sharded.merges == 1
+    for shard in (a, b):
+        merged = shard.mf._mf.i_latents["scarf"]
+        np.testing.assert_allclose(merged, start + delta_a + delta_b)
+        row = shard.items.row("scarf")
+        np.testing.assert_allclose(shard.mf.item_matrix()[row], merged.astype(np.float32))
+    # Popularity: each shard counts the other's events, once.
+    scarf_a = a.popularity.scores()[a.items.row("scarf")]
+    scarf_b = b.popularity.scores()[b.items.row("scarf")]
+    # (a has seen a later event, so its counts are decayed 18 s further: a day's half-life)
+    assert scarf_a == pytest.approx(scarf_b, rel=1e-3)
+    assert scarf_a == pytest.approx(3 * 0.5 + 3 * 1.0, rel=1e-3)
+
+
+def test_every_shard_holds_every_item_after_a_merge_and_none_before_without_one() -> None:
+    merging, apart = two_shards(sync_s=1.0), two_shards(sync_s=None)
+    for sharded in (merging, apart):
+        sharded.learn_one("alice", "only-alice", "click", 0.0)
+        sharded.learn_one("bob", "only-bob", "click", 0.5)
+        sharded.learn_one("bob", "later", "click", 5.0)
+    assert "only-alice" in merging.shards[1].mf._mf.i_latents
+    assert "only-bob" in merging.shards[0].mf._mf.i_latents
+    assert "only-alice" not in apart.shards[1].items and apart.merges == 0
+
+
+def test_sharded_evaluation_is_deterministic() -> None:
+    events = [decode_event(line) for _, line in read_lines(SAMPLE_EVENTS)][:1500]
+
+    def lists() -> list[list[str]]:
+        shards = [Recommender(n_factors=8, seed=1) for _ in range(3)]
+        sharded = ShardedRecommender(shards, lambda user: partition_of(user, 3), sync_s=3600.0)
+        for ev in events:
+            sharded.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
+        assert sharded.merges > 1
+        return [sharded.recommend(user).items for user in sorted({ev.user_id for ev in events})]
+
+    assert lists() == lists()
+
+
+def test_evaluate_workers_adds_the_sharded_row() -> None:
+    result = pushrec("evaluate", str(SAMPLE_EVENTS), "--workers", "3", "--sync-s", "never", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "pushrec-3-workers" in result.stdout
+    bad = pushrec("evaluate", str(SAMPLE_EVENTS), "--workers", "3", "--sync-s", "soon")
+    assert bad.returncode == 2 and "never" in bad.stderr
+
+
+@pytest.mark.integration
+def test_partition_of_is_where_the_broker_puts_a_users_events(hermetic: Hermetic) -> None:
+    from infra.kafka import KafkaAccess
+    from stream.topics import ensure_topics
+
+    topic = f"{hermetic.prefix}.partitioning"
+    ensure_topics(KafkaAccess(hermetic.servers.kafka_bootstrap), [topic], partitions=4)
+    users = [f"user-{k}" for k in range(40)]
+    producer = KafkaProducer(bootstrap_servers=hermetic.servers.kafka_bootstrap)
+    for user in users:
+        producer.send(topic, key=user.encode(), value=b"{}")
+    producer.flush()
+    producer.close()
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=hermetic.servers.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+        enable_auto_commit=False,
+    )
+    placed = {m.key.decode(): m.partition for m in consumer}
+    consumer.close()
+    assert placed == {user: partition_of(user, 4) for user in users}
+    assert len(set(placed.values())) == 4
