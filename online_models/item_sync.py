@@ -21,11 +21,14 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from online_models.recommender import Recommender, TopN
+
+# A popularity count to share: (item, weight, event time).
+Count = tuple[str, float, float]
 
 
 class ShardedRecommender:
@@ -42,10 +45,11 @@ class ShardedRecommender:
         self._merged: dict[str, np.ndarray] = {}  # every item's factors as of the last merge
         self._next_merge: float | None = None
         for index, shard in enumerate(self.shards[1:], start=1):
-            shard.split_streams(index)
+            _split_streams(shard, index)
         if sync_s is not None:
             for shard in self.shards:
-                shard.track_item_changes()
+                shard.mf.track_item_changes()
+                shard.popularity.track_counts()
 
     def learn_one(self, user: str, item: str, kind: str, ts: float, rating: float | None = None) -> None:
         if self.sync_s is not None:
@@ -61,7 +65,7 @@ class ShardedRecommender:
 
     def merge(self) -> None:
         """Sum every shard's item changes into the merged state and give it to every shard."""
-        changes = [shard.take_item_changes() for shard in self.shards]
+        changes = [_take_changes(shard) for shard in self.shards]
         merged: dict[str, np.ndarray] = {}
         for shard, (deltas, _) in zip(self.shards, changes, strict=True):
             for item, delta in deltas.items():
@@ -74,5 +78,31 @@ class ShardedRecommender:
         self._merged.update(merged)
         for index, shard in enumerate(self.shards):
             others = [count for k, (_, counts) in enumerate(changes) if k != index for count in counts]
-            shard.apply_item_state(merged, others)
+            _adopt(shard, merged, others)
         self.merges += 1
+
+
+def _split_streams(shard: Recommender, index: int) -> None:
+    """Shard ``index`` of a group draws its own random numbers (sampled negatives, new users'
+    first factors) while items start where they start everywhere. Shards drawing the same
+    numbers pick correlated negatives (online-retail, 4 shards: HR 0.0455 against 0.0476 with
+    streams of their own, mean of 3 seeds)."""
+    shard.negatives.rng.seed(f"{shard.mf.seed}/{index}")
+    shard.mf.split_streams(index)
+
+
+def _take_changes(shard: Recommender) -> tuple[dict[str, np.ndarray], list[Count]]:
+    """Item factor deltas and popularity counts the shard learned since the last call."""
+    ids = shard.items.ids
+    counts = [(ids[row], weight, ts) for row, weight, ts in shard.popularity.take_counts()]
+    return shard.mf.take_item_deltas(), counts
+
+
+def _adopt(shard: Recommender, factors: Mapping[str, np.ndarray], counts: Sequence[Count]) -> None:
+    """Take the merged factors; count other shards' positive events (not shared again) in
+    popularity and in the recent positives that popular negatives are drawn from."""
+    shard.candidates.changed(shard.mf.set_items(factors))
+    for item, weight, ts in counts:
+        row = shard.items.add(item)
+        shard.popularity.learn_one(row, weight, ts, share=False)
+        shard.negatives.positives.add(row)

@@ -210,38 +210,6 @@ class Recommender:
         if content is not None:
             content.learn_positive(user, row)
 
-    # --- item state shared between shards (online_models.item_sync) -----------------------------
-
-    def split_streams(self, shard: int) -> None:
-        """Make this model shard ``shard`` of a group: its own random draws (sampled negatives, new
-        users' first factors) while items start where they start everywhere. Shards drawing the
-        same numbers pick correlated negatives (online-retail, 4 shards: HR 0.0455 against
-        0.0476 with streams of their own, mean of 3 seeds)."""
-        self.negatives.rng.seed(f"{self.mf.seed}/{shard}")
-        self.mf.split_streams(shard)
-
-    def track_item_changes(self) -> None:
-        """Remember what learning changes in item state, for :meth:`take_item_changes`."""
-        self.mf.track_item_changes()
-        self.popularity.track_counts()
-
-    def take_item_changes(self) -> tuple[dict[str, np.ndarray], list[tuple[str, float, float]]]:
-        """Item factor deltas and popularity counts (item, weight, ts) learned since the last call."""
-        ids = self.items.ids
-        counts = [(ids[row], weight, ts) for row, weight, ts in self.popularity.take_counts()]
-        return self.mf.take_item_deltas(), counts
-
-    def apply_item_state(
-        self, factors: Mapping[str, np.ndarray], counts: Sequence[tuple[str, float, float]]
-    ) -> None:
-        """Adopt merged item factors; count other shards' positive events (not shared again) in
-        popularity and in the recent positives popular negatives are drawn from."""
-        self.candidates.changed(self.mf.set_items(factors))
-        for item, weight, ts in counts:
-            row = self.items.add(item)
-            self.popularity.learn_one(row, weight, ts, share=False)
-            self.negatives.positives.add(row)
-
     def add_items(
         self, items: Sequence[str], titles: Sequence[str | None], categories: Sequence[str | None]
     ) -> int:
