@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import numpy as np
 
@@ -61,7 +61,9 @@ class Candidates:
         """Drop the index (restored factors): it is rebuilt on the next list."""
         self.index = self._build = None
 
-    def rows(self, query: np.ndarray, n: int, own: Iterable[int], consumed: set[int]) -> np.ndarray | None:
+    def rows(
+        self, query: np.ndarray, n: int, own: Iterable[int], consumed: Collection[int]
+    ) -> np.ndarray | None:
         """Sorted, unique candidate rows for a top-``n`` (never a consumed one), or None when
         every item is to be scored. ``own``: the user's touched rows, always candidates."""
         index = self.current()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -189,8 +188,8 @@ class Recommender:
                     row, state.session, state.consumed, lambda rows: self._blend(query, known, rows)
                 )
         if state is None:
-            state = self._users[user] = UserState(session=deque(maxlen=self.session_items))
-        state.touch(row, kind, ts, consuming=kind in CONSUMING_TYPES)
+            state = self._users[user] = UserState()
+        state.touch(row, kind, ts, kind in CONSUMING_TYPES, self.session_items)
         if not is_positive(kind, rating):
             return
         weight = self.type_weights.get(kind, 1.0)
@@ -241,7 +240,8 @@ class Recommender:
         self.candidates.reset()  # rebuilt from the restored factors on the next list
         self.content.restore(meta, arrays)
         self._users = {
-            user: UserState.from_json(data, self.session_items) for user, data in meta["users"].items()
+            user: UserState.from_json(data, self.session_items, self.recent_half_life_s)
+            for user, data in meta["users"].items()
         }
 
     def forget(self, user: str) -> bool:
@@ -320,7 +320,7 @@ class Recommender:
         query = self.mf.user_vector(user)
         if query is not None and self.session_weight and state.session:
             matrix = self.mf.item_matrix()
-            query += (self.session_weight / len(state.session)) * matrix[list(state.session)].sum(axis=0)
+            query += (self.session_weight / len(state.session)) * matrix[state.session].sum(axis=0)
         return query
 
     def _blend(self, query: np.ndarray, state: UserState, rows: np.ndarray | None = None) -> np.ndarray:

@@ -147,27 +147,35 @@ def _servers(settings: Settings, workdir: Path) -> Iterator[dict[str, str]]:
 def model_memory(
     settings: Settings, points: tuple[int, int] = (10_000, 50_000), events_per_user: int = 3
 ) -> dict[str, Any]:
-    """Bytes the product model holds per user and per item, measured with tracemalloc (numpy
-    arrays included) as the slope between two sizes, and extrapolated linearly to 1M users."""
+    """Bytes the worker's model holds per user and per item, measured with tracemalloc (numpy
+    arrays included) as the slope between two sizes, and extrapolated linearly to 1M users.
+    Everything kept per user counts: the model's state and the last list served to each user
+    (the pipeline keeps it for the live hit rate)."""
     import random
     import tracemalloc
+    from types import SimpleNamespace
 
-    from consumers.worker import build_recommender
+    from consumers.worker import build_pipeline
 
     def held(users: int, items: int) -> int:
         rng = random.Random(0)
         tracemalloc.start()
-        rec = build_recommender(settings)
+        pipeline = build_pipeline(settings)
         for i in range(items):  # every item learned once by a catalogue-filler user
-            rec.learn_one("filler", f"i{i}", "view", float(i))
+            pipeline.recommender.learn_one("filler", f"i{i}", "view", float(i))
+        clock = float(items)
         for u in range(users):
-            for k in range(events_per_user):
-                rec.learn_one(
-                    f"u{u}", f"i{rng.randrange(items)}", "click", float(items + u * events_per_user + k)
+            events = []
+            for _ in range(events_per_user):
+                clock += 1.0
+                item = f"i{rng.randrange(items)}"
+                events.append(
+                    SimpleNamespace(user_id=f"u{u}", item_id=item, type="click", ts=clock, rating=None)
                 )
+            pipeline.process(events)  # learn, then re-rank and remember the list served
         size, _ = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        del rec
+        del pipeline
         return size
 
     small, large = points
@@ -184,7 +192,8 @@ def model_memory(
         },
         "model_bytes_1m_users_extrapolated": round(at_small + per_user * (1_000_000 - small)),
         "memory_method": f"tracemalloc slope between {small:,} and {large:,} users "
-        f"({events_per_user} events each) and between 10k and 50k items; 1M users extrapolated linearly",
+        f"({events_per_user} events each, then their list served) and between 10k and 50k items; "
+        "1M users extrapolated linearly",
     }
 
 

@@ -190,3 +190,24 @@ def test_learning_keeps_every_score_finite(events: list[tuple[int, int, str, flo
         rec.learn_one(f"u{user}", f"i{item}", kind, float(t), rating=rating if kind == "rating" else None)
     for user in range(5):
         assert all(math.isfinite(s) for s in rec.recommend(f"u{user}").scores)
+
+
+def test_user_state_is_compact_and_reads_older_checkpoints() -> None:
+    from online_models.user_state import UserState
+
+    state = UserState()
+    for t, (row, kind) in enumerate([(5, "view"), (6, "click"), (5, "add_to_cart")]):
+        state.touch(row, kind, float(t), consuming=False, session_items=2)
+        state.remember(row, 0.5, float(t), half_life_s=10.0, memory=100)
+    assert state.session == [6, 5] and not hasattr(state, "__dict__")
+    assert isinstance(state.consumed, frozenset)  # no set until something is consumed
+    rows, own = state.interest_scores(weight=1.0, half_life_s=10.0)
+    by_row = dict(zip(rows.tolist(), own.tolist(), strict=True))
+    assert by_row[5] == pytest.approx(0.5 * 2 ** (-2 / 10) + 0.5)  # both touches, decayed to t=2
+    again = UserState.from_json(state.to_json(), session_items=2, half_life_s=10.0)
+    assert again == state
+    # A checkpoint written before interest was kept as one level: [row, weight, seen].
+    old = UserState.from_json([3, 2.0, [], [[5, 0.8, 2.0]], [5], [[5, "view"]]], 2, half_life_s=10.0)
+    assert dict(zip(*map(np.ndarray.tolist, old.interest_scores(1.0, 10.0)), strict=True)) == {
+        5: pytest.approx(0.8)
+    }
