@@ -21,8 +21,21 @@ COMMANDS = [
     ["push-sender"],
     ["replay"],
     ["recs"],
+    ["evaluate"],
+    ["bench"],
+    ["dlq"],
+    ["forget"],
     ["demo"],
 ]
+
+
+def test_the_help_check_covers_every_command() -> None:
+    import argparse
+
+    from pushrec.cli import build_parser
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands.choices) == {c[0] for c in COMMANDS if c}
 
 
 def pushrec(
