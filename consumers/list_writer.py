@@ -1,5 +1,6 @@
 """The worker's Redis side: users whose refreshed list is not in Redis yet, re-ranked and written
-in one call per chunk; an outage keeps them pending instead of losing them."""
+in one call per chunk. An outage (Redis unreachable, or answering with an error: over maxmemory,
+read-only, ...) keeps them pending instead of losing them, and the writes back off meanwhile."""
 
 from __future__ import annotations
 
@@ -9,14 +10,12 @@ import time
 from array import array
 from collections.abc import Iterable
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from infra.metrics import Metrics
-from infra.store import RedisTopNStore
+from infra.store import REDIS_UNAVAILABLE, RedisTopNStore, redis_error_kind
 from online_models.pipeline import RefreshPipeline
 
 log = logging.getLogger("pushrec.worker")
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
 
 
 class ListWriter:
@@ -29,6 +28,8 @@ class ListWriter:
         self.unwritten: dict[str, None] = {}
         self._sent_at = array("d")
         self._lock = asyncio.Lock()
+        self._failures = 0  # consecutive failed writes
+        self._retry_at = 0.0  # monotonic time before which no write is tried
 
     def add(self, users: Iterable[str], sent_at: Iterable[float]) -> None:
         """These users' lists changed (their events were produced at ``sent_at``)."""
@@ -38,10 +39,14 @@ class ListWriter:
     async def write(self) -> None:
         """Re-rank and store every user whose list has not reached Redis yet.
 
-        Redis connection errors are retried with backoff by the client; if they persist, the
-        users stay pending and are written by the next batch or the retry timer, so an outage
-        delays lists but neither loses them nor crash-loops the agent.
+        Redis connection errors are retried with backoff by the client; if they persist, or
+        Redis answers with an error, the users stay pending and the next write is tried after a
+        backoff (1 s doubling to 30 s) by a later batch or the retry timer, so an outage delays
+        lists but neither loses them, nor crash-loops the worker, nor holds up every batch for
+        the client's retries.
         """
+        if time.monotonic() < self._retry_at:
+            return
         async with self._lock:
             await self._write()
 
@@ -54,12 +59,22 @@ class ListWriter:
         lists = self.pipeline.refresh(list(users))
         try:
             await self.store.write_lists(lists, time.time())
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            self.metrics.redis_errors.inc()
-            log.error("Redis write failed after retries, %d lists pending: %s", len(users), exc)
+        except REDIS_UNAVAILABLE as exc:
+            self.metrics.redis_errors.labels(redis_error_kind(exc)).inc()
+            backoff = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2**self._failures)
+            self._failures += 1
+            self._retry_at = time.monotonic() + backoff
+            log.error(
+                "Redis write failed (%s), %d lists pending, next try in %.0f s: %s",
+                redis_error_kind(exc),
+                len(users),
+                backoff,
+                exc,
+            )
             self.unwritten.update(users)
             self._sent_at.extend(sent_at)
             return
+        self._failures, self._retry_at = 0, 0.0
         written = time.time()
         for ts in sent_at:
             self.metrics.event_to_list.observe(max(0.0, written - ts))

@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
 import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumers.dead_letters import DeadLetters
 from consumers.list_writer import ListWriter
@@ -38,7 +36,7 @@ from infra.faults import fail_point
 from infra.kafka import KafkaAccess
 from infra.metrics import Metrics
 from infra.settings import Settings
-from infra.store import Keys, RedisTopNStore, connect
+from infra.store import REDIS_UNAVAILABLE, Keys, RedisTopNStore, connect, redis_error_kind
 from online_models.pipeline import RefreshPipeline
 from online_models.recommender import Recommender
 from stream.dedupe import SeenEventIds
@@ -206,8 +204,8 @@ class RefreshWorker:
         )
         try:
             await self.store.write_items(items)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            self.metrics.redis_errors.inc()
+        except REDIS_UNAVAILABLE as exc:
+            self.metrics.redis_errors.labels(redis_error_kind(exc)).inc()
             log.error("Redis write of %d catalogue item(s) failed after retries: %s", len(items), exc)
 
     async def write_unwritten(self) -> None:
@@ -234,7 +232,7 @@ class RefreshWorker:
             return
         try:
             await store.save(self.snapshot())
-        except (OSError, RedisConnectionError, RedisTimeoutError) as exc:
+        except (OSError, *REDIS_UNAVAILABLE) as exc:
             self.metrics.checkpoints.labels("failed").inc()
             log.error("checkpoint to %s failed: %s", store.where, exc)
             return
@@ -278,7 +276,7 @@ class RefreshWorker:
         client, requests = self.store.client, self.keys.forget_requests()
         try:
             entries = await client.xrange(requests)
-        except (RedisConnectionError, RedisTimeoutError):
+        except REDIS_UNAVAILABLE:
             return
         if not entries:
             return
@@ -287,11 +285,16 @@ class RefreshWorker:
             user = fields[b"user"].decode()
             results[entry_id.decode()] = erase_user(self.pipeline, self.seen, self.lists.unwritten, user)
         await self.save_checkpoint()
-        async with client.pipeline(transaction=True) as pipe:
-            for request_id, result in results.items():
-                pipe.set(self.keys.forget_result(request_id), orjson.dumps(result), ex=3600)
-            pipe.xdel(requests, *results)
-            await pipe.execute()
+        try:
+            async with client.pipeline(transaction=True) as pipe:
+                for request_id, result in results.items():
+                    pipe.set(self.keys.forget_result(request_id), orjson.dumps(result), ex=3600)
+                pipe.xdel(requests, *results)
+                await pipe.execute()
+        except REDIS_UNAVAILABLE as exc:  # applied; the requests are read again and re-applied
+            self.metrics.redis_errors.labels(redis_error_kind(exc)).inc()
+            log.error("forget: %d request(s) applied but not answered: %s", len(results), exc)
+            return
         log.info("applied %d forget request(s)", len(results))
 
     def export_lag(self, highwater: dict[str, int]) -> None:

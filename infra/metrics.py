@@ -7,6 +7,8 @@ import urllib.request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from infra.store import REDIS_ERROR_KINDS
+
 # Closed label sets (see SPEC.md); pre-created so dashboards see zeros, not gaps.
 EVENT_OUTCOMES = ("processed", "dead_letter", "duplicate")
 PUSH_OUTCOMES = ("sent", "capped", "deduped", "quiet_hours", "failed")
@@ -84,9 +86,13 @@ class Metrics:
         self.list_refreshes = Counter("pushrec_list_refreshes", "Top-N lists written to Redis.", registry=r)
         self.redis_errors = Counter(
             "pushrec_redis_errors",
-            "Redis commands that failed (before or after retries).",
+            "Redis commands that failed after the client's retries, by kind: connection, timeout, "
+            "oom (maxmemory), readonly (a replica), noscript, other.",
+            ["kind"],
             registry=r,
         )
+        for kind in REDIS_ERROR_KINDS:
+            self.redis_errors.labels(kind)
         self.pushes = Counter(
             "pushrec_pushes", "Push decisions of the sender, by outcome.", ["outcome"], registry=r
         )

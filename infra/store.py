@@ -11,7 +11,33 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# Redis not taking a command: unreachable or slow (the client retries these), or answering with
+# an error (over maxmemory with noeviction, a replica after a failover, a flushed script cache).
+# An outage to wait out with lists kept pending, not a bug to crash on.
+REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ResponseError)
+REDIS_ERROR_KINDS = ("connection", "timeout", "oom", "readonly", "noscript", "other")
+
+
+def redis_error_kind(exc: BaseException) -> str:
+    """The ``kind`` label of ``pushrec_redis_errors_total`` for one of REDIS_UNAVAILABLE."""
+    for kind, types in (
+        ("timeout", RedisTimeoutError),
+        ("connection", RedisConnectionError),
+        ("oom", OutOfMemoryError),
+        ("readonly", ReadOnlyError),
+        ("noscript", NoScriptError),
+    ):
+        if isinstance(exc, types):
+            return kind
+    return "other"
 
 
 class Keys:

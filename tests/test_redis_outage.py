@@ -21,14 +21,15 @@ pytestmark = pytest.mark.integration
 class OwnValkey:
     """A Valkey of this test's own, so stopping it does not disturb the other tests."""
 
-    def __init__(self) -> None:
+    def __init__(self, *options: str) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.options = options
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [valkey_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""],
+            [valkey_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *self.options],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -81,3 +82,72 @@ def test_lists_catch_up_after_valkey_returns(hermetic: Hermetic, own_valkey: Own
         assert "Restarting dead" not in hermetic.log("worker.log")
     finally:
         stop_process(worker)
+
+
+@pytest.mark.parametrize("refusal", ["oom", "readonly", "noscript"])
+def test_a_redis_that_answers_with_an_error_is_an_outage_not_a_crash(
+    hermetic: Hermetic, own_valkey: OwnValkey, refusal: str
+) -> None:
+    """Issue 19, item 2: an over-full Redis (maxmemory + noeviction: OOM), a replica after a
+    failover (READONLY) and a flushed script cache (NOSCRIPT) answer with an error, not a lost
+    connection; the worker exited with code 70 on the first two and crash-looped on restart."""
+    log = head(dataset("taobao/events.jsonl.gz"), hermetic.tmp / "events.jsonl", 1500)
+    users = {decode_event(line).user_id for line in log.read_bytes().splitlines()}
+    primary = redis.Redis.from_url(own_valkey.url)
+    replica = OwnValkey("--replicaof", "127.0.0.1", str(own_valkey.port))
+    target = own_valkey
+    if refusal == "readonly":
+        replica.start()
+        target = replica
+    port = free_port()
+    worker = hermetic.spawn(
+        "worker", "--metrics-port", str(port), log_name="worker.log", PUSHREC_REDIS_URL=target.url
+    )
+    client = redis.Redis.from_url(target.url)
+    try:
+        wait_joined(port, worker)
+        if refusal == "oom":
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", str(int(client.info("memory")["used_memory"]) // 2))
+        elif refusal == "noscript":  # lists written (scripts loaded), then the cache flushed
+            first = hermetic.tmp / "first.jsonl"
+            first.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:300]))
+            assert run_cli(hermetic, "replay", str(first)).returncode == 0
+            wait_for(
+                "the first lists",
+                lambda: metric_sum(scrape(port), "pushrec_list_refreshes_total") > 0,
+                60,
+                worker,
+            )
+            client.script_flush()
+        assert run_cli(hermetic, "replay", str(log)).returncode == 0
+        wait_for(
+            "every event learned",
+            lambda: metric_sum(scrape(port), "pushrec_events_total", outcome="processed") >= 1500,
+            120,
+            worker,
+        )
+        if refusal != "noscript":
+            wait_for(
+                "the refusal to be counted",
+                lambda: metric_sum(scrape(port), "pushrec_redis_errors_total", kind=refusal) >= 1,
+                30,
+                worker,
+            )
+            assert metric_sum(scrape(port), "pushrec_list_refreshes_total") == 0
+        if refusal == "oom":
+            client.config_set("maxmemory", "0")
+        elif refusal == "readonly":  # the failover completes: the replica becomes the primary
+            client.execute_command("REPLICAOF", "NO", "ONE")
+        wait_for(
+            "every list to be written",
+            lambda: metric_sum(scrape(port), "pushrec_event_to_list_seconds_count") >= 1500,
+            90,
+            worker,
+        )
+        assert [u for u in users if not client.hexists(f"{hermetic.prefix}:recs:{u}", "items")] == []
+        assert worker.poll() is None, hermetic.log("worker.log")[-2000:]
+    finally:
+        stop_process(worker)
+        replica.stop()
+        primary.close()
