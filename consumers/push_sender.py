@@ -29,7 +29,35 @@ from online_models.push_policy import SENT, PushPolicy
 log = logging.getLogger("pushrec.push_sender")
 FAILED = "failed"
 # What became of a refresh-stream entry (label of pushrec_push_entries_total).
-DECIDED, SUPERSEDED, ALREADY_SENT = "decided", "superseded", "already_sent"
+DECIDED, SUPERSEDED, ALREADY_SENT, TRIMMED = "decided", "superseded", "already_sent", "trimmed"
+
+# Refresh entries the stream's cap (MAXLEN) dropped before the group read them: entries added,
+# less those still in the stream, less those the group read. Counted once across the group's
+# senders: the count so far is kept beside the stream, against the group's read counter.
+# KEYS: the stream, the bookkeeping hash; ARGV: the group. Returns the newly lost entries.
+_COUNT_TRIMMED = """
+local function field(flat, name)
+  for i = 1, #flat, 2 do
+    if flat[i] == name then return flat[i + 1] end
+  end
+end
+local stream = redis.call('XINFO', 'STREAM', KEYS[1])
+local read
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  if field(group, 'name') == ARGV[1] then read = field(group, 'entries-read') end
+end
+if not read then return 0 end  -- no group yet, or Redis cannot tell (entries deleted by XDEL)
+read = tonumber(read)
+local lost = tonumber(field(stream, 'entries-added')) - tonumber(field(stream, 'length')) - read
+local counted = 0
+if tonumber(redis.call('HGET', KEYS[2], 'read') or -1) == read then
+  counted = tonumber(redis.call('HGET', KEYS[2], 'counted') or 0)
+end
+if lost <= counted then return 0 end
+redis.call('HSET', KEYS[2], 'read', read, 'counted', lost)
+return lost - counted
+"""
+TRIM_CHECK_EVERY_S = 1.0
 OUTSIDE_SEGMENT = "outside_segment"  # a campaign (--segment TAG) skips users not tagged so
 
 
@@ -67,6 +95,7 @@ class PushSender:
         self.claim_idle_ms = int(push.claim_idle_s * 1000)
         self._delivered: set[str] = set()
         self.segment = segment
+        self._count_trimmed_script = self.client.register_script(_COUNT_TRIMMED)
 
     async def _ensure_group(self) -> None:
         try:
@@ -84,8 +113,12 @@ class PushSender:
         last_activity = time.monotonic()
         # First our own pending entries (read before a crash, never acked), then new ones.
         cursor = "0"
+        next_trim_check = 0.0
         with open(self.outbox, "ab") as out:
             while True:
+                if time.monotonic() >= next_trim_check:
+                    await self._count_trimmed()
+                    next_trim_check = time.monotonic() + TRIM_CHECK_EVERY_S
                 reply = await self.client.xreadgroup(
                     self.group,
                     self.consumer,
@@ -109,17 +142,46 @@ class PushSender:
                     continue
                 last_activity = time.monotonic()
                 for entry_id, fields in entries:
-                    await self.handle(fields[b"user_id"].decode(), int(fields[b"version"]), out)
+                    if fields:
+                        await self.handle(fields[b"user_id"].decode(), int(fields[b"version"]), out)
+                    else:  # read before a crash, then trimmed by the cap before it was decided
+                        self._lost_to_trimming(1, "read but not decided")
                     await self.client.xack(self.keys.refreshed(), self.group, entry_id)
 
     async def _claim_abandoned(self) -> list:  # type: ignore[type-arg]
         """Entries another sender of the group read and never acked (it crashed, or its host is gone)."""
-        _, claimed, _ = await self.client.xautoclaim(
+        _, claimed, deleted = await self.client.xautoclaim(
             self.keys.refreshed(), self.group, self.consumer, self.claim_idle_ms, "0-0", count=100
         )
         if claimed:
             log.info("claimed %d entries abandoned by another sender", len(claimed))
+        if deleted:  # XAUTOCLAIM drops them from the group's pending list
+            self._lost_to_trimming(len(deleted), "read by another sender but not decided")
         return claimed  # type: ignore[no-any-return]
+
+    async def _count_trimmed(self) -> None:
+        """Count refresh entries the stream's cap dropped before any sender of the group read them."""
+        stream = self.keys.refreshed()
+        try:
+            lost = await self._count_trimmed_script(
+                keys=[stream, self.keys.refreshed_trimmed()], args=[self.group]
+            )
+        except ResponseError as exc:  # e.g. the stream does not exist yet
+            log.debug("trimmed-entry count skipped: %s", exc)
+            return
+        if lost:
+            self._lost_to_trimming(int(lost), "never read")
+
+    def _lost_to_trimming(self, count: int, how: str) -> None:
+        self.metrics.push_entries.labels(TRIMMED).inc(count)
+        log.warning(
+            "%d refresh entries (%s) were trimmed by the stream's cap (PUSHREC_REDIS__STREAM_MAXLEN=%d) "
+            "before a push was decided for them: those pushes are lost; raise the cap or keep "
+            "senders running",
+            count,
+            how,
+            self.store.stream_maxlen,
+        )
 
     async def handle(self, user: str, version: int, out) -> str:  # type: ignore[no-untyped-def]
         """Decide and deliver one refresh-stream entry; returns what happened to it."""

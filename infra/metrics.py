@@ -98,11 +98,14 @@ class Metrics:
         )
         self.push_entries = Counter(
             "pushrec_push_entries",
-            "Refresh-stream entries the sender read: decided, superseded by a newer list, already_sent, "
-            "outside_segment (a --segment campaign skipped the user).",
+            "Refresh-stream entries by what became of them: decided, superseded by a newer list, "
+            "already_sent, outside_segment (a --segment campaign skipped the user), trimmed (dropped "
+            "by the stream's cap before any sender decided it: a push lost).",
             ["result"],
             registry=r,
         )
+        for result in ("decided", "superseded", "already_sent", "outside_segment", "trimmed"):
+            self.push_entries.labels(result)
         self.hit_rate = Gauge(
             "pushrec_prequential_hit_rate",
             "Share of recent positive events whose item was in the user's served list (HR@N).",

@@ -53,6 +53,10 @@ class Keys:
         """The stream that tells the push sender a list changed."""
         return f"{self.prefix}refreshed"
 
+    def refreshed_trimmed(self) -> str:
+        """Hash: how many trimmed refresh entries the senders have counted (see push_sender)."""
+        return f"{self.prefix}refreshed:trimmed"
+
     def pushed_items(self, user: str) -> str:
         """Sorted set item -> time it was last pushed to the user (dedupe)."""
         return f"{self.prefix}push:items:{user}"

@@ -145,3 +145,39 @@ def test_a_second_sender_claims_entries_a_crashed_one_left(hermetic: Hermetic, t
     asyncio.run(sender.run())
     assert [orjson.loads(line)["user_id"] for line in outbox.read_bytes().splitlines()] == ["carol"]
     assert client.xpending(stream, group)["pending"] == 0
+
+
+def test_entries_trimmed_before_a_sender_decided_them_are_counted(hermetic: Hermetic, tmp_path: Path) -> None:
+    """Issue 19, item 5: the refresh stream is capped, so while every sender is down the cap drops
+    entries no sender read, and entries one had read before it crashed come back empty: pushes
+    lost without a trace, and the empty ones crashed the sender (KeyError) on restart."""
+    import socket
+
+    stream, group = f"{hermetic.prefix}:refreshed", f"{hermetic.prefix}-sender"
+    client = redis.Redis.from_url(hermetic.servers.redis_url)
+    client.xgroup_create(stream, group, id="0", mkstream=True)  # the senders exist, all are down
+
+    async def write_many(users: range, maxlen: int) -> None:
+        store_client = connect(hermetic.servers.redis_url)
+        store = RedisTopNStore(store_client, Keys(f"{hermetic.prefix}:"), stream_maxlen=maxlen)
+        try:
+            await store.write_lists([TopN(f"u{k}", ["a"], [1.0], "pushrec") for k in users], 1.0)
+        finally:
+            await store_client.aclose()
+
+    asyncio.run(write_many(range(3), 100_000))
+    client.xreadgroup(group, socket.gethostname(), {stream: ">"}, count=2)  # read, then it crashed
+    for start in range(3, 1203, 200):
+        asyncio.run(write_many(range(start, start + 200), 50))
+    info = client.xinfo_stream(stream)
+    lost = info["entries-added"] - info["length"]  # the two read ones included: never decided
+    assert lost > 1000
+
+    sender = run_sender(hermetic, tmp_path / "outbox.jsonl")
+    entries = sender.metrics.push_entries
+    assert entries.labels("trimmed")._value.get() == lost
+    decided = sum(entries.labels(r)._value.get() for r in ("decided", "superseded", "already_sent"))
+    assert decided == info["length"]
+    # Counted once for the group: a second sender finds nothing new.
+    again = run_sender(hermetic, tmp_path / "outbox.jsonl")
+    assert again.metrics.push_entries.labels("trimmed")._value.get() == 0
