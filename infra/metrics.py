@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from infra.store import REDIS_ERROR_KINDS
 
-# Closed label sets (see SPEC.md); pre-created so dashboards see zeros, not gaps.
+# Closed label sets (the product contract, shared/SPEC.md); pre-created so dashboards see zeros.
 EVENT_OUTCOMES = ("processed", "dead_letter", "duplicate")
 PUSH_OUTCOMES = ("sent", "capped", "deduped", "quiet_hours", "failed")
 LATENCY_BUCKETS = (

@@ -189,7 +189,7 @@ class Settings(BaseSettings):
         env_prefix="PUSHREC_", env_nested_delimiter="__", frozen=True, extra="forbid"
     )
 
-    # The two addresses SPEC.md names; unset = the embedded stack from `pushrec stack up`.
+    # The two addresses the product contract names; unset = the embedded stack (`pushrec stack up`).
     kafka_bootstrap: str | None = Field(None, description="host:port[,host:port] of the Kafka brokers")
     redis_url: str | None = Field(None, description="redis://[:password@]host:port/db (rediss:// for TLS)")
     state_dir: Path = Field(Path.home() / ".pushrec", description="embedded stack state and logs")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from typing import Any
@@ -126,6 +127,8 @@ def test_bench_items_reports_time_and_recall() -> None:
         capture_output=True,
         text=True,
         timeout=600,
+        # Few rows pending before a re-index, so that the live phase re-indexes (and says so).
+        env={**os.environ, "PUSHREC_MODEL__ANN_PENDING_MAX": "200"},
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -133,4 +136,5 @@ def test_bench_items_reports_time_and_recall() -> None:
     for part in ("fresh_index", "after_live_updates"):
         assert report[part]["recall_at_20"] >= 0.9 and report[part]["index_recall_at_20"] >= 0.9
         assert report[part]["exact_ms_per_user"] > 0 and report[part]["approx_ms_per_user"] > 0
-    assert report["live_events"] == 1500 and report["reindex_batches"] >= 0
+    assert report["live_events"] == 1500 and report["ann_pending_max"] == 200
+    assert report["reindex_batches"] > 0 and report["reindex_rows"] >= 200 * report["reindex_batches"]

@@ -1,4 +1,5 @@
-"""`pushrec bench` runs end to end on real servers and reports every figure SPEC.md names.
+"""`pushrec bench` runs end to end on real servers and reports every figure the product contract
+(shared/SPEC.md, beside the repository) names.
 
 No timing assertion: the machines are shared and noisy; the benchmark is the measurement.
 """

@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -241,7 +242,9 @@ def test_a_worker_behind_re_ranks_each_user_once_per_interval_and_loses_no_list(
     log = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 800)  # purchases: one topic, one partition
     assert run_cli(hermetic, "replay", str(log)).returncode == 0
     port = free_port()
-    env = {"PUSHREC_WORKER__BATCH_MAX": "1", "PUSHREC_WORKER__REFRESH_MAX_DELAY_S": "2"}
+    delay_s = 2.0
+    env = {"PUSHREC_WORKER__BATCH_MAX": "1", "PUSHREC_WORKER__REFRESH_MAX_DELAY_S": str(delay_s)}
+    started = time.monotonic()
     worker = hermetic.spawn("worker", "--metrics-port", str(port), log_name="worker.log", **env)
     try:
         wait_for(
@@ -250,6 +253,7 @@ def test_a_worker_behind_re_ranks_each_user_once_per_interval_and_loses_no_list(
             180,
             worker,
         )
+        learning_s = time.monotonic() - started  # start-up included: only loosens the bound
         users = {json.loads(line)["user_id"] for line in log.read_bytes().splitlines()}
         wait_for(  # what is still pending after the last batch is written within a second
             "every user's list",
@@ -261,8 +265,10 @@ def test_a_worker_behind_re_ranks_each_user_once_per_interval_and_loses_no_list(
         worker.wait(timeout=60)
     finally:
         stop_process(worker)
-    # 800 batches of one; re-ranked after every batch that would be 800 list writes.
-    assert refreshes < 400, refreshes
+    # 800 batches of one; re-ranked after every batch that would be 800 list writes. Deferred,
+    # each user is re-ranked at most once per interval while the backlog lasts, plus the first
+    # write and the last: a bound from the time it took, whatever this machine's speed.
+    assert refreshes <= len(users) * (learning_s / delay_s + 2), (refreshes, len(users), learning_s)
     bought: dict[str, set[str]] = {}
     for line in log.read_bytes().splitlines():
         event = json.loads(line)
