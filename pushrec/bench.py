@@ -107,9 +107,12 @@ class _Run:
             )
 
 
-def _counted(port: int) -> float:
+def _progress(port: int) -> tuple[float, bool]:
+    """Events the worker has counted, and whether every learned event's list is written."""
     samples = scrape(port)
-    return sum(metric_sum(samples, "pushrec_events_total", outcome=o) for o in COUNTED)
+    counted = sum(metric_sum(samples, "pushrec_events_total", outcome=o) for o in COUNTED)
+    processed = metric_sum(samples, "pushrec_events_total", outcome="processed")
+    return counted, metric_sum(samples, "pushrec_event_to_list_seconds_count") >= processed
 
 
 def _peak_rss(pid: int) -> int:
@@ -262,11 +265,11 @@ def run_bench(
                         raise RuntimeError(f"the worker exited: see {workdir / log_name}")
                     peak = max(peak, _peak_rss(worker.pid))
                     with contextlib.suppress(OSError):
-                        counted = _counted(port)
+                        counted, lists_written = _progress(port)
                         now = time.time()
                         if counted > 0 and first is None:
                             first = (now, counted)
-                        if counted >= n:
+                        if counted >= n and lists_written:  # the last deferred re-rank included
                             last = now
                             break
                     time.sleep(0.25)
@@ -315,7 +318,12 @@ def run_bench(
                 worker,
             )
             produce(lat_run, Pacing(rate=rate))
-            wait_for("every paced event to be counted", lambda: _counted(port) >= n, 600, worker)
+            wait_for(  # and every list written: the histogram then holds every event's latency
+                "every paced event's list",
+                lambda: (lambda counted, written: counted >= n and written)(*_progress(port)),
+                600,
+                worker,
+            )
             samples = scrape(port)
         finally:
             stop_process(worker)
