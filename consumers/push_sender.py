@@ -93,6 +93,9 @@ class PushSender:
         self.metrics = metrics or Metrics()
         self.until_idle_s = until_idle_s
         self.claim_idle_ms = int(push.claim_idle_s * 1000)
+        # Notifications in the outbox whose Redis record may be missing: those a crash may have
+        # left there (read from the outbox's tail at start) and the one being recorded. Bounded:
+        # an id leaves once its record is in Redis, which answers for it from then on.
         self._delivered: set[str] = set()
         self.segment = segment
         self._count_trimmed_script = self.client.register_script(_COUNT_TRIMMED)
@@ -216,22 +219,28 @@ class PushSender:
         )
         outcome = decision.outcome
         if outcome == SENT and decision.item is not None:
-            outcome = self._deliver(out, stored, decision.item, now)
-            if outcome == SENT:
+            notification_id = f"{stored.user_id}:{stored.version}"
+            if notification_id in self._delivered:
+                # Delivered before a crash that came before the Redis record: record it only.
+                outcome = ALREADY_SENT
+            else:
+                outcome = self._deliver(out, stored, decision.item, now)
+            if outcome in (SENT, ALREADY_SENT):
                 async with self.client.pipeline(transaction=True) as pipe:
                     pipe.zadd(pushes_key, {str(version): now})
                     pipe.zadd(items_key, {decision.item: now})
                     pipe.zremrangebyscore(pushes_key, "-inf", cap_from)
                     pipe.zremrangebyscore(items_key, "-inf", dedupe_from)
                     await pipe.execute()
+                self._delivered.discard(notification_id)  # Redis answers for it now
+        if outcome == ALREADY_SENT:
+            self.metrics.push_entries.labels(ALREADY_SENT).inc()
+            return ALREADY_SENT
         self.metrics.pushes.labels(outcome).inc()
         return outcome
 
     def _deliver(self, out, stored: StoredList, item: str, now: float) -> str:  # type: ignore[no-untyped-def]
         notification_id = f"{stored.user_id}:{stored.version}"
-        if notification_id in self._delivered:
-            # Delivered before a crash that came before the Redis record: do not deliver again.
-            return SENT
         listed = next((i for i in stored.items if i["item_id"] == item), {})
         notification = {
             "notification_id": notification_id,

@@ -155,18 +155,25 @@ class CatalogueItem(Protocol):
     def price(self) -> float | None: ...
 
 
-# Lists in one script call, each atomic (scripts run whole): bump its version, store it, tell the
-# sender. KEYS: the refresh stream, then one hash per list; ARGV: time, stream MAXLEN, then per
+# Lists in one script call, each atomic (scripts run whole): give it a new version, store it, tell
+# the sender. KEYS: the refresh stream, then one hash per list; ARGV: time, stream MAXLEN, then per
 # list: items, model, user id, tags. One call per chunk instead of one per list: redis-py's
 # command packing and reply parsing were ~11 % of the model process's CPU (py-spy).
+# A version never goes backwards, even when the hash is gone (forget, an eviction, an embedded
+# Valkey restarted without persistence): the server's time in microseconds, or the previous
+# version + 1 if that is larger. The push sender's idempotency key (user, version) stays unique.
 _WRITE_LISTS = """
+local now = redis.call('TIME')
+local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local versions = {}
 for i = 2, #KEYS do
   local a = 3 + (i - 2) * 4
-  local version = redis.call('HINCRBY', KEYS[i], 'version', 1)
-  redis.call('HSET', KEYS[i], 'items', ARGV[a], 'refreshed_at', ARGV[1], 'model', ARGV[a + 1],
-             'tags', ARGV[a + 3])
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'user_id', ARGV[a + 2], 'version', version)
+  local previous = tonumber(redis.call('HGET', KEYS[i], 'version') or 0)
+  local version = math.max(previous + 1, now_us)
+  redis.call('HSET', KEYS[i], 'version', string.format('%d', version), 'items', ARGV[a],
+             'refreshed_at', ARGV[1], 'model', ARGV[a + 1], 'tags', ARGV[a + 3])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'user_id', ARGV[a + 2], 'version',
+             string.format('%d', version))
   versions[#versions + 1] = version
 end
 return versions

@@ -44,11 +44,8 @@ def test_cap_dedupe_and_no_double_push_on_redelivery(hermetic: Hermetic, tmp_pat
     asyncio.run(write(hermetic, TopN("bob", ["x"], [0.1], "popularity")))
     run()
     pushes = [orjson.loads(line) for line in outbox.read_bytes().splitlines()]
-    assert [(p["user_id"], p["item_id"], p["list_version"]) for p in pushes] == [
-        ("alice", "a", 1),
-        ("alice", "b", 2),
-        ("bob", "x", 1),
-    ]
+    assert [(p["user_id"], p["item_id"]) for p in pushes] == [("alice", "a"), ("alice", "b"), ("bob", "x")]
+    assert pushes[0]["list_version"] < pushes[1]["list_version"]
     assert sender.metrics.pushes.labels("deduped")._value.get() == 1
 
     # Rewind the group as if every entry had been delivered but never acknowledged: nothing is pushed twice.
@@ -65,7 +62,8 @@ def test_a_burst_of_refreshes_is_one_decision_on_the_newest_list(hermetic: Herme
     asyncio.run(write(hermetic, *[TopN("carol", [f"i{k}"], [1.0], "pushrec") for k in range(4)]))
     sender = run_sender(hermetic, outbox)
     pushes = [orjson.loads(line) for line in outbox.read_bytes().splitlines()]
-    assert [(p["item_id"], p["list_version"]) for p in pushes] == [("i3", 4)]
+    stored = redis.Redis.from_url(hermetic.servers.redis_url).hget(f"{hermetic.prefix}:recs:carol", "version")
+    assert [(p["item_id"], p["list_version"]) for p in pushes] == [("i3", int(stored))]  # the newest
     assert sender.metrics.push_entries.labels("superseded")._value.get() == 3
 
 
@@ -114,15 +112,14 @@ def test_kill_9_between_delivery_and_ack_neither_duplicates_nor_loses(hermetic: 
     restarted = deliver(hermetic, "outbox.jsonl")
     assert restarted.returncode == 0, restarted.stderr
 
-    def read(h: Hermetic) -> list[tuple[str, str]]:
-        return [
-            (p["notification_id"], p["item_id"])
-            for p in map(orjson.loads, (h.tmp / "outbox.jsonl").read_bytes().splitlines())
-        ]
+    def read(h: Hermetic) -> list[dict]:  # type: ignore[type-arg]
+        return [orjson.loads(line) for line in (h.tmp / "outbox.jsonl").read_bytes().splitlines()]
 
     delivered = read(hermetic)
-    assert len(delivered) == len(set(delivered)) == len(lists)  # none twice, none lost
-    assert sorted(delivered) == sorted(read(clean))
+    assert len({p["notification_id"] for p in delivered}) == len(delivered) == len(lists)  # none twice
+    assert sorted((p["user_id"], p["item_id"]) for p in delivered) == sorted(
+        (p["user_id"], p["item_id"]) for p in read(clean)
+    )
     client = redis.Redis.from_url(hermetic.servers.redis_url)
     pending = client.xpending(f"{hermetic.prefix}:refreshed", f"{hermetic.prefix}-sender")
     assert pending["pending"] == 0
@@ -181,3 +178,29 @@ def test_entries_trimmed_before_a_sender_decided_them_are_counted(hermetic: Herm
     # Counted once for the group: a second sender finds nothing new.
     again = run_sender(hermetic, tmp_path / "outbox.jsonl")
     assert again.metrics.push_entries.labels("trimmed")._value.get() == 0
+
+
+def test_a_list_after_forget_or_a_redis_restart_is_new_and_the_senders_memory_stays_small(
+    hermetic: Hermetic, tmp_path: Path
+) -> None:
+    """Issue 19, item 4: list versions restarted at 1 once the user's hash was gone (forget, an
+    eviction, an embedded Valkey restarted without persistence), so the next list looked already
+    sent ("alice:1" was in the sender's memory of the outbox) and was suppressed while counted
+    sent; and that memory grew with every notification."""
+    outbox = tmp_path / "outbox.jsonl"
+    client = redis.Redis.from_url(hermetic.servers.redis_url)
+    asyncio.run(write(hermetic, *[TopN(f"user{u}", ["a"], [1.0], "pushrec") for u in range(30)]))
+    first = run_sender(hermetic, outbox)
+    assert first.metrics.pushes.labels("sent")._value.get() == 30
+    assert len(first._delivered) == 0  # each left once its record was in Redis
+    # Everything of user0 and user1 is gone from Redis, as after forget or a restart.
+    for user in ("user0", "user1"):
+        client.delete(*(f"{hermetic.prefix}:{k}:{user}" for k in ("recs", "push:sent", "push:items")))
+    asyncio.run(
+        write(hermetic, TopN("user0", ["b"], [1.0], "pushrec"), TopN("user1", ["b"], [1.0], "pushrec"))
+    )
+    again = run_sender(hermetic, outbox)
+    pushes = [orjson.loads(line) for line in outbox.read_bytes().splitlines()]
+    assert [(p["user_id"], p["item_id"]) for p in pushes[30:]] == [("user0", "b"), ("user1", "b")]
+    assert len({p["notification_id"] for p in pushes}) == 32
+    assert again.metrics.pushes.labels("sent")._value.get() == 2
