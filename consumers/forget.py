@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from consumers.recovery import checkpoint_store, erase_user, pack_state, unpack_state
 from consumers.worker import build_pipeline
 from infra.settings import Settings
-from infra.store import Keys, connect
+from infra.store import Keys, RedisTopNStore, connect
 from stream.dedupe import SeenEventIds
 
 
@@ -31,10 +31,8 @@ async def forget_user(settings: Settings, redis_url: str, user: str, wait_s: flo
     keys = Keys(settings.redis.key_prefix)
     try:
         report: dict[str, Any] = {"user_id": user}
-        report["redis_keys"] = await client.delete(
-            keys.recs(user), keys.pushes(user), keys.pushed_items(user)
-        )
-        report["refresh_stream_entries"] = await _drop_stream_entries(client, keys.refreshed(), user)
+        lists, report["refresh_stream_entries"] = await RedisTopNStore(client, keys).delete_lists(user)
+        report["redis_keys"] = lists + await client.delete(keys.pushes(user), keys.pushed_items(user))
         request_id = (await client.xadd(keys.forget_requests(), {"user": user})).decode()
         result = await _wait_for_worker(client, keys, request_id, wait_s)
         if result is not None:
@@ -45,22 +43,6 @@ async def forget_user(settings: Settings, redis_url: str, user: str, wait_s: flo
         return report
     finally:
         await client.aclose()
-
-
-async def _drop_stream_entries(client: aioredis.Redis, stream: str, user: str) -> int:
-    dropped, start = 0, "-"
-    encoded = user.encode()
-    while True:
-        entries = await client.xrange(stream, min=start, max="+", count=1000)
-        if not entries:
-            return dropped
-        mine = [entry_id for entry_id, fields in entries if fields.get(b"user_id") == encoded]
-        if mine:
-            dropped += await client.xdel(stream, *mine)
-        last = entries[-1][0].decode()
-        start = "(" + last
-        if len(entries) < 1000:
-            return dropped
 
 
 async def _wait_for_worker(

@@ -27,7 +27,7 @@ class ListWriter:
         self.metrics = metrics
         self.unwritten: dict[str, None] = {}
         self._sent_at = array("d")
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()  # held while writing: a write never lands after a forget
         self._failures = 0  # consecutive failed writes
         self._retry_at = 0.0  # monotonic time before which no write is tried
 
@@ -47,7 +47,7 @@ class ListWriter:
         """
         if time.monotonic() < self._retry_at:
             return
-        async with self._lock:
+        async with self.lock:
             await self._write()
 
     async def _write(self) -> None:

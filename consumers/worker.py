@@ -271,8 +271,10 @@ class RefreshWorker:
     # --- forgetting ----------------------------------------------------------------------------
 
     async def apply_forget_requests(self) -> None:
-        """Erase users named on the forget stream from the model, id memory and pending lists;
-        checkpoint; then replace each request by its result (counts only, no user id)."""
+        """Erase users named on the forget stream from the model, id memory and pending lists, and
+        delete what this worker wrote for them (a list written after `pushrec forget` deleted
+        theirs, from events learned before); checkpoint; then replace each request by its result
+        (counts only, no user id)."""
         client, requests = self.store.client, self.keys.forget_requests()
         try:
             entries = await client.xrange(requests)
@@ -281,9 +283,17 @@ class RefreshWorker:
         if not entries:
             return
         results = {}
-        for entry_id, fields in entries:
-            user = fields[b"user"].decode()
-            results[entry_id.decode()] = erase_user(self.pipeline, self.seen, self.lists.unwritten, user)
+        async with self.lists.lock:  # no list write in flight, so none lands after the delete
+            for entry_id, fields in entries:
+                user = fields[b"user"].decode()
+                result = erase_user(self.pipeline, self.seen, self.lists.unwritten, user)
+                try:
+                    result["list"], result["refresh_entries"] = await self.store.delete_lists(user)
+                except REDIS_UNAVAILABLE as exc:  # erased; the request is read again and re-applied
+                    self.metrics.redis_errors.labels(redis_error_kind(exc)).inc()
+                    log.error("forget: the lists of a forgotten user could not be deleted: %s", exc)
+                    return
+                results[entry_id.decode()] = result
         await self.save_checkpoint()
         try:
             async with client.pipeline(transaction=True) as pipe:

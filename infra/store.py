@@ -92,6 +92,11 @@ def reply_hash(reply: object) -> dict[bytes, bytes]:
     return cast(dict[bytes, bytes], reply)
 
 
+def reply_entries(reply: object) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Stream entries (XRANGE, XREADGROUP): (id, fields)."""
+    return cast(list[tuple[bytes, dict[bytes, bytes]]], reply or [])
+
+
 def connect(url: str, retries: int = 5) -> aioredis.Redis:
     """An asyncio client that retries connection errors with capped exponential backoff."""
     return aioredis.Redis.from_url(
@@ -189,6 +194,21 @@ class RedisTopNStore:
         self.keys = keys
         self.stream_maxlen = stream_maxlen
         self._write = client.register_script(_WRITE_LISTS)
+
+    async def delete_lists(self, user: str) -> tuple[int, int]:
+        """Delete the user's list and their entries on the refresh stream (``forget``); how many
+        of each. Reads the whole stream (bounded by its cap) in pages."""
+        deleted = await self.client.delete(self.keys.recs(user))
+        stream, dropped, start = self.keys.refreshed(), 0, "-"
+        encoded = user.encode()
+        while True:
+            entries = reply_entries(await self.client.xrange(stream, min=start, max="+", count=1000))
+            mine = [entry_id for entry_id, fields in entries if fields.get(b"user_id") == encoded]
+            if mine:
+                dropped += await self.client.xdel(stream, *mine)
+            if len(entries) < 1000:
+                return int(deleted), dropped
+            start = "(" + entries[-1][0].decode()
 
     async def write_lists(self, lists: Sequence[RankedList], now: float) -> list[int]:
         """Store every list (one script call per chunk, one round trip); return their new versions."""

@@ -252,6 +252,57 @@ def test_forget_erases_a_user_from_every_store(hermetic: Hermetic) -> None:
         stop_process(worker)
     assert client.xlen(f"{hermetic.prefix}:forget") == 0
     for key in client.scan_iter(f"{hermetic.prefix}:forget:result:*"):  # unread results: counts only
-        assert set(orjson.loads(client.get(key))) == {"model", "dedupe_ids", "pending_list"}
+        assert set(orjson.loads(client.get(key))) == {
+            "model",
+            "dedupe_ids",
+            "pending_list",
+            "list",
+            "refresh_entries",
+        }
     for user in (first, second):
         assert_forgotten(hermetic, user)
+
+
+def test_a_list_written_after_forget_deleted_it_is_deleted_when_the_worker_applies_it(
+    hermetic: Hermetic,
+) -> None:
+    """Issue 19, item 7: `pushrec forget` deletes the user's Redis keys, then the worker applies
+    the request. A list the worker wrote in between, from events it had learned before (its write
+    deferred while behind, or held up by Redis), survived the forget."""
+    import asyncio
+
+    from consumers.worker import RefreshWorker
+    from infra.kafka import KafkaAccess
+    from stream.records import Record
+    from stream.topics import TopicNames
+
+    settings = hermetic.settings()
+    topic = TopicNames(hermetic.prefix).events("click")
+    event = orjson.dumps({"event_id": "e1", "type": "click", "user_id": "ann", "item_id": "i1", "ts": 1.0})
+    client = redis.Redis.from_url(hermetic.servers.redis_url)
+    recs = f"{hermetic.prefix}:recs:ann"
+
+    async def scenario() -> dict:  # type: ignore[type-arg]
+        worker = RefreshWorker(
+            settings, KafkaAccess(hermetic.servers.kafka_bootstrap), hermetic.servers.redis_url
+        )
+        try:
+            await worker.handle_records([Record(topic, 0, 0, b"ann", event, 1.0)])
+            assert client.exists(recs)
+            # `pushrec forget ann`: the keys go, the request waits for the worker ...
+            client.delete(recs)
+            request = client.xadd(f"{hermetic.prefix}:forget", {"user": "ann"}).decode()
+            # ... which meanwhile writes ann's list from what it had learned (a deferred write).
+            worker.lists.add(["ann"], [1.0])
+            await worker.write_unwritten()
+            assert client.exists(recs)
+            await worker.apply_forget_requests()
+            return orjson.loads(client.get(f"{hermetic.prefix}:forget:result:{request}"))  # type: ignore[no-any-return]
+        finally:
+            await worker.close()
+
+    result = asyncio.run(scenario())
+    assert not client.exists(recs), "a list of a forgotten user survived"
+    assert result["model"] is True and result["list"] == 1 and result["refresh_entries"] >= 1
+    stream = client.xrange(f"{hermetic.prefix}:refreshed")
+    assert all(fields[b"user_id"] != b"ann" for _, fields in stream)
