@@ -1,6 +1,12 @@
 """The worker's Redis side: users whose refreshed list is not in Redis yet, re-ranked and written
-in one call per chunk. An outage (Redis unreachable, or answering with an error: over maxmemory,
-read-only, ...) keeps them pending instead of losing them, and the writes back off meanwhile."""
+in one call per chunk.
+
+Re-ranking happens in the learning loop (a list reflects the model right after its user's
+events); the Redis writes run in a background task, so learning never waits for them: a Redis
+that is slow, away or hung (the client retries for up to a minute) holds up lists, not the
+model. An outage (Redis unreachable, or answering with an error: over maxmemory, read-only, ...)
+keeps the users pending, as ids, instead of losing them, and the writes back off meanwhile.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,12 @@ import asyncio
 import logging
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from infra.metrics import Metrics
 from infra.store import REDIS_UNAVAILABLE, RedisTopNStore, redis_error_kind
 from online_models.pipeline import RefreshPipeline
+from online_models.recommender import TopN
 
 log = logging.getLogger("pushrec.worker")
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
@@ -21,42 +28,79 @@ BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
 class ListWriter:
     """Pending users (and their events' record times, for the latency histogram) until written."""
 
-    def __init__(self, store: RedisTopNStore, pipeline: RefreshPipeline, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        store: RedisTopNStore,
+        pipeline: RefreshPipeline,
+        metrics: Metrics,
+        on_change: Callable[[], None] = lambda: None,
+        on_bug: Callable[[BaseException], None] = lambda exc: log.critical("list write failed", exc_info=exc),
+    ) -> None:
+        """``on_change`` is called when a write round ends (pending may have changed); ``on_bug``
+        with an exception a write raised that is not Redis being unavailable."""
         self.store = store
         self.pipeline = pipeline
         self.metrics = metrics
-        self.unwritten: dict[str, None] = {}
+        self.on_change = on_change
+        self.on_bug = on_bug
+        self.unwritten: dict[str, None] = {}  # touched users, not re-ranked yet
         self._sent_at = array("d")
+        # Re-ranked, waiting for the background writer: newest list per user, and event times.
+        self._outgoing: dict[str, TopN] = {}
+        self._outgoing_sent_at = array("d")
+        self._in_flight: dict[str, None] = {}  # the users of the write under way
+        self._task: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()  # held while writing: a write never lands after a forget
         self._failures = 0  # consecutive failed writes
         self._retry_at = 0.0  # monotonic time before which no write is tried
+
+    @property
+    def pending(self) -> list[str]:
+        """Every user whose latest list is not in Redis yet (what a checkpoint keeps)."""
+        return list({**self.unwritten, **self._outgoing, **self._in_flight})
 
     def add(self, users: Iterable[str], sent_at: Iterable[float]) -> None:
         """These users' lists changed (their events were produced at ``sent_at``)."""
         self.unwritten.update(dict.fromkeys(users))
         self._sent_at.extend(sent_at)
 
-    async def write(self) -> None:
-        """Re-rank and store every user whose list has not reached Redis yet.
+    def forget(self, user: str) -> bool:
+        """Drop the user's pending list (call with the lock held); whether there was one."""
+        pending = self.unwritten.pop(user, None) is not None
+        return self._outgoing.pop(user, None) is not None or pending
 
-        Redis connection errors are retried with backoff by the client; if they persist, or
-        Redis answers with an error, the users stay pending and the next write is tried after a
-        backoff (1 s doubling to 30 s) by a later batch or the retry timer, so an outage delays
-        lists but neither loses them, nor crash-loops the worker, nor holds up every batch for
-        the client's retries.
-        """
-        if time.monotonic() < self._retry_at:
+    def refresh(self) -> None:
+        """Re-rank every pending user now and hand the lists to the background writer (started
+        if idle). While Redis is backing off the users stay pending, un-ranked."""
+        if not self.unwritten or time.monotonic() < self._retry_at:
             return
-        async with self.lock:
-            await self._write()
-
-    async def _write(self) -> None:
-        if not self.unwritten:
-            return
-        # Take the pending set before awaiting: a batch learned meanwhile adds to a fresh one.
         users, self.unwritten = self.unwritten, {}
-        sent_at, self._sent_at = self._sent_at, array("d")
-        lists = self.pipeline.refresh(list(users))
+        self._outgoing.update((top.user_id, top) for top in self.pipeline.refresh(list(users)))
+        self._outgoing_sent_at.extend(self._sent_at)
+        self._sent_at = array("d")
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._write_all())
+            self._task.add_done_callback(self._check)
+
+    async def flush(self) -> None:
+        """Re-rank and write everything pending now, and wait for it (stop, catch-up, timer)."""
+        self.refresh()
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+            self.refresh()
+
+    async def _write_all(self) -> None:
+        while self._outgoing:
+            async with self.lock:
+                if not await self._write_once():
+                    break
+        self.on_change()
+
+    async def _write_once(self) -> bool:
+        """Write what is outgoing; whether it was written."""
+        lists, self._outgoing = list(self._outgoing.values()), {}
+        sent_at, self._outgoing_sent_at = self._outgoing_sent_at, array("d")
+        self._in_flight = dict.fromkeys(top.user_id for top in lists)
         try:
             await self.store.write_lists(lists, time.time())
         except REDIS_UNAVAILABLE as exc:
@@ -67,15 +111,24 @@ class ListWriter:
             log.error(
                 "Redis write failed (%s), %d lists pending, next try in %.0f s: %s",
                 redis_error_kind(exc),
-                len(users),
+                len(lists),
                 backoff,
                 exc,
             )
-            self.unwritten.update(users)
-            self._sent_at.extend(sent_at)
-            return
+            # Back to pending as ids, with what was re-ranked meanwhile: re-ranked again on the
+            # next try, so an outage holds no lists in memory.
+            self.add([*self._in_flight, *self._outgoing], [*sent_at, *self._outgoing_sent_at])
+            self._outgoing, self._outgoing_sent_at = {}, array("d")
+            return False
+        finally:
+            self._in_flight = {}
         self._failures, self._retry_at = 0, 0.0
         written = time.time()
         for ts in sent_at:
             self.metrics.event_to_list.observe(max(0.0, written - ts))
         self.metrics.list_refreshes.inc(len(lists))
+        return True
+
+    def _check(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.on_bug(exc)

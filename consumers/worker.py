@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ import orjson
 
 from consumers.dead_letters import DeadLetters
 from consumers.list_writer import ListWriter
-from consumers.protocol import PENDING
+from consumers.protocol import EXIT_BUG, PENDING
 from consumers.recovery import checkpoint_store, erase_user, pack_state, read_gap, unpack_state
 from infra.checkpoint import CheckpointStore
 from infra.faults import fail_point
@@ -76,7 +77,7 @@ class RefreshWorker:
         self.pipeline = build_pipeline(settings)
         client = connect(redis_url, settings.redis.retries)
         self.store = RedisTopNStore(client, self.keys, settings.redis.stream_maxlen)
-        self.lists = ListWriter(self.store, self.pipeline, self.metrics)
+        self.lists = ListWriter(self.store, self.pipeline, self.metrics, self._report_pending, _exit_on_bug)
         self.dead_letters = DeadLetters(kafka, self.names.dead_letter, self.metrics)
         self.seen = SeenEventIds(settings.checkpoint.dedupe_ids)
         # Next offset to learn per "topic:partition": everything below is in the model.
@@ -167,7 +168,8 @@ class RefreshWorker:
                 self._pending_since = time.monotonic()
             self.lists.add(users, sent_at)
         if not self._behind() or time.monotonic() - self._pending_since >= self._refresh_max_delay_s:
-            await self.write_unwritten()
+            self.lists.refresh()  # re-ranked now, written to Redis in the background
+            self._report_pending()
 
     def _held(self, record: Record) -> bool:
         """Whether the model already holds this record (its offset is below the partition's next)."""
@@ -209,10 +211,14 @@ class RefreshWorker:
             log.error("Redis write of %d catalogue item(s) failed after retries: %s", len(items), exc)
 
     async def write_unwritten(self) -> None:
-        """Re-rank and store every user whose list has not reached Redis yet (an outage keeps
-        them pending); tell the Faust process when lists start or stop waiting (its idle watch)."""
-        await self.lists.write()
-        pending = bool(self.lists.unwritten)
+        """Re-rank and store every user whose list has not reached Redis yet, and wait for it
+        (an outage keeps them pending)."""
+        await self.lists.flush()
+        self._report_pending()
+
+    def _report_pending(self) -> None:
+        """Tell the Faust process when lists start or stop waiting for Redis (its idle watch)."""
+        pending = bool(self.lists.pending)
         if pending != self._reported_pending and self.outbox is not None:
             self.outbox.send((PENDING, pending))
             self._reported_pending = pending
@@ -220,7 +226,7 @@ class RefreshWorker:
     # --- checkpoints -------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        return pack_state(self.pipeline, self.seen, self.offsets, self.lists.unwritten)
+        return pack_state(self.pipeline, self.seen, self.offsets, self.lists.pending)
 
     def restore(self, blob: bytes) -> None:
         self.offsets, unwritten = unpack_state(blob, self.pipeline, self.seen)
@@ -286,7 +292,8 @@ class RefreshWorker:
         async with self.lists.lock:  # no list write in flight, so none lands after the delete
             for entry_id, fields in entries:
                 user = fields[b"user"].decode()
-                result = erase_user(self.pipeline, self.seen, self.lists.unwritten, user)
+                result = erase_user(self.pipeline, self.seen, {}, user)
+                result["pending_list"] = self.lists.forget(user)
                 try:
                     result["list"], result["refresh_entries"] = await self.store.delete_lists(user)
                 except REDIS_UNAVAILABLE as exc:  # erased; the request is read again and re-applied
@@ -313,3 +320,13 @@ class RefreshWorker:
         for source, end in highwater.items():
             lag += max(0, end - self.offsets.get(source, 0))
         self.metrics.consumer_lag.set(lag)
+
+
+def _exit_on_bug(exc: BaseException) -> None:
+    """A list write raised something other than Redis being unavailable: a bug. Exit without a
+    checkpoint, as for a bug while learning (see ``consumers.model_process``)."""
+    log.critical(
+        "unexpected error writing lists; exiting (code %d) without a checkpoint", EXIT_BUG, exc_info=exc
+    )
+    logging.shutdown()
+    os._exit(EXIT_BUG)

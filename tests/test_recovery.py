@@ -288,6 +288,7 @@ def test_a_list_written_after_forget_deleted_it_is_deleted_when_the_worker_appli
         )
         try:
             await worker.handle_records([Record(topic, 0, 0, b"ann", event, 1.0)])
+            await worker.write_unwritten()  # lists are written in the background: wait for it
             assert client.exists(recs)
             # `pushrec forget ann`: the keys go, the request waits for the worker ...
             client.delete(recs)
