@@ -290,12 +290,14 @@ def _recent_notification_ids(outbox: Path, tail_bytes: int = 4 << 20) -> set[str
         lines = f.read().splitlines()
     if size > tail_bytes:
         lines = lines[1:]  # the first may be cut
-    ids = set()
+    ids, unreadable = set(), 0
     for line in lines:
         try:
             ids.add(orjson.loads(line)["notification_id"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            continue  # the cut first line of the tail
+            unreadable += 1
+    if unreadable:
+        log.warning("outbox %s: %d line(s) that are not notifications were skipped", outbox, unreadable)
     return ids
 
 

@@ -284,7 +284,9 @@ class RefreshWorker:
         client, requests = self.store.client, self.keys.forget_requests()
         try:
             entries = await client.xrange(requests)
-        except REDIS_UNAVAILABLE:
+        except REDIS_UNAVAILABLE as exc:  # read again on the next tick
+            self.metrics.redis_errors.labels(redis_error_kind(exc)).inc()
+            log.warning("forget requests could not be read (%s): %s", redis_error_kind(exc), exc)
             return
         if not entries:
             return
