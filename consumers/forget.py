@@ -66,7 +66,7 @@ async def _edit_checkpoint(settings: Settings, client: aioredis.Redis, user: str
     pipeline = build_pipeline(settings)
     seen = SeenEventIds(settings.checkpoint.dedupe_ids)
     offsets, pending = unpack_state(blob, pipeline, seen)
-    unwritten = dict.fromkeys(pending)
-    result = erase_user(pipeline, seen, unwritten, user)
-    await store.save(pack_state(pipeline, seen, offsets, unwritten))
+    result = erase_user(pipeline, seen, user)
+    result["pending_list"] = user in pending
+    await store.save(pack_state(pipeline, seen, offsets, [u for u in pending if u != user]))
     return {**result, "checkpoint": store.where}

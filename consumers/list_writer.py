@@ -17,7 +17,7 @@ from array import array
 from collections.abc import Callable, Iterable
 
 from infra.metrics import Metrics
-from infra.store import REDIS_UNAVAILABLE, RedisTopNStore, redis_error_kind
+from infra.store import REDIS_UNAVAILABLE, RedisTopNStore
 from online_models.pipeline import RefreshPipeline
 from online_models.recommender import TopN
 
@@ -33,8 +33,8 @@ class ListWriter:
         store: RedisTopNStore,
         pipeline: RefreshPipeline,
         metrics: Metrics,
-        on_change: Callable[[], None] = lambda: None,
-        on_bug: Callable[[BaseException], None] = lambda exc: log.critical("list write failed", exc_info=exc),
+        on_change: Callable[[], None],
+        on_bug: Callable[[BaseException], object],
     ) -> None:
         """``on_change`` is called when a write round ends (pending may have changed); ``on_bug``
         with an exception a write raised that is not Redis being unavailable."""
@@ -104,13 +104,13 @@ class ListWriter:
         try:
             await self.store.write_lists(lists, time.time())
         except REDIS_UNAVAILABLE as exc:
-            self.metrics.redis_errors.labels(redis_error_kind(exc)).inc()
+            kind = self.metrics.redis_error(exc)
             backoff = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2**self._failures)
             self._failures += 1
             self._retry_at = time.monotonic() + backoff
             log.error(
                 "Redis write failed (%s), %d lists pending, next try in %.0f s: %s",
-                redis_error_kind(exc),
+                kind,
                 len(lists),
                 backoff,
                 exc,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import os
 import pickle
 import signal
 import sys
@@ -18,8 +17,8 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
-from consumers.protocol import ASSIGNED, CHECKPOINT, DONE, EXIT_BUG, HIGHWATER, READY, RECORDS, STOP
-from consumers.worker import RefreshWorker
+from consumers.protocol import ASSIGNED, CHECKPOINT, DONE, HIGHWATER, READY, RECORDS, STOP
+from consumers.worker import RefreshWorker, exit_on_bug
 from infra.kafka import KafkaAccess
 from infra.settings import Settings
 from stream.records import Record
@@ -76,24 +75,11 @@ async def _every(interval_s: float, job: Callable[[], Awaitable[None]]) -> None:
 
 
 async def _or_exit(work: Awaitable[None], records: int | None) -> None:
-    """Run ``work``; on an unexpected exception exit the process without a checkpoint.
-
-    A bug, not bad input (that is dead-lettered). The model may hold half a batch: the restart
-    restores the last checkpoint and re-reads the rest from Kafka, so nothing is lost (and a
-    poison record crash-loops visibly). The Faust process sees this process end and exits too."""
+    """Run ``work``; on an unexpected exception exit the process without a checkpoint."""
     try:
         await work
-    except Exception:
-        what = "a periodic job" if records is None else f"a batch of {records} records"
-        log.critical(
-            "unexpected error on %s; exiting (code %d) without a checkpoint "
-            "so that a restart re-reads it from Kafka",
-            what,
-            EXIT_BUG,
-            exc_info=True,
-        )
-        logging.shutdown()
-        os._exit(EXIT_BUG)
+    except Exception as exc:
+        exit_on_bug("a periodic job" if records is None else f"a batch of {records} records", exc)
 
 
 def _die_with_parent() -> None:

@@ -224,7 +224,7 @@ class PushSender:
                 # Delivered before a crash that came before the Redis record: record it only.
                 outcome = ALREADY_SENT
             else:
-                outcome = self._deliver(out, stored, decision.item, now)
+                outcome = self._deliver(out, notification_id, stored, decision.item, now)
             if outcome in (SENT, ALREADY_SENT):
                 async with self.client.pipeline(transaction=True) as pipe:
                     pipe.zadd(pushes_key, {str(version): now})
@@ -239,8 +239,7 @@ class PushSender:
         self.metrics.pushes.labels(outcome).inc()
         return outcome
 
-    def _deliver(self, out, stored: StoredList, item: str, now: float) -> str:  # type: ignore[no-untyped-def]
-        notification_id = f"{stored.user_id}:{stored.version}"
+    def _deliver(self, out, notification_id: str, stored: StoredList, item: str, now: float) -> str:  # type: ignore[no-untyped-def]
         listed = next((i for i in stored.items if i["item_id"] == item), {})
         notification = {
             "notification_id": notification_id,

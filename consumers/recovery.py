@@ -57,15 +57,10 @@ def unpack_state(
     return dict(meta["offsets"]), list(meta["unwritten"])
 
 
-def erase_user(
-    pipeline: RefreshPipeline, seen: SeenEventIds, unwritten: dict[str, None], user: str
-) -> dict[str, Any]:
-    """Erase ``user`` from the model, the event-id memory and the pending lists; what was removed."""
-    return {
-        "model": pipeline.forget(user),
-        "dedupe_ids": seen.forget(user),
-        "pending_list": unwritten.pop(user, None) is not None,
-    }
+def erase_user(pipeline: RefreshPipeline, seen: SeenEventIds, user: str) -> dict[str, Any]:
+    """Erase ``user`` from the model and the event-id memory; what was removed (the caller adds
+    whether a pending list was dropped: it holds them)."""
+    return {"model": pipeline.forget(user), "dedupe_ids": seen.forget(user)}
 
 
 def read_gap(kafka: KafkaAccess, group: str, topics: Iterable[str], offsets: dict[str, int]) -> list[Record]:

@@ -24,7 +24,9 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 from multiprocessing.connection import Connection
+from typing import NoReturn
 
 import orjson
 
@@ -37,7 +39,7 @@ from infra.faults import fail_point
 from infra.kafka import KafkaAccess
 from infra.metrics import Metrics
 from infra.settings import Settings
-from infra.store import REDIS_UNAVAILABLE, Keys, RedisTopNStore, connect, redis_error_kind
+from infra.store import REDIS_UNAVAILABLE, Keys, RedisTopNStore, connect
 from online_models.pipeline import RefreshPipeline
 from online_models.recommender import Recommender
 from stream.dedupe import SeenEventIds
@@ -77,7 +79,13 @@ class RefreshWorker:
         self.pipeline = build_pipeline(settings)
         client = connect(redis_url, settings.redis.retries)
         self.store = RedisTopNStore(client, self.keys, settings.redis.stream_maxlen)
-        self.lists = ListWriter(self.store, self.pipeline, self.metrics, self._report_pending, _exit_on_bug)
+        self.lists = ListWriter(
+            self.store,
+            self.pipeline,
+            self.metrics,
+            self._report_pending,
+            partial(exit_on_bug, "a list write"),
+        )
         self.dead_letters = DeadLetters(kafka, self.names.dead_letter, self.metrics)
         self.seen = SeenEventIds(settings.checkpoint.dedupe_ids)
         # Next offset to learn per "topic:partition": everything below is in the model.
@@ -207,7 +215,7 @@ class RefreshWorker:
         try:
             await self.store.write_items(items)
         except REDIS_UNAVAILABLE as exc:
-            self.metrics.redis_errors.labels(redis_error_kind(exc)).inc()
+            self.metrics.redis_error(exc)
             log.error("Redis write of %d catalogue item(s) failed after retries: %s", len(items), exc)
 
     async def write_unwritten(self) -> None:
@@ -285,8 +293,7 @@ class RefreshWorker:
         try:
             entries = await client.xrange(requests)
         except REDIS_UNAVAILABLE as exc:  # read again on the next tick
-            self.metrics.redis_errors.labels(redis_error_kind(exc)).inc()
-            log.warning("forget requests could not be read (%s): %s", redis_error_kind(exc), exc)
+            log.warning("forget requests could not be read (%s): %s", self.metrics.redis_error(exc), exc)
             return
         if not entries:
             return
@@ -294,12 +301,12 @@ class RefreshWorker:
         async with self.lists.lock:  # no list write in flight, so none lands after the delete
             for entry_id, fields in entries:
                 user = fields[b"user"].decode()
-                result = erase_user(self.pipeline, self.seen, {}, user)
+                result = erase_user(self.pipeline, self.seen, user)
                 result["pending_list"] = self.lists.forget(user)
                 try:
                     result["list"], result["refresh_entries"] = await self.store.delete_lists(user)
                 except REDIS_UNAVAILABLE as exc:  # erased; the request is read again and re-applied
-                    self.metrics.redis_errors.labels(redis_error_kind(exc)).inc()
+                    self.metrics.redis_error(exc)
                     log.error("forget: the lists of a forgotten user could not be deleted: %s", exc)
                     return
                 results[entry_id.decode()] = result
@@ -311,7 +318,7 @@ class RefreshWorker:
                 pipe.xdel(requests, *results)
                 await pipe.execute()
         except REDIS_UNAVAILABLE as exc:  # applied; the requests are read again and re-applied
-            self.metrics.redis_errors.labels(redis_error_kind(exc)).inc()
+            self.metrics.redis_error(exc)
             log.error("forget: %d request(s) applied but not answered: %s", len(results), exc)
             return
         log.info("applied %d forget request(s)", len(results))
@@ -324,11 +331,17 @@ class RefreshWorker:
         self.metrics.consumer_lag.set(lag)
 
 
-def _exit_on_bug(exc: BaseException) -> None:
-    """A list write raised something other than Redis being unavailable: a bug. Exit without a
-    checkpoint, as for a bug while learning (see ``consumers.model_process``)."""
+def exit_on_bug(what: str, exc: BaseException) -> NoReturn:
+    """An unexpected exception on ``what``: a bug, not bad input (that is dead-lettered). Exit
+    without a checkpoint: the model may hold half a batch, and the restart restores the last
+    checkpoint and re-reads the rest from Kafka, so nothing is lost (and a poison record
+    crash-loops visibly). The Faust process sees this process end and exits too."""
     log.critical(
-        "unexpected error writing lists; exiting (code %d) without a checkpoint", EXIT_BUG, exc_info=exc
+        "unexpected error on %s; exiting (code %d) without a checkpoint so that a restart re-reads "
+        "it from Kafka",
+        what,
+        EXIT_BUG,
+        exc_info=exc,
     )
     logging.shutdown()
     os._exit(EXIT_BUG)

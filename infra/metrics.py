@@ -7,11 +7,12 @@ import urllib.request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from infra.store import REDIS_ERROR_KINDS
+from infra.store import REDIS_ERROR_KINDS, redis_error_kind
 
 # Closed label sets (the product contract, shared/SPEC.md); pre-created so dashboards see zeros.
 EVENT_OUTCOMES = ("processed", "dead_letter", "duplicate")
 PUSH_OUTCOMES = ("sent", "capped", "deduped", "quiet_hours", "failed")
+PUSH_ENTRY_RESULTS = ("decided", "superseded", "already_sent", "outside_segment", "trimmed")
 LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -104,7 +105,7 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        for result in ("decided", "superseded", "already_sent", "outside_segment", "trimmed"):
+        for result in PUSH_ENTRY_RESULTS:
             self.push_entries.labels(result)
         self.hit_rate = Gauge(
             "pushrec_prequential_hit_rate",
@@ -147,6 +148,12 @@ class Metrics:
             self.dead_letters.labels(reason)
         for outcome in PUSH_OUTCOMES:
             self.pushes.labels(outcome)
+
+    def redis_error(self, exc: BaseException) -> str:
+        """Count a Redis error under its kind; the kind, for the log line."""
+        kind = redis_error_kind(exc)
+        self.redis_errors.labels(kind).inc()
+        return kind
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose ``/metrics`` on ``port`` from a background thread."""

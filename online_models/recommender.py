@@ -31,6 +31,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from types import MappingProxyType
 from typing import Any
 
@@ -44,7 +45,6 @@ from online_models.item_content import ItemContent
 from online_models.mf import ImplicitMF, ItemIndex
 from online_models.popularity import Popularity
 from online_models.sampling import NegativeSampler
-from online_models.segments import InterestSegments
 from online_models.topn import top_n
 from online_models.user_state import UserState
 
@@ -156,14 +156,6 @@ class Recommender:
         return self.content.catalogue
 
     @property
-    def content_weight(self) -> float:
-        return self.content.weight
-
-    @property
-    def segments(self) -> InterestSegments:
-        return self.content.segments
-
-    @property
     def n_users(self) -> int:
         return len(self._users)
 
@@ -205,7 +197,7 @@ class Recommender:
             log.debug("update of %r by %r refused: factors would be non-finite or exploding", user, item)
             return
         self.negatives.positives.add(row)
-        self.candidates.changed([row, *map(self.items.row, negatives)])
+        self.candidates.changed(chain((row,), map(self.items.row, negatives)))  # read only with an index
         if content is not None:
             content.learn_positive(user, row)
 
