@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
@@ -114,6 +115,24 @@ def wait_joined(port: int, proc: subprocess.Popen[bytes]) -> None:
         60,
         proc,
     )
+
+
+def wait_metric(
+    port: int,
+    worker: subprocess.Popen[bytes],
+    what: str,
+    name: str,
+    at_least: float,
+    timeout: float,
+    **labels: str,
+) -> None:
+    """Wait until the worker's metric ``name`` (summed over ``labels``) reaches ``at_least``."""
+    wait_for(what, lambda: metric_sum(scrape(port), name, **labels) >= at_least, timeout, worker)
+
+
+def missing_lists(client: redis.Redis, prefix: str, users: Iterable[str]) -> list[str]:
+    """The users without a stored list."""
+    return [u for u in users if not client.hexists(f"{prefix}:recs:{u}", "items")]
 
 
 def test_replay_through_real_broker_worker_and_valkey(hermetic: Hermetic) -> None:

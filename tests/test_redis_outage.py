@@ -13,7 +13,7 @@ from infra.stack import free_port, redis_answers, valkey_binary
 from pushrec.demo import stop_process, wait_for
 from stream.events import decode_event
 from tests.conftest import Hermetic, dataset
-from tests.test_pipeline_e2e import head, run_cli, wait_joined
+from tests.test_pipeline_e2e import head, missing_lists, run_cli, wait_joined, wait_metric
 
 pytestmark = pytest.mark.integration
 
@@ -60,24 +60,22 @@ def test_lists_catch_up_after_valkey_returns(hermetic: Hermetic, own_valkey: Own
         wait_joined(port, worker)
         own_valkey.stop()
         assert run_cli(hermetic, "replay", str(log)).returncode == 0
-        wait_for(
-            "events learned during the outage",
-            lambda: metric_sum(scrape(port), "pushrec_events_total", outcome="processed") >= 2000,
-            120,
+        wait_metric(
+            port,
             worker,
+            "events learned during the outage",
+            "pushrec_events_total",
+            2000,
+            120,
+            outcome="processed",
         )
         assert metric_sum(scrape(port), "pushrec_redis_errors_total") >= 1
         assert metric_sum(scrape(port), "pushrec_list_refreshes_total") == 0
 
         own_valkey.start()
-        wait_for(
-            "every list to be written",
-            lambda: metric_sum(scrape(port), "pushrec_event_to_list_seconds_count") >= 2000,
-            60,
-            worker,
-        )
+        wait_metric(port, worker, "every list to be written", "pushrec_event_to_list_seconds_count", 2000, 60)
         client = redis.Redis.from_url(own_valkey.url)
-        assert [u for u in users if not client.hexists(f"{hermetic.prefix}:recs:{u}", "items")] == []
+        assert missing_lists(client, hermetic.prefix, users) == []
         assert worker.poll() is None
         assert "Restarting dead" not in hermetic.log("worker.log")
     finally:
@@ -113,39 +111,23 @@ def test_a_redis_that_answers_with_an_error_is_an_outage_not_a_crash(
             first = hermetic.tmp / "first.jsonl"
             first.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:300]))
             assert run_cli(hermetic, "replay", str(first)).returncode == 0
-            wait_for(
-                "the first lists",
-                lambda: metric_sum(scrape(port), "pushrec_list_refreshes_total") > 0,
-                60,
-                worker,
-            )
+            wait_metric(port, worker, "the first lists", "pushrec_list_refreshes_total", 1, 60)
             client.script_flush()
         assert run_cli(hermetic, "replay", str(log)).returncode == 0
-        wait_for(
-            "every event learned",
-            lambda: metric_sum(scrape(port), "pushrec_events_total", outcome="processed") >= 1500,
-            120,
-            worker,
+        wait_metric(
+            port, worker, "every event learned", "pushrec_events_total", 1500, 120, outcome="processed"
         )
         if refusal != "noscript":
-            wait_for(
-                "the refusal to be counted",
-                lambda: metric_sum(scrape(port), "pushrec_redis_errors_total", kind=refusal) >= 1,
-                30,
-                worker,
+            wait_metric(
+                port, worker, "the refusal to be counted", "pushrec_redis_errors_total", 1, 30, kind=refusal
             )
             assert metric_sum(scrape(port), "pushrec_list_refreshes_total") == 0
         if refusal == "oom":
             client.config_set("maxmemory", "0")
         elif refusal == "readonly":  # the failover completes: the replica becomes the primary
             client.execute_command("REPLICAOF", "NO", "ONE")
-        wait_for(
-            "every list to be written",
-            lambda: metric_sum(scrape(port), "pushrec_event_to_list_seconds_count") >= 1500,
-            90,
-            worker,
-        )
-        assert [u for u in users if not client.hexists(f"{hermetic.prefix}:recs:{u}", "items")] == []
+        wait_metric(port, worker, "every list to be written", "pushrec_event_to_list_seconds_count", 1500, 90)
+        assert missing_lists(client, hermetic.prefix, users) == []
         assert worker.poll() is None, hermetic.log("worker.log")[-2000:]
     finally:
         stop_process(worker)
@@ -179,39 +161,34 @@ def test_learning_goes_on_while_redis_is_away_or_hung_under_the_defaults(
     try:
         wait_joined(port, worker)
         assert run_cli(hermetic, "replay", str(first)).returncode == 0
-        wait_for(
-            "the first lists",
-            lambda: metric_sum(scrape(port), "pushrec_event_to_list_seconds_count") >= 500,
-            60,
-            worker,
-        )
+        wait_metric(port, worker, "the first lists", "pushrec_event_to_list_seconds_count", 500, 60)
         if fault == "killed":
             own_valkey.stop()
         else:
             os.kill(valkey_pid, signal.SIGSTOP)
         assert run_cli(hermetic, "replay", str(rest)).returncode == 0
-        wait_for(
-            "every event learned while Redis is away",
-            lambda: metric_sum(scrape(port), "pushrec_events_total", outcome="processed") >= 3000,
-            120,
+        wait_metric(
+            port,
             worker,
+            "every event learned while Redis is away",
+            "pushrec_events_total",
+            3000,
+            120,
+            outcome="processed",
         )
         if fault == "hung":  # the first write is still in the client's retries, learning went on
             assert metric_sum(scrape(port), "pushrec_redis_errors_total") == 0
             os.kill(valkey_pid, signal.SIGCONT)
         else:
             own_valkey.start()
-        wait_for(
-            "every list to be written",
-            lambda: metric_sum(scrape(port), "pushrec_event_to_list_seconds_count") >= 3000,
-            150,
-            worker,
+        wait_metric(
+            port, worker, "every list to be written", "pushrec_event_to_list_seconds_count", 3000, 150
         )
         client = redis.Redis.from_url(own_valkey.url)
         # A killed Valkey of ours restarts empty (no persistence): the lists that must land are
         # those of the users touched during the outage; a hung one kept everything.
         expected = users if fault == "hung" else {decode_event(line).user_id for line in lines[500:]}
-        assert [u for u in expected if not client.hexists(f"{hermetic.prefix}:recs:{u}", "items")] == []
+        assert missing_lists(client, hermetic.prefix, expected) == []
         assert worker.poll() is None, hermetic.log("worker.log")[-2000:]
     finally:
         if fault == "hung":
