@@ -143,8 +143,7 @@ class ItemContent:
         taste = self.mf.user_vector(user) if self.catalogue is not None else None
         if taste is None:  # the vector segments learn from (not the session-shifted query)
             return None, []
-        segment = self.segments.predict_one(taste)
-        return segment, self.segments.tags(segment)
+        return self.segments.name(taste)
 
     def title(self, row: int) -> str:
         title = self.catalogue.titles.get(row) if self.catalogue is not None else None

@@ -12,6 +12,8 @@ season. Used to label lists (``pushrec recs --json``) and to aim a push campaign
 ...     _ = seg.learn_one(np.array([-1.0, 0.0]), ["Horror", "zombie"])
 >>> seg.tags(seg.predict_one(np.array([-0.9, 0.1])))
 ['Horror', 'zombie']
+>>> seg.name(np.array([-0.9, 0.1]))[1]
+['Horror', 'zombie']
 """
 
 from __future__ import annotations
@@ -65,6 +67,24 @@ class InterestSegments:
                 [[centres[c].get(i, 0.0) for i in range(vector.size)] for c in range(len(centres))]
             )
         return int(np.argmin(((self._centres - vector) ** 2).sum(axis=1)))
+
+    def name(self, vector: np.ndarray) -> tuple[int | None, list[str]]:
+        """The nearest segment that has a name, and its tags ((None, []) before any has one).
+
+        A centre can be nearest to a shopper without having learned a term yet (centres move,
+        and a segment is credited only by the events it was nearest to), so an unnamed nearest
+        centre defers to the nearest named one: every list with a segment carries its tags.
+        """
+        nearest = self.predict_one(vector)
+        if self._terms.get(nearest):
+            return nearest, self.tags(nearest)
+        named = [s for s, counts in self._terms.items() if counts]
+        if not named:
+            return None, []
+        assert self._centres is not None  # filled by predict_one
+        distances = ((self._centres[named] - vector) ** 2).sum(axis=1)
+        segment = named[int(np.argmin(distances))]
+        return segment, self.tags(segment)
 
     def tags(self, segment: int) -> list[str]:
         """The segment's name: its ``n_tags`` heaviest terms (none before it learned any)."""

@@ -8,6 +8,7 @@ import pytest
 from online_models.content import HashedTfidf, make_encoder
 from online_models.explain import POPULAR_REASON
 from online_models.recommender import Recommender
+from online_models.segments import InterestSegments
 
 CATALOGUE = {
     "hat": ("red wool hat", "Winter|Knitwear"),
@@ -80,6 +81,18 @@ def test_segments_are_named_by_what_their_members_touch() -> None:
     gardeners = {tuple(rec.recommend(f"g{u}", explain=True).tags) for u in range(5)}
     assert all("Knitwear" in tags or "Winter" in tags or "wool" in tags for tags in knitters)
     assert all("Garden" in tags or "garden" in tags for tags in gardeners)
+
+
+def test_a_shopper_nearest_an_unnamed_segment_gets_the_nearest_named_one() -> None:
+    segments = InterestSegments(n_segments=2, seed=0)
+    for _ in range(30):
+        segments.learn_one(np.array([1.0, 0.0]), ["Knitwear"])
+    unnamed = next(c for c in range(2) if not segments.tags(c))
+    centre = segments._kmeans.centers[unnamed]
+    at_unnamed = np.array([centre.get(0, 0.0), centre.get(1, 0.0)])
+    assert segments.predict_one(at_unnamed) == unnamed
+    assert segments.name(at_unnamed) == (1 - unnamed, ["Knitwear"])
+    assert InterestSegments(n_segments=2).name(at_unnamed) == (None, [])
 
 
 def test_checkpoint_keeps_catalogue_projection_and_segments() -> None:
