@@ -33,7 +33,7 @@ import orjson
 from consumers.dead_letters import DeadLetters
 from consumers.list_writer import ListWriter
 from consumers.protocol import EXIT_BUG, PENDING
-from consumers.recovery import checkpoint_store, erase_user, pack_state, read_gap, unpack_state
+from consumers.recovery import CatchUp, checkpoint_store, erase_user, pack_state, unpack_state
 from infra.checkpoint import CheckpointStore
 from infra.faults import fail_point
 from infra.kafka import KafkaAccess
@@ -272,13 +272,39 @@ class RefreshWorker:
                 len(self.pipeline.recommender.items),
                 self.offsets,
             )
-        group = self.settings.kafka.consumer_group
-        gap = await asyncio.to_thread(read_gap, self.kafka, group, self.consumed_topics, self.offsets)
-        batch_max = self.settings.worker.batch_max
-        for start in range(0, len(gap), batch_max):
-            await self.handle_records(gap[start : start + batch_max], dead_letter=False)
-        if gap:
-            log.info("caught up %d records the group committed but the model did not hold", len(gap))
+        catch_up = CatchUp(
+            self.kafka,
+            self.settings.kafka.consumer_group,
+            self.consumed_topics,
+            self.offsets,
+            self.settings.worker.batch_max,
+        )
+        batches = catch_up.batches()
+        try:  # one bounded batch in memory at a time, read in a thread, learned here
+            while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+                await self.handle_records(batch, dead_letter=False)
+        finally:
+            batches.close()
+        for cause, lost in (("retention", catch_up.retention_lost), ("truncated", catch_up.truncated)):
+            if lost:
+                self.metrics.catch_up_lost.labels(cause).inc(sum(lost.values()))
+        if catch_up.retention_lost:
+            log.warning(
+                "catch-up: retention deleted %d record(s) before the model learned them (%s); the "
+                "model goes on from the first retained offsets. A checkpoint older than the topics' "
+                "retention loses what lies between: checkpoint more often or retain longer",
+                sum(catch_up.retention_lost.values()),
+                _per_partition(catch_up.retention_lost),
+            )
+        if catch_up.truncated:
+            log.warning(
+                "catch-up: the group committed %d record(s) the broker no longer holds (%s): its "
+                "log ends before the committed offsets; the model learned up to the log's end",
+                sum(catch_up.truncated.values()),
+                _per_partition(catch_up.truncated),
+            )
+        if catch_up.records:
+            log.info("caught up %d records the group committed but the model did not hold", catch_up.records)
         await self.apply_forget_requests()
         await self.write_unwritten()
 
@@ -329,6 +355,10 @@ class RefreshWorker:
         for source, end in highwater.items():
             lag += max(0, end - self.offsets.get(source, 0))
         self.metrics.consumer_lag.set(lag)
+
+
+def _per_partition(counts: dict[str, int]) -> str:
+    return ", ".join(f"{source}: {n}" for source, n in sorted(counts.items()))
 
 
 def exit_on_bug(what: str, exc: BaseException) -> NoReturn:

@@ -128,6 +128,16 @@ class Metrics:
             "Records in this worker's event partitions not learned yet (log end minus next offset).",
             registry=r,
         )
+        self.catch_up_lost = Counter(
+            "pushrec_catch_up_lost_records",
+            "Records the model missed at a restart's catch-up, by cause: retention (deleted before "
+            "the model learned them: the checkpoint was older than the topic's retention), "
+            "truncated (the group committed offsets past the log's end: the broker lost records).",
+            ["cause"],
+            registry=r,
+        )
+        for cause in ("retention", "truncated"):
+            self.catch_up_lost.labels(cause)
         self.checkpoints = Counter(
             "pushrec_checkpoints",
             "Checkpoints of the worker's model, offsets and dedupe memory, by result (ok, failed).",
