@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata
 
 from infra.kafka import KafkaAccess
@@ -30,9 +31,20 @@ class DeadLetterReport:
     total: int = 0
     by_reason: Counter[str] = field(default_factory=Counter)
     letters: list[dict[str, Any]] = field(default_factory=list)
+    # Re-drive only: sends the broker did not confirm (re-sent by the next run), and letters that
+    # can never be sent (an illegal source topic name, a record over the producer's size limit),
+    # passed over and left in the dead-letter topic.
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    unsendable: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "by_reason": dict(self.by_reason), "letters": self.letters}
+        return {
+            "total": self.total,
+            "by_reason": dict(self.by_reason),
+            "letters": self.letters,
+            "failed": self.failed,
+            "unsendable": self.unsendable,
+        }
 
 
 def _read(consumer: KafkaConsumer, topic: str) -> Iterator[tuple[TopicPartition, int, DeadLetter]]:
@@ -75,13 +87,19 @@ def redrive(
     from_beginning: bool = False,
     dry_run: bool = False,
 ) -> DeadLetterReport:
-    """Send letters (of the given reasons, or all) back to their source topics; report what was sent."""
+    """Send letters (of the given reasons, or all) back to their source topics; report what was sent.
+
+    The group's offsets advance only past letters whose send the broker confirmed (or that can
+    never be sent): on a partition where a send failed, the next run starts at that letter.
+    """
     consumer = KafkaConsumer(
         **kafka.client_options(), group_id=group, enable_auto_commit=False, auto_offset_reset="earliest"
     )
     producer = None if dry_run else KafkaProducer(**kafka.client_options(), acks="all")
     report = DeadLetterReport()
     last: dict[TopicPartition, int] = {}
+    sends: list[tuple[TopicPartition, int, Any, dict[str, Any]]] = []
+    stop_at: dict[TopicPartition, int] = {}  # the first letter not confirmed, per partition
     try:
         if from_beginning:
             partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
@@ -94,15 +112,28 @@ def redrive(
             source_topic = letter.source[0]
             if not source_topic:
                 continue
+            described = _describe(tp, offset, letter)
             report.total += 1
             report.by_reason[letter.reason] += 1
-            report.letters.append(_describe(tp, offset, letter))
-            if producer is not None:
-                producer.send(source_topic, value=letter.raw, key=letter.key)
+            report.letters.append(described)
+            if producer is None:
+                continue
+            try:
+                sends.append((tp, offset, producer.send(source_topic, value=letter.raw, key=letter.key), described))
+            except (ValueError, MessageSizeTooLargeError) as exc:  # never sendable: pass over it
+                report.unsendable.append({**described, "error": str(exc)})
+            except KafkaError as exc:  # e.g. no metadata in time: try again next run
+                stop_at.setdefault(tp, offset)
+                report.failed.append({**described, "error": str(exc)})
         if producer is not None:
             producer.flush()
-            if last:
-                consumer.commit({tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in last.items()})
+            for tp, offset, future, described in sends:
+                if future.failed():
+                    stop_at[tp] = min(offset, stop_at.get(tp, offset))
+                    report.failed.append({**described, "error": str(future.exception)})
+            commit = {tp: stop_at.get(tp, offset + 1) for tp, offset in last.items()}
+            if commit:
+                consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in commit.items()})
     finally:
         if producer is not None:
             producer.close()

@@ -38,7 +38,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         report = redrive(
             kafka, names.dead_letter, group, args.reason or (), args.from_beginning, args.dry_run
         )
-        head = f"{'would re-drive' if args.dry_run else 're-drove'} {report.total} dead letters"
+        if args.dry_run:
+            head = f"would re-drive {report.total} dead letters"
+        else:
+            sent = report.total - len(report.failed) - len(report.unsendable)
+            head = f"re-drove {sent} of {report.total} dead letters"
     lines = [head] + [f"  {reason}: {n}" for reason, n in report.by_reason.most_common()]
     for letter in report.letters[: args.limit]:
         src = letter["source"]
@@ -46,5 +50,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             f"  [{letter['reason']}] {src['topic']}:{src['partition']}@{src['offset']} "
             f"{letter['detail']!r} raw={letter['raw'][:60]!r}"
         )
+    for kind, letters in (("unsendable, passed over", report.unsendable), ("NOT confirmed", report.failed)):
+        for letter in letters:
+            src = letter["source"]
+            lines.append(f"  {kind}: {src['topic']}:{src['partition']}@{src['offset']}: {letter['error']}")
+    if report.failed:
+        lines.append(f"{len(report.failed)} send(s) not confirmed: run redrive again to resend from the first")
     emit(args, report.to_dict(), "\n".join(lines))
-    return 0
+    return 1 if report.failed else 0
