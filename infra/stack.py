@@ -37,6 +37,14 @@ class StackState:
     redis_url: str
     broker_pid: int
     valkey_pid: int
+    # When each process started (see _started): a pid the system reused for another process
+    # after ours died must not be signalled. Empty where it cannot be read (no /proc).
+    broker_started: str = ""
+    valkey_started: str = ""
+
+    @property
+    def processes(self) -> tuple[tuple[int, str], tuple[int, str]]:
+        return (self.broker_pid, self.broker_started), (self.valkey_pid, self.valkey_started)
 
 
 def free_port() -> int:
@@ -51,6 +59,21 @@ def _check_port_free(port: int, what: str) -> None:
             sock.bind(("127.0.0.1", port))
         except OSError:
             raise StackError(f"cannot start {what}: port {port} is already in use") from None
+
+
+def _started(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/PID/stat, field 22): with the
+    pid, it names one process; "" where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # fields after the command name, which may hold spaces
+
+
+def _ours(pid: int, started: str) -> bool:
+    """``pid`` is alive and is still the process we started (not a reuse of its pid)."""
+    return _alive(pid) and (not started or _started(pid) in ("", started))
 
 
 def _alive(pid: int) -> bool:
@@ -143,8 +166,8 @@ class EmbeddedStack:
         state = self.read_state()
         if state is None:
             return {"running": False}
-        broker_up = _alive(state.broker_pid) and broker_answers(KafkaAccess(state.kafka_bootstrap))
-        valkey_up = _alive(state.valkey_pid) and redis_answers(state.redis_url)
+        broker_up = _ours(*state.processes[0]) and broker_answers(KafkaAccess(state.kafka_bootstrap))
+        valkey_up = _ours(*state.processes[1]) and redis_answers(state.redis_url)
         return {
             "running": broker_up and valkey_up,
             "kafka_bootstrap": state.kafka_bootstrap,
@@ -159,7 +182,7 @@ class EmbeddedStack:
         redis_port: int | None = None,
     ) -> StackState:
         current = self.read_state()
-        if current is not None and (_alive(current.broker_pid) or _alive(current.valkey_pid)):
+        if current is not None and any(_ours(*process) for process in current.processes):
             if self.status()["running"]:
                 return current
             self.down()
@@ -204,6 +227,8 @@ class EmbeddedStack:
             redis_url=f"redis://127.0.0.1:{redis_port}/0",
             broker_pid=broker.pid,
             valkey_pid=valkey.pid,
+            broker_started=_started(broker.pid),
+            valkey_started=_started(valkey.pid),
         )
         self.state_file.write_text(json.dumps(asdict(state)))
         try:
@@ -259,8 +284,9 @@ class EmbeddedStack:
         state = self.read_state()
         if state is None:
             return False
-        for pid in (state.broker_pid, state.valkey_pid):
-            _terminate(pid)
+        for pid, started in state.processes:
+            if _ours(pid, started):
+                _terminate(pid)
         self.state_file.unlink(missing_ok=True)
         return True
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,26 @@ def test_stack_up_status_down(tmp_path: Path) -> None:
             os.kill(pid, 0)
     status = pushrec("stack", "status", env=env)
     assert status.returncode == 3 and "not running" in status.stdout
+
+
+def test_down_leaves_a_process_that_reused_a_recorded_pid_alone(tmp_path: Path) -> None:
+    """The broker died; its pid now belongs to another program (stood in for by `sleep`, its pid
+    written where the broker's was): `stack down` stops Valkey and leaves that program running."""
+    stack = EmbeddedStack(tmp_path)
+    state = stack.up()
+    os.kill(state.broker_pid, signal.SIGKILL)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        recorded = json.loads(stack.state_file.read_text())
+        stack.state_file.write_text(json.dumps({**recorded, "broker_pid": other.pid}))
+        assert stack.down()
+        assert other.poll() is None, "stack down signalled a process it did not start"
+        with pytest.raises(ProcessLookupError):
+            os.kill(state.valkey_pid, 0)
+    finally:
+        other.kill()
+        other.wait()
+        stack.down()
 
 
 def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
