@@ -65,8 +65,8 @@ async def _edit_checkpoint(settings: Settings, client: aioredis.Redis, user: str
         return {"checkpoint": "none"}
     pipeline = build_pipeline(settings)
     seen = SeenEventIds(settings.checkpoint.dedupe_ids)
-    offsets, pending = unpack_state(blob, pipeline, seen)
+    offsets, pending, items = unpack_state(blob, pipeline, seen)
     result = erase_user(pipeline, seen, user)
     result["pending_list"] = user in pending
-    await store.save(pack_state(pipeline, seen, offsets, [u for u in pending if u != user]))
+    await store.save(pack_state(pipeline, seen, offsets, [u for u in pending if u != user], items))
     return {**result, "checkpoint": store.where}

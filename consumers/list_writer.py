@@ -1,11 +1,12 @@
 """The worker's Redis side: users whose refreshed list is not in Redis yet, re-ranked and written
-in one call per chunk.
+in one call per chunk, and catalogue items not stored yet.
 
 Re-ranking happens in the learning loop (a list reflects the model right after its user's
 events); the Redis writes run in a background task, so learning never waits for them: a Redis
 that is slow, away or hung (the client retries for up to a minute) holds up lists, not the
 model. An outage (Redis unreachable, or answering with an error: over maxmemory, read-only, ...)
-keeps the users pending, as ids, instead of losing them, and the writes back off meanwhile.
+keeps the users pending, as ids, and the catalogue items as they came, instead of losing them,
+and the writes back off meanwhile.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from infra.metrics import Metrics
 from infra.store import REDIS_UNAVAILABLE, RedisTopNStore
 from online_models.pipeline import RefreshPipeline
 from online_models.recommender import TopN
+from stream.events import Item
 
 log = logging.getLogger("pushrec.worker")
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
@@ -49,6 +51,8 @@ class ListWriter:
         self._outgoing: dict[str, TopN] = {}
         self._outgoing_sent_at = array("d")
         self._in_flight: dict[str, None] = {}  # the users of the write under way
+        self._items: dict[str, Item] = {}  # catalogue entries not stored yet, newest per item
+        self._items_in_flight: dict[str, Item] = {}
         self._task: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()  # held while writing: a write never lands after a forget
         self._failures = 0  # consecutive failed writes
@@ -58,6 +62,17 @@ class ListWriter:
     def pending(self) -> list[str]:
         """Every user whose latest list is not in Redis yet (what a checkpoint keeps)."""
         return list({**self.unwritten, **self._outgoing, **self._in_flight})
+
+    @property
+    def pending_items(self) -> list[Item]:
+        """Every catalogue item not stored in Redis yet (what a checkpoint keeps)."""
+        return list({**self._items_in_flight, **self._items}.values())
+
+    def add_items(self, items: Iterable[Item]) -> None:
+        """Store these catalogue items (now, or after the current back-off)."""
+        self._items.update((item.item_id, item) for item in items)
+        if self._items and time.monotonic() >= self._retry_at:
+            self._start()
 
     def add(self, users: Iterable[str], sent_at: Iterable[float]) -> None:
         """These users' lists changed (their events were produced at ``sent_at``)."""
@@ -72,12 +87,17 @@ class ListWriter:
     def refresh(self) -> None:
         """Re-rank every pending user now and hand the lists to the background writer (started
         if idle). While Redis is backing off the users stay pending, un-ranked."""
-        if not self.unwritten or time.monotonic() < self._retry_at:
+        if not (self.unwritten or self._items) or time.monotonic() < self._retry_at:
             return
-        users, self.unwritten = self.unwritten, {}
-        self._outgoing.update((top.user_id, top) for top in self.pipeline.refresh(list(users)))
-        self._outgoing_sent_at.extend(self._sent_at)
-        self._sent_at = array("d")
+        if self.unwritten:
+            users, self.unwritten = self.unwritten, {}
+            self._outgoing.update((top.user_id, top) for top in self.pipeline.refresh(list(users)))
+            self._outgoing_sent_at.extend(self._sent_at)
+            self._sent_at = array("d")
+        self._start()
+
+    def _start(self) -> None:
+        """Start the background writer if it is idle."""
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._write_all())
             self._task.add_done_callback(self._check)
@@ -90,7 +110,7 @@ class ListWriter:
             self.refresh()
 
     async def _write_all(self) -> None:
-        while self._outgoing:
+        while self._outgoing or self._items:
             async with self.lock:
                 if not await self._write_once():
                     break
@@ -101,17 +121,22 @@ class ListWriter:
         lists, self._outgoing = list(self._outgoing.values()), {}
         sent_at, self._outgoing_sent_at = self._outgoing_sent_at, array("d")
         self._in_flight = dict.fromkeys(top.user_id for top in lists)
+        self._items_in_flight, self._items = self._items, {}
         try:
-            await self.store.write_lists(lists, time.time())
+            if self._items_in_flight:
+                await self.store.write_items(list(self._items_in_flight.values()))
+            if lists:
+                await self.store.write_lists(lists, time.time())
         except REDIS_UNAVAILABLE as exc:
             kind = self.metrics.redis_error(exc)
             backoff = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2**self._failures)
             self._failures += 1
             self._retry_at = time.monotonic() + backoff
             log.error(
-                "Redis write failed (%s), %d lists pending, next try in %.0f s: %s",
+                "Redis write failed (%s), %d lists and %d catalogue items pending, next try in %.0f s: %s",
                 kind,
                 len(lists),
+                len(self._items_in_flight),
                 backoff,
                 exc,
             )
@@ -119,9 +144,10 @@ class ListWriter:
             # next try, so an outage holds no lists in memory.
             self.add([*self._in_flight, *self._outgoing], [*sent_at, *self._outgoing_sent_at])
             self._outgoing, self._outgoing_sent_at = {}, array("d")
+            self._items = {**self._items_in_flight, **self._items}
             return False
         finally:
-            self._in_flight = {}
+            self._in_flight, self._items_in_flight = {}, {}
         self._failures, self._retry_at = 0, 0.0
         written = time.time()
         for ts in sent_at:

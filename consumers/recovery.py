@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from infra.settings import Settings
 from infra.store import Keys
 from online_models.pipeline import RefreshPipeline
 from stream.dedupe import SeenEventIds
+from stream.events import Item
 from stream.records import Record
 
 log = logging.getLogger("pushrec.worker")
@@ -33,14 +35,20 @@ def checkpoint_store(settings: Settings, redis: object) -> CheckpointStore | Non
 
 
 def pack_state(
-    pipeline: RefreshPipeline, seen: SeenEventIds, offsets: dict[str, int], unwritten: Iterable[str]
+    pipeline: RefreshPipeline,
+    seen: SeenEventIds,
+    offsets: dict[str, int],
+    unwritten: Iterable[str],
+    unwritten_items: Iterable[Item] = (),
 ) -> bytes:
-    """The checkpoint blob: model, offsets, event-id memory and users whose list is pending."""
+    """The checkpoint blob: model, offsets, event-id memory, users whose list is pending and
+    catalogue items not stored in Redis yet."""
     model_meta, arrays = pipeline.recommender.state()
     meta = {
         "offsets": offsets,
         "seen": seen.state(),
         "unwritten": list(unwritten),
+        "unwritten_items": [asdict(item) for item in unwritten_items],
         "model": model_meta,
         "saved_at": time.time(),
     }
@@ -49,12 +57,14 @@ def pack_state(
 
 def unpack_state(
     blob: bytes, pipeline: RefreshPipeline, seen: SeenEventIds
-) -> tuple[dict[str, int], list[str]]:
-    """Load a checkpoint blob into ``pipeline`` and ``seen``; return its offsets and pending users."""
+) -> tuple[dict[str, int], list[str], list[Item]]:
+    """Load a checkpoint blob into ``pipeline`` and ``seen``; return its offsets, pending users
+    and catalogue items not stored yet."""
     meta, arrays = unpack(blob)
     pipeline.recommender.restore(meta["model"], arrays)
     seen.restore(meta["seen"])
-    return dict(meta["offsets"]), list(meta["unwritten"])
+    items = [Item(**fields) for fields in meta.get("unwritten_items", [])]
+    return dict(meta["offsets"]), list(meta["unwritten"]), items
 
 
 def erase_user(pipeline: RefreshPipeline, seen: SeenEventIds, user: str) -> dict[str, Any]:

@@ -212,11 +212,7 @@ class RefreshWorker:
         log.info(
             "catalogue: %d item(s), %d embedded in %.2fs", len(items), embedded, time.perf_counter() - started
         )
-        try:
-            await self.store.write_items(items)
-        except REDIS_UNAVAILABLE as exc:
-            self.metrics.redis_error(exc)
-            log.error("Redis write of %d catalogue item(s) failed after retries: %s", len(items), exc)
+        self.lists.add_items(items)  # stored in the background; kept through an outage
 
     async def write_unwritten(self) -> None:
         """Re-rank and store every user whose list has not reached Redis yet, and wait for it
@@ -226,7 +222,7 @@ class RefreshWorker:
 
     def _report_pending(self) -> None:
         """Tell the Faust process when lists start or stop waiting for Redis (its idle watch)."""
-        pending = bool(self.lists.pending)
+        pending = bool(self.lists.pending or self.lists.pending_items)
         if pending != self._reported_pending and self.outbox is not None:
             self.outbox.send((PENDING, pending))
             self._reported_pending = pending
@@ -234,11 +230,13 @@ class RefreshWorker:
     # --- checkpoints -------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        return pack_state(self.pipeline, self.seen, self.offsets, self.lists.pending)
+        lists = self.lists
+        return pack_state(self.pipeline, self.seen, self.offsets, lists.pending, lists.pending_items)
 
     def restore(self, blob: bytes) -> None:
-        self.offsets, unwritten = unpack_state(blob, self.pipeline, self.seen)
+        self.offsets, unwritten, items = unpack_state(blob, self.pipeline, self.seen)
         self.lists.add(unwritten, ())
+        self.lists.add_items(items)
 
     async def save_checkpoint(self) -> None:
         store = self.checkpoints

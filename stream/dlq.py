@@ -119,7 +119,8 @@ def redrive(
             if producer is None:
                 continue
             try:
-                sends.append((tp, offset, producer.send(source_topic, value=letter.raw, key=letter.key), described))
+                future = producer.send(source_topic, value=letter.raw, key=letter.key)
+                sends.append((tp, offset, future, described))
             except (ValueError, MessageSizeTooLargeError) as exc:  # never sendable: pass over it
                 report.unsendable.append({**described, "error": str(exc)})
             except KafkaError as exc:  # e.g. no metadata in time: try again next run

@@ -11,7 +11,7 @@ import redis
 from infra.metrics import metric_sum, scrape
 from infra.stack import free_port, redis_answers, valkey_binary
 from pushrec.demo import stop_process, wait_for
-from stream.events import decode_event
+from stream.events import decode_event, decode_item
 from tests.conftest import Hermetic, dataset
 from tests.test_pipeline_e2e import head, missing_lists, run_cli, wait_joined, wait_metric
 
@@ -50,15 +50,20 @@ def own_valkey() -> Iterator[OwnValkey]:
         valkey.stop()
 
 
-def test_lists_catch_up_after_valkey_returns(hermetic: Hermetic, own_valkey: OwnValkey) -> None:
+def test_lists_and_catalogue_catch_up_after_valkey_returns(hermetic: Hermetic, own_valkey: OwnValkey) -> None:
     log = head(dataset("taobao/events.jsonl.gz"), hermetic.tmp / "events.jsonl", 2000)
     users = {decode_event(line).user_id for line in log.read_bytes().splitlines()}
+    catalogue = head(dataset("taobao/items.jsonl.gz"), hermetic.tmp / "items.jsonl", 300)
+    items = [decode_item(line) for line in catalogue.read_bytes().splitlines()]
+    no_events = hermetic.tmp / "none.jsonl"
+    no_events.write_bytes(b"")
     port = free_port()
     env = {"PUSHREC_REDIS_URL": own_valkey.url, "PUSHREC_REDIS__RETRIES": "1"}
     worker = hermetic.spawn("worker", "--metrics-port", str(port), log_name="worker.log", **env)
     try:
         wait_joined(port, worker)
         own_valkey.stop()
+        assert run_cli(hermetic, "replay", str(no_events), "--items", str(catalogue)).returncode == 0
         assert run_cli(hermetic, "replay", str(log)).returncode == 0
         wait_metric(
             port,
@@ -69,6 +74,7 @@ def test_lists_catch_up_after_valkey_returns(hermetic: Hermetic, own_valkey: Own
             120,
             outcome="processed",
         )
+        assert metric_sum(scrape(port), "pushrec_catalogue_items_total") == len(items)
         assert metric_sum(scrape(port), "pushrec_redis_errors_total") >= 1
         assert metric_sum(scrape(port), "pushrec_list_refreshes_total") == 0
 
@@ -76,6 +82,15 @@ def test_lists_catch_up_after_valkey_returns(hermetic: Hermetic, own_valkey: Own
         wait_metric(port, worker, "every list to be written", "pushrec_event_to_list_seconds_count", 2000, 60)
         client = redis.Redis.from_url(own_valkey.url)
         assert missing_lists(client, hermetic.prefix, users) == []
+        # The catalogue published during the outage is stored too (it used to be dropped).
+        wait_for(
+            "every catalogue item stored",
+            lambda: all(client.exists(f"{hermetic.prefix}:item:{i.item_id}") for i in items),
+            30,
+            worker,
+        )
+        first = items[0]
+        assert client.hget(f"{hermetic.prefix}:item:{first.item_id}", "category") == first.category.encode()  # type: ignore[union-attr]
         assert worker.poll() is None
         assert "Restarting dead" not in hermetic.log("worker.log")
     finally:

@@ -55,6 +55,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             src = letter["source"]
             lines.append(f"  {kind}: {src['topic']}:{src['partition']}@{src['offset']}: {letter['error']}")
     if report.failed:
-        lines.append(f"{len(report.failed)} send(s) not confirmed: run redrive again to resend from the first")
+        failed = len(report.failed)
+        lines.append(f"{failed} send(s) not confirmed: run redrive again to resend from the first")
     emit(args, report.to_dict(), "\n".join(lines))
     return 1 if report.failed else 0
