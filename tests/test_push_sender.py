@@ -204,3 +204,20 @@ def test_a_list_after_forget_or_a_redis_restart_is_new_and_the_senders_memory_st
     assert [(p["user_id"], p["item_id"]) for p in pushes[30:]] == [("user0", "b"), ("user1", "b")]
     assert len({p["notification_id"] for p in pushes}) == 32
     assert again.metrics.pushes.labels("sent")._value.get() == 2
+
+
+def test_unreadable_outbox_lines_are_logged_not_passed_over_silently(
+    hermetic: Hermetic, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    outbox = tmp_path / "outbox.jsonl"
+    asyncio.run(write(hermetic, TopN("alice", ["a"], [0.9], "pushrec")))
+    run_sender(hermetic, outbox)
+    with open(outbox, "ab") as f:
+        f.write(b'not a notification\n{"user_id": "half')  # a stray line, then a torn one
+    asyncio.run(write(hermetic, TopN("bob", ["x"], [0.5], "pushrec")))
+    with caplog.at_level("WARNING", logger="pushrec"):
+        run_sender(hermetic, outbox)
+    assert "outbox ended in a torn line: dropped its last 17 bytes" in caplog.text
+    assert "1 line(s) that are not notifications were skipped" in caplog.text
+    lines = outbox.read_bytes().splitlines()
+    assert lines[1] == b"not a notification" and orjson.loads(lines[-1])["user_id"] == "bob"

@@ -75,6 +75,8 @@ def test_lists_and_catalogue_catch_up_after_valkey_returns(hermetic: Hermetic, o
             outcome="processed",
         )
         assert metric_sum(scrape(port), "pushrec_catalogue_items_total") == len(items)
+        # Forget requests cannot be read meanwhile: said, and read again later.
+        assert "forget requests could not be read (connection)" in hermetic.log("worker.log")
         assert metric_sum(scrape(port), "pushrec_redis_errors_total") >= 1
         assert metric_sum(scrape(port), "pushrec_list_refreshes_total") == 0
 
