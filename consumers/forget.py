@@ -19,11 +19,9 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from consumers.recovery import checkpoint_store, erase_user, pack_state, unpack_state
-from consumers.worker import build_pipeline
+from consumers.recovery import ITEMS, checkpoint_set, erase_from_partition
 from infra.settings import Settings
 from infra.store import Keys, RedisTopNStore, connect
-from stream.dedupe import SeenEventIds
 
 
 async def forget_user(settings: Settings, redis_url: str, user: str, wait_s: float) -> dict[str, Any]:
@@ -59,14 +57,23 @@ async def _wait_for_worker(
 
 
 async def _edit_checkpoint(settings: Settings, client: aioredis.Redis, user: str) -> dict[str, Any]:
-    store = checkpoint_store(settings, client)
-    blob = await store.load() if store is not None else None
-    if store is None or blob is None:
+    """Erase the user from whichever partition checkpoints hold them."""
+    store = checkpoint_set(settings, client)
+    if store is None:
         return {"checkpoint": "none"}
-    pipeline = build_pipeline(settings)
-    seen = SeenEventIds(settings.checkpoint.dedupe_ids)
-    offsets, pending, items = unpack_state(blob, pipeline, seen)
-    result = erase_user(pipeline, seen, user)
-    result["pending_list"] = user in pending
-    await store.save(pack_state(pipeline, seen, offsets, [u for u in pending if u != user], items))
-    return {**result, "checkpoint": store.where}
+    result: dict[str, Any] = {"model": False, "dedupe_ids": 0, "pending_list": False, "checkpoint": "none"}
+    for name in await store.parts():
+        if name == ITEMS:
+            continue
+        part = store.part(name)
+        blob = await part.load()
+        erased = erase_from_partition(blob, user) if blob is not None else None
+        if erased is None:
+            continue
+        blob, removed = erased
+        await part.save(blob)
+        result["model"] = result["model"] or removed["model"]
+        result["dedupe_ids"] += removed["dedupe_ids"]
+        result["pending_list"] = result["pending_list"] or removed["pending_list"]
+        result["checkpoint"] = part.where
+    return result

@@ -27,7 +27,7 @@ from typing import Any
 import faust
 
 from consumers.model_process import model_process
-from consumers.protocol import ASSIGNED, CHECKPOINT, DONE, EXIT_BUG, HIGHWATER, PENDING, READY, RECORDS, STOP
+from consumers.protocol import ASSIGN, DONE, EXIT_BUG, HIGHWATER, PENDING, READY, RECORDS, REVOKE, STOP
 from infra.kafka import KafkaAccess
 from infra.settings import Settings
 from stream.app import make_app, raw_topic
@@ -52,6 +52,7 @@ class Ingest:
         self.names = TopicNames(settings.kafka.topic_prefix)
         self.until_idle_s = until_idle_s
         self.app = make_app(settings, kafka)
+        self._consumed = {*self.names.all_events, self.names.items}
         events = raw_topic(self.app, *self.names.all_events, self.names.items)
         self.app.agent(events, name="pushrec.refresh")(self._agent)
         self.app.timer(0.25)(self._watch_model)
@@ -129,11 +130,12 @@ class Ingest:
             self._exit_if_model_ended(wait_s=5.0)
             raise
 
-    async def _request(self, kind: str) -> None:
+    async def _request(self, kind: str, payload: object = None) -> None:
         """Send ``kind`` and wait until the model process answers DONE (or ends)."""
         done = self._done
-        await self._send(kind, None)
+        await self._send(kind, payload)
         while self._done == done:
+            self._last_activity = time.monotonic()  # a long catch-up is not idleness
             self._read_answers()
             self._exit_if_model_ended()
             await asyncio.sleep(0.02)
@@ -172,12 +174,28 @@ class Ingest:
                     ends[f"{tp.topic}:{tp.partition}"] = end
         await self._send(HIGHWATER, ends)
 
+    def _partitions(self, tps: set) -> list[int]:
+        """The partition numbers among ``tps`` of the topics pushrec consumes."""
+        return sorted({tp.partition for tp in tps if tp.topic in self._consumed})
+
     async def _on_assigned(self, sender: object, assigned: set, **_: object) -> None:
-        await self._send(ASSIGNED, len([tp for tp in assigned if tp.topic in self.names.all_events]))
+        """Partition N of every consumed topic comes to one worker (Faust's assignor gives
+        topics with one partition count the same numbers): the model process takes them
+        (restore, catch up) before their records are learned."""
+        by_topic: dict[str, set[int]] = {}
+        for tp in assigned:
+            if tp.topic in self._consumed:
+                by_topic.setdefault(tp.topic, set()).add(tp.partition)
+        if len({frozenset(numbers) for numbers in by_topic.values()}) > 1:
+            log.warning("the group assigned different partition numbers per topic: %s", by_topic)
+        counts = [self.app.consumer.topic_partitions(topic) for topic in self.names.all_events]
+        count = max((c for c in counts if c), default=self.settings.kafka.partitions)
+        await self._request(ASSIGN, (self._partitions(assigned), count))
 
     async def _on_revoked(self, sender: object, revoked: set, **_: object) -> None:
-        if any(tp.topic in self.names.all_events for tp in revoked):
-            await self._request(CHECKPOINT)
+        partitions = self._partitions(revoked)
+        if partitions:
+            await self._request(REVOKE, partitions)
 
     async def _on_shutdown(self, sender: object, **_: object) -> None:
         await self._request(STOP)

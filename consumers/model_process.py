@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
-from consumers.protocol import ASSIGNED, CHECKPOINT, DONE, HIGHWATER, READY, RECORDS, STOP
+from consumers.protocol import ASSIGN, DONE, HIGHWATER, READY, RECORDS, REVOKE, STOP
 from consumers.worker import RefreshWorker, exit_on_bug
 from infra.kafka import KafkaAccess
 from infra.settings import Settings
@@ -29,7 +29,7 @@ log = logging.getLogger("pushrec.worker")
 async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) -> None:
     """Restore and catch up, answer READY, then apply what the Faust process sends until STOP."""
     worker.outbox = outbox
-    await worker.restore_and_catch_up()
+    await worker.ownership.start()
     worker.inbox = inbox
     outbox.send((READY, None))
     loop = asyncio.get_running_loop()
@@ -37,7 +37,7 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
     timers = [
         asyncio.create_task(_every(1.0, worker.write_unwritten)),
         asyncio.create_task(_every(1.0, worker.apply_forget_requests)),
-        asyncio.create_task(_every(worker.settings.checkpoint.every_s, worker.save_checkpoint)),
+        asyncio.create_task(_every(worker.settings.checkpoint.every_s, worker.ownership.save)),
     ]
     try:
         while True:
@@ -47,18 +47,26 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
                 log.error("the Faust process is gone: stopping without a checkpoint")
                 return
             if kind == RECORDS:
-                await _or_exit(worker.handle_records([Record(*fields) for fields in payload]), len(payload))
-            elif kind == ASSIGNED:
-                worker.metrics.assigned_partitions.set(payload)
-                log.info("assigned %d event partitions", payload)
+                await _or_exit(
+                    worker.handle_records([Record(*fields) for fields in payload]),
+                    f"a batch of {len(payload)} records",
+                )
+            elif kind == ASSIGN:
+                partitions, count = payload
+                worker.ownership.partition_count = count
+                log.info("assigned %d event partitions: %s of %d", len(partitions), partitions, count)
+                await _or_exit(worker.ownership.take(partitions), f"taking partitions {partitions}")
+                worker.metrics.assigned_partitions.set(len(partitions))
+                outbox.send((DONE, None))
+            elif kind == REVOKE:
+                await _or_exit(worker.ownership.give_up(payload), f"giving up partitions {payload}")
+                worker.metrics.assigned_partitions.set(len(worker.ownership.owned))
+                outbox.send((DONE, None))
             elif kind == HIGHWATER:
                 worker.export_lag(payload)
-            elif kind == CHECKPOINT:
-                await worker.save_checkpoint()
-                outbox.send((DONE, None))
             elif kind == STOP:
                 await worker.write_unwritten()
-                await worker.save_checkpoint()
+                await worker.ownership.save()
                 outbox.send((DONE, None))
                 return
     finally:
@@ -71,15 +79,15 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
 async def _every(interval_s: float, job: Callable[[], Awaitable[None]]) -> None:
     while True:
         await asyncio.sleep(interval_s)
-        await _or_exit(job(), None)
+        await _or_exit(job(), "a periodic job")
 
 
-async def _or_exit(work: Awaitable[None], records: int | None) -> None:
+async def _or_exit(work: Awaitable[None], what: str) -> None:
     """Run ``work``; on an unexpected exception exit the process without a checkpoint."""
     try:
         await work
     except Exception as exc:
-        exit_on_bug("a periodic job" if records is None else f"a batch of {records} records", exc)
+        exit_on_bug(what, exc)
 
 
 def _die_with_parent() -> None:

@@ -5,9 +5,11 @@ EXIT_BUG = 70  # EX_SOFTWARE: the worker met an unexpected exception and stopped
 
 # What the Faust process sends the model process.
 RECORDS = "records"  # payload: [(topic, partition, offset, key, value, timestamp s), ...]
-ASSIGNED = "assigned"  # payload: number of event partitions the group gave this worker
+# payload: (partition numbers the group gave this worker, partitions per event topic): take
+# them (restore, catch up), then answer DONE
+ASSIGN = "assign"
+REVOKE = "revoke"  # payload: partition numbers taken away: checkpoint and drop them, answer DONE
 HIGHWATER = "highwater"  # payload: {"topic:partition": next offset the broker will write}
-CHECKPOINT = "checkpoint"  # partitions are being revoked: checkpoint now, then answer DONE
 STOP = "stop"  # write pending lists, checkpoint, answer DONE and exit
 # What the model process answers.
 READY = "ready"  # restored and caught up: Faust may start

@@ -1,70 +1,147 @@
-"""What a worker must not lose, and how it gets it back: the checkpoint (model, offsets, event-id
-memory and users whose list is pending, saved together) and the catch-up that re-learns, straight
-from Kafka, the records between a checkpoint's offsets and the group's committed offsets."""
+"""What a worker must not lose, and how it gets it back: checkpoints by partition.
+
+A consumer group shares one set of checkpoints (:class:`infra.checkpoint.CheckpointSet`): per
+event partition ``p<N>``, the state of the users whose events come from partition N (histories,
+factors), the next offset of partition N of every consumed topic, its event-id memory and the
+users whose list is pending; and ``items``, the item state (factors, popularity, catalogue),
+written by every worker. Whoever owns a partition restores it on assignment, catches up from
+Kafka (``consumers.catch_up``) and checkpoints it periodically and when it is revoked.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from infra.checkpoint import CheckpointStore, DiskCheckpoints, RedisCheckpoints, pack, unpack
-from infra.kafka import KafkaAccess
+import numpy as np
+
+from infra.checkpoint import (
+    CheckpointSet,
+    CheckpointStore,
+    DiskCheckpoints,
+    DiskCheckpointSet,
+    RedisCheckpoints,
+    RedisCheckpointSet,
+    pack,
+    unpack,
+)
 from infra.settings import Settings
 from infra.store import Keys
 from online_models.pipeline import RefreshPipeline
+from online_models.recommender import Recommender
 from stream.dedupe import SeenEventIds
 from stream.events import Item
-from stream.records import Record
 
 log = logging.getLogger("pushrec.worker")
 
+ITEMS = "items"
 
-def checkpoint_store(settings: Settings, redis: object) -> CheckpointStore | None:
-    """The configured checkpoint store (``redis`` is an asyncio client), or None when off."""
-    conf = settings.checkpoint
-    name = conf.name or settings.kafka.consumer_group
-    if conf.store == "disk":
+
+def partition_part(partition: int) -> str:
+    """The checkpoint name of an event partition's state."""
+    return f"p{partition}"
+
+
+def partition_of_source(source: str) -> int:
+    """The partition number of a ``topic:partition`` source."""
+    return int(source.rsplit(":", 1)[1])
+
+
+def _name(settings: Settings) -> str:
+    return settings.checkpoint.name or settings.kafka.consumer_group
+
+
+def checkpoint_set(settings: Settings, redis: object) -> CheckpointSet | None:
+    """The group's checkpoints as configured (``redis`` is an asyncio client), or None when off."""
+    store, name = settings.checkpoint.store, _name(settings)
+    if store == "disk":
+        return DiskCheckpointSet(Path(settings.state_dir) / "checkpoints" / name)
+    if store == "redis":
+        return RedisCheckpointSet(redis, Keys(settings.redis.key_prefix).checkpoint(name))  # type: ignore[arg-type]
+    return None
+
+
+def legacy_checkpoint(settings: Settings, redis: object) -> CheckpointStore | None:
+    """Where a worker kept its one whole-model checkpoint before 2026-12-01."""
+    store, name = settings.checkpoint.store, _name(settings)
+    if store == "disk":
         return DiskCheckpoints(Path(settings.state_dir) / "checkpoints" / f"{name}.npz")
-    if conf.store == "redis":
+    if store == "redis":
         return RedisCheckpoints(redis, Keys(settings.redis.key_prefix).checkpoint(name))  # type: ignore[arg-type]
     return None
 
 
-def pack_state(
-    pipeline: RefreshPipeline,
+def pack_items(recommender: Recommender, unwritten_items: Iterable[Item] = ()) -> bytes:
+    """The item blob: item state and catalogue items not stored in Redis yet."""
+    meta, arrays = recommender.item_state()
+    items = [asdict(item) for item in unwritten_items]
+    return pack({"kind": ITEMS, "model": meta, "unwritten_items": items, "saved_at": time.time()}, arrays)
+
+
+def unpack_items(blob: bytes, recommender: Recommender) -> list[Item]:
+    """Load an item blob into ``recommender``; return the catalogue items not stored yet."""
+    meta, arrays = unpack(blob)
+    recommender.restore_items(meta["model"], arrays)
+    return [Item(**fields) for fields in meta.get("unwritten_items", [])]
+
+
+def pack_partition(
+    recommender: Recommender,
     seen: SeenEventIds,
+    partition: int,
     offsets: dict[str, int],
     unwritten: Iterable[str],
-    unwritten_items: Iterable[Item] = (),
 ) -> bytes:
-    """The checkpoint blob: model, offsets, event-id memory, users whose list is pending and
-    catalogue items not stored in Redis yet."""
-    model_meta, arrays = pipeline.recommender.state()
+    """Partition ``partition``'s blob: its users, the offsets and event-id memory of its sources
+    (``topic:partition``), its users whose list is pending."""
+    users = recommender.users_in(partition)
+    model_meta, arrays = recommender.user_state(users)
+    sources = {s: o for s, o in offsets.items() if partition_of_source(s) == partition}
     meta = {
-        "offsets": offsets,
-        "seen": seen.state(),
-        "unwritten": list(unwritten),
-        "unwritten_items": [asdict(item) for item in unwritten_items],
+        "kind": "partition",
+        "partition": partition,
+        "offsets": sources,
+        "seen": seen.state_of(sources),
+        "unwritten": [u for u in unwritten if recommender.partition_of(u) == partition],
         "model": model_meta,
         "saved_at": time.time(),
     }
     return pack(meta, arrays)
 
 
-def unpack_state(
-    blob: bytes, pipeline: RefreshPipeline, seen: SeenEventIds
-) -> tuple[dict[str, int], list[str], list[Item]]:
-    """Load a checkpoint blob into ``pipeline`` and ``seen``; return its offsets, pending users
-    and catalogue items not stored yet."""
+def unpack_partition(
+    blob: bytes, recommender: Recommender, seen: SeenEventIds, partition: int
+) -> tuple[dict[str, int], list[str]]:
+    """Load a partition blob into ``recommender`` and ``seen``; return its offsets and pending users."""
     meta, arrays = unpack(blob)
-    pipeline.recommender.restore(meta["model"], arrays)
+    recommender.restore_users(meta["model"], arrays, partition)
     seen.restore(meta["seen"])
-    items = [Item(**fields) for fields in meta.get("unwritten_items", [])]
-    return dict(meta["offsets"]), list(meta["unwritten"]), items
+    return dict(meta["offsets"]), list(meta["unwritten"])
+
+
+def split_legacy(blob: bytes, recommender: Recommender, partitions: int) -> dict[str, bytes]:
+    """A whole-model checkpoint of before 2026-12-01 as the parts of a checkpoint set: users go to
+    the partition Kafka's default partitioner gives their id (as the replay and the SDKs key them)."""
+    from stream.topics import partition_of
+
+    meta, arrays = unpack(blob)
+    recommender.restore(meta["model"], arrays)
+    seen = SeenEventIds(1 << 30)
+    seen.restore(meta["seen"])
+    for user in list(meta["model"]["users"]):
+        recommender.place(user, partition_of(user, partitions))
+    unwritten = list(meta["unwritten"])
+    parts = {ITEMS: pack_items(recommender, [Item(**f) for f in meta.get("unwritten_items", [])])}
+    for partition in range(partitions):
+        parts[partition_part(partition)] = pack_partition(
+            recommender, seen, partition, dict(meta["offsets"]), unwritten
+        )
+    recommender.drop_users(list(meta["model"]["users"]))
+    return parts
 
 
 def erase_user(pipeline: RefreshPipeline, seen: SeenEventIds, user: str) -> dict[str, Any]:
@@ -73,131 +150,25 @@ def erase_user(pipeline: RefreshPipeline, seen: SeenEventIds, user: str) -> dict
     return {"model": pipeline.forget(user), "dedupe_ids": seen.forget(user)}
 
 
-class CatchUpStalled(RuntimeError):
-    """The broker delivered nothing for a while below offsets it says it holds."""
-
-
-class CatchUp:
-    """The records the group committed but the model does not hold, streamed in batches.
-
-    Per partition, from the model's next offset (``offsets``; the first retained one when it does
-    not know it) up to the group's committed offset. Both ends are clamped to what the broker
-    still holds, and what falls outside is counted rather than waited for:
-
-    - ``retention_lost``: records retention deleted before the model learned them (a checkpoint
-      older than the topic's retention). Reading starts at the first retained offset.
-    - ``truncated``: committed offsets past the log's end (the broker lost records the group had
-      read: an unclean leader election, a broker restored from an older copy). Reading stops at
-      the end.
-
-    Records retention deletes while the catch-up reads are skipped by the consumer's reset to the
-    first retained offset, and not counted (a gap in offsets can also be a transaction marker).
-
-    Batches hold at most ``batch_max`` records, so a gap of any length is read in bounded memory.
-    Nothing here crash-loops on the data: a stall only comes from a broker that stopped answering,
-    and is raised after ``stall_after_s`` with the partitions it held back.
-    """
-
-    def __init__(
-        self,
-        kafka: KafkaAccess,
-        group: str,
-        topics: Iterable[str],
-        offsets: dict[str, int],
-        batch_max: int = 500,
-        stall_after_s: float = 15.0,
-    ) -> None:
-        self.kafka, self.group, self.topics = kafka, group, set(topics)
-        self.offsets, self.batch_max, self.stall_after_s = offsets, batch_max, stall_after_s
-        self.retention_lost: dict[str, int] = {}
-        self.truncated: dict[str, int] = {}
-        self.records = 0
-
-    def _committed(self) -> dict[Any, int]:
-        from kafka import KafkaAdminClient, TopicPartition
-
-        admin = KafkaAdminClient(**self.kafka.client_options(), client_id="pushrec-catch-up")
-        try:
-            committed = admin.list_group_offsets({self.group: None}).get(self.group, {})
-        finally:
-            admin.close()
-        return {
-            TopicPartition(tp.topic, tp.partition): meta.offset
-            for tp, meta in committed.items()
-            if tp.topic in self.topics and meta.offset > 0
-        }
-
-    def _plan(self, consumer: Any, committed: dict[Any, int]) -> dict[Any, tuple[int, int]]:
-        """(first offset to read, offset to stop before) per partition with anything to read."""
-        first = consumer.beginning_offsets(list(committed))
-        todo = {}
-        for tp, end in committed.items():
-            source = f"{tp.topic}:{tp.partition}"
-            start = self.offsets.get(source, first[tp])
-            if start < first[tp]:
-                self.retention_lost[source] = min(first[tp], end) - start
-                start = first[tp]
-            if end > start:
-                todo[tp] = (start, end)
-        return todo
-
-    def _at_log_end(self, consumer: Any, todo: dict[Any, tuple[int, int]]) -> list[Any]:
-        """Partitions read to the log's end (the high watermark of the last fetch) short of their
-        committed offset, counted as truncated. The fetch's watermark, not ListOffsets: Tansu
-        answers the latter with the last batch's first offset plus one."""
-        done = []
-        for tp, (_, end) in todo.items():
-            position, highwater = consumer.position(tp), consumer.highwater(tp)
-            if highwater is not None and position >= highwater:
-                self.truncated[f"{tp.topic}:{tp.partition}"] = end - position
-                done.append(tp)
-        return done
-
-    def batches(self) -> Iterator[list[Record]]:
-        from kafka import KafkaConsumer
-
-        committed = self._committed()
-        if not committed:
-            return
-        consumer = KafkaConsumer(
-            **self.kafka.client_options(),
-            enable_auto_commit=False,
-            # Retention may delete the next records while we read: go on from the first kept one.
-            auto_offset_reset="earliest",
-            max_poll_records=self.batch_max,
-        )
-        try:
-            todo = self._plan(consumer, committed)
-            consumer.assign(list(todo))
-            for tp, (start, _) in todo.items():
-                consumer.seek(tp, start)
-            quiet_since = time.monotonic()
-            while todo:
-                polled = consumer.poll(timeout_ms=1000, max_records=self.batch_max)
-                if not polled:
-                    for tp in self._at_log_end(consumer, todo):
-                        del todo[tp]
-                        consumer.pause(tp)
-                    if todo and time.monotonic() - quiet_since > self.stall_after_s:
-                        held = ", ".join(f"{tp.topic}:{tp.partition}" for tp in todo)
-                        raise CatchUpStalled(
-                            f"the Kafka broker at {self.kafka.bootstrap} delivered nothing for "
-                            f"{self.stall_after_s:.0f}s below the committed offsets of {held}"
-                        )
-                    continue
-                quiet_since = time.monotonic()
-                batch = []
-                for tp, messages in polled.items():
-                    end = todo[tp][1]
-                    for m in messages:
-                        if m.offset < end:
-                            ts = m.timestamp / 1000 if m.timestamp else None
-                            batch.append(Record(m.topic, m.partition, m.offset, m.key, m.value, ts))
-                    if messages and messages[-1].offset + 1 >= end:
-                        del todo[tp]
-                        consumer.pause(tp)
-                self.records += len(batch)
-                if batch:
-                    yield batch
-        finally:
-            consumer.close()
+def erase_from_partition(blob: bytes, user: str) -> tuple[bytes, dict[str, Any]] | None:
+    """A partition blob without ``user`` (history, factors, event ids, pending list) and what was
+    removed; None when the blob does not hold them."""
+    meta, arrays = unpack(blob)
+    model = meta["model"]
+    factor_users: list[str] = model["factor_users"]
+    dedupe = {source: [pair for pair in pairs if pair[1] != user] for source, pairs in meta["seen"].items()}
+    dropped_ids = sum(len(pairs) - len(dedupe[source]) for source, pairs in meta["seen"].items())
+    held = user in model["users"] or user in factor_users
+    if not held and not dropped_ids and user not in meta["unwritten"]:
+        return None
+    if user in factor_users:
+        row = factor_users.index(user)
+        arrays["user_factors"] = np.delete(arrays["user_factors"], row, axis=0)
+        del factor_users[row]
+    model["users"].pop(user, None)
+    result = {"model": held, "dedupe_ids": dropped_ids, "pending_list": user in meta["unwritten"]}
+    meta["unwritten"] = [u for u in meta["unwritten"] if u != user]
+    meta["seen"] = dedupe
+    meta.pop("format", None)
+    meta.pop("version", None)
+    return pack(meta, arrays), result

@@ -18,7 +18,6 @@ by ``consumers/list_writer.py``, dead letters sent by ``consumers/dead_letters.p
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -32,9 +31,9 @@ import orjson
 
 from consumers.dead_letters import DeadLetters
 from consumers.list_writer import ListWriter
+from consumers.ownership import Ownership
 from consumers.protocol import EXIT_BUG, PENDING
-from consumers.recovery import CatchUp, checkpoint_store, erase_user, pack_state, unpack_state
-from infra.checkpoint import CheckpointStore
+from consumers.recovery import erase_user
 from infra.faults import fail_point
 from infra.kafka import KafkaAccess
 from infra.metrics import Metrics
@@ -101,10 +100,7 @@ class RefreshWorker:
         # sooner and no list waits longer than that (plus one batch).
         self._pending_since = 0.0
         self._refresh_max_delay_s = settings.worker.refresh_max_delay_s
-
-    @property
-    def checkpoints(self) -> CheckpointStore | None:
-        return checkpoint_store(self.settings, self.store.client)
+        self.ownership = Ownership(self)
 
     async def close(self) -> None:
         self.dead_letters.close()
@@ -121,6 +117,9 @@ class RefreshWorker:
         before the crash, only the model forgot them.
         """
         limits = self.settings.events.limits
+        unowned = {record.partition for record in records} - self.ownership.owned
+        if unowned:  # records came before the assignment did: take the partitions first
+            await self.ownership.take(unowned)
         decoded: list[tuple[Record, Event | None]] = []
         catalogue = [r for r in records if r.topic == self.names.items]
         if catalogue:
@@ -137,6 +136,7 @@ class RefreshWorker:
             decoded.append((record, event))
         # No await from here to the learning: model, offsets and id memory change together.
         good: list[Event] = []
+        partitions: list[int] = []
         sent_at: list[float] = []
         processed: Counter[str] = Counter()
         duplicates: Counter[str] = Counter()
@@ -149,6 +149,7 @@ class RefreshWorker:
                 duplicates[event.type] += 1
                 continue
             good.append(event)
+            partitions.append(record.partition)
             sent_at.append(record.timestamp or time.time())
             processed[event.type] += 1
         self.metrics.batch_size.observe(len(records))
@@ -159,6 +160,8 @@ class RefreshWorker:
             fail_point("worker.learn")
             refused_before = self.pipeline.recommender.refused_updates
             users = self.pipeline.learn(good)
+            for event, partition in zip(good, partitions, strict=True):
+                self.pipeline.recommender.place(event.user_id, partition)
             self.metrics.model_update.observe(time.perf_counter() - started)
             refused = self.pipeline.recommender.refused_updates - refused_before
             if refused:
@@ -227,98 +230,21 @@ class RefreshWorker:
             self.outbox.send((PENDING, pending))
             self._reported_pending = pending
 
-    # --- checkpoints -------------------------------------------------------------------------
-
-    def snapshot(self) -> bytes:
-        lists = self.lists
-        return pack_state(self.pipeline, self.seen, self.offsets, lists.pending, lists.pending_items)
-
-    def restore(self, blob: bytes) -> None:
-        self.offsets, unwritten, items = unpack_state(blob, self.pipeline, self.seen)
-        self.lists.add(unwritten, ())
-        self.lists.add_items(items)
-
-    async def save_checkpoint(self) -> None:
-        store = self.checkpoints
-        if store is None:
-            return
-        try:
-            await store.save(self.snapshot())
-        except (OSError, *REDIS_UNAVAILABLE) as exc:
-            self.metrics.checkpoints.labels("failed").inc()
-            log.error("checkpoint to %s failed: %s", store.where, exc)
-            return
-        self.metrics.checkpoints.labels("ok").inc()
-        self.metrics.checkpoint_time.set(time.time())
-        log.debug("checkpoint saved to %s", store.where)
-
-    async def restore_and_catch_up(self) -> None:
-        """Before Faust starts: load the checkpoint, re-learn what it missed, write pending lists."""
-        store = self.checkpoints
-        if store is None:
-            log.warning("checkpoints are off: the model starts empty at the committed offsets")
-            return
-        blob = await store.load()
-        if blob is None:
-            log.info("no checkpoint at %s: the model starts empty", store.where)
-        else:
-            self.restore(blob)
-            log.info(
-                "restored checkpoint from %s: %d users, %d items, offsets %s",
-                store.where,
-                self.pipeline.recommender.n_users,
-                len(self.pipeline.recommender.items),
-                self.offsets,
-            )
-        catch_up = CatchUp(
-            self.kafka,
-            self.settings.kafka.consumer_group,
-            self.consumed_topics,
-            self.offsets,
-            self.settings.worker.batch_max,
-        )
-        batches = catch_up.batches()
-        try:  # one bounded batch in memory at a time, read in a thread, learned here
-            while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-                await self.handle_records(batch, dead_letter=False)
-        finally:
-            batches.close()
-        for cause, lost in (("retention", catch_up.retention_lost), ("truncated", catch_up.truncated)):
-            if lost:
-                self.metrics.catch_up_lost.labels(cause).inc(sum(lost.values()))
-        if catch_up.retention_lost:
-            log.warning(
-                "catch-up: retention deleted %d record(s) before the model learned them (%s); the "
-                "model goes on from the first retained offsets. A checkpoint older than the topics' "
-                "retention loses what lies between: checkpoint more often or retain longer",
-                sum(catch_up.retention_lost.values()),
-                _per_partition(catch_up.retention_lost),
-            )
-        if catch_up.truncated:
-            log.warning(
-                "catch-up: the group committed %d record(s) the broker no longer holds (%s): its "
-                "log ends before the committed offsets; the model learned up to the log's end",
-                sum(catch_up.truncated.values()),
-                _per_partition(catch_up.truncated),
-            )
-        if catch_up.records:
-            log.info("caught up %d records the group committed but the model did not hold", catch_up.records)
-        await self.apply_forget_requests()
-        await self.write_unwritten()
-
     # --- forgetting ----------------------------------------------------------------------------
 
     async def apply_forget_requests(self) -> None:
         """Erase users named on the forget stream from the model, id memory and pending lists, and
         delete what this worker wrote for them (a list written after `pushrec forget` deleted
         theirs, from events learned before); checkpoint; then replace each request by its result
-        (counts only, no user id)."""
+        (counts only, no user id). Only requests for users this worker answers for (see
+        :meth:`Ownership.owns_user`): the owner of each user's partition applies theirs."""
         client, requests = self.store.client, self.keys.forget_requests()
         try:
             entries = await client.xrange(requests)
         except REDIS_UNAVAILABLE as exc:  # read again on the next tick
             log.warning("forget requests could not be read (%s): %s", self.metrics.redis_error(exc), exc)
             return
+        entries = [(i, f) for i, f in entries if self.ownership.owns_user(f[b"user"].decode())]
         if not entries:
             return
         results = {}
@@ -334,7 +260,7 @@ class RefreshWorker:
                     log.error("forget: the lists of a forgotten user could not be deleted: %s", exc)
                     return
                 results[entry_id.decode()] = result
-        await self.save_checkpoint()
+        await self.ownership.save()
         try:
             async with client.pipeline(transaction=True) as pipe:
                 for request_id, result in results.items():
@@ -353,10 +279,6 @@ class RefreshWorker:
         for source, end in highwater.items():
             lag += max(0, end - self.offsets.get(source, 0))
         self.metrics.consumer_lag.set(lag)
-
-
-def _per_partition(counts: dict[str, int]) -> str:
-    return ", ".join(f"{source}: {n}" for source, n in sorted(counts.items()))
 
 
 def exit_on_bug(what: str, exc: BaseException) -> NoReturn:

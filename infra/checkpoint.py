@@ -1,4 +1,8 @@
-"""Worker checkpoints: model state, the offsets it reflects and the dedupe memory, in one blob.
+"""Worker checkpoints: model state, the offsets it reflects and the dedupe memory, as blobs.
+
+A set of checkpoints is shared by every worker of a consumer group: one blob per event
+partition (its users' state, offsets and dedupe memory: whoever owns the partition writes it)
+and one of the item state (:class:`CheckpointSet`).
 
 Format (versioned, no pickle): a numpy ``.npz`` archive whose ``meta`` entry is UTF-8 JSON
 ``{"format": "pushrec-checkpoint", "version": 1, ...}`` and whose other entries are plain numeric
@@ -53,6 +57,45 @@ def unpack(blob: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             f"this pushrec reads {FORMAT!r} version {VERSION}"
         )
     return meta, arrays
+
+
+class CheckpointSet(Protocol):
+    """Named checkpoints that every worker of a group reaches (a directory, Redis keys)."""
+
+    where: str
+
+    def part(self, name: str) -> CheckpointStore: ...
+    async def parts(self) -> list[str]: ...
+
+
+class DiskCheckpointSet:
+    """``<directory>/<name>.npz`` per part."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.where = str(directory)
+
+    def part(self, name: str) -> DiskCheckpoints:
+        return DiskCheckpoints(self.directory / f"{name}.npz")
+
+    async def parts(self) -> list[str]:
+        return sorted(path.stem for path in self.directory.glob("*.npz"))
+
+
+class RedisCheckpointSet:
+    """``<key>:<name>`` per part."""
+
+    def __init__(self, client: aioredis.Redis, key: str) -> None:
+        self.client, self.key = client, key
+        self.where = f"redis keys {key}:*"
+
+    def part(self, name: str) -> RedisCheckpoints:
+        return RedisCheckpoints(self.client, f"{self.key}:{name}")
+
+    async def parts(self) -> list[str]:
+        prefix = f"{self.key}:"
+        found = [k.decode() async for k in self.client.scan_iter(match=f"{prefix}*", count=1000)]
+        return sorted(k.removeprefix(prefix) for k in found)
 
 
 class CheckpointStore(Protocol):

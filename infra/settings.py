@@ -139,13 +139,18 @@ class ModelSettings(_Section):
 
 
 class CheckpointSettings(_Section):
-    """Where and how often a worker saves its model, offsets and dedupe memory."""
+    """Where and how often workers save their partitions' state (users, offsets, dedupe memory)
+    and the item state."""
 
     store: Literal["disk", "redis", "off"] = Field(
-        "disk", description="disk: <state_dir>/checkpoints/<name>.npz; redis: one key; off: none"
+        "disk",
+        description="disk: <state_dir>/checkpoints/<name>/{items,p<N>}.npz (one machine); redis: keys "
+        "<prefix>checkpoint:<name>:{items,p<N>} (workers on several machines); off: none",
     )
     every_s: float = Field(30.0, gt=0, description="periodic checkpoint interval (also on stop/revoke)")
-    name: str | None = Field(None, description="checkpoint name; default the consumer group (one per worker)")
+    name: str | None = Field(
+        None, description="checkpoint set name; default the consumer group (shared by all its workers)"
+    )
     dedupe_ids: int = Field(100_000, ge=1, description="event ids remembered per partition")
 
 

@@ -196,7 +196,7 @@ class EmbeddedStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # A fresh memory-only broker has empty logs: worker checkpoints of the old ones would make
         # a worker skip the new log's first offsets as "already learned".
-        for stale in (self.state_dir / "checkpoints").glob("*.npz"):
+        for stale in (self.state_dir / "checkpoints").rglob("*.npz"):
             stale.unlink()
 
         listener = f"tcp://127.0.0.1:{kafka_port}"

@@ -209,32 +209,44 @@ class ImplicitMF:
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Everything learned, as JSON-able metadata and arrays (no pickle): the factors of every
         user and item River holds, and the state of the initializer's random generator."""
-        users, items = self._mf.u_latents, self._mf.i_latents
-        rng_kind, keys, position, has_gauss, cached = self._initializer_rng().get_state()
-        meta = {
-            "users": list(users),
-            "items": list(items),
-            "rng": [rng_kind, int(position), int(has_gauss), float(cached)],
-        }
-        arrays = {
-            "user_factors": _stack(users.values(), self.n_factors),
-            "item_factors": _stack(items.values(), self.n_factors),
-            "rng_keys": np.asarray(keys),
-        }
-        return meta, arrays
+        meta, arrays = self.item_state()
+        users, user_arrays = self.user_state([str(user) for user in self._mf.u_latents])
+        return {**meta, "users": users}, {**arrays, **user_arrays}
 
     def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Load :meth:`state` into this (freshly built, identically configured) model."""
-        users, items = self._mf.u_latents, self._mf.i_latents
-        users.clear()
+        self.restore_items(meta, arrays)
+        self._mf.u_latents.clear()
+        self.restore_users(meta["users"], arrays)
+
+    def item_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The item factors and the initializer's random generator (what no user owns)."""
+        items = self._mf.i_latents
+        rng_kind, keys, position, has_gauss, cached = self._initializer_rng().get_state()
+        meta = {"items": list(items), "rng": [rng_kind, int(position), int(has_gauss), float(cached)]}
+        return meta, {"item_factors": _stack(items.values(), self.n_factors), "rng_keys": np.asarray(keys)}
+
+    def restore_items(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Load :meth:`item_state`; user factors are left as they are."""
+        items = self._mf.i_latents
         items.clear()
-        users.update(zip(meta["users"], np.array(arrays["user_factors"], dtype=np.float64), strict=True))
         items.update(zip(meta["items"], np.array(arrays["item_factors"], dtype=np.float64), strict=True))
         rng_kind, position, has_gauss, cached = meta["rng"]
         self._initializer_rng().set_state((rng_kind, arrays["rng_keys"], position, has_gauss, cached))
         self._matrix = np.zeros((self.n_factors, max(1024, len(self.items))), dtype=np.float32)
         for item in meta["items"]:
             self._sync(item)
+
+    def user_state(self, users: Iterable[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+        """The factors of those of ``users`` that have some: their ids, and one array row each."""
+        latents = self._mf.u_latents
+        present = [user for user in users if user in latents]
+        return present, {"user_factors": _stack((latents[user] for user in present), self.n_factors)}
+
+    def restore_users(self, users: list[str], arrays: dict[str, np.ndarray]) -> None:
+        """Add the users of :meth:`user_state` (replacing any factors they had here)."""
+        factors = np.array(arrays["user_factors"], dtype=np.float64)
+        self._mf.u_latents.update(zip(users, factors, strict=True))
 
     def seed_items(self, items: Sequence[str], factors: np.ndarray | Sequence[np.ndarray]) -> int:
         """Give items factors before their first interaction (a cold-start prediction, or a

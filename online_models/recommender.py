@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from types import MappingProxyType
@@ -210,7 +210,20 @@ class Recommender:
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Everything learned, as JSON-able metadata and numpy arrays (see ``infra.checkpoint``)."""
-        mf_meta, arrays = self.mf.state()
+        meta, arrays = self.item_state()
+        user_meta, user_arrays = self.user_state(list(self._users))
+        return {**meta, **user_meta}, {**arrays, **user_arrays}
+
+    def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Load :meth:`state` into this freshly built recommender (same settings)."""
+        self.restore_items(meta, arrays)
+        self.drop_users(list(self._users))
+        self.restore_users(meta, arrays)
+
+    def item_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What no user owns: item factors, popularity, the catalogue and its content, the random
+        generators. (A worker checkpoints it once; its users' state goes by partition.)"""
+        mf_meta, arrays = self.mf.item_state()
         pop_meta, pop_arrays = self.popularity.state()
         content_meta, content_arrays = self.content.state()
         meta: dict[str, Any] = {
@@ -218,23 +231,66 @@ class Recommender:
             "mf": mf_meta,
             "popularity": pop_meta,
             **self.negatives.state(),
-            "users": {user: u.to_json() for user, u in self._users.items()},
             **content_meta,
         }
         return meta, {**arrays, **content_arrays, **pop_arrays}
 
-    def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        """Load :meth:`state` into this freshly built recommender (same settings)."""
+    def restore_items(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Load :meth:`item_state`; the users held are kept."""
         self.items.restore(meta["items"])
-        self.mf.restore(meta["mf"], arrays)
+        self.mf.restore_items(meta["mf"], arrays)
         self.popularity.restore(meta["popularity"], arrays)
         self.negatives.restore(meta)
         self.candidates.reset()  # rebuilt from the restored factors on the next list
         self.content.restore(meta, arrays)
-        self._users = {
-            user: UserState.from_json(data, self.session_items, self.recent_half_life_s)
-            for user, data in meta["users"].items()
-        }
+
+    def user_state(self, users: Sequence[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The state of ``users``: histories and factors (rows refer to :meth:`item_state`'s items)."""
+        factor_users, arrays = self.mf.user_state(users)
+        held = self._users
+        keys: dict[int, int] = {}  # row -> its index in "item_ids"
+        key = lambda row: keys.setdefault(row, len(keys))  # noqa: E731
+        written = {user: held[user].to_json(key) for user in users if user in held}
+        ids = self.items.ids
+        meta = {"users": written, "factor_users": factor_users, "item_ids": [ids[row] for row in keys]}
+        return meta, arrays
+
+    def restore_users(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], partition: int = -1) -> None:
+        """Add the users of :meth:`user_state`, as coming from ``partition``."""
+        # Checkpoints before 2026-12-01 list the factor users under "mf".
+        factor_users = meta["factor_users"] if "factor_users" in meta else meta["mf"]["users"]
+        self.mf.restore_users(factor_users, arrays)
+        # Items by id: the worker that wrote them numbered its rows its own way (older
+        # checkpoints wrote this worker's rows).
+        rows = [self.items.add(item) for item in meta["item_ids"]] if "item_ids" in meta else None
+        row_of = rows.__getitem__ if rows is not None else int
+        for user, data in meta["users"].items():
+            state = UserState.from_json(data, self.session_items, self.recent_half_life_s, row_of)
+            state.partition = partition
+            self._users[user] = state
+
+    def drop_users(self, users: Iterable[str]) -> None:
+        """Let go of these users (their partition moved to another worker)."""
+        for user in users:
+            self._users.pop(user, None)
+            self.mf.forget(user)
+
+    def place(self, user: str, partition: int) -> None:
+        """The partition the user's events come from: their state is checkpointed with it."""
+        state = self._users.get(user)
+        if state is not None:
+            state.partition = partition
+
+    def partition_of(self, user: str) -> int:
+        """The partition of :meth:`place` (-1: unknown user or partition)."""
+        state = self._users.get(user)
+        return state.partition if state is not None else -1
+
+    def holds(self, user: str) -> bool:
+        return user in self._users or user in self.mf
+
+    def users_in(self, partition: int) -> list[str]:
+        return [user for user, state in self._users.items() if state.partition == partition]
 
     def forget(self, user: str) -> bool:
         """Erase the user's history and factors; False if the model never saw them."""

@@ -7,6 +7,7 @@ bytes), no set until the first consumed item."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,9 @@ class UserState:
     session: list[int] = field(default_factory=list)
     # What the user last did to each session item (event type), for explanations.
     kinds: dict[int, str] = field(default_factory=dict)
+    # The Kafka partition the user's events come from (-1: not known): the unit of checkpoints
+    # and of ownership across workers. Not in the JSON form: a partition's checkpoint implies it.
+    partition: int = -1
 
     def touch(self, row: int, kind: str, ts: float, consuming: bool, session_items: int) -> None:
         """Count an event on ``row``; a consuming one (purchase, rating) ends the interest in it."""
@@ -75,30 +79,35 @@ class UserState:
             own={row: self.kinds.get(row, "view") for row in listed.tolist() if row in self.interest},
         )
 
-    def to_json(self) -> list[Any]:
+    def to_json(self, row_key: Callable[[int], int] = int) -> list[Any]:
+        """The JSON form, each row written as ``row_key(row)`` (checkpoints that travel to another
+        worker write an index into a list of item ids: rows are one worker's numbering)."""
         return [
             self.events,
             self.last_ts,
-            sorted(self.consumed),
-            [[row, level] for row, level in self.interest.items()],
-            self.session,
-            [[row, kind] for row, kind in self.kinds.items()],
+            sorted(map(row_key, sorted(self.consumed))),  # keys handed out in a fixed order
+            [[row_key(row), level] for row, level in self.interest.items()],
+            [row_key(row) for row in self.session],
+            [[row_key(row), kind] for row, kind in self.kinds.items()],
         ]
 
     @classmethod
-    def from_json(cls, data: list[Any], session_items: int, half_life_s: float) -> UserState:
+    def from_json(
+        cls, data: list[Any], session_items: int, half_life_s: float, row_of: Callable[[int], int] = int
+    ) -> UserState:
+        """Read :meth:`to_json`; ``row_of`` turns a written key back into a row."""
         events, last_ts, consumed, interest, session, kinds = data
         return cls(
             events,
             last_ts,
-            set(consumed) if consumed else _NOTHING,
+            {row_of(key) for key in consumed} if consumed else _NOTHING,
             # [row, level]; checkpoints before 2026-12-01 hold [row, weight, seen]
             {
-                entry[0]: entry[1]
+                row_of(entry[0]): entry[1]
                 if len(entry) == 2
                 else math.log2(max(entry[1], _TINY)) + entry[2] / half_life_s
                 for entry in interest
             },
-            list(session[-session_items:]),
-            {row: kind for row, kind in kinds},
+            [row_of(key) for key in session[-session_items:]],
+            {row_of(key): kind for key, kind in kinds},
         )

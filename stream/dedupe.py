@@ -12,6 +12,7 @@ partition's owner sees every copy of its events), the ``capacity`` most recently
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Collection
 
 
 class SeenEventIds:
@@ -39,10 +40,16 @@ class SeenEventIds:
         return {partition: [list(pair) for pair in ids.items()] for partition, ids in self._seen.items()}
 
     def restore(self, state: dict[str, list[list[str]]]) -> None:
-        self._seen = {
-            partition: OrderedDict((event, user) for event, user in pairs)
-            for partition, pairs in state.items()
-        }
+        """Add the memory of :meth:`state` (replacing that of the partitions it names)."""
+        for partition, pairs in state.items():
+            self._seen[partition] = OrderedDict((event, user) for event, user in pairs)
+
+    def state_of(self, partitions: Collection[str]) -> dict[str, list[list[str]]]:
+        return {p: [list(pair) for pair in ids.items()] for p, ids in self._seen.items() if p in partitions}
+
+    def drop(self, partitions: Collection[str]) -> None:
+        for partition in partitions:
+            self._seen.pop(partition, None)
 
     def forget(self, user: str) -> int:
         """Drop every id of the user's events; how many were held."""

@@ -9,7 +9,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.structs import OffsetAndMetadata
 
-from consumers.recovery import CatchUp
+from consumers.catch_up import CatchUp
 from infra.kafka import KafkaAccess
 from pushrec.demo import SAMPLE_EVENTS
 from tests.conftest import Hermetic

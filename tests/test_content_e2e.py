@@ -96,8 +96,8 @@ def test_catalogue_through_the_worker(hermetic: Hermetic, encoder: str) -> None:
     titles = {i.title for i in items}
     assert any(i["reason"].removeprefix("because you bought ") in titles for s in shown for i in s["items"])
 
-    # The model's content state is in the checkpoint, with the encoder's width.
-    blob = (hermetic.tmp / "state" / "checkpoints" / f"{hermetic.prefix}-worker.npz").read_bytes()
+    # The model's content state is in the item checkpoint, with the encoder's width.
+    blob = (hermetic.tmp / "state" / "checkpoints" / f"{hermetic.prefix}-worker" / "items.npz").read_bytes()
     meta, arrays = unpack(blob)
     assert meta["model"]["content"]["encoder"] == encoder
     assert arrays["content_embeddings"].shape[1] == (384 if encoder == "minilm" else 256)

@@ -190,3 +190,15 @@ def test_compose_file_structure() -> None:
         for job in yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())["scrape_configs"]
     }
     assert scraped == {"pushrec-worker", "pushrec-push-sender"}
+    # `--scale worker=N`: replicas share the consumer group and the checkpoint set in Redis, and
+    # nothing pins one container (a fixed name or a published port would).
+    worker = services["worker"]
+    assert worker["environment"]["PUSHREC_CHECKPOINT__STORE"] == "redis"
+    assert "PUSHREC_CHECKPOINT__NAME" not in worker["environment"]
+    assert "container_name" not in worker and "ports" not in worker
+    worker_job = next(
+        job
+        for job in yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())["scrape_configs"]
+        if job["job_name"] == "pushrec-worker"
+    )
+    assert "dns_sd_configs" in worker_job  # every replica is scraped

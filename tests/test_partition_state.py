@@ -1,0 +1,116 @@
+"""Partition checkpoints as pure code: a partition's users travel to a worker that numbers its
+items differently; a whole-model checkpoint of an older pushrec splits into partitions; forget
+edits a partition blob."""
+
+from __future__ import annotations
+
+import time
+
+from consumers.recovery import (
+    ITEMS,
+    erase_from_partition,
+    pack_partition,
+    partition_part,
+    split_legacy,
+    unpack_items,
+    unpack_partition,
+)
+from infra.checkpoint import pack, unpack
+from online_models.recommender import Recommender
+from stream.dedupe import SeenEventIds
+from stream.topics import partition_of
+
+EVENTS = [(f"u{n % 7}", f"i{(n * 5) % 11}", "click" if n % 3 else "purchase", float(n)) for n in range(80)]
+
+
+def learned(order: list[tuple[str, str, str, float]], partition: int | None = None) -> Recommender:
+    rec = Recommender(n_factors=4, seed=1)
+    for user, item, kind, ts in order:
+        rec.learn_one(user, item, kind, ts)
+        rec.place(user, partition_of(user, 2) if partition is None else partition)
+    return rec
+
+
+def history(rec: Recommender, user: str) -> tuple[list[str], list[str], list[str]]:
+    """The user's session, consumed and interest items, by id."""
+    state = rec._users[user]
+    ids = rec.items.ids
+    return (
+        [ids[r] for r in state.session],
+        sorted(ids[r] for r in state.consumed),
+        sorted(ids[r] for r in state.interest),
+    )
+
+
+def test_a_partition_moves_to_a_worker_that_numbers_items_differently() -> None:
+    owner = learned(EVENTS)
+    other = learned(list(reversed(EVENTS[40:])), partition=9)  # same items, rows in another order
+    assert owner.items.ids != other.items.ids
+    seen = SeenEventIds(10)
+    seen.check_and_add("t:1", "e1", "u1")
+    blob = pack_partition(owner, seen, 1, {"t:0": 5, "t:1": 7}, ["u1", "u2"])
+    moved = owner.users_in(1)
+    assert moved and not set(moved) & set(owner.users_in(0))
+
+    other.drop_users(moved)
+    received = SeenEventIds(10)
+    offsets, pending = unpack_partition(blob, other, received, 1)
+    assert offsets == {"t:1": 7} and received.state() == {"t:1": [["e1", "u1"]]}
+    assert pending == [u for u in ["u1", "u2"] if u in moved]
+    for user in moved:
+        assert history(other, user) == history(owner, user)
+        assert other.partition_of(user) == 1
+        assert (other.mf.user_vector(user) == owner.mf.user_vector(user)).all()
+
+
+def test_a_whole_model_checkpoint_splits_into_partitions() -> None:
+    rec = learned(EVENTS)
+    seen = SeenEventIds(10)
+    for n, (user, *_rest) in enumerate(EVENTS):
+        seen.check_and_add(f"t:{partition_of(user, 2)}", f"e{n}", user)
+    # The format before 2026-12-01: one blob, users' rows in the worker's own numbering.
+    meta, arrays = rec.item_state()
+    factor_users, user_arrays = rec.mf.user_state(list(rec._users))
+    meta["mf"]["users"] = factor_users
+    meta["users"] = {user: state.to_json() for user, state in rec._users.items()}
+    offsets = {"t:0": 40, "t:1": 41}
+    legacy = pack(
+        {
+            "offsets": offsets,
+            "seen": seen.state(),
+            "unwritten": ["u3"],
+            "model": meta,
+            "saved_at": time.time(),
+        },
+        {**arrays, **user_arrays},
+    )
+
+    parts = split_legacy(legacy, Recommender(n_factors=4, seed=1), 2)
+    assert set(parts) == {ITEMS, partition_part(0), partition_part(1)}
+    fresh = Recommender(n_factors=4, seed=1)
+    unpack_items(parts[ITEMS], fresh)
+    for partition in (0, 1):
+        restored_offsets, pending = unpack_partition(
+            parts[partition_part(partition)], fresh, SeenEventIds(10), partition
+        )
+        assert restored_offsets == {f"t:{partition}": offsets[f"t:{partition}"]}
+        assert pending == (["u3"] if partition_of("u3", 2) == partition else [])
+    assert sorted(fresh._users) == sorted(rec._users)
+    for user in rec._users:
+        assert history(fresh, user) == history(rec, user)
+        assert fresh.recommend(user).items == rec.recommend(user).items
+
+
+def test_forget_edits_the_partition_blob_that_holds_the_user() -> None:
+    rec = learned(EVENTS)
+    seen = SeenEventIds(10)
+    user = rec.users_in(0)[0]
+    seen.check_and_add("t:0", "e1", user)
+    blob = pack_partition(rec, seen, 0, {"t:0": 3}, [user])
+    assert erase_from_partition(blob, "nobody") is None
+    edited, removed = erase_from_partition(blob, user)  # type: ignore[misc]
+    assert removed == {"model": True, "dedupe_ids": 1, "pending_list": True}
+    meta, arrays = unpack(edited)
+    assert user not in meta["model"]["users"] and user not in meta["model"]["factor_users"]
+    assert len(meta["model"]["factor_users"]) == arrays["user_factors"].shape[0]
+    assert meta["seen"] == {"t:0": []} and meta["unwritten"] == []
