@@ -112,7 +112,7 @@ class Ownership:
         async with worker.lists.lock:  # no write of their lists in flight
             for user in users:
                 worker.lists.forget(user)  # pending (Redis away): in the checkpoint, for the next owner
-        recommender.drop_users(users)
+        worker.pipeline.drop_users(users)
         sources = [source for source in worker.offsets if partition_of_source(source) in gone]
         worker.seen.drop(sources)
         for source in sources:

@@ -18,12 +18,12 @@ arrays. It is read back with ``allow_pickle=False``, so a blob can never run cod
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 import numpy as np
+import orjson
 import redis.asyncio as aioredis
 
 from infra.store import reply_bytes
@@ -39,7 +39,8 @@ class CheckpointError(Exception):
 def pack(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
     header = {"format": FORMAT, "version": VERSION, **meta}
     buffer = io.BytesIO()
-    encoded = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    options = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS  # as json.dumps did with int keys
+    encoded = np.frombuffer(orjson.dumps(header, option=options), dtype=np.uint8)
     np.savez(buffer, meta=encoded, **cast(dict[str, Any], arrays))  # numpy's stub mistakes a kwarg
     return buffer.getvalue()
 
@@ -48,8 +49,8 @@ def unpack(blob: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-        meta = json.loads(arrays.pop("meta").tobytes())
-    except (ValueError, OSError, KeyError) as exc:
+        meta = orjson.loads(arrays.pop("meta").tobytes())
+    except (ValueError, OSError, KeyError) as exc:  # orjson.JSONDecodeError is a ValueError
         raise CheckpointError(f"not a readable checkpoint: {exc}") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(

@@ -56,6 +56,10 @@ class ItemIndex:
     def row(self, item: str) -> int:
         return self._rows[item]
 
+    def find(self, item: str) -> int | None:
+        """The item's row, or None for an item never seen."""
+        return self._rows.get(item)
+
     def add(self, item: str) -> int:
         row = self._rows.get(item)
         if row is None:

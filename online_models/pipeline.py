@@ -13,6 +13,7 @@ change the answer.
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -55,8 +56,9 @@ class RefreshPipeline:
     def __init__(self, recommender: Recommender, hit_rate_window: int = 1000) -> None:
         self.recommender = recommender
         self.hit_rate = HitRate(hit_rate_window)
-        # The items of each user's last list (a tuple: a frozenset of 20 ids takes ~2.2 kB).
-        self._served: dict[str, tuple[str, ...]] = {}
+        # The item rows of each user's last list, as int32 bytes (113 bytes for 20 items; a tuple of
+        # ids took 216, a frozenset ~2.2 kB).
+        self._served: dict[str, bytes] = {}
 
     def learn(self, events: Iterable[Interaction]) -> list[str]:
         """Test-then-train each event; return the touched users, first-touched first."""
@@ -64,7 +66,10 @@ class RefreshPipeline:
         for ev in events:
             if is_positive(ev.type, ev.rating):
                 served = self._served.get(ev.user_id)
-                self.hit_rate.observe(served is not None and ev.item_id in served)
+                row = self.recommender.items.find(ev.item_id)
+                self.hit_rate.observe(
+                    served is not None and row is not None and row in memoryview(served).cast("i")
+                )
             self.recommender.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
             touched[ev.user_id] = None
         return list(touched)
@@ -72,12 +77,19 @@ class RefreshPipeline:
     def refresh(self, users: Sequence[str]) -> list[TopN]:
         """Re-rank the given users and remember what they were served."""
         lists = [self.recommender.recommend(user, explain=True) for user in users]
+        row = self.recommender.items.row
         for top in lists:
-            self._served[top.user_id] = tuple(top.items)
+            self._served[top.user_id] = array("i", map(row, top.items)).tobytes()
         return lists
 
     def process(self, events: Iterable[Interaction]) -> list[TopN]:
         return self.refresh(self.learn(events))
+
+    def drop_users(self, users: Sequence[str]) -> None:
+        """Let these users go (their partition moved to another worker): model and served lists."""
+        for user in users:
+            self._served.pop(user, None)
+        self.recommender.drop_users(users)
 
     def forget(self, user: str) -> bool:
         """Erase the user from the model and the served lists; False if they were unknown."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from types import MappingProxyType
@@ -188,7 +188,7 @@ class Recommender:
         if kind == "rating" and rating is not None:  # 0-5 stars (the codec refuses the rest)
             weight *= min(max(rating, 0.0), 5.0) / 5.0
         if row not in state.consumed:
-            state.remember(row, weight, ts, self.recent_half_life_s, self.recent_memory)
+            state.remember(row, kind, weight, ts, self.recent_half_life_s, self.recent_memory)
         self.popularity.learn_one(row, weight, ts)
         negatives = self.negatives.sample(self.items.ids, self.content.stream_rows)
         if content is not None:
@@ -248,11 +248,20 @@ class Recommender:
         """The state of ``users``: histories and factors (rows refer to :meth:`item_state`'s items)."""
         factor_users, arrays = self.mf.user_state(users)
         held = self._users
-        keys: dict[int, int] = {}  # row -> its index in "item_ids"
-        key = lambda row: keys.setdefault(row, len(keys))  # noqa: E731
-        written = {user: held[user].to_json(key) for user in users if user in held}
+        written, rows = {}, set()
+        for user in users:
+            state = held.get(user)
+            if state is not None:
+                written[user] = state.to_json()
+                rows |= state.rows()
+        named = sorted(rows)  # rows are this worker's numbering: they travel with their item ids
         ids = self.items.ids
-        meta = {"users": written, "factor_users": factor_users, "item_ids": [ids[row] for row in keys]}
+        meta = {
+            "users": written,
+            "factor_users": factor_users,
+            "item_rows": named,
+            "item_ids": [ids[row] for row in named],
+        }
         return meta, arrays
 
     def restore_users(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], partition: int = -1) -> None:
@@ -262,8 +271,13 @@ class Recommender:
         self.mf.restore_users(factor_users, arrays)
         # Items by id: the worker that wrote them numbered its rows its own way (older
         # checkpoints wrote this worker's rows).
-        rows = [self.items.add(item) for item in meta["item_ids"]] if "item_ids" in meta else None
-        row_of = rows.__getitem__ if rows is not None else int
+        row_of: Callable[[int], int] = int
+        if "item_ids" in meta:
+            local = {
+                row: self.items.add(item)
+                for row, item in zip(meta["item_rows"], meta["item_ids"], strict=True)
+            }
+            row_of = local.__getitem__
         for user, data in meta["users"].items():
             state = UserState.from_json(data, self.session_items, self.recent_half_life_s, row_of)
             state.partition = partition
@@ -313,7 +327,8 @@ class Recommender:
             rows, values = top_n(scores, n, exclude=[r for r in consumed if r < scores.size], in_place=True)
             return self._top(user, rows, values, POPULARITY, state, None, explain)
         assert state is not None
-        candidates = None if exact else self.candidates.rows(query, n, state.interest, state.consumed)
+        own = state.interest_rows
+        candidates = None if exact else self.candidates.rows(query, n, own, state.consumed)
         if candidates is None:
             scores = self._blend(query, state)
             # ``scores`` is a fresh array, so top_n may mask exclusions in place.
@@ -356,7 +371,7 @@ class Recommender:
         )
 
     def _explain(self, rows: np.ndarray, state: UserState | None) -> list[str]:
-        if state is None or not state.session:
+        if state is None or not state.entries:
             return [POPULAR_REASON] * len(rows)
         catalogue = self.catalogue
         text = None if catalogue is None else catalogue.vectors
@@ -366,9 +381,10 @@ class Recommender:
     def _query(self, user: str, state: UserState) -> np.ndarray | None:
         """The user's vector plus the session part, or None for a user without factors."""
         query = self.mf.user_vector(user)
-        if query is not None and self.session_weight and state.session:
+        if query is not None and self.session_weight and state.entries:
+            session = state.session
             matrix = self.mf.item_matrix()
-            query += (self.session_weight / len(state.session)) * matrix[state.session].sum(axis=0)
+            query += (self.session_weight / len(session)) * matrix[session].sum(axis=0)
         return query
 
     def _blend(self, query: np.ndarray, state: UserState, rows: np.ndarray | None = None) -> np.ndarray:
@@ -377,7 +393,7 @@ class Recommender:
         scores = matrix @ query if rows is None else matrix[rows] @ query
         if self.popularity_weight:
             self.popularity.add_normalised(scores, self.popularity_weight, rows)
-        if self.recent_weight and state.interest:
+        if self.recent_weight and state.interest_entries:
             touched, own = state.interest_scores(self.recent_weight, self.recent_half_life_s)
             if rows is not None:  # where each touched row sits among ``rows``, if it is there
                 at = np.minimum(np.searchsorted(rows, touched), len(rows) - 1)

@@ -1,12 +1,14 @@
 """What the recommender keeps per user: consumed items, decayed interest in touched items, the
 session's last items and what was done to them; and its JSON form for checkpoints.
 
-Kept small, since there is one per shopper: slots, a list for the session (a deque costs ~600
-bytes), no set until the first consumed item."""
+Kept small, since there is one per shopper (bench: bytes per user): slots; the session and the
+interest in flat arrays (no Python int or float object per entry, no dict); the event type of
+each session item in the low bits of its entry; no set until the first consumed item."""
 
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,15 @@ from online_models.explain import History
 
 _NOTHING: frozenset[int] = frozenset()
 _TINY = 1e-300  # the interest of a zero-weight event (its log must stay finite)
+# Event types a session entry records (3 bits); another type reads back as "view".
+_KINDS = ("view", "click", "add_to_cart", "purchase", "rating")
+_CODE = {kind: code for code, kind in enumerate(_KINDS)}
+_SHIFT = 3
+
+
+def _kind(entry: int) -> str:
+    code = entry & ((1 << _SHIFT) - 1)
+    return _KINDS[code] if code < len(_KINDS) else "view"
 
 
 @dataclass(slots=True)
@@ -25,89 +36,139 @@ class UserState:
     last_ts: float = -math.inf
     # Rows the user purchased or rated (a set from the first one on).
     consumed: set[int] | frozenset[int] = _NOTHING
-    # row -> level of the user's decayed interest in a touched, unconsumed item, oldest first: the
-    # interest at time t is 2 ** (level - t / half-life), so one float holds the sum of every
-    # event's decayed weight (a (weight, time) tuple took 104 bytes more per item).
-    interest: dict[int, float] = field(default_factory=dict)
-    # The last items the user touched (any type), oldest first, for the session part of the query.
-    session: list[int] = field(default_factory=list)
-    # What the user last did to each session item (event type), for explanations.
-    kinds: dict[int, str] = field(default_factory=dict)
+    # The last items the user touched (any type), oldest first: row << 3 | event type code.
+    entries: array[int] = field(default_factory=lambda: array("i"))
+    # Touched, unconsumed items, oldest first (row << 3 | the type code of the last positive event
+    # on it), and the level of the user's decayed interest in each: the interest at time t is
+    # 2 ** (level - t / half-life), so one float holds the sum of every event's decayed weight.
+    # None until the first positive event.
+    interest_entries: array[int] | None = None
+    interest_levels: array[float] | None = None
     # The Kafka partition the user's events come from (-1: not known): the unit of checkpoints
     # and of ownership across workers. Not in the JSON form: a partition's checkpoint implies it.
     partition: int = -1
+
+    @property
+    def session(self) -> list[int]:
+        """The session's rows, oldest first."""
+        return [entry >> _SHIFT for entry in self.entries]
+
+    @property
+    def kinds(self) -> dict[int, str]:
+        """What the user last did to each session row."""
+        return {entry >> _SHIFT: _kind(entry) for entry in self.entries}
+
+    @property
+    def interest_rows(self) -> list[int]:
+        """The rows of the interest, oldest first."""
+        return [entry >> _SHIFT for entry in self.interest_entries or ()]
+
+    @property
+    def interest(self) -> dict[int, float]:
+        """Row -> interest level, oldest first (a copy)."""
+        return dict(zip(self.interest_rows, self.interest_levels or (), strict=True))
 
     def touch(self, row: int, kind: str, ts: float, consuming: bool, session_items: int) -> None:
         """Count an event on ``row``; a consuming one (purchase, rating) ends the interest in it."""
         self.events += 1
         self.last_ts = max(self.last_ts, ts)
-        self.session.append(row)
-        if len(self.session) > session_items:
-            del self.session[0]
-        self.kinds[row] = kind
-        if len(self.kinds) > 2 * session_items:
-            self.kinds = {r: self.kinds[r] for r in self.session if r in self.kinds}
+        self.entries.append(row << _SHIFT | _CODE.get(kind, _CODE["view"]))
+        if len(self.entries) > session_items:
+            del self.entries[0]
         if consuming:
             if isinstance(self.consumed, frozenset):
                 self.consumed = set()
             self.consumed.add(row)
-            self.interest.pop(row, None)
+            self._drop_interest(row)
 
-    def remember(self, row: int, weight: float, ts: float, half_life_s: float, memory: int) -> None:
-        """Add ``weight`` to the decayed interest in ``row``; keep the ``memory`` newest rows."""
+    def remember(
+        self, row: int, kind: str, weight: float, ts: float, half_life_s: float, memory: int
+    ) -> None:
+        """Add ``weight`` (of a ``kind`` event) to the decayed interest in ``row``; keep the
+        ``memory`` newest rows."""
         level = math.log2(max(weight, _TINY)) + ts / half_life_s
-        previous = self.interest.pop(row, None)
+        previous = self._drop_interest(row)
         if previous is not None:  # log2(2 ** previous + 2 ** level), without overflow
             high, low = max(previous, level), min(previous, level)
             level = high + math.log2(1.0 + 2.0 ** (low - high))
-        self.interest[row] = level
-        if len(self.interest) > memory:
-            del self.interest[next(iter(self.interest))]
+        if self.interest_entries is None or self.interest_levels is None:
+            self.interest_entries, self.interest_levels = array("i"), array("d")
+        self.interest_entries.append(row << _SHIFT | _CODE.get(kind, 0))
+        self.interest_levels.append(level)
+        if len(self.interest_entries) > memory:
+            del self.interest_entries[0]
+            del self.interest_levels[0]
+
+    def _drop_interest(self, row: int) -> float | None:
+        """Remove ``row`` from the interest; its level, or None if it had none."""
+        if self.interest_entries is None or self.interest_levels is None:
+            return None
+        for at, entry in enumerate(self.interest_entries):
+            if entry >> _SHIFT == row:
+                del self.interest_entries[at]
+                return self.interest_levels.pop(at)
+        return None
 
     def interest_scores(self, weight: float, half_life_s: float) -> tuple[np.ndarray, np.ndarray]:
         """The touched rows and ``weight`` x their interest decayed to the user's last event."""
-        count = len(self.interest)
-        touched = np.fromiter(self.interest, dtype=np.int64, count=count)
-        levels = np.fromiter(self.interest.values(), dtype=np.float64, count=count)
+        if self.interest_entries is None or self.interest_levels is None:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+        touched = np.frombuffer(self.interest_entries, dtype=np.int32).astype(np.int64) >> _SHIFT
+        levels = np.frombuffer(self.interest_levels, dtype=np.float64)
         return touched, weight * np.exp2(levels - self.last_ts / half_life_s)
 
     def history(self, listed: np.ndarray) -> History:
         """What an explanation of the rows ``listed`` reads of this user."""
+        own_kinds = {entry >> _SHIFT: _kind(entry) for entry in self.interest_entries or ()}
         return History(
             rows=np.array(list(dict.fromkeys(reversed(self.session))), dtype=np.int64),
             kinds=self.kinds,
-            own={row: self.kinds.get(row, "view") for row in listed.tolist() if row in self.interest},
+            own={row: own_kinds[row] for row in listed.tolist() if row in own_kinds},
         )
 
-    def to_json(self, row_key: Callable[[int], int] = int) -> list[Any]:
-        """The JSON form, each row written as ``row_key(row)`` (checkpoints that travel to another
-        worker write an index into a list of item ids: rows are one worker's numbering)."""
+    def to_json(self) -> list[Any]:
+        """The JSON form (rows are this worker's numbering: see ``rows``)."""
         return [
             self.events,
             self.last_ts,
-            sorted(map(row_key, sorted(self.consumed))),  # keys handed out in a fixed order
-            [[row_key(row), level] for row, level in self.interest.items()],
-            [row_key(row) for row in self.session],
-            [[row_key(row), kind] for row, kind in self.kinds.items()],
+            sorted(self.consumed),
+            [[entry >> _SHIFT, level, _kind(entry)] for entry, level in self._interest_pairs()],
+            self.session,
+            [[row, kind] for row, kind in self.kinds.items()],
         ]
+
+    def _interest_pairs(self) -> zip[tuple[int, float]]:
+        return zip(self.interest_entries or (), self.interest_levels or (), strict=True)
+
+    def rows(self) -> set[int]:
+        """Every row the JSON form names."""
+        return {*self.consumed, *self.interest_rows, *self.session}
 
     @classmethod
     def from_json(
         cls, data: list[Any], session_items: int, half_life_s: float, row_of: Callable[[int], int] = int
     ) -> UserState:
-        """Read :meth:`to_json`; ``row_of`` turns a written key back into a row."""
+        """Read :meth:`to_json`; ``row_of`` turns a written row into this worker's."""
         events, last_ts, consumed, interest, session, kinds = data
-        return cls(
-            events,
-            last_ts,
-            {row_of(key) for key in consumed} if consumed else _NOTHING,
-            # [row, level]; checkpoints before 2026-12-01 hold [row, weight, seen]
-            {
-                row_of(entry[0]): entry[1]
-                if len(entry) == 2
-                else math.log2(max(entry[1], _TINY)) + entry[2] / half_life_s
-                for entry in interest
-            },
-            [row_of(key) for key in session[-session_items:]],
-            {row_of(key): kind for key, kind in kinds},
-        )
+        kind_of = {row: kind for row, kind in kinds}
+        state = cls(events, last_ts, {row_of(key) for key in consumed} if consumed else _NOTHING)
+        for row in session[-session_items:]:
+            state.entries.append(row_of(row) << _SHIFT | _CODE.get(kind_of.get(row, "view"), 0))
+        if interest:
+            # [row, level, kind]; before 2026-12-02 [row, level] (the kind was the session's);
+            # before 2026-12-01 [row, weight, seen]
+            state.interest_entries, state.interest_levels = array("i"), array("d")
+            for entry in interest:
+                row = entry[0]
+                if len(entry) == 3 and isinstance(entry[2], str):
+                    level, kind = entry[1], entry[2]
+                elif len(entry) == 3:
+                    level, kind = (
+                        math.log2(max(entry[1], _TINY)) + entry[2] / half_life_s,
+                        kind_of.get(row, "view"),
+                    )
+                else:
+                    level, kind = entry[1], kind_of.get(row, "view")
+                state.interest_entries.append(row_of(row) << _SHIFT | _CODE.get(kind, 0))
+                state.interest_levels.append(level)
+        return state

@@ -155,6 +155,8 @@ def run_bench(
     log: Any,
     memory_users: tuple[int, int] = (10_000, 50_000),
     repeat: int = 3,
+    checkpoint_users: tuple[int, ...] = (100_000, 1_000_000),
+    checkpoint_partitions: int = 6,
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="pushrec-bench-"))
     lines = load_lines(events, limit)
@@ -288,6 +290,17 @@ def run_bench(
     evaluate_rate = report.models["pushrec"]["events_per_s"]
     memory = model_memory(settings, memory_users)
     log(f"model memory: {memory['bytes_per_user']:,} B/user, {memory['bytes_per_item']:,} B/item")
+    from pushrec.bench_checkpoint import checkpoint_costs
+
+    checkpoints = {}
+    for size in checkpoint_users:
+        cost = checkpoint_costs(settings, size, checkpoint_partitions, log=log)
+        checkpoints[str(size)] = cost
+        log(
+            f"checkpoint at {size:,} users in {checkpoint_partitions} partitions: longest stall "
+            f"{cost['longest_stall_s'] * 1000:,.0f} ms ({cost['longest_stall_part']}), a partition restored "
+            f"in {cost['partition_restore_s'] * 1000:,.0f} ms"
+        )
     with contextlib.suppress(OSError):
         for child in workdir.iterdir():
             if child.suffix == ".jsonl":
@@ -306,6 +319,7 @@ def run_bench(
         "users": users,
         "items": items,
         **memory,
+        "checkpoints": checkpoints,
         "source": str(events),
         "logs": str(workdir),
     }

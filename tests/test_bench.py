@@ -48,6 +48,10 @@ def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
             "1500",
             "--repeat",
             "2",
+            "--checkpoint-users",
+            "3000",
+            "--checkpoint-partitions",
+            "3",
             "--json",
         ],
         env=hermetic.env(),
@@ -77,6 +81,13 @@ def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
     assert report["ceiling_events_per_s"] in {p["ceiling"] for p in report["pairs"]}
     assert 0 < report["latency_p50_s"] <= report["latency_p99_s"]
     assert report["bytes_per_user"] > 0 and report["bytes_per_item"] > 0
+    checkpoint = report["checkpoints"]["3000"]
+    assert checkpoint["partitions"] == 3 and checkpoint["longest_stall_part"] in {"items", "p0", "p1", "p2"}
+    assert (
+        checkpoint["partition_restore_s"] > 0
+        and 0 < checkpoint["longest_stall_s"] <= checkpoint["checkpoint_total_s"]
+    )
+    assert checkpoint["partition_bytes"] > 0
 
 
 def test_histogram_quantile_interpolates_within_buckets() -> None:

@@ -198,14 +198,22 @@ def test_user_state_is_compact_and_reads_older_checkpoints() -> None:
     state = UserState()
     for t, (row, kind) in enumerate([(5, "view"), (6, "click"), (5, "add_to_cart")]):
         state.touch(row, kind, float(t), consuming=False, session_items=2)
-        state.remember(row, 0.5, float(t), half_life_s=10.0, memory=100)
+        state.remember(row, kind, 0.5, float(t), half_life_s=10.0, memory=100)
     assert state.session == [6, 5] and not hasattr(state, "__dict__")
+    assert state.kinds == {6: "click", 5: "add_to_cart"}
     assert isinstance(state.consumed, frozenset)  # no set until something is consumed
     rows, own = state.interest_scores(weight=1.0, half_life_s=10.0)
     by_row = dict(zip(rows.tolist(), own.tolist(), strict=True))
     assert by_row[5] == pytest.approx(0.5 * 2 ** (-2 / 10) + 0.5)  # both touches, decayed to t=2
     again = UserState.from_json(state.to_json(), session_items=2, half_life_s=10.0)
     assert again == state
+    # The explanation of an own item names what was last done to it, in the session or not.
+    state.touch(7, "view", 3.0, consuming=False, session_items=2)
+    state.touch(8, "view", 4.0, consuming=False, session_items=2)
+    assert state.history(np.array([5, 9])).own == {5: "add_to_cart"}
+    # A checkpoint of 2026-12-01 kept [row, level]; the kind came from the session.
+    day_old = UserState.from_json([3, 2.0, [], [[5, 1.0]], [5], [[5, "click"]]], 2, half_life_s=10.0)
+    assert day_old.history(np.array([5])).own == {5: "click"}
     # A checkpoint written before interest was kept as one level: [row, weight, seen].
     old = UserState.from_json([3, 2.0, [], [[5, 0.8, 2.0]], [5], [[5, "view"]]], 2, half_life_s=10.0)
     assert dict(zip(*map(np.ndarray.tolist, old.interest_scores(1.0, 10.0)), strict=True)) == {

@@ -114,3 +114,14 @@ def test_forget_edits_the_partition_blob_that_holds_the_user() -> None:
     assert user not in meta["model"]["users"] and user not in meta["model"]["factor_users"]
     assert len(meta["model"]["factor_users"]) == arrays["user_factors"].shape[0]
     assert meta["seen"] == {"t:0": []} and meta["unwritten"] == []
+
+
+def test_letting_users_go_drops_their_served_lists_too() -> None:
+    from online_models.pipeline import RefreshPipeline
+
+    pipeline = RefreshPipeline(learned(EVENTS))
+    moved = pipeline.recommender.users_in(1)
+    pipeline.refresh(moved)
+    assert all(user in pipeline._served for user in moved)
+    pipeline.drop_users(moved)
+    assert not any(user in pipeline._served or pipeline.recommender.holds(user) for user in moved)

@@ -55,6 +55,18 @@ def add_parser(sub: Subcommands) -> None:
         help="model sizes (users) between which bytes per user are measured (default: %(default)s)",
     )
     bench.add_argument(
+        "--checkpoint-users",
+        type=positive_int,
+        nargs="+",
+        default=(100_000, 1_000_000),
+        metavar="N",
+        help="model sizes (users, over --checkpoint-partitions) at which the longest checkpoint stall "
+        "and a partition's restore time are measured (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--checkpoint-partitions", type=positive_int, default=6, metavar="P", help="(default: %(default)s)"
+    )
+    bench.add_argument(
         "--items",
         type=positive_int,
         metavar="N",
@@ -77,7 +89,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not small < large:
         raise UsageError("--memory-users: the first size must be smaller than the second")
     result = run_bench(
-        settings, events, args.events_max, args.fraction, log.info, (small, large), args.repeat
+        settings,
+        events,
+        args.events_max,
+        args.fraction,
+        log.info,
+        (small, large),
+        args.repeat,
+        tuple(args.checkpoint_users),
+        args.checkpoint_partitions,
     )
     lines = [
         f"pushrec bench: {result['events']:,} events ({result['users']:,} users, {result['items']:,} items)",
@@ -98,6 +118,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         f"  model memory                   {result['bytes_per_user']:>10,} B/user "
         f"{result['bytes_per_item']:,} B/item; 1M users "
         f"~{result['model_bytes_1m_users_extrapolated'] / 2**30:.1f} GiB (extrapolated)",
+        *(
+            f"  checkpoint at {int(size):>9,} users  longest stall {c['longest_stall_s'] * 1000:>6,.0f} ms, "
+            f"partition restore {c['partition_restore_s'] * 1000:,.0f} ms ({c['partitions']} partitions)"
+            for size, c in result["checkpoints"].items()
+        ),
     ]
     emit(args, result, "\n".join(lines))
     return 0
