@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING
 from consumers.catch_up import CatchUp
 from consumers.recovery import (
     ITEMS,
+    checkpoint_live,
     checkpoint_set,
     legacy_checkpoint,
-    pack_items,
-    pack_partition,
     partition_of_source,
     partition_part,
     split_legacy,
@@ -47,6 +46,7 @@ class Ownership:
         self.owned: set[int] = set()
         # Partitions of the event topics (from the Faust process; the setting until it tells).
         self.partition_count = worker.settings.kafka.partitions
+        self._saving = asyncio.Lock()  # one checkpoint at a time (periodic, revoke, forget, stop)
 
     @property
     def checkpoints(self) -> CheckpointSet | None:
@@ -127,12 +127,19 @@ class Ownership:
             return
         worker = self.worker
         recommender, metrics = worker.pipeline.recommender, worker.metrics
-        pending = worker.lists.pending
+        chosen = set(self.owned if partitions is None else partitions)
         try:
-            await store.part(ITEMS).save(pack_items(recommender, worker.lists.pending_items))
-            for partition in sorted(self.owned if partitions is None else partitions):
-                blob = pack_partition(recommender, worker.seen, partition, worker.offsets, pending)
-                await store.part(partition_part(partition)).save(blob)
+            async with self._saving:
+                blobs = await checkpoint_live(
+                    recommender,
+                    worker.seen,
+                    chosen,
+                    worker.offsets,
+                    lambda: worker.lists.pending,
+                    lambda: worker.lists.pending_items,
+                )
+                for name, blob in blobs.items():
+                    await store.part(name).save(blob)
         except (OSError, *REDIS_UNAVAILABLE) as exc:
             metrics.checkpoints.labels("failed").inc()
             log.error("checkpoint to %s failed: %s", store.where, exc)

@@ -10,9 +10,10 @@ Kafka (``consumers.catch_up``) and checkpoints it periodically and when it is re
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from infra.checkpoint import (
 from infra.settings import Settings
 from infra.store import Keys
 from online_models.pipeline import RefreshPipeline
-from online_models.recommender import Recommender
+from online_models.recommender import Recommender, UserSnapshot
 from stream.dedupe import SeenEventIds
 from stream.events import Item
 
@@ -77,9 +78,15 @@ def legacy_checkpoint(settings: Settings, redis: object) -> CheckpointStore | No
 
 def pack_items(recommender: Recommender, unwritten_items: Iterable[Item] = ()) -> bytes:
     """The item blob: item state and catalogue items not stored in Redis yet."""
+    return pack(*_items_content(recommender, unwritten_items))
+
+
+def _items_content(
+    recommender: Recommender, unwritten_items: Iterable[Item]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     meta, arrays = recommender.item_state()
     items = [asdict(item) for item in unwritten_items]
-    return pack({"kind": ITEMS, "model": meta, "unwritten_items": items, "saved_at": time.time()}, arrays)
+    return {"kind": ITEMS, "model": meta, "unwritten_items": items, "saved_at": time.time()}, arrays
 
 
 def unpack_items(blob: bytes, recommender: Recommender) -> list[Item]:
@@ -111,6 +118,78 @@ def pack_partition(
         "saved_at": time.time(),
     }
     return pack(meta, arrays)
+
+
+async def checkpoint_live(
+    recommender: Recommender,
+    seen: SeenEventIds,
+    partitions: Collection[int],
+    offsets: dict[str, int],
+    pending: Callable[[], Iterable[str]],
+    unwritten_items: Callable[[], Iterable[Item]] = lambda: (),
+    chunk: int = 2000,
+) -> dict[str, bytes]:
+    """The item blob and each of ``partitions``' blobs (:func:`pack_items`, :func:`pack_partition`)
+    as of one moment, without stopping learning for more than a chunk of users at a time.
+
+    Users are written ``chunk`` at a time, yielding to the event loop between chunks, while the
+    recommender tracks whose state changes meanwhile; those are written again (in passes, while
+    many). The last ones, the item state, the offsets, the event-id memory and the pending users
+    and items are then taken with no await between them: every blob holds the state of that
+    moment, as one consistent cut. The blobs are serialised in a thread."""
+    by_partition: dict[int, list[str]] = {partition: [] for partition in partitions}
+    users = recommender.users()
+    for start in range(0, len(users), 10 * chunk):
+        for user in users[start : start + 10 * chunk]:
+            found = by_partition.get(recommender.partition_of(user))
+            if found is not None:
+                found.append(user)
+        await asyncio.sleep(0)
+    snapshots = {partition: UserSnapshot() for partition in by_partition}
+    changed = recommender.track_changes()
+    try:
+        for partition, todo in by_partition.items():
+            for start in range(0, len(todo), chunk):
+                recommender.write_users(todo[start : start + chunk], partition, snapshots[partition])
+                await asyncio.sleep(0)
+        for _ in range(2):  # again, those that changed meanwhile, while they are many
+            if len(changed) <= chunk:
+                break
+            todo, changed = list(changed), recommender.track_changes()
+            for start in range(0, len(todo), chunk):
+                for partition, snapshot in snapshots.items():
+                    recommender.write_users(todo[start : start + chunk], partition, snapshot)
+                await asyncio.sleep(0)
+        # From here to the blobs' content, no await: one moment for items, users, offsets, memory.
+        last = list(changed)
+        for partition, snapshot in snapshots.items():
+            recommender.write_users(last, partition, snapshot)
+        contents = {ITEMS: _items_content(recommender, unwritten_items())}
+        waiting = list(pending())
+        memories = {}
+        for partition, snapshot in snapshots.items():
+            model_meta, arrays = recommender.snapshot_state(snapshot)
+            sources = {s: o for s, o in offsets.items() if partition_of_source(s) == partition}
+            name = partition_part(partition)
+            memories[name] = seen.freeze(sources)
+            meta = {
+                "kind": "partition",
+                "partition": partition,
+                "offsets": sources,
+                "unwritten": [u for u in waiting if recommender.partition_of(u) == partition],
+                "model": model_meta,
+                "saved_at": time.time(),
+            }
+            contents[name] = (meta, arrays)
+    finally:
+        recommender.untrack_changes()
+
+    def serialise() -> dict[str, bytes]:
+        for name, memory in memories.items():
+            contents[name][0]["seen"] = SeenEventIds.thaw(memory)
+        return {name: pack(*content) for name, content in contents.items()}
+
+    return await asyncio.to_thread(serialise)
 
 
 def unpack_partition(

@@ -17,6 +17,7 @@ arrays. It is read back with ``allow_pickle=False``, so a blob can never run cod
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 from pathlib import Path
@@ -113,6 +114,9 @@ class DiskCheckpoints:
         self.where = str(path)
 
     async def save(self, blob: bytes) -> None:
+        await asyncio.to_thread(self._write, blob)  # the event loop goes on while the disk works
+
+    def _write(self, blob: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
         with open(partial, "wb") as out:

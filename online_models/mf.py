@@ -192,9 +192,12 @@ class ImplicitMF:
             rows.append(self._sync(name))
         return rows
 
-    def user_vector(self, user: str) -> np.ndarray | None:
+    def user_vector(self, user: str, copy: bool = False) -> np.ndarray | None:
+        """The user's factors as float32 (``copy``: as held, float64), or None for a cold user."""
         latents = self._mf.u_latents
-        return latents[user].astype(np.float32) if user in latents else None
+        if user not in latents:
+            return None
+        return latents[user].copy() if copy else latents[user].astype(np.float32)
 
     def score_many(self, user: str) -> np.ndarray | None:
         """Scores of every known item for ``user`` (row order), or None for a cold user."""

@@ -36,6 +36,7 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+import orjson
 
 from online_models import ann
 from online_models.candidates import Candidates
@@ -74,6 +75,20 @@ class TopN:
     reasons: list[str] = field(default_factory=list)  # one short "why" per item (or none)
     tags: list[str] = field(default_factory=list)  # the user's interest segment's name
     segment: int | None = None
+
+
+@dataclass
+class UserSnapshot:
+    """Users' state written a few at a time while learning goes on (see
+    ``Recommender.write_users``): each history as a JSON fragment, each factor vector a copy."""
+
+    histories: dict[str, Any] = field(default_factory=dict)
+    factors: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: set[int] = field(default_factory=set)
+
+    def remove(self, user: str) -> None:
+        self.histories.pop(user, None)
+        self.factors.pop(user, None)
 
 
 def is_positive(kind: str, rating: float | None) -> bool:
@@ -131,6 +146,8 @@ class Recommender:
         self.min_user_events = min_user_events
         self.type_weights = dict(type_weights)
         self._users: dict[str, UserState] = {}
+        # Users whose state changed since track_changes (None: not tracking; see UserSnapshot).
+        self._changed: set[str] | None = None
         self.candidates = Candidates(
             self.mf, self.popularity, ann_min_items, ann_expansion, ann_pending_max, ann_background
         )
@@ -168,6 +185,8 @@ class Recommender:
         """Update popularity, the user's history and (for positive events) the factors."""
         if not math.isfinite(ts):
             raise ValueError(f"event time {ts!r} is not finite")
+        if self._changed is not None:
+            self._changed.add(user)
         row = self.items.add(item)
         content = self.content if self.content.catalogue is not None else None
         if content is not None:
@@ -227,7 +246,7 @@ class Recommender:
         pop_meta, pop_arrays = self.popularity.state()
         content_meta, content_arrays = self.content.state()
         meta: dict[str, Any] = {
-            "items": self.items.ids,
+            "items": list(self.items.ids),  # a copy: it may be serialised in another thread
             "mf": mf_meta,
             "popularity": pop_meta,
             **self.negatives.state(),
@@ -282,12 +301,60 @@ class Recommender:
             state = UserState.from_json(data, self.session_items, self.recent_half_life_s, row_of)
             state.partition = partition
             self._users[user] = state
+            if self._changed is not None:
+                self._changed.add(user)
 
     def drop_users(self, users: Iterable[str]) -> None:
         """Let go of these users (their partition moved to another worker)."""
         for user in users:
             self._users.pop(user, None)
             self.mf.forget(user)
+            if self._changed is not None:
+                self._changed.add(user)
+
+    def track_changes(self) -> set[str]:
+        """From now on, add to the returned set every user whose state changes (a new set each
+        call; :meth:`untrack_changes` stops)."""
+        self._changed = set()
+        return self._changed
+
+    def untrack_changes(self) -> None:
+        self._changed = None
+
+    def users(self) -> list[str]:
+        """Every user held (a copy)."""
+        return list(self._users)
+
+    def write_users(self, users: Iterable[str], partition: int, snapshot: UserSnapshot) -> None:
+        """Write the current state of those of ``users`` that belong to ``partition`` into
+        ``snapshot``, and take out those that do not (any more)."""
+        held, latents = self._users, self.mf
+        for user in users:
+            state = held.get(user)
+            if state is None or state.partition != partition:
+                snapshot.remove(user)
+                continue
+            snapshot.rows |= state.rows()
+            snapshot.histories[user] = orjson.Fragment(orjson.dumps(state.to_json()))
+            vector = latents.user_vector(user, copy=True)
+            if vector is None:
+                snapshot.factors.pop(user, None)
+            else:
+                snapshot.factors[user] = vector
+
+    def snapshot_state(self, snapshot: UserSnapshot) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """:meth:`user_state`'s form of a snapshot written by :meth:`write_users`."""
+        named = sorted(snapshot.rows)
+        ids = self.items.ids
+        meta = {
+            "users": snapshot.histories,
+            "factor_users": list(snapshot.factors),
+            "item_rows": named,
+            "item_ids": [ids[row] for row in named],
+        }
+        # Stacked when packed (np.savez), which may run in a thread: the vectors are copies.
+        factors = list(snapshot.factors.values()) or np.zeros((0, self.mf.n_factors))
+        return meta, {"user_factors": factors}  # type: ignore[dict-item]
 
     def place(self, user: str, partition: int) -> None:
         """The partition the user's events come from: their state is checkpointed with it."""
@@ -308,6 +375,8 @@ class Recommender:
 
     def forget(self, user: str) -> bool:
         """Erase the user's history and factors; False if the model never saw them."""
+        if self._changed is not None:
+            self._changed.add(user)
         known = self._users.pop(user, None) is not None
         return self.mf.forget(user) or known
 

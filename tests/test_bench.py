@@ -82,7 +82,7 @@ def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
     assert 0 < report["latency_p50_s"] <= report["latency_p99_s"]
     assert report["bytes_per_user"] > 0 and report["bytes_per_item"] > 0
     checkpoint = report["checkpoints"]["3000"]
-    assert checkpoint["partitions"] == 3 and checkpoint["longest_stall_part"] in {"items", "p0", "p1", "p2"}
+    assert checkpoint["partitions"] == 3
     assert (
         checkpoint["partition_restore_s"] > 0
         and 0 < checkpoint["longest_stall_s"] <= checkpoint["checkpoint_total_s"]

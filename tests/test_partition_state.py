@@ -55,7 +55,7 @@ def test_a_partition_moves_to_a_worker_that_numbers_items_differently() -> None:
     other.drop_users(moved)
     received = SeenEventIds(10)
     offsets, pending = unpack_partition(blob, other, received, 1)
-    assert offsets == {"t:1": 7} and received.state() == {"t:1": [["e1", "u1"]]}
+    assert offsets == {"t:1": 7} and received.state() == {"t:1": [("e1", "u1")]}
     assert pending == [u for u in ["u1", "u2"] if u in moved]
     for user in moved:
         assert history(other, user) == history(owner, user)
