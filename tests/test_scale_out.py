@@ -58,7 +58,7 @@ def owned(log_text: str) -> list[int]:
     return [int(n) for n in numbers.split(",") if n.strip()]
 
 
-def settled(port: int, worker: subprocess.Popen[bytes], quiet_s: float = 4.0) -> None:
+def settled(port: int, worker: subprocess.Popen[bytes], quiet_s: float = 2.5) -> None:
     """Wait until the worker learned everything it was given and is quiet."""
     last, since = -1.0, time.monotonic()
     deadline = time.monotonic() + 180
