@@ -108,7 +108,7 @@ class Ownership:
         recommender = worker.pipeline.recommender
         await worker.write_unwritten()
         await self.save(gone)
-        users = [user for partition in gone for user in recommender.users_in(partition)]
+        users = [user for partition in gone for user in recommender.users.in_partition(partition)]
         async with worker.lists.lock:  # no write of their lists in flight
             for user in users:
                 worker.lists.forget(user)  # pending (Redis away): in the checkpoint, for the next owner
@@ -154,7 +154,7 @@ class Ownership:
         from stream.topics import partition_of
 
         recommender = self.worker.pipeline.recommender
-        return recommender.holds(user) or partition_of(user, self.partition_count) in self.owned
+        return recommender.users.holds(user) or partition_of(user, self.partition_count) in self.owned
 
     async def _catch_up(self, partitions: list[int]) -> int:
         worker = self.worker

@@ -33,7 +33,8 @@ from infra.checkpoint import (
 from infra.settings import Settings
 from infra.store import Keys
 from online_models.pipeline import RefreshPipeline
-from online_models.recommender import Recommender, UserSnapshot
+from online_models.recommender import Recommender
+from online_models.user_table import UserSnapshot
 from stream.dedupe import SeenEventIds
 from stream.events import Item
 
@@ -105,15 +106,15 @@ def pack_partition(
 ) -> bytes:
     """Partition ``partition``'s blob: its users, the offsets and event-id memory of its sources
     (``topic:partition``), its users whose list is pending."""
-    users = recommender.users_in(partition)
-    model_meta, arrays = recommender.user_state(users)
+    users = recommender.users.in_partition(partition)
+    model_meta, arrays = recommender.users.state(users)
     sources = {s: o for s, o in offsets.items() if partition_of_source(s) == partition}
     meta = {
         "kind": "partition",
         "partition": partition,
         "offsets": sources,
         "seen": seen.state_of(sources),
-        "unwritten": [u for u in unwritten if recommender.partition_of(u) == partition],
+        "unwritten": [u for u in unwritten if recommender.users.partition_of(u) == partition],
         "model": model_meta,
         "saved_at": time.time(),
     }
@@ -138,37 +139,38 @@ async def checkpoint_live(
     and items are then taken with no await between them: every blob holds the state of that
     moment, as one consistent cut. The blobs are serialised in a thread."""
     by_partition: dict[int, list[str]] = {partition: [] for partition in partitions}
-    users = recommender.users()
+    table = recommender.users
+    users = table.ids()
     for start in range(0, len(users), 10 * chunk):
         for user in users[start : start + 10 * chunk]:
-            found = by_partition.get(recommender.partition_of(user))
+            found = by_partition.get(table.partition_of(user))
             if found is not None:
                 found.append(user)
         await asyncio.sleep(0)
     snapshots = {partition: UserSnapshot() for partition in by_partition}
-    changed = recommender.track_changes()
+    changed = table.track_changes()
     try:
         for partition, todo in by_partition.items():
             for start in range(0, len(todo), chunk):
-                recommender.write_users(todo[start : start + chunk], partition, snapshots[partition])
+                table.write(todo[start : start + chunk], partition, snapshots[partition])
                 await asyncio.sleep(0)
         for _ in range(2):  # again, those that changed meanwhile, while they are many
             if len(changed) <= chunk:
                 break
-            todo, changed = list(changed), recommender.track_changes()
+            todo, changed = list(changed), table.track_changes()
             for start in range(0, len(todo), chunk):
                 for partition, snapshot in snapshots.items():
-                    recommender.write_users(todo[start : start + chunk], partition, snapshot)
+                    table.write(todo[start : start + chunk], partition, snapshot)
                 await asyncio.sleep(0)
         # From here to the blobs' content, no await: one moment for items, users, offsets, memory.
         last = list(changed)
         for partition, snapshot in snapshots.items():
-            recommender.write_users(last, partition, snapshot)
+            table.write(last, partition, snapshot)
         contents = {ITEMS: _items_content(recommender, unwritten_items())}
         waiting = list(pending())
         memories = {}
         for partition, snapshot in snapshots.items():
-            model_meta, arrays = recommender.snapshot_state(snapshot)
+            model_meta, arrays = table.snapshot_state(snapshot)
             sources = {s: o for s, o in offsets.items() if partition_of_source(s) == partition}
             name = partition_part(partition)
             memories[name] = seen.freeze(sources)
@@ -176,13 +178,13 @@ async def checkpoint_live(
                 "kind": "partition",
                 "partition": partition,
                 "offsets": sources,
-                "unwritten": [u for u in waiting if recommender.partition_of(u) == partition],
+                "unwritten": [u for u in waiting if table.partition_of(u) == partition],
                 "model": model_meta,
                 "saved_at": time.time(),
             }
             contents[name] = (meta, arrays)
     finally:
-        recommender.untrack_changes()
+        table.untrack_changes()
 
     def serialise() -> dict[str, bytes]:
         for name, memory in memories.items():
@@ -197,7 +199,7 @@ def unpack_partition(
 ) -> tuple[dict[str, int], list[str]]:
     """Load a partition blob into ``recommender`` and ``seen``; return its offsets and pending users."""
     meta, arrays = unpack(blob)
-    recommender.restore_users(meta["model"], arrays, partition)
+    recommender.users.restore(meta["model"], arrays, partition)
     seen.restore(meta["seen"])
     return dict(meta["offsets"]), list(meta["unwritten"])
 
@@ -212,14 +214,14 @@ def split_legacy(blob: bytes, recommender: Recommender, partitions: int) -> dict
     seen = SeenEventIds(1 << 30)
     seen.restore(meta["seen"])
     for user in list(meta["model"]["users"]):
-        recommender.place(user, partition_of(user, partitions))
+        recommender.users.place(user, partition_of(user, partitions))
     unwritten = list(meta["unwritten"])
     parts = {ITEMS: pack_items(recommender, [Item(**f) for f in meta.get("unwritten_items", [])])}
     for partition in range(partitions):
         parts[partition_part(partition)] = pack_partition(
             recommender, seen, partition, dict(meta["offsets"]), unwritten
         )
-    recommender.drop_users(list(meta["model"]["users"]))
+    recommender.users.drop(list(meta["model"]["users"]))
     return parts
 
 

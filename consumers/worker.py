@@ -161,7 +161,7 @@ class RefreshWorker:
             refused_before = self.pipeline.recommender.refused_updates
             users = self.pipeline.learn(good)
             for event, partition in zip(good, partitions, strict=True):
-                self.pipeline.recommender.place(event.user_id, partition)
+                self.pipeline.recommender.users.place(event.user_id, partition)
             self.metrics.model_update.observe(time.perf_counter() - started)
             refused = self.pipeline.recommender.refused_updates - refused_before
             if refused:

@@ -89,7 +89,7 @@ class RefreshPipeline:
         """Let these users go (their partition moved to another worker): model and served lists."""
         for user in users:
             self._served.pop(user, None)
-        self.recommender.drop_users(users)
+        self.recommender.users.drop(users)
 
     def forget(self, user: str) -> bool:
         """Erase the user from the model and the served lists; False if they were unknown."""

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-import orjson
 
 from online_models import ann
 from online_models.candidates import Candidates
@@ -48,6 +47,7 @@ from online_models.popularity import Popularity
 from online_models.sampling import NegativeSampler
 from online_models.topn import top_n
 from online_models.user_state import UserState
+from online_models.user_table import UserTable
 
 # Confidence of each event type as a positive signal (view < click < add_to_cart < purchase);
 # a rating's weight is further scaled by rating / 5.
@@ -75,20 +75,6 @@ class TopN:
     reasons: list[str] = field(default_factory=list)  # one short "why" per item (or none)
     tags: list[str] = field(default_factory=list)  # the user's interest segment's name
     segment: int | None = None
-
-
-@dataclass
-class UserSnapshot:
-    """Users' state written a few at a time while learning goes on (see
-    ``Recommender.write_users``): each history as a JSON fragment, each factor vector a copy."""
-
-    histories: dict[str, Any] = field(default_factory=dict)
-    factors: dict[str, np.ndarray] = field(default_factory=dict)
-    rows: set[int] = field(default_factory=set)
-
-    def remove(self, user: str) -> None:
-        self.histories.pop(user, None)
-        self.factors.pop(user, None)
 
 
 def is_positive(kind: str, rating: float | None) -> bool:
@@ -145,9 +131,7 @@ class Recommender:
         self.recent_memory = recent_memory
         self.min_user_events = min_user_events
         self.type_weights = dict(type_weights)
-        self._users: dict[str, UserState] = {}
-        # Users whose state changed since track_changes (None: not tracking; see UserSnapshot).
-        self._changed: set[str] | None = None
+        self.users = UserTable(self.mf, self.items, session_items, recent_half_life_s)
         self.candidates = Candidates(
             self.mf, self.popularity, ann_min_items, ann_expansion, ann_pending_max, ann_background
         )
@@ -174,7 +158,7 @@ class Recommender:
 
     @property
     def n_users(self) -> int:
-        return len(self._users)
+        return len(self.users)
 
     @property
     def refused_updates(self) -> int:
@@ -185,21 +169,18 @@ class Recommender:
         """Update popularity, the user's history and (for positive events) the factors."""
         if not math.isfinite(ts):
             raise ValueError(f"event time {ts!r} is not finite")
-        if self._changed is not None:
-            self._changed.add(user)
         row = self.items.add(item)
         content = self.content if self.content.catalogue is not None else None
         if content is not None:
             content.observe(row)
-        state = self._users.get(user)
-        if state is not None and content is not None and is_positive(kind, rating):
-            query, known = self._query(user, state), state
+        known = self.users.get(user)
+        if known is not None and content is not None and is_positive(kind, rating):
+            query = self._query(user, known)
             if query is not None and len(self.items) >= 2:
                 content.tune_weight(
-                    row, state.session, state.consumed, lambda rows: self._blend(query, known, rows)
+                    row, known.session, known.consumed, lambda rows: self._blend(query, known, rows)
                 )
-        if state is None:
-            state = self._users[user] = UserState()
+        state = self.users.touch(user)
         state.touch(row, kind, ts, kind in CONSUMING_TYPES, self.session_items)
         if not is_positive(kind, rating):
             return
@@ -230,14 +211,14 @@ class Recommender:
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Everything learned, as JSON-able metadata and numpy arrays (see ``infra.checkpoint``)."""
         meta, arrays = self.item_state()
-        user_meta, user_arrays = self.user_state(list(self._users))
+        user_meta, user_arrays = self.users.state(self.users.ids())
         return {**meta, **user_meta}, {**arrays, **user_arrays}
 
     def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Load :meth:`state` into this freshly built recommender (same settings)."""
         self.restore_items(meta, arrays)
-        self.drop_users(list(self._users))
-        self.restore_users(meta, arrays)
+        self.users.drop(self.users.ids())
+        self.users.restore(meta, arrays)
 
     def item_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """What no user owns: item factors, popularity, the catalogue and its content, the random
@@ -263,122 +244,9 @@ class Recommender:
         self.candidates.reset()  # rebuilt from the restored factors on the next list
         self.content.restore(meta, arrays)
 
-    def user_state(self, users: Sequence[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The state of ``users``: histories and factors (rows refer to :meth:`item_state`'s items)."""
-        factor_users, arrays = self.mf.user_state(users)
-        held = self._users
-        written, rows = {}, set()
-        for user in users:
-            state = held.get(user)
-            if state is not None:
-                written[user] = state.to_json()
-                rows |= state.rows()
-        named = sorted(rows)  # rows are this worker's numbering: they travel with their item ids
-        ids = self.items.ids
-        meta = {
-            "users": written,
-            "factor_users": factor_users,
-            "item_rows": named,
-            "item_ids": [ids[row] for row in named],
-        }
-        return meta, arrays
-
-    def restore_users(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], partition: int = -1) -> None:
-        """Add the users of :meth:`user_state`, as coming from ``partition``."""
-        # Checkpoints before 2026-12-01 list the factor users under "mf".
-        factor_users = meta["factor_users"] if "factor_users" in meta else meta["mf"]["users"]
-        self.mf.restore_users(factor_users, arrays)
-        # Items by id: the worker that wrote them numbered its rows its own way (older
-        # checkpoints wrote this worker's rows).
-        row_of: Callable[[int], int] = int
-        if "item_ids" in meta:
-            local = {
-                row: self.items.add(item)
-                for row, item in zip(meta["item_rows"], meta["item_ids"], strict=True)
-            }
-            row_of = local.__getitem__
-        for user, data in meta["users"].items():
-            state = UserState.from_json(data, self.session_items, self.recent_half_life_s, row_of)
-            state.partition = partition
-            self._users[user] = state
-            if self._changed is not None:
-                self._changed.add(user)
-
-    def drop_users(self, users: Iterable[str]) -> None:
-        """Let go of these users (their partition moved to another worker)."""
-        for user in users:
-            self._users.pop(user, None)
-            self.mf.forget(user)
-            if self._changed is not None:
-                self._changed.add(user)
-
-    def track_changes(self) -> set[str]:
-        """From now on, add to the returned set every user whose state changes (a new set each
-        call; :meth:`untrack_changes` stops)."""
-        self._changed = set()
-        return self._changed
-
-    def untrack_changes(self) -> None:
-        self._changed = None
-
-    def users(self) -> list[str]:
-        """Every user held (a copy)."""
-        return list(self._users)
-
-    def write_users(self, users: Iterable[str], partition: int, snapshot: UserSnapshot) -> None:
-        """Write the current state of those of ``users`` that belong to ``partition`` into
-        ``snapshot``, and take out those that do not (any more)."""
-        held, latents = self._users, self.mf
-        for user in users:
-            state = held.get(user)
-            if state is None or state.partition != partition:
-                snapshot.remove(user)
-                continue
-            snapshot.rows |= state.rows()
-            snapshot.histories[user] = orjson.Fragment(orjson.dumps(state.to_json()))
-            vector = latents.user_vector(user, copy=True)
-            if vector is None:
-                snapshot.factors.pop(user, None)
-            else:
-                snapshot.factors[user] = vector
-
-    def snapshot_state(self, snapshot: UserSnapshot) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """:meth:`user_state`'s form of a snapshot written by :meth:`write_users`."""
-        named = sorted(snapshot.rows)
-        ids = self.items.ids
-        meta = {
-            "users": snapshot.histories,
-            "factor_users": list(snapshot.factors),
-            "item_rows": named,
-            "item_ids": [ids[row] for row in named],
-        }
-        # Stacked when packed (np.savez), which may run in a thread: the vectors are copies.
-        factors = list(snapshot.factors.values()) or np.zeros((0, self.mf.n_factors))
-        return meta, {"user_factors": factors}  # type: ignore[dict-item]
-
-    def place(self, user: str, partition: int) -> None:
-        """The partition the user's events come from: their state is checkpointed with it."""
-        state = self._users.get(user)
-        if state is not None:
-            state.partition = partition
-
-    def partition_of(self, user: str) -> int:
-        """The partition of :meth:`place` (-1: unknown user or partition)."""
-        state = self._users.get(user)
-        return state.partition if state is not None else -1
-
-    def holds(self, user: str) -> bool:
-        return user in self._users or user in self.mf
-
-    def users_in(self, partition: int) -> list[str]:
-        return [user for user, state in self._users.items() if state.partition == partition]
-
     def forget(self, user: str) -> bool:
         """Erase the user's history and factors; False if the model never saw them."""
-        if self._changed is not None:
-            self._changed.add(user)
-        known = self._users.pop(user, None) is not None
-        return self.mf.forget(user) or known
+        return self.users.drop([user])
 
     def recommend(self, user: str, n: int | None = None, exact: bool = False, explain: bool = False) -> TopN:
         """The user's top-``n``; never an item they consumed. Leaves what was learned unchanged
@@ -386,7 +254,7 @@ class Recommender:
         where the approximate index would be used (to measure its recall); ``explain=True`` adds
         a reason per item and the user's interest segment (what the stored lists carry)."""
         n = self.n if n is None else n
-        state = self._users.get(user)
+        state = self.users.get(user)
         query = None
         if state is not None and state.events >= self.min_user_events:
             query = self._query(user, state)
@@ -412,7 +280,7 @@ class Recommender:
 
     def user_query(self, user: str) -> np.ndarray | None:
         """The vector a known user's items are scored against (None for a user without factors)."""
-        state = self._users.get(user)
+        state = self.users.get(user)
         return None if state is None else self._query(user, state)
 
     def _top(

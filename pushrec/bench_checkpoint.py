@@ -41,12 +41,12 @@ def checkpoint_costs(
     seen = SeenEventIds(settings.checkpoint.dedupe_ids)
     for i in range(items):
         recommender.learn_one("filler", f"i{i}", "view", float(i))
-    recommender.drop_users(["filler"])
+    recommender.users.drop(["filler"])
     started = time.perf_counter()
     for u in range(users):
         user, partition = f"u{u}", u % partitions
         recommender.learn_one(user, f"i{rng.randrange(items)}", "click", float(items + u))
-        recommender.place(user, partition)
+        recommender.users.place(user, partition)
         seen.check_and_add(f"events:{partition}", f"e{u}", user)
         if log is not None and u and u % 200_000 == 0:
             log(f"checkpoint bench: {u:,} of {users:,} users learned")

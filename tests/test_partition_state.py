@@ -27,13 +27,14 @@ def learned(order: list[tuple[str, str, str, float]], partition: int | None = No
     rec = Recommender(n_factors=4, seed=1)
     for user, item, kind, ts in order:
         rec.learn_one(user, item, kind, ts)
-        rec.place(user, partition_of(user, 2) if partition is None else partition)
+        rec.users.place(user, partition_of(user, 2) if partition is None else partition)
     return rec
 
 
 def history(rec: Recommender, user: str) -> tuple[list[str], list[str], list[str]]:
     """The user's session, consumed and interest items, by id."""
-    state = rec._users[user]
+    state = rec.users.get(user)
+    assert state is not None
     ids = rec.items.ids
     return (
         [ids[r] for r in state.session],
@@ -49,17 +50,17 @@ def test_a_partition_moves_to_a_worker_that_numbers_items_differently() -> None:
     seen = SeenEventIds(10)
     seen.check_and_add("t:1", "e1", "u1")
     blob = pack_partition(owner, seen, 1, {"t:0": 5, "t:1": 7}, ["u1", "u2"])
-    moved = owner.users_in(1)
-    assert moved and not set(moved) & set(owner.users_in(0))
+    moved = owner.users.in_partition(1)
+    assert moved and not set(moved) & set(owner.users.in_partition(0))
 
-    other.drop_users(moved)
+    other.users.drop(moved)
     received = SeenEventIds(10)
     offsets, pending = unpack_partition(blob, other, received, 1)
     assert offsets == {"t:1": 7} and received.state() == {"t:1": [("e1", "u1")]}
     assert pending == [u for u in ["u1", "u2"] if u in moved]
     for user in moved:
         assert history(other, user) == history(owner, user)
-        assert other.partition_of(user) == 1
+        assert other.users.partition_of(user) == 1
         assert (other.mf.user_vector(user) == owner.mf.user_vector(user)).all()
 
 
@@ -70,9 +71,9 @@ def test_a_whole_model_checkpoint_splits_into_partitions() -> None:
         seen.check_and_add(f"t:{partition_of(user, 2)}", f"e{n}", user)
     # The format before 2026-12-01: one blob, users' rows in the worker's own numbering.
     meta, arrays = rec.item_state()
-    factor_users, user_arrays = rec.mf.user_state(list(rec._users))
+    factor_users, user_arrays = rec.mf.user_state(rec.users.ids())
     meta["mf"]["users"] = factor_users
-    meta["users"] = {user: state.to_json() for user, state in rec._users.items()}
+    meta["users"] = {user: rec.users.get(user).to_json() for user in rec.users}  # type: ignore[union-attr]
     offsets = {"t:0": 40, "t:1": 41}
     legacy = pack(
         {
@@ -95,8 +96,8 @@ def test_a_whole_model_checkpoint_splits_into_partitions() -> None:
         )
         assert restored_offsets == {f"t:{partition}": offsets[f"t:{partition}"]}
         assert pending == (["u3"] if partition_of("u3", 2) == partition else [])
-    assert sorted(fresh._users) == sorted(rec._users)
-    for user in rec._users:
+    assert sorted(fresh.users) == sorted(rec.users)
+    for user in rec.users:
         assert history(fresh, user) == history(rec, user)
         assert fresh.recommend(user).items == rec.recommend(user).items
 
@@ -104,7 +105,7 @@ def test_a_whole_model_checkpoint_splits_into_partitions() -> None:
 def test_forget_edits_the_partition_blob_that_holds_the_user() -> None:
     rec = learned(EVENTS)
     seen = SeenEventIds(10)
-    user = rec.users_in(0)[0]
+    user = rec.users.in_partition(0)[0]
     seen.check_and_add("t:0", "e1", user)
     blob = pack_partition(rec, seen, 0, {"t:0": 3}, [user])
     assert erase_from_partition(blob, "nobody") is None
@@ -120,8 +121,8 @@ def test_letting_users_go_drops_their_served_lists_too() -> None:
     from online_models.pipeline import RefreshPipeline
 
     pipeline = RefreshPipeline(learned(EVENTS))
-    moved = pipeline.recommender.users_in(1)
+    moved = pipeline.recommender.users.in_partition(1)
     pipeline.refresh(moved)
     assert all(user in pipeline._served for user in moved)
     pipeline.drop_users(moved)
-    assert not any(user in pipeline._served or pipeline.recommender.holds(user) for user in moved)
+    assert not any(user in pipeline._served or pipeline.recommender.users.holds(user) for user in moved)
