@@ -10,9 +10,9 @@ measured in one run on the same machine, broker and events.
    every 0.25 s. A backlog is consumed as fast as the worker can: that rate is its maximum
    sustainable rate. Peak RSS is the VmHWM of the worker's processes (Faust, model and
    multiprocessing's resource tracker), summed.
-3. latency: a fresh worker, then the events replayed at ``fraction`` x the pipeline rate;
-   p50/p99 of event-to-list (record timestamp to Redis write), interpolated within the
-   worker's histogram buckets.
+3. latency: for each of ``loads`` (and ``fraction``, the headline), a fresh worker, then the
+   events replayed at that share of the pipeline rate; p50/p99/p99.9 of event-to-list (record
+   timestamp to Redis write), interpolated within the worker's histogram buckets.
 4. evaluate: `pushrec evaluate`'s speed for the product model alone on the same events.
 
 With ``repeat`` > 1, steps 1 and 2 run as that many (ceiling, pipeline) pairs and the pair with
@@ -157,6 +157,7 @@ def run_bench(
     repeat: int = 3,
     checkpoint_users: tuple[int, ...] = (100_000, 1_000_000),
     checkpoint_partitions: int = 6,
+    loads: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9),
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="pushrec-bench-"))
     lines = load_lines(events, limit)
@@ -206,6 +207,7 @@ def run_bench(
             # 0.25 s: scraping /metrics costs the worker CPU (at 50 ms it was 9 % of its samples).
             first: tuple[float, float] | None = None
             last = None
+            previous = None  # the sighting before, while nothing was counted yet
             peak = 0
             try:
                 deadline = time.monotonic() + 1800
@@ -217,7 +219,11 @@ def run_bench(
                         counted, lists_written = _progress(port)
                         now = time.time()
                         if counted > 0 and first is None:
-                            first = (now, counted)
+                            # Everything counted at the first sighting (a short log on a fast
+                            # machine): count from the sighting before, when nothing was.
+                            first = (now, counted) if counted < n or previous is None else previous
+                        elif counted == 0:
+                            previous = (now, 0.0)
                         if counted >= n and lists_written:  # the last deferred re-rank included
                             last = now
                             break
@@ -254,31 +260,43 @@ def run_bench(
         median = sorted(pairs, key=lambda p: p["ratio"])[(len(pairs) - 1) // 2]
         ceiling, pipeline = median["ceiling"], median["pipeline"]
 
-        # 3. Latency at a fraction of that rate.
-        lat_run = _Run(base_env, workdir, "l")
-        rate = fraction * pipeline
-        port = free_port()
-        worker = lat_run.spawn("pushrec.cli", "worker", "--metrics-port", str(port), log="latency.log")
-        try:
-            wait_for(
-                "the latency worker to join",
-                lambda: metric_sum(scrape(port), "pushrec_worker_assigned_partitions") > 0,
-                120,
-                worker,
+        # 3. Latency at fractions of that rate (the headline one is ``fraction``).
+        def latency_at(share: float) -> dict[str, float]:
+            run = _Run(base_env, workdir, "l")
+            rate = share * pipeline
+            port = free_port()
+            worker = run.spawn(
+                "pushrec.cli", "worker", "--metrics-port", str(port), log=f"latency-{share}.log"
             )
-            produce(lat_run, Pacing(rate=rate))
-            wait_for(  # and every list written: the histogram then holds every event's latency
-                "every paced event's list",
-                lambda: (lambda counted, written: counted >= n and written)(*_progress(port)),
-                600,
-                worker,
+            try:
+                wait_for(
+                    "the latency worker to join",
+                    lambda: metric_sum(scrape(port), "pushrec_worker_assigned_partitions") > 0,
+                    120,
+                    worker,
+                )
+                produce(run, Pacing(rate=rate))
+                wait_for(  # and every list written: the histogram then holds every event's latency
+                    "every paced event's list",
+                    lambda: (lambda counted, written: counted >= n and written)(*_progress(port)),
+                    600,
+                    worker,
+                )
+                samples = scrape(port)
+            finally:
+                stop_process(worker)
+            load = {"fraction": share, "rate_events_per_s": round(rate, 1)}
+            for key, q in (("p50_s", 0.5), ("p99_s", 0.99), ("p999_s", 0.999)):
+                load[key] = round(quantile(samples, "pushrec_event_to_list_seconds", q), 4)
+            log(
+                f"latency at {share:.0%} ({rate:,.0f} events/s): p50 {load['p50_s'] * 1000:.0f} ms, "
+                f"p99 {load['p99_s'] * 1000:.0f} ms, p99.9 {load['p999_s'] * 1000:.0f} ms"
             )
-            samples = scrape(port)
-        finally:
-            stop_process(worker)
-        p50 = quantile(samples, "pushrec_event_to_list_seconds", 0.5)
-        p99 = quantile(samples, "pushrec_event_to_list_seconds", 0.99)
-        log(f"latency at {rate:,.0f} events/s: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
+            return load
+
+        by_load = [latency_at(share) for share in sorted({*loads, fraction})]
+        headline = next(load for load in by_load if load["fraction"] == fraction)
+        p50, p99, rate = headline["p50_s"], headline["p99_s"], headline["rate_events_per_s"]
 
     # 4. evaluate's speed for the product model on the same events.
     from consumers.worker import build_recommender
@@ -315,6 +333,7 @@ def run_bench(
         "latency_p50_s": round(p50, 4),
         "latency_p99_s": round(p99, 4),
         "latency_rate_events_per_s": round(rate, 1),
+        "latency_by_load": by_load,
         "evaluate_events_per_s": round(evaluate_rate, 1),
         "worker_peak_rss_bytes": peak,
         "users": users,

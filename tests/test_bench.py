@@ -48,6 +48,9 @@ def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
             "1500",
             "--repeat",
             "2",
+            "--loads",
+            "0.3",
+            "0.6",
             "--checkpoint-users",
             "3000",
             "--checkpoint-partitions",
@@ -80,6 +83,11 @@ def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
     assert report["ratio"] == min(p["ratio"] for p in report["pairs"])
     assert report["ceiling_events_per_s"] in {p["ceiling"] for p in report["pairs"]}
     assert 0 < report["latency_p50_s"] <= report["latency_p99_s"]
+    # Latency at every load asked for, and at the headline --fraction (0.5 by default).
+    loads = {load["fraction"]: load for load in report["latency_by_load"]}
+    assert sorted(loads) == [0.3, 0.5, 0.6]
+    assert all(0 < load["p50_s"] <= load["p99_s"] <= load["p999_s"] for load in loads.values())
+    assert loads[0.5]["p99_s"] == report["latency_p99_s"]
     assert report["bytes_per_user"] > 0 and report["bytes_per_item"] > 0
     checkpoint = report["checkpoints"]["3000"]
     assert checkpoint["partitions"] == 3

@@ -37,7 +37,15 @@ def add_parser(sub: Subcommands) -> None:
     )
     bench.add_argument("--events-max", type=positive_int, default=50_000, metavar="N", help="events used")
     bench.add_argument(
-        "--fraction", type=positive, default=0.5, help="latency is measured at this share of the rate"
+        "--fraction", type=positive, default=0.5, help="the headline latency is at this share of the rate"
+    )
+    bench.add_argument(
+        "--loads",
+        type=positive,
+        nargs="+",
+        default=(0.25, 0.5, 0.75, 0.9),
+        metavar="F",
+        help="latency is also measured at these shares of the rate (default: %(default)s)",
     )
     bench.add_argument(
         "--repeat",
@@ -98,6 +106,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         args.repeat,
         tuple(args.checkpoint_users),
         args.checkpoint_partitions,
+        tuple(args.loads),
     )
     lines = [
         f"pushrec bench: {result['events']:,} events ({result['users']:,} users, {result['items']:,} items)",
@@ -111,8 +120,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             if len(result["pairs"]) > 1
             else ""
         ),
-        f"  event-to-list at {result['latency_rate_events_per_s']:,.0f}/s   "
-        f"p50 {result['latency_p50_s'] * 1000:.0f} ms   p99 {result['latency_p99_s'] * 1000:.0f} ms",
+        *(
+            f"  event-to-list at {load['fraction']:>4.0%} ({load['rate_events_per_s']:>6,.0f}/s)  "
+            f"p50 {load['p50_s'] * 1000:>4.0f} ms   p99 {load['p99_s'] * 1000:>4.0f} ms   "
+            f"p99.9 {load['p999_s'] * 1000:>5.0f} ms"
+            for load in result["latency_by_load"]
+        ),
         f"  evaluate (pushrec model)       {result['evaluate_events_per_s']:>10,.0f} events/s",
         f"  worker peak RSS                {result['worker_peak_rss_bytes'] / 2**20:>10,.0f} MiB",
         f"  model memory                   {result['bytes_per_user']:>10,} B/user "
