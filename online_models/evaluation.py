@@ -76,10 +76,12 @@ class Report:
     events: int
     targets: int
     models: dict[str, dict[str, float]]
+    protocol: str = "next-event"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset,
+            "protocol": self.protocol,
             "k": self.k,
             "events": self.events,
             "targets": self.targets,
@@ -143,3 +145,123 @@ def evaluate(
         n_targets,
         {name: t.summary(n_targets, k, len(log), len(catalogue)) for name, t in tallies.items()},
     )
+
+
+@dataclass
+class _Visit:
+    """A visit after the user's first: the items engaged with during it, and which were new to
+    the user, or to the stream, when the visit began."""
+
+    items: list[str] = field(default_factory=list)
+    new: set[str] = field(default_factory=set)
+    cold: set[str] = field(default_factory=set)
+
+
+def visits(log: list[Interaction], gap_s: float) -> tuple[dict[int, _Visit], int]:
+    """The visits to judge, by the index of their first event, and how many visits came after a
+    user's first. A visit ends after more than ``gap_s`` without an event of the user, or when
+    the event's ``session_id`` changes. Engaged: click, add_to_cart, purchase, rating >= 4, and
+    views on a log of views only."""
+    views_only = all(ev.type == "view" for ev in log)
+    last: dict[str, tuple[float, str | None]] = {}
+    current: dict[str, int | None] = {}  # user -> first event of the visit under way (None: first)
+    seen: dict[str, set[str]] = {}
+    stream: set[str] = set()
+    found: dict[int, _Visit] = {}
+    later = 0
+    for index, ev in enumerate(log):
+        session = getattr(ev, "session_id", None)
+        previous = last.get(ev.user_id)
+        if previous is None:
+            current[ev.user_id] = None
+        elif ev.ts - previous[0] > gap_s or (session is not None and session != previous[1]):
+            current[ev.user_id] = index
+            found[index] = _Visit()
+            later += 1
+        last[ev.user_id] = (ev.ts, session)
+        history = seen.setdefault(ev.user_id, set())
+        start = current[ev.user_id]
+        engaged = is_positive(ev.type, ev.rating) and (ev.type != "view" or views_only)
+        if start is not None and engaged and ev.item_id not in found[start].items:
+            visit = found[start]
+            visit.items.append(ev.item_id)
+            if ev.item_id not in history:
+                visit.new.add(ev.item_id)
+            if ev.item_id not in stream:
+                visit.cold.add(ev.item_id)
+        history.add(ev.item_id)
+        stream.add(ev.item_id)
+    return {index: visit for index, visit in found.items() if visit.items}, later
+
+
+def evaluate_visits(
+    events: Iterable[Interaction],
+    models: Mapping[str, Ranker],
+    k: int = 10,
+    gap_s: float = 1800.0,
+    dataset: str = "",
+    progress: Callable[[], None] | None = None,
+) -> Report:
+    """The push-scenario protocol (``next-session``): at the first event of every visit after a
+    user's first, before learning it, the user's top-``k`` is judged against the items they
+    engage with during that visit. HR: some engaged item listed; recall: the share of them
+    listed; NDCG against an ideal list of them; ``visit_coverage``: the share of later visits
+    judged (those with an engagement). The new- and cold-item HRs count visits with an item new to
+    the user, or to the stream, found among the listed.
+
+    >>> from types import SimpleNamespace as Ev
+    >>> from online_models.baselines import RecentRanker
+    >>> log = [Ev(user_id="u", item_id=i, type="click", ts=t, rating=None)
+    ...        for t, i in [(0, "a"), (10, "b"), (5000, "c"), (5010, "a")]]
+    >>> report = evaluate_visits(log, {"recent": RecentRanker()}, k=2)
+    >>> report.targets, report.models["recent"]["hr"], report.models["recent"]["recall"]
+    (1, 1.0, 0.5)
+    """
+    log = list(events)
+    judged, later = visits(log, gap_s)
+    catalogue = {ev.item_id for ev in log}
+    clock = time.perf_counter
+    reports = {}
+    for name, model in models.items():
+        hits = recall = ndcg = precision = 0.0
+        new_visits = new_hits = cold_visits = cold_hits = 0
+        recommended: set[str] = set()
+        seconds = 0.0
+        for index, ev in enumerate(log):
+            started = clock()
+            visit = judged.get(index)
+            if visit is not None:
+                listed = model.recommend(ev.user_id, k).items
+                recommended.update(listed)
+                engaged = set(visit.items)
+                ranks = [rank for rank, item in enumerate(listed) if item in engaged]
+                hits += bool(ranks)
+                recall += len(ranks) / len(engaged)
+                precision += len(ranks) / k
+                ideal = sum(dcg_at_hit(rank) for rank in range(min(len(engaged), k)))
+                ndcg += sum(dcg_at_hit(rank) for rank in ranks) / ideal
+                if visit.new:
+                    new_visits += 1
+                    new_hits += any(item in visit.new for item in listed)
+                if visit.cold:
+                    cold_visits += 1
+                    cold_hits += any(item in visit.cold for item in listed)
+            model.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
+            seconds += clock() - started
+            if progress is not None:
+                progress()
+        n = len(judged) or 1
+        p, r = precision / n, recall / n
+        reports[name] = {
+            "hr": hits / n,
+            "ndcg": ndcg / n,
+            "precision": p,
+            "recall": r,
+            "f1": 2 * p * r / (p + r) if p + r else 0.0,
+            "coverage": len(recommended) / len(catalogue) if catalogue else 0.0,
+            "new_item_hr": new_hits / new_visits if new_visits else 0.0,
+            "cold_item_hr": cold_hits / cold_visits if cold_visits else 0.0,
+            "visit_coverage": len(judged) / later if later else 0.0,
+            "events_per_s": len(log) / seconds if seconds else 0.0,
+        }
+    return Report(dataset, k, len(log), len(judged), reports, protocol="next-session")

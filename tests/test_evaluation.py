@@ -8,7 +8,7 @@ from types import SimpleNamespace as Ev
 
 import pytest
 
-from online_models.evaluation import evaluate
+from online_models.evaluation import evaluate, evaluate_visits, visits
 from online_models.recommender import TopN
 from pushrec.demo import SAMPLE_EVENTS
 from tests.test_cli import pushrec
@@ -58,7 +58,8 @@ def test_evaluate_cli_json_contract() -> None:
     result = pushrec("evaluate", str(SAMPLE_EVENTS), "--json", "--k", "5")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report) == {"dataset", "k", "events", "targets", "models"}
+    assert set(report) == {"dataset", "protocol", "k", "events", "targets", "models"}
+    assert report["protocol"] == "next-event"
     assert report["k"] == 5 and report["events"] == 3000
     assert set(report["models"]) == {"pushrec", "popularity", "recent", "funkmf", "als"}  # dev installs eval
     for metrics in report["models"].values():
@@ -113,7 +114,7 @@ def test_evaluate_markdown_table() -> None:
     result = pushrec("evaluate", str(SAMPLE_EVENTS), "--markdown", "--k", "5")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("**sample-events** (3,000 events")
+    assert lines[0].startswith("**sample-events**, next-event (3,000 events")
     assert lines[2].startswith("| model | HR | NDCG |")
     assert {line.split(" | ")[0] for line in lines[4:]} == {
         "| pushrec",
@@ -122,3 +123,44 @@ def test_evaluate_markdown_table() -> None:
         "| funkmf",
         "| als",
     }
+
+
+def at(user: str, item: str, ts: float, kind: str = "click", session: str | None = None) -> Ev:
+    return Ev(user_id=user, item_id=item, type=kind, ts=ts, rating=None, session_id=session)
+
+
+def test_visits_split_on_a_gap_or_a_new_session_and_judge_later_ones_by_what_was_engaged() -> None:
+    log = [
+        at("u", "a", 0),  # u's first visit: never judged
+        at("u", "b", 60),
+        at("v", "a", 100, session="s1"),
+        at("v", "b", 101, session="s2"),  # a new session: v's second visit
+        at("u", "c", 4000),  # more than 30 minutes later: u's second visit
+        at("u", "x", 4010, kind="view"),  # a view: not engagement on a log with clicks
+        at("u", "d", 4020, kind="purchase"),
+        at("u", "e", 9000, kind="view"),  # u's third visit: views only, not judged
+    ]
+    judged, later = visits(log, gap_s=1800)
+    assert later == 3 and sorted(judged) == [3, 4]
+    assert judged[4].items == ["c", "d"] and judged[4].new == {"c", "d"} and judged[3].cold == set()
+
+    ranker = FixedRanker()  # lists x, y, z
+    report = evaluate_visits(
+        [*log[:4], at("u", "x", 4000), at("u", "z", 4010, kind="add_to_cart")], {"fixed": ranker}, k=3
+    )
+    m = report.models["fixed"]
+    assert report.protocol == "next-session" and report.targets == 2  # v's and u's second visits
+    assert m["hr"] == pytest.approx(1 / 2)  # u's visit engaged x and z, both listed; v's b was not
+    assert m["recall"] == pytest.approx((0 + 1) / 2)
+    assert m["ndcg"] == pytest.approx((0 + (1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3))) / 2)
+    assert m["visit_coverage"] == 1.0
+
+
+def test_evaluate_both_protocols_prints_a_report_for_each() -> None:
+    result = pushrec("evaluate", str(SAMPLE_EVENTS), "--json", "--protocol", "both", "--model", "popularity")
+    assert result.returncode == 0, result.stderr
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["protocol"] for r in reports] == ["next-event", "next-session"]
+    session = reports[1]
+    assert 0 < session["targets"] < session["events"]
+    assert 0 < session["models"]["popularity"]["visit_coverage"] <= 1

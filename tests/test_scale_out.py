@@ -88,11 +88,18 @@ def kept_share(client: redis.Redis, prefix: str, touched: dict[str, set[str]]) -
 
 
 def learned_events(names: Hermetic) -> int:
-    """Events in the users' state of every partition checkpoint (each learned event counts once)."""
+    """Events in the users' state of every partition checkpoint (each learned event counts once):
+    on disk, or in Redis for the run that keeps its checkpoints there (as compose does)."""
     directory = names.tmp / "state" / "checkpoints" / f"{names.prefix}-worker"
+    blobs = [path.read_bytes() for path in directory.glob("p*.npz")]
+    client = redis.Redis.from_url(names.servers.redis_url)
+    blobs += [
+        client.get(key) for key in client.scan_iter(f"{names.prefix}:checkpoint:{names.prefix}-worker:p*")
+    ]
+    assert blobs
     total = 0
-    for path in directory.glob("p*.npz"):
-        meta, _ = unpack(path.read_bytes())
+    for blob in blobs:
+        meta, _ = unpack(blob)
         total += sum(history[0] for history in meta["model"]["users"].values())
     return total
 
@@ -115,7 +122,9 @@ def test_partitions_move_with_their_users_state_through_a_kill_a_scale_up_and_a_
 
     def start(names: Hermetic, n: int) -> tuple[int, subprocess.Popen[bytes]]:
         port = free_port()
-        worker = names.spawn("worker", "--metrics-port", str(port), log_name=f"worker{n}.log", **WORKER_ENV)
+        store = "redis" if names is scaled else "disk"  # the shared store of several machines
+        env = {**WORKER_ENV, "PUSHREC_CHECKPOINT__STORE": store}
+        worker = names.spawn("worker", "--metrics-port", str(port), log_name=f"worker{n}.log", **env)
         wait_joined(port, worker)
         return port, worker
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from infra.settings import Settings
-from online_models.evaluation import Report, evaluate
-from pushrec.commands._shared import Subcommands, UsageError, existing_file, positive_int
+from online_models.evaluation import Report, evaluate, evaluate_visits
+from pushrec.commands._shared import Subcommands, UsageError, existing_file, positive, positive_int
 from stream.events import BadEvent, Event, decode_event, decode_item
 from stream.replay import read_lines
 
@@ -72,6 +72,22 @@ def add_parser(sub: Subcommands) -> None:
         metavar="S",
         help="with --workers: seconds of event time between item-state merges, or 'never' (default: 1)",
     )
+    evaluate.add_argument(
+        "--protocol",
+        choices=("next-event", "next-session", "both"),
+        default="next-event",
+        help="next-event: each target event judged before it is learned (the SPEC protocol); "
+        "next-session: the list at the start of each later visit judged against what the user "
+        "engages with during it (the list a push would carry); both (default: %(default)s)",
+    )
+    evaluate.add_argument(
+        "--gap",
+        type=positive,
+        default=30.0,
+        metavar="MINUTES",
+        help="next-session: a visit ends after this long without an event, or at a new session_id "
+        "(default: %(default)s)",
+    )
     output = evaluate.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON report per line (per EVENTS file)")
     output.add_argument("--markdown", action="store_true", help="Markdown tables (for docs)")
@@ -96,30 +112,40 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         names.insert(
             names.index("pushrec") + 1 if "pushrec" in names else 0, f"pushrec-{args.workers}-workers"
         )
+    protocols = ["next-event", "next-session"] if args.protocol == "both" else [args.protocol]
     texts: list[str] = []
     for number, path in enumerate(args.events):
-        models = {name: _make_model(name, settings, args) for name in names}
-        if args.items:
-            announced = _announce_items(args.items[number], models.values(), settings)
-            log.info(
-                "catalogue: %d items from %s (%s encoder)",
-                announced,
-                args.items[number],
-                settings.model.content_encoder,
-            )
         dataset = path.parent.name if path.name.startswith("events.") else path.name.split(".")[0]
-        with tqdm(  # counts events x models: each model replays the whole log in turn
-            desc=f"evaluate {dataset} ({len(models)} models)",
-            unit=" ev",
-            disable=not sys.stderr.isatty(),
-            file=sys.stderr,
-        ) as bar:
-            report = evaluate(_events(path, settings), models, k=args.k, dataset=dataset, progress=bar.update)
-        log.info("evaluated %s: %d events, %d targets", dataset, report.events, report.targets)
-        if args.json:
-            print(json.dumps(report.to_dict()), flush=True)
-        else:
-            texts.append(_markdown(report) if args.markdown else _table(report))
+        for protocol in protocols:
+            models = {name: _make_model(name, settings, args) for name in names}
+            if args.items:
+                announced = _announce_items(args.items[number], models.values(), settings)
+                log.info(
+                    "catalogue: %d items from %s (%s encoder)",
+                    announced,
+                    args.items[number],
+                    settings.model.content_encoder,
+                )
+            with tqdm(  # counts events x models: each model replays the whole log in turn
+                desc=f"evaluate {dataset} {protocol} ({len(models)} models)",
+                unit=" ev",
+                disable=not sys.stderr.isatty(),
+                file=sys.stderr,
+            ) as bar:
+                events = _events(path, settings)
+                if protocol == "next-session":
+                    report = evaluate_visits(
+                        events, models, k=args.k, gap_s=60 * args.gap, dataset=dataset, progress=bar.update
+                    )
+                else:
+                    report = evaluate(events, models, k=args.k, dataset=dataset, progress=bar.update)
+            log.info(
+                "evaluated %s (%s): %d events, %d targets", dataset, protocol, report.events, report.targets
+            )
+            if args.json:
+                print(json.dumps(report.to_dict()), flush=True)
+            else:
+                texts.append(_markdown(report) if args.markdown else _table(report))
     if texts:
         print("\n\n".join(texts))
     return 0
@@ -202,13 +228,18 @@ def _table(report: Report) -> str:
         f"{name:<20}" + "".join(f"{m[c]:>11.4f}" for c in _COLUMNS) + f"{m['events_per_s']:>11.0f}"
         for name, m in report.models.items()
     ]
-    title = f"{report.dataset}: {report.events} events, {report.targets} targets, @K={report.k}"
+    judged = "visits" if report.protocol == "next-session" else "targets"
+    title = (
+        f"{report.dataset} ({report.protocol}): {report.events} events, {report.targets} {judged}, "
+        f"@K={report.k}"
+    )
     return "\n".join([title, header, *rows])
 
 
 def _markdown(report: Report) -> str:
     lines = [
-        f"**{report.dataset}** ({report.events:,} events, {report.targets:,} targets, K={report.k})",
+        f"**{report.dataset}**, {report.protocol} ({report.events:,} events, {report.targets:,} "
+        f"{'visits' if report.protocol == 'next-session' else 'targets'}, K={report.k})",
         "",
         "| model | " + " | ".join(_HEADINGS) + " |",
         "|---" * (len(_HEADINGS) + 1) + "|",
