@@ -63,11 +63,6 @@ class UserState:
         """The rows of the interest, oldest first."""
         return [entry >> _SHIFT for entry in self.interest_entries or ()]
 
-    @property
-    def interest(self) -> dict[int, float]:
-        """Row -> interest level, oldest first (a copy)."""
-        return dict(zip(self.interest_rows, self.interest_levels or (), strict=True))
-
     def touch(self, row: int, kind: str, ts: float, consuming: bool, session_items: int) -> None:
         """Count an event on ``row``; a consuming one (purchase, rating) ends the interest in it."""
         self.events += 1

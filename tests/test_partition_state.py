@@ -39,7 +39,7 @@ def history(rec: Recommender, user: str) -> tuple[list[str], list[str], list[str
     return (
         [ids[r] for r in state.session],
         sorted(ids[r] for r in state.consumed),
-        sorted(ids[r] for r in state.interest),
+        sorted(ids[r] for r in state.interest_rows),
     )
 
 
