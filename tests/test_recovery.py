@@ -97,6 +97,21 @@ def running(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+_CLEAN: dict[str, tuple[dict, dict, dict]] = {}
+
+
+def clean_state(hermetic: Hermetic, log: Path) -> tuple[dict, dict, dict]:
+    """The state an uninterrupted worker ends in on ``log`` (computed once per servers and log:
+    the crash tests compare against the same run)."""
+    key = f"{hermetic.servers.kafka_bootstrap} {log.name} {log.stat().st_size}"
+    if key not in _CLEAN:
+        clean = hermetic.fresh()
+        assert run_cli(clean, "replay", str(log)).returncode == 0
+        run_worker_to_idle(clean, "clean.log")
+        _CLEAN[key] = final_state(clean)
+    return _CLEAN[key]
+
+
 def committed_offset(hermetic: Hermetic) -> int:
     group = f"{hermetic.prefix}-worker"
     admin = KafkaAdminClient(bootstrap_servers=hermetic.servers.kafka_bootstrap)
@@ -115,9 +130,7 @@ def test_kill_9_mid_replay_then_restart_equals_an_uninterrupted_run(hermetic: He
     """With frequent checkpoints the restart skips what Kafka redelivers; with none before the
     kill it re-learns, straight from Kafka, what Faust had already committed."""
     log = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 1500)  # purchases only
-    assert run_cli(hermetic, "replay", str(log)).returncode == 0
-    run_worker_to_idle(hermetic, "clean.log")
-    clean = final_state(hermetic)
+    clean = clean_state(hermetic, log)
     assert len(clean[2]) >= 40
 
     # The same log under fresh names: killed part-way, then restarted.
@@ -170,9 +183,7 @@ def test_a_bug_mid_batch_exits_without_losing_anything(hermetic: Hermetic) -> No
     by Faust's agent restart: the worker exits with code 70 and no checkpoint, and the restart
     ends in exactly the state of an uninterrupted run."""
     log = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 1500)  # purchases only
-    assert run_cli(hermetic, "replay", str(log)).returncode == 0
-    run_worker_to_idle(hermetic, "clean.log")
-    clean = final_state(hermetic)
+    clean = clean_state(hermetic, log)
 
     broken = hermetic.fresh()
     assert run_cli(broken, "replay", str(log)).returncode == 0
