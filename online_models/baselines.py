@@ -1,6 +1,6 @@
-"""Baseline rankers for `pushrec evaluate`: time-decayed popularity, the user's recent items, and
-River's FunkMF as it ships. Each has ``learn_one(user, item, kind, ts, rating)`` and
-``recommend(user, n)`` like :class:`online_models.recommender.Recommender`.
+"""Baseline rankers for `pushrec evaluate`: time-decayed popularity, the user's recent items,
+River's FunkMF as it ships, sequential rules and buying again. Each has ``learn_one(user, item,
+kind, ts, rating)`` and ``recommend(user, n)`` like :class:`online_models.recommender.Recommender`.
 
 >>> pop = PopularityRanker()
 >>> for item in ["a", "b", "b"]:
@@ -89,6 +89,86 @@ class RecentRanker:
         consumed = self._consumed.get(user, set())
         items = [i for i in reversed(self._recent.get(user, {})) if i not in consumed][:n]
         return TopN(user, items, [1.0 / (k + 1) for k in range(len(items))], self.name)
+
+
+class SequentialRulesRanker:
+    """Sequential rules as in session-rec (Ludewig et al.): each positive event on item i adds
+    1/d to the rule j -> i for each of the user's ``window`` previous items j, d steps back; a
+    user's list is the strongest rules from their last item (not it, nor a consumed item).
+
+    >>> sr = SequentialRulesRanker()
+    >>> for user, items in [("a", "xyz"), ("b", "xy"), ("c", "xz")]:
+    ...     for item in items:
+    ...         sr.learn_one(user, item, "click", ts=0.0)
+    >>> sr.learn_one("d", "x", "click", ts=0.0)
+    >>> sr.recommend("d", 2).items   # x -> y: 1 + 1, x -> z: 1/2 + 1
+    ['y', 'z']
+    """
+
+    name = "sr"
+
+    def __init__(self, window: int = 10) -> None:
+        self.window = window
+        self._rules: dict[str, dict[str, float]] = {}
+        self._last: dict[str, list[str]] = {}
+        self._consumed: dict[str, set[str]] = {}
+
+    def learn_one(self, user: str, item: str, kind: str, ts: float, rating: float | None = None) -> None:
+        if kind in CONSUMING_TYPES:
+            self._consumed.setdefault(user, set()).add(item)
+        if not is_positive(kind, rating):
+            return
+        last = self._last.setdefault(user, [])
+        for distance, earlier in enumerate(reversed(last), start=1):
+            if earlier != item:
+                rules = self._rules.setdefault(earlier, {})
+                rules[item] = rules.get(item, 0.0) + 1.0 / distance
+        last.append(item)
+        if len(last) > self.window:
+            del last[0]
+
+    def recommend(self, user: str, n: int) -> TopN:
+        last = self._last.get(user)
+        if not last:
+            return TopN(user, [], [], self.name)
+        consumed = self._consumed.get(user, set())
+        rules = self._rules.get(last[-1], {})
+        ranked = sorted(
+            ((score, item) for item, score in rules.items() if item not in consumed and item != last[-1]),
+            key=lambda pair: -pair[0],
+        )[:n]
+        return TopN(user, [item for _, item in ranked], [score for score, _ in ranked], self.name)
+
+
+class RepeatRanker:
+    """The user's most often bought items, most recent first among equals (P-TopFreq of the
+    next-basket literature): buying again, with nothing excluded.
+
+    >>> repeat = RepeatRanker()
+    >>> for item in ["milk", "bread", "milk", "eggs"]:
+    ...     repeat.learn_one("u", item, "purchase", ts=0.0)
+    >>> repeat.recommend("u", 2).items
+    ['milk', 'eggs']
+    """
+
+    name = "repeat"
+
+    def __init__(self) -> None:
+        self._bought: dict[str, dict[str, tuple[int, int]]] = {}  # user -> item -> (count, last)
+        self._clock = 0
+
+    def learn_one(self, user: str, item: str, kind: str, ts: float, rating: float | None = None) -> None:
+        if kind != "purchase":
+            return
+        self._clock += 1
+        bought = self._bought.setdefault(user, {})
+        count, _ = bought.get(item, (0, 0))
+        bought[item] = (count + 1, self._clock)
+
+    def recommend(self, user: str, n: int) -> TopN:
+        bought = self._bought.get(user, {})
+        ranked = sorted(bought.items(), key=lambda pair: (-pair[1][0], -pair[1][1]))[:n]
+        return TopN(user, [item for item, _ in ranked], [float(c) for _, (c, _) in ranked], self.name)
 
 
 class FunkMFRanker:

@@ -61,7 +61,8 @@ def test_evaluate_cli_json_contract() -> None:
     assert set(report) == {"dataset", "protocol", "k", "events", "targets", "models"}
     assert report["protocol"] == "next-event"
     assert report["k"] == 5 and report["events"] == 3000
-    assert set(report["models"]) == {"pushrec", "popularity", "recent", "funkmf", "als"}  # dev installs eval
+    # dev installs eval (als); sr and repeat are the baselines SPEC added on 2026-12-01
+    assert set(report["models"]) == {"pushrec", "popularity", "recent", "funkmf", "sr", "repeat", "als"}
     for metrics in report["models"].values():
         assert set(metrics) == {
             "hr",
@@ -121,6 +122,8 @@ def test_evaluate_markdown_table() -> None:
         "| popularity",
         "| recent",
         "| funkmf",
+        "| sr",
+        "| repeat",
         "| als",
     }
 

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from online_models.baselines import ALSRanker, FunkMFRanker, PopularityRanker, RecentRanker
+from online_models.baselines import (
+    ALSRanker,
+    FunkMFRanker,
+    PopularityRanker,
+    RecentRanker,
+    SequentialRulesRanker,
+)
 from online_models.evaluation import Ranker
 from online_models.recommender import Recommender
 
@@ -22,6 +28,7 @@ RANKERS: dict[str, Callable[[], Ranker]] = {
     "popularity": PopularityRanker,
     "recent": RecentRanker,
     "funkmf": lambda: FunkMFRanker(seed=3),
+    "sr": SequentialRulesRanker,  # (repeat lists consumed items on purpose: buying again)
     "als": lambda: ALSRanker(every=7, factors=8, iterations=5, seed=3),
 }
 KINDS = ("view", "click", "add_to_cart", "purchase", "rating")

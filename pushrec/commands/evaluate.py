@@ -19,7 +19,7 @@ from stream.replay import read_lines
 
 log = logging.getLogger("pushrec")
 
-BASELINES = ("popularity", "recent", "funkmf")
+BASELINES = ("popularity", "recent", "funkmf", "sr", "repeat")
 NO_CONTENT = "pushrec-no-content"  # the product model told nothing of the catalogue (with --items)
 MODELS = ("pushrec", *BASELINES, "als")
 _COLUMNS = ("hr", "ndcg", "precision", "recall", "f1", "coverage", "new_item_hr", "cold_item_hr")
@@ -161,7 +161,14 @@ def _events(path: Path, settings: Settings) -> Iterator[Event]:
 
 def _make_model(name: str, settings: Settings, args: argparse.Namespace) -> Any:
     from consumers.worker import build_recommender
-    from online_models.baselines import ALSRanker, FunkMFRanker, PopularityRanker, RecentRanker
+    from online_models.baselines import (
+        ALSRanker,
+        FunkMFRanker,
+        PopularityRanker,
+        RecentRanker,
+        RepeatRanker,
+        SequentialRulesRanker,
+    )
     from online_models.item_sync import ShardedRecommender
     from stream.topics import partition_of
 
@@ -178,6 +185,8 @@ def _make_model(name: str, settings: Settings, args: argparse.Namespace) -> Any:
         "popularity": lambda: PopularityRanker(model.popularity_half_life_s),
         "recent": RecentRanker,
         "funkmf": lambda: FunkMFRanker(seed=model.seed),
+        "sr": SequentialRulesRanker,
+        "repeat": RepeatRanker,
         "als": lambda: ALSRanker(every=args.als_every, seed=model.seed),
     }[name]()
 
