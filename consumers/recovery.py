@@ -106,19 +106,29 @@ def pack_partition(
 ) -> bytes:
     """Partition ``partition``'s blob: its users, the offsets and event-id memory of its sources
     (``topic:partition``), its users whose list is pending."""
-    users = recommender.users.in_partition(partition)
-    model_meta, arrays = recommender.users.state(users)
-    sources = {s: o for s, o in offsets.items() if partition_of_source(s) == partition}
-    meta = {
+    model_meta, arrays = recommender.users.state(recommender.users.in_partition(partition))
+    meta = _partition_meta(recommender, partition, offsets, unwritten, model_meta)
+    meta["seen"] = seen.state_of(meta["offsets"])
+    return pack(meta, arrays)
+
+
+def _partition_meta(
+    recommender: Recommender,
+    partition: int,
+    offsets: dict[str, int],
+    unwritten: Iterable[str],
+    model_meta: dict[str, Any],
+) -> dict[str, Any]:
+    """A partition blob's metadata but its event-id memory: the offsets of its sources
+    (``topic:partition``), its users whose list is pending, its users' state."""
+    return {
         "kind": "partition",
         "partition": partition,
-        "offsets": sources,
-        "seen": seen.state_of(sources),
+        "offsets": {s: o for s, o in offsets.items() if partition_of_source(s) == partition},
         "unwritten": [u for u in unwritten if recommender.users.partition_of(u) == partition],
         "model": model_meta,
         "saved_at": time.time(),
     }
-    return pack(meta, arrays)
 
 
 async def checkpoint_live(
@@ -171,17 +181,9 @@ async def checkpoint_live(
         memories = {}
         for partition, snapshot in snapshots.items():
             model_meta, arrays = table.snapshot_state(snapshot)
-            sources = {s: o for s, o in offsets.items() if partition_of_source(s) == partition}
+            meta = _partition_meta(recommender, partition, offsets, waiting, model_meta)
             name = partition_part(partition)
-            memories[name] = seen.freeze(sources)
-            meta = {
-                "kind": "partition",
-                "partition": partition,
-                "offsets": sources,
-                "unwritten": [u for u in waiting if table.partition_of(u) == partition],
-                "model": model_meta,
-                "saved_at": time.time(),
-            }
+            memories[name] = seen.freeze(meta["offsets"])
             contents[name] = (meta, arrays)
     finally:
         table.untrack_changes()
