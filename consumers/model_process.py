@@ -39,6 +39,9 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
         asyncio.create_task(_every(1.0, worker.apply_forget_requests)),
         asyncio.create_task(_every(worker.settings.checkpoint.every_s, worker.ownership.save)),
     ]
+    if worker.exchange.on:  # the group's item state: publish this worker's changes, apply others'
+        timers.append(asyncio.create_task(_every(worker.exchange.sync_s, worker.exchange.publish)))
+        timers.append(asyncio.create_task(_or_exit(worker.exchange.follow(), "reading item changes")))
     try:
         while True:
             try:

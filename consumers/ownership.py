@@ -17,6 +17,8 @@ import time
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
+from kafka.errors import KafkaError
+
 from consumers.catch_up import CatchUp
 from consumers.recovery import (
     ITEMS,
@@ -57,15 +59,33 @@ class Ownership:
         store = self.checkpoints
         if store is None:
             log.warning("checkpoints are off: partitions start empty at the committed offsets")
+            await self._read_item_changes()
             return
         await self._split_legacy(store)
         blob = await store.part(ITEMS).load()
-        recommender = self.worker.pipeline.recommender
+        recommender, exchange = self.worker.pipeline.recommender, self.worker.exchange
         if blob is None:
             log.info("no checkpoint of the item state in %s: the model starts empty", store.where)
+        else:
+            unwritten, exchange_state = unpack_items(blob, recommender)
+            self.worker.lists.add_items(unwritten)
+            exchange.restore(exchange_state)
+            log.info("restored the item state from %s: %d items", store.where, len(recommender.items))
+        await self._read_item_changes()
+
+    async def _read_item_changes(self) -> None:
+        """Apply the item changes the group published since the item state was saved."""
+        exchange = self.worker.exchange
+        if not exchange.on:
             return
-        self.worker.lists.add_items(unpack_items(blob, recommender))
-        log.info("restored the item state from %s: %d items", store.where, len(recommender.items))
+        started, recommender = time.perf_counter(), self.worker.pipeline.recommender
+        await exchange.read_to_end()
+        log.info(
+            "read the group's item changes to the end of %s in %.2fs: %d items held",
+            exchange.topic,
+            time.perf_counter() - started,
+            len(recommender.items),
+        )
 
     async def take(self, partitions: Collection[int]) -> None:
         """Own these partitions: restore their checkpoints, catch up from Kafka, write pending lists."""
@@ -87,14 +107,23 @@ class Ownership:
                     worker.lists.add(unwritten, ())
         worker.offsets.update(restored)
         users = recommender.n_users - users_before
-        caught_up = await self._catch_up(new)
+        # What the last owner published is in the item state already: re-learned for the users
+        # only (see consumers.item_exchange).
+        await worker.exchange.read_to_end()
+        published = {
+            source: offset
+            for source, offset in worker.exchange.published_through.items()
+            if partition_of_source(source) in new and offset > worker.offsets.get(source, 0)
+        }
+        caught_up = await self._catch_up(new, published)
         log.info(
-            "took partition(s) %s: %d users restored at offsets %s, %d records caught up from Kafka, "
-            "in %.2fs",
+            "took partition(s) %s: %d users restored at offsets %s, %d records caught up from Kafka "
+            "(item changes published through %s), in %.2fs",
             new,
             users,
             restored,
             caught_up,
+            published,
             time.perf_counter() - started,
         )
         await worker.write_unwritten()
@@ -137,10 +166,13 @@ class Ownership:
                     worker.offsets,
                     lambda: worker.lists.pending,
                     lambda: worker.lists.pending_items,
+                    cut=worker.exchange.cut,
                 )
+                # Never a partition's checkpoint ahead of the item changes published from it.
+                await worker.exchange.flush()
                 for name, blob in blobs.items():
                     await store.part(name).save(blob)
-        except (OSError, *REDIS_UNAVAILABLE) as exc:
+        except (OSError, *REDIS_UNAVAILABLE, KafkaError) as exc:
             metrics.checkpoints.labels("failed").inc()
             log.error("checkpoint to %s failed: %s", store.where, exc)
             return
@@ -156,7 +188,9 @@ class Ownership:
         recommender = self.worker.pipeline.recommender
         return recommender.users.holds(user) or partition_of(user, self.partition_count) in self.owned
 
-    async def _catch_up(self, partitions: list[int]) -> int:
+    async def _catch_up(self, partitions: list[int], published: dict[str, int]) -> int:
+        """Re-learn what the group committed beyond the partitions' checkpoints; the records below
+        ``published`` (per source) without their item changes."""
         worker = self.worker
         catch_up = CatchUp(
             worker.kafka,
@@ -169,7 +203,12 @@ class Ownership:
         batches = catch_up.batches()
         try:  # one bounded batch in memory at a time, read in a thread, learned here
             while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-                await worker.handle_records(batch, dead_letter=False)
+                held = [r for r in batch if r.offset < published.get(r.source, 0)]
+                if held:
+                    await worker.handle_records(held, dead_letter=False, item_effects=False)
+                    batch = [r for r in batch if r.offset >= published.get(r.source, 0)]
+                if batch:
+                    await worker.handle_records(batch, dead_letter=False)
         finally:
             batches.close()
         for cause, lost in (("retention", catch_up.retention_lost), ("truncated", catch_up.truncated)):

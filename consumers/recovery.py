@@ -83,18 +83,20 @@ def pack_items(recommender: Recommender, unwritten_items: Iterable[Item] = ()) -
 
 
 def _items_content(
-    recommender: Recommender, unwritten_items: Iterable[Item]
+    recommender: Recommender, unwritten_items: Iterable[Item], exchange: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     meta, arrays = recommender.item_state()
     items = [asdict(item) for item in unwritten_items]
-    return {"kind": ITEMS, "model": meta, "unwritten_items": items, "saved_at": time.time()}, arrays
+    content = {"kind": ITEMS, "model": meta, "unwritten_items": items, "saved_at": time.time()}
+    return {**content, "exchange": exchange}, arrays
 
 
-def unpack_items(blob: bytes, recommender: Recommender) -> list[Item]:
-    """Load an item blob into ``recommender``; return the catalogue items not stored yet."""
+def unpack_items(blob: bytes, recommender: Recommender) -> tuple[list[Item], dict[str, Any] | None]:
+    """Load an item blob into ``recommender``; return the catalogue items not stored yet and
+    where the item-delta topic was read (``consumers.item_exchange``)."""
     meta, arrays = unpack(blob)
     recommender.restore_items(meta["model"], arrays)
-    return [Item(**fields) for fields in meta.get("unwritten_items", [])]
+    return [Item(**fields) for fields in meta.get("unwritten_items", [])], meta.get("exchange")
 
 
 def pack_partition(
@@ -139,6 +141,7 @@ async def checkpoint_live(
     pending: Callable[[], Iterable[str]],
     unwritten_items: Callable[[], Iterable[Item]] = lambda: (),
     chunk: int = 2000,
+    cut: Callable[[], dict[str, Any] | None] = lambda: None,
 ) -> dict[str, bytes]:
     """The item blob and each of ``partitions``' blobs (:func:`pack_items`, :func:`pack_partition`)
     as of one moment, without stopping learning for more than a chunk of users at a time.
@@ -147,7 +150,8 @@ async def checkpoint_live(
     recommender tracks whose state changes meanwhile; those are written again (in passes, while
     many). The last ones, the item state, the offsets, the event-id memory and the pending users
     and items are then taken with no await between them: every blob holds the state of that
-    moment, as one consistent cut. The blobs are serialised in a thread."""
+    moment, as one consistent cut (``cut()`` is called at it: what the item blob adds about the
+    group's item state). The blobs are serialised in a thread."""
     by_partition: dict[int, list[str]] = {partition: [] for partition in partitions}
     table = recommender.users
     users = table.ids()
@@ -176,7 +180,7 @@ async def checkpoint_live(
         last = list(changed)
         for partition, snapshot in snapshots.items():
             table.write(last, partition, snapshot)
-        contents = {ITEMS: _items_content(recommender, unwritten_items())}
+        contents = {ITEMS: _items_content(recommender, unwritten_items(), cut())}
         waiting = list(pending())
         memories = {}
         for partition, snapshot in snapshots.items():

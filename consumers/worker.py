@@ -5,9 +5,9 @@ lists in Redis, checkpoint. It runs in its own process beside the Faust consumer
 instead of sharing one (measured: 0.35-0.48 of the trivial-agent ceiling in one process).
 
 Several workers may share the consumer group: topics are keyed by user, so each user's events
-(and list) belong to one worker. Item factors are learned by each worker from its own users;
-sharing them between workers is the job of a future item-factor sync behind
-``RefreshPipeline.recommender`` and is not done here.
+(and list) belong to one worker (``consumers/ownership.py``). Items belong to the whole group:
+each worker publishes the item changes it learns and applies the others'
+(``consumers/item_exchange.py``).
 
 Delivery is at-least-once; effects are made idempotent here. Every record's offset and event id
 are remembered with the model: a record below the model's offset for its partition, or an event
@@ -30,6 +30,7 @@ from typing import NoReturn
 import orjson
 
 from consumers.dead_letters import DeadLetters
+from consumers.item_exchange import ItemExchange
 from consumers.list_writer import ListWriter
 from consumers.ownership import Ownership
 from consumers.protocol import EXIT_BUG, PENDING
@@ -101,20 +102,26 @@ class RefreshWorker:
         self._pending_since = 0.0
         self._refresh_max_delay_s = settings.worker.refresh_max_delay_s
         self.ownership = Ownership(self)
+        self.exchange = ItemExchange(self)
 
     async def close(self) -> None:
         self.dead_letters.close()
+        self.exchange.close()
         await self.store.client.aclose()
 
     def _behind(self) -> bool:
         """More records are already waiting (read only between messages: no reader is waiting)."""
         return self.inbox is not None and self.inbox.poll(0)
 
-    async def handle_records(self, records: Sequence[Record], dead_letter: bool = True) -> None:
+    async def handle_records(
+        self, records: Sequence[Record], dead_letter: bool = True, item_effects: bool = True
+    ) -> None:
         """Decode, dead-letter the bad, skip what the model already holds, learn the rest.
 
         ``dead_letter=False`` for the catch-up after a restart: those records were fully handled
-        before the crash, only the model forgot them.
+        before the crash, only the model forgot them. ``item_effects=False`` for records whose
+        item changes the group already holds (published before a crash): learned for the users'
+        sake, their item changes discarded.
         """
         limits = self.settings.events.limits
         unowned = {record.partition for record in records} - self.ownership.owned
@@ -135,6 +142,8 @@ class RefreshWorker:
                 event = None
             decoded.append((record, event))
         # No await from here to the learning: model, offsets and id memory change together.
+        if not item_effects:
+            self.exchange.take()  # what was learned before goes out as usual
         good: list[Event] = []
         partitions: list[int] = []
         sent_at: list[float] = []
@@ -160,6 +169,10 @@ class RefreshWorker:
             fail_point("worker.learn")
             refused_before = self.pipeline.recommender.refused_updates
             users = self.pipeline.learn(good)
+            if item_effects:
+                self.exchange.learned()
+            else:
+                self.exchange.discard()
             for event, partition in zip(good, partitions, strict=True):
                 self.pipeline.recommender.users.place(event.user_id, partition)
             self.metrics.model_update.observe(time.perf_counter() - started)
@@ -181,6 +194,8 @@ class RefreshWorker:
         if not self._behind() or time.monotonic() - self._pending_since >= self._refresh_max_delay_s:
             self.lists.refresh()  # re-ranked now, written to Redis in the background
             self._report_pending()
+        if self.exchange.full():
+            await self.exchange.publish()
 
     def _held(self, record: Record) -> bool:
         """Whether the model already holds this record (its offset is below the partition's next)."""

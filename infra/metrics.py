@@ -138,6 +138,21 @@ class Metrics:
         )
         for cause in ("retention", "truncated"):
             self.catch_up_lost.labels(cause)
+        self.item_state_lag = Gauge(
+            "pushrec_item_state_lag_seconds",
+            "Age of the newest other worker's item changes when this worker applied them (from "
+            "their first learning to here; 0 when the item-delta topic is read to its end).",
+            registry=r,
+        )
+        self.item_deltas = Counter(
+            "pushrec_item_delta_records",
+            "Records of item changes on the item-delta topic: published (by this worker), applied "
+            "(another worker's), unreadable (not written by pushrec, passed over).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("published", "applied", "unreadable"):
+            self.item_deltas.labels(outcome)
         self.checkpoints = Counter(
             "pushrec_checkpoints",
             "Checkpoints of the worker's model, offsets and dedupe memory, by result (ok, failed).",

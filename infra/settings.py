@@ -155,7 +155,7 @@ class CheckpointSettings(_Section):
 
 
 class WorkerSettings(_Section):
-    """Micro-batching of the Faust agent."""
+    """Micro-batching of the Faust agent, re-ranking, the group's item state."""
 
     batch_max: int = Field(500, ge=1, description="events per micro-batch at most")
     batch_within_s: float = Field(0.05, gt=0, description="wait at most this for a batch to fill")
@@ -164,6 +164,13 @@ class WorkerSettings(_Section):
         ge=0,
         description="when behind (more records already waiting), re-rank touched users at most this "
         "often instead of after every batch; 0 = after every batch",
+    )
+    item_sync_s: float = Field(
+        1.0,
+        ge=0,
+        description="publish the item changes learned here to the group's item-delta topic this "
+        "often, and apply every other worker's: one item state for the group; 0 = off (each "
+        "worker learns items from its own partitions' events only)",
     )
 
 

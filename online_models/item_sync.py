@@ -65,7 +65,7 @@ class ShardedRecommender:
 
     def merge(self) -> None:
         """Sum every shard's item changes into the merged state and give it to every shard."""
-        changes = [_take_changes(shard) for shard in self.shards]
+        changes = [take_changes(shard) for shard in self.shards]
         merged: dict[str, np.ndarray] = {}
         for shard, (deltas, _) in zip(self.shards, changes, strict=True):
             for item, delta in deltas.items():
@@ -91,17 +91,35 @@ def _split_streams(shard: Recommender, index: int) -> None:
     shard.mf.split_streams(index)
 
 
-def _take_changes(shard: Recommender) -> tuple[dict[str, np.ndarray], list[Count]]:
+def take_changes(shard: Recommender) -> tuple[dict[str, np.ndarray], list[Count]]:
     """Item factor deltas and popularity counts the shard learned since the last call."""
     ids = shard.items.ids
     counts = [(ids[row], weight, ts) for row, weight, ts in shard.popularity.take_counts()]
     return shard.mf.take_item_deltas(), counts
 
 
+def add_changes(shard: Recommender, deltas: Mapping[str, np.ndarray], counts: Sequence[Count]) -> None:
+    """Add another worker's item changes (the live protocol, ``consumers.item_exchange``)."""
+    shard.candidates.changed(shard.mf.add_item_deltas(deltas))
+    _count(shard, counts)
+
+
+def discard_changes(shard: Recommender) -> None:
+    """Undo the item changes learned since the last take: the group holds them already."""
+    shard.candidates.changed(shard.mf.discard_item_changes())
+    for row, weight, ts in shard.popularity.take_counts():
+        shard.popularity.learn_one(row, -weight, ts, share=False)
+
+
 def _adopt(shard: Recommender, factors: Mapping[str, np.ndarray], counts: Sequence[Count]) -> None:
-    """Take the merged factors; count other shards' positive events (not shared again) in
-    popularity and in the recent positives that popular negatives are drawn from."""
+    """Take the merged factors and count other shards' positive events."""
     shard.candidates.changed(shard.mf.set_items(factors))
+    _count(shard, counts)
+
+
+def _count(shard: Recommender, counts: Sequence[Count]) -> None:
+    """Count other shards' positive events (not shared again) in popularity and in the recent
+    positives that popular negatives are drawn from."""
     for item, weight, ts in counts:
         row = shard.items.add(item)
         shard.popularity.learn_one(row, weight, ts, share=False)

@@ -174,6 +174,11 @@ class ImplicitMF:
         """From now on remember each item's factors before its first change (take_item_deltas)."""
         self._base = {}
 
+    @property
+    def changed_items(self) -> int:
+        """Items changed since tracking started or the last take."""
+        return len(self._base) if self._base is not None else 0
+
     def take_item_deltas(self) -> dict[str, np.ndarray]:
         """What learning added to each item's factors since tracking started or the last call."""
         if self._base is None:
@@ -182,6 +187,31 @@ class ImplicitMF:
         deltas = {name: items[name] - base for name, base in self._base.items()}
         self._base = {}
         return deltas
+
+    def add_item_deltas(self, deltas: Mapping[str, np.ndarray]) -> list[int]:
+        """Add what another worker's learning changed (an item new here starts from
+        :meth:`initial_vector`, as it did there); their rows. Items whose own changes are
+        tracked keep them: the addition moves their base too, so it is not taken as one's own."""
+        items, base = self._mf.i_latents, self._base
+        rows = []
+        for name, delta in deltas.items():
+            start = items[name] if name in items else self.initial_vector(name)
+            items[name] = start + delta
+            if base is not None and name in base:
+                base[name] = base[name] + delta
+            rows.append(self._sync(name))
+        return rows
+
+    def discard_item_changes(self) -> list[int]:
+        """Undo what learning changed since tracking started or the last take; their rows."""
+        if not self._base:
+            return []
+        items, rows = self._mf.i_latents, []
+        for name, before in self._base.items():
+            items[name] = before
+            rows.append(self._sync(name))
+        self._base = {}
+        return rows
 
     def set_items(self, vectors: Mapping[str, np.ndarray]) -> list[int]:
         """Overwrite (or add) items' factors, e.g. the group's merged item state; their rows."""

@@ -1,8 +1,8 @@
 """Topic names, built in one place, and their creation on the broker.
 
 >>> names = TopicNames("pushrec")
->>> names.events("click"), names.items, names.dead_letter
-('pushrec.events.click', 'pushrec.items', 'pushrec.dead-letter')
+>>> names.events("click"), names.items, names.dead_letter, names.item_deltas
+('pushrec.events.click', 'pushrec.items', 'pushrec.dead-letter', 'pushrec.item-deltas')
 >>> names.type_of("pushrec.events.add_to_cart")
 'add_to_cart'
 >>> partition_of("1000339", 4)
@@ -29,12 +29,14 @@ def partition_of(user_id: str, partitions: int) -> int:
 
 
 class TopicNames:
-    """``<prefix>.events.<type>`` per event type, ``<prefix>.items``, ``<prefix>.dead-letter``."""
+    """``<prefix>.events.<type>`` per event type, ``<prefix>.items``, ``<prefix>.dead-letter``,
+    ``<prefix>.item-deltas`` (the workers' item changes, ``consumers.item_exchange``)."""
 
     def __init__(self, prefix: str = "pushrec") -> None:
         self.prefix = prefix
         self.items = f"{prefix}.items"
         self.dead_letter = f"{prefix}.dead-letter"
+        self.item_deltas = f"{prefix}.item-deltas"
         self._by_type = {kind: f"{prefix}.events.{kind}" for kind in EVENT_TYPES}
         self._type_by_topic = {topic: kind for kind, topic in self._by_type.items()}
 
@@ -47,7 +49,7 @@ class TopicNames:
 
     @property
     def all(self) -> list[str]:
-        return [*self.all_events, self.items, self.dead_letter]
+        return [*self.all_events, self.items, self.dead_letter, self.item_deltas]
 
     def type_of(self, topic: str) -> str:
         return self._type_by_topic[topic]

@@ -1,0 +1,274 @@
+"""One item state for the group, over Kafka: every worker publishes the item changes it learns
+and applies everyone else's.
+
+Users belong to partitions, items to everybody. Each worker learns item factors and popularity
+from its own users' events and, every ``PUSHREC_WORKER__ITEM_SYNC_S``, takes what that learning
+changed (factor deltas, popularity counts: additive, so they add up the same in any order) and
+publishes it as one record on ``<prefix>.item-deltas``. Every worker reads every partition of
+that topic outside the consumer group and adds other workers' records to its item state; its
+own it already holds. Each worker thus holds every item, learned from every event, at most one
+sync interval plus a read behind (``pushrec_item_state_lag_seconds``). This is the log-based
+parameter server of Flink's online MF and Monolith without a separate server: the log is the
+sum, and every worker keeps it.
+
+Neither lost nor applied twice, through crashes and rebalances:
+
+- A record says how far its writer had learned each of its partitions (``through``: next offset
+  per ``topic:partition``); every worker remembers the highest per source (``published_through``).
+- A checkpoint takes the pending changes into a record at its cut and is stored only once that
+  record (and every one before it) is acknowledged: a partition's checkpoint never runs ahead of
+  what was published from it. The item blob keeps the read offsets and the worker's own records
+  not yet read back (their changes are in the blob already: a restarted worker skips them).
+- A worker taking a partition reads the topic to its end first. The records between the
+  partition's checkpoint and ``published_through`` are re-learned for the users' sake, but their
+  item changes are discarded: the group holds them already. From there on, it publishes as usual.
+
+A worker that lost its partitions without knowing it (a zombie) could still publish; the group's
+session timeout bounds that, as it does for its list writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from kafka.errors import KafkaError
+
+from infra.checkpoint import CheckpointError, pack, unpack
+from online_models.item_sync import add_changes, discard_changes, take_changes
+
+if TYPE_CHECKING:
+    from consumers.worker import RefreshWorker
+
+log = logging.getLogger("pushrec.worker")
+
+# A record larger than the broker's default limit (1 MiB) is published as soon as this many
+# items changed instead of waiting for the interval (float64 deltas: ~150 bytes per item).
+MAX_ITEMS_PER_RECORD = 4096
+# How long taking a partition waits for the item-delta topic to be read to its end.
+READ_TO_END_S = 60.0
+
+
+class ItemStateUnavailable(RuntimeError):
+    """The item-delta topic could not be read to its end."""
+
+
+class ItemExchange:
+    """This worker's side of the group's item state (see the module docstring)."""
+
+    def __init__(self, worker: RefreshWorker) -> None:
+        self.worker = worker
+        self.topic = worker.names.item_deltas
+        self.sync_s = worker.settings.worker.item_sync_s
+        self.instance = uuid.uuid4().hex  # this process: its records are never applied twice here
+        self.seq = 0
+        self.first_change: float | None = None  # wall time of the first change not taken yet
+        self.read_offsets: dict[int, int] = {}  # next offset to read per partition of the topic
+        self.published_through: dict[str, int] = {}
+        self.own_unread: set[tuple[str, int]] = set()  # (writer, seq) held here, not read back
+        self.skip: set[tuple[str, int]] = set()  # a restored blob's records it already held
+        self._unsent: list[bytes] = []  # taken, in order, not acknowledged yet
+        self._sending = asyncio.Lock()
+        self._reading = asyncio.Lock()
+        self._producer: Any = None
+        self._consumer: Any = None
+        if self.on:
+            recommender = worker.pipeline.recommender
+            recommender.mf.track_item_changes()
+            recommender.popularity.track_counts()
+
+    @property
+    def on(self) -> bool:
+        return self.sync_s > 0
+
+    # --- the checkpoint ------------------------------------------------------------------------
+
+    def cut(self) -> dict[str, Any]:
+        """At a checkpoint's cut: take the pending changes (the blobs are stored once they are
+        published: :meth:`flush`); what the item blob keeps."""
+        self.take()
+        return {
+            "read_offsets": {str(p): o for p, o in self.read_offsets.items()},
+            "skip": sorted([*self.own_unread, *self.skip]),
+        }
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.read_offsets = {int(p): o for p, o in state["read_offsets"].items()}
+            self.skip = {(writer, seq) for writer, seq in state["skip"]}
+
+    # --- publishing ----------------------------------------------------------------------------
+
+    def learned(self) -> None:
+        """The model just learned: the changes' age counts from the first of them."""
+        if self.first_change is None:
+            self.first_change = time.time()
+
+    def take(self) -> None:
+        """Take the changes learned since the last take into a record to publish (no await)."""
+        if not self.on:
+            return
+        deltas, counts = take_changes(self.worker.pipeline.recommender)
+        first_change, self.first_change = self.first_change, None
+        if not deltas and not counts:
+            return
+        self.seq += 1
+        items = list(deltas)
+        meta = {
+            "writer": self.instance,
+            "seq": self.seq,
+            "through": dict(self.worker.offsets),
+            "items": items,
+            "counts": counts,
+            "first_change": first_change or time.time(),
+        }
+        vectors = np.stack([deltas[i] for i in items]) if items else np.zeros((0, 0))
+        self._unsent.append(pack(meta, {"deltas": vectors}))
+        self.own_unread.add((self.instance, self.seq))
+
+    def full(self) -> bool:
+        """So many items changed that the record should go now rather than at the interval."""
+        return self.on and self.worker.pipeline.recommender.mf.changed_items >= MAX_ITEMS_PER_RECORD
+
+    async def flush(self) -> None:
+        """Send every record taken, in order, each acknowledged before the next (one record per
+        batch: Tansu's ListOffsets counts batches). Raises if the broker does not take them; they
+        stay to be sent again."""
+        async with self._sending:
+            while self._unsent:
+                await asyncio.to_thread(self._send, self._unsent[0])
+                self._unsent.pop(0)
+                self.worker.metrics.item_deltas.labels("published").inc()
+
+    def _send(self, value: bytes) -> None:
+        if self._producer is None:
+            from kafka import KafkaProducer
+
+            self._producer = KafkaProducer(
+                **self.worker.kafka.client_options(),
+                acks="all",
+                linger_ms=0,
+                max_request_size=16 << 20,
+                client_id="pushrec-item-deltas",
+            )
+        self._producer.send(self.topic, key=self.instance.encode(), value=value).get(30)
+
+    async def publish(self) -> None:
+        """Take and send (the periodic job)."""
+        self.take()
+        try:
+            await self.flush()
+        except (KafkaError, OSError) as exc:  # the broker is away: kept, sent with the next
+            log.warning("item changes not published (%d record(s) kept): %s", len(self._unsent), exc)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def _reader(self) -> Any:
+        if self._consumer is None:
+            from kafka import KafkaConsumer, TopicPartition
+
+            consumer = KafkaConsumer(
+                **self.worker.kafka.client_options(),
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                fetch_max_wait_ms=100,
+                max_partition_fetch_bytes=16 << 20,
+                client_id="pushrec-item-state",
+            )
+            partitions = consumer.partitions_for_topic(self.topic) or {0}
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            for tp in tps:
+                if tp.partition in self.read_offsets:
+                    consumer.seek(tp, self.read_offsets[tp.partition])
+                else:
+                    consumer.seek_to_beginning(tp)
+            self._consumer = consumer
+        return self._consumer
+
+    async def read(self, timeout_ms: int = 200) -> int:
+        """Apply what the topic holds beyond the read offsets (one poll); records applied."""
+        async with self._reading:
+            consumer = self._reader()
+            batches = await asyncio.to_thread(lambda: consumer.poll(timeout_ms=timeout_ms))
+            applied = 0
+            lags = []
+            for tp, records in batches.items():
+                for record in records:
+                    lag = self._apply(record.value)
+                    self.read_offsets[tp.partition] = record.offset + 1
+                    if lag is not None:
+                        applied += 1
+                        lags.append(lag)
+            if lags:
+                self.worker.metrics.item_state_lag.set(max(lags))
+            elif self._at_end(consumer):
+                self.worker.metrics.item_state_lag.set(0)
+            return applied
+
+    def _at_end(self, consumer: Any) -> bool:
+        return all(
+            consumer.highwater(tp) is not None and consumer.position(tp) >= consumer.highwater(tp)
+            for tp in consumer.assignment()
+        )
+
+    async def read_to_end(self) -> None:
+        """Apply every record the topic holds now (before taking a partition: its published_through)."""
+        if not self.on:
+            return
+        async with self._reading:
+            consumer = self._reader()
+            ends = await asyncio.to_thread(consumer.end_offsets, list(consumer.assignment()))
+        deadline = time.monotonic() + READ_TO_END_S
+        while any(self.read_offsets.get(tp.partition, 0) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise ItemStateUnavailable(
+                    f"could not read {self.topic} to its end on {self.worker.kafka} within "
+                    f"{READ_TO_END_S:.0f}s: without it a partition's item changes could count twice"
+                )
+            await self.read()
+
+    def _apply(self, value: bytes) -> float | None:
+        """One record: its sources' published offsets; another worker's changes into the model.
+        Returns the record's age when applied (None: it was this worker's own)."""
+        try:
+            meta, arrays = unpack(value)
+        except CheckpointError as exc:  # not written by pushrec: nothing to apply
+            log.error("%s holds a record that is not an item change, passed over: %s", self.topic, exc)
+            self.worker.metrics.item_deltas.labels("unreadable").inc()
+            return None
+        for source, offset in meta["through"].items():
+            if offset > self.published_through.get(source, 0):
+                self.published_through[source] = offset
+        key = (meta["writer"], meta["seq"])
+        if key in self.own_unread or key in self.skip:
+            self.own_unread.discard(key)
+            self.skip.discard(key)
+            return None
+        deltas = dict(zip(meta["items"], arrays["deltas"], strict=True))
+        counts = [(item, weight, ts) for item, weight, ts in meta["counts"]]
+        add_changes(self.worker.pipeline.recommender, deltas, counts)
+        self.worker.metrics.item_deltas.labels("applied").inc()
+        return max(0.0, time.time() - meta["first_change"])
+
+    async def follow(self) -> None:
+        """Apply other workers' records as they come (a task of the model process)."""
+        while True:
+            await self.read()
+
+    # --- taking a partition --------------------------------------------------------------------
+
+    def discard(self) -> None:
+        """Undo the item changes learned since the last take (the group has them)."""
+        discard_changes(self.worker.pipeline.recommender)
+        self.first_change = None
+
+    def close(self) -> None:
+        for client in (self._producer, self._consumer):
+            if client is not None:
+                client.close()

@@ -1,0 +1,160 @@
+"""One item state for the group over the real broker (``consumers.item_exchange``): an item only
+worker A's users touched reaches worker B with A's factors and counts; a worker that takes a
+crashed worker's partition counts every event's item changes once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import numpy as np
+import pytest
+from kafka import KafkaProducer, TopicPartition
+
+from consumers.worker import RefreshWorker, build_recommender
+from infra.kafka import KafkaAccess
+from online_models.recommender import Recommender
+from stream.events import decode_event
+from stream.records import Record
+from stream.topics import TopicNames, ensure_topics, partition_of
+from tests.conftest import Hermetic, dataset
+from tests.test_catch_up import commit
+from tests.test_pipeline_e2e import head
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 2
+
+
+def real_events(hermetic: Hermetic, n: int) -> list[bytes]:
+    """The first ``n`` events of the taobao log."""
+    return head(dataset("taobao/events.jsonl.gz"), hermetic.tmp / "events.jsonl", n).read_bytes().splitlines()
+
+
+def records(names: TopicNames, lines: list[bytes], partition: int) -> list[Record]:
+    """The events as records of partition ``partition`` of their type's topic (fresh topics)."""
+    out, offsets = [], Counter[str]()
+    for line in lines:
+        event = decode_event(line)
+        topic = names.events(event.type)
+        out.append(Record(topic, partition, offsets[topic], event.user_id.encode(), line, event.ts))
+        offsets[topic] += 1
+    return out
+
+
+def worker(hermetic: Hermetic) -> RefreshWorker:
+    settings = hermetic.settings(PUSHREC_KAFKA__PARTITIONS=str(PARTITIONS))
+    kafka = KafkaAccess(hermetic.servers.kafka_bootstrap)
+    ensure_topics(kafka, TopicNames(hermetic.prefix).all, PARTITIONS)
+    return RefreshWorker(settings, kafka, hermetic.servers.redis_url)
+
+
+def item_factors(recommender: Recommender) -> dict[str, np.ndarray]:
+    matrix = recommender.mf.item_matrix()
+    return {item: matrix[row] for row, item in enumerate(recommender.items.ids)}
+
+
+def popularity(recommender: Recommender) -> dict[str, float]:
+    scores = recommender.popularity.scores()
+    return {item: float(scores[row]) for row, item in enumerate(recommender.items.ids) if row < scores.size}
+
+
+def test_an_item_only_one_workers_users_touched_reaches_the_other(hermetic: Hermetic) -> None:
+    names = TopicNames(hermetic.prefix)
+    lines = real_events(hermetic, 400)
+    by_partition: dict[int, list[bytes]] = {0: [], 1: []}
+    for line in lines:
+        by_partition[partition_of(decode_event(line).user_id, PARTITIONS)].append(line)
+    items_of = {p: {decode_event(line).item_id for line in chunk} for p, chunk in by_partition.items()}
+    only_a = items_of[0] - items_of[1]
+    assert only_a and by_partition[1]
+
+    async def scenario() -> tuple[Recommender, Recommender, float]:
+        a, b = worker(hermetic), worker(hermetic)
+        try:
+            a.ownership.owned, b.ownership.owned = {0}, {1}
+            await a.handle_records(records(names, by_partition[0], 0))
+            await b.handle_records(records(names, by_partition[1], 1))
+            assert not only_a & set(b.pipeline.recommender.items.ids)
+            await a.exchange.publish()
+            await b.exchange.publish()
+            await a.exchange.read_to_end()
+            await b.exchange.read_to_end()
+            lag = b.metrics.item_state_lag._value.get()
+            return a.pipeline.recommender, b.pipeline.recommender, lag
+        finally:
+            await a.close()
+            await b.close()
+
+    a, b, lag = asyncio.run(scenario())
+    factors_a, factors_b = item_factors(a), item_factors(b)
+    pop_a, pop_b = popularity(a), popularity(b)
+    assert only_a <= set(factors_b)
+    for item in only_a:  # A's factors and counts, in B
+        np.testing.assert_allclose(factors_b[item], factors_a[item], rtol=1e-5, atol=1e-7)
+        assert pop_b[item] == pytest.approx(pop_a[item], rel=1e-5) and pop_b[item] > 0
+    # One item state: every item, the same factors and counts in both.
+    assert set(factors_a) == set(factors_b)
+    for item in factors_a:
+        np.testing.assert_allclose(factors_b[item], factors_a[item], rtol=1e-5, atol=1e-7)
+        assert pop_b[item] == pytest.approx(pop_a[item], rel=1e-5, abs=1e-9)
+    assert 0 < lag < 60  # A's changes were seconds old when B applied them
+
+
+def test_a_partition_taken_after_a_crash_counts_every_items_change_once(hermetic: Hermetic) -> None:
+    """A learns 60 events of partition 0: checkpoint after 20, a publish after 50, a crash after
+    60. B takes partition 0: restores it at 20, re-learns 20..60 from Kafka, of which 20..50
+    without item changes (A published them). B's popularity then counts each event once."""
+    names = TopicNames(hermetic.prefix)
+    lines = [line for line in real_events(hermetic, 400) if partition_of(decode_event(line).user_id, 2) == 0]
+    lines = lines[:60]
+    assert len(lines) == 60
+    a = worker(hermetic)  # creates the topics
+    recs = records(names, lines, 0)
+    producer = KafkaProducer(bootstrap_servers=hermetic.servers.kafka_bootstrap)
+    for record in recs:  # the same offsets: fresh topics
+        assert (
+            producer.send(record.topic, key=record.key, value=record.value, partition=0).get(30).offset
+            == record.offset
+        )
+    producer.close()
+    ends = Counter(record.topic for record in recs)
+    through_50 = Counter(record.topic for record in recs[:50])
+    reference = build_recommender(a.settings)
+    for line in lines:
+        event = decode_event(line)
+        reference.learn_one(event.user_id, event.item_id, event.type, event.ts, event.rating)
+
+    async def scenario() -> tuple[Recommender, dict[str, int]]:
+        try:
+            a.ownership.owned = {0}
+            await a.handle_records(recs[:20])
+            await a.ownership.save()
+            await a.handle_records(recs[20:50])
+            await a.exchange.publish()
+            await a.handle_records(recs[50:])  # learned, never published: A dies here
+        finally:
+            await a.close()
+        for topic, end in ends.items():
+            commit(
+                hermetic.servers.kafka_bootstrap,
+                a.settings.kafka.consumer_group,
+                TopicPartition(topic, 0),
+                end,
+            )
+        b = worker(hermetic)
+        try:
+            await b.ownership.start()
+            await b.ownership.take([0])
+            return b.pipeline.recommender, dict(b.exchange.published_through)
+        finally:
+            await b.close()
+
+    b, published = asyncio.run(scenario())
+    for topic, offset in through_50.items():
+        assert published[f"{topic}:0"] == offset
+    expected, got = popularity(reference), popularity(b)
+    assert set(got) >= set(expected)
+    for item, count in expected.items():
+        assert got[item] == pytest.approx(count, rel=1e-4), item
+    assert sum(got.values()) == pytest.approx(sum(expected.values()), rel=1e-4)
