@@ -9,7 +9,9 @@ that topic outside the consumer group and adds other workers' records to its ite
 own it already holds. Each worker thus holds every item, learned from every event, at most one
 sync interval plus a read behind (``pushrec_item_state_lag_seconds``). This is the log-based
 parameter server of Flink's online MF and Monolith without a separate server: the log is the
-sum, and every worker keeps it.
+sum, and every worker keeps it. The catalogue (``<prefix>.items``) is read the same way, in full,
+by every worker: each embeds every item (the worker that owns a catalogue partition in the group
+also stores its items in Redis and dead-letters the bad ones).
 
 Neither lost nor applied twice, through crashes and rebalances:
 
@@ -63,11 +65,13 @@ class ItemExchange:
     def __init__(self, worker: RefreshWorker) -> None:
         self.worker = worker
         self.topic = worker.names.item_deltas
+        self.catalogue = worker.names.items
         self.sync_s = worker.settings.worker.item_sync_s
         self.instance = uuid.uuid4().hex  # this process: its records are never applied twice here
         self.seq = 0
         self.first_change: float | None = None  # wall time of the first change not taken yet
-        self.read_offsets: dict[int, int] = {}  # next offset to read per partition of the topic
+        # Next offset to read per "topic:partition" of the item-delta and catalogue topics.
+        self.read_offsets: dict[str, int] = {}
         self.published_through: dict[str, int] = {}
         self.own_unread: set[tuple[str, int]] = set()  # (writer, seq) held here, not read back
         self.skip: set[tuple[str, int]] = set()  # a restored blob's records it already held
@@ -92,13 +96,13 @@ class ItemExchange:
         published: :meth:`flush`); what the item blob keeps."""
         self.take()
         return {
-            "read_offsets": {str(p): o for p, o in self.read_offsets.items()},
+            "read_offsets": dict(self.read_offsets),
             "skip": sorted([*self.own_unread, *self.skip]),
         }
 
     def restore(self, state: dict[str, Any] | None) -> None:
         if state:
-            self.read_offsets = {int(p): o for p, o in state["read_offsets"].items()}
+            self.read_offsets = dict(state["read_offsets"])
             self.skip = {(writer, seq) for writer, seq in state["skip"]}
 
     # --- publishing ----------------------------------------------------------------------------
@@ -180,14 +184,18 @@ class ItemExchange:
                 max_partition_fetch_bytes=16 << 20,
                 client_id="pushrec-item-state",
             )
-            partitions = consumer.partitions_for_topic(self.topic) or {0}
-            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            tps = [
+                TopicPartition(topic, partition)
+                for topic in (self.topic, self.catalogue)
+                for partition in sorted(consumer.partitions_for_topic(topic) or {0})
+            ]
             consumer.assign(tps)
             for tp in tps:
-                if tp.partition in self.read_offsets:
-                    consumer.seek(tp, self.read_offsets[tp.partition])
-                else:
+                offset = self.read_offsets.get(f"{tp.topic}:{tp.partition}")
+                if offset is None:
                     consumer.seek_to_beginning(tp)
+                else:
+                    consumer.seek(tp, offset)
             self._consumer = consumer
         return self._consumer
 
@@ -198,13 +206,19 @@ class ItemExchange:
             batches = await asyncio.to_thread(lambda: consumer.poll(timeout_ms=timeout_ms))
             applied = 0
             lags = []
+            catalogue = []
             for tp, records in batches.items():
                 for record in records:
+                    self.read_offsets[f"{tp.topic}:{tp.partition}"] = record.offset + 1
+                    if tp.topic == self.catalogue:
+                        catalogue.append(record.value)
+                        continue
                     lag = self._apply(record.value)
-                    self.read_offsets[tp.partition] = record.offset + 1
                     if lag is not None:
                         applied += 1
                         lags.append(lag)
+            if catalogue:
+                self.worker.embed_catalogue(catalogue)
             if lags:
                 self.worker.metrics.item_state_lag.set(max(lags))
             elif self._at_end(consumer):
@@ -225,7 +239,7 @@ class ItemExchange:
             consumer = self._reader()
             ends = await asyncio.to_thread(consumer.end_offsets, list(consumer.assignment()))
         deadline = time.monotonic() + READ_TO_END_S
-        while any(self.read_offsets.get(tp.partition, 0) < end for tp, end in ends.items()):
+        while any(self.read_offsets.get(f"{tp.topic}:{tp.partition}", 0) < end for tp, end in ends.items()):
             if time.monotonic() > deadline:
                 raise ItemStateUnavailable(
                     f"could not read {self.topic} to its end on {self.worker.kafka} within "

@@ -205,8 +205,9 @@ class RefreshWorker:
         self.offsets[record.source] = max(self.offsets.get(record.source, 0), record.offset + 1)
 
     async def handle_items(self, records: Sequence[Record], dead_letter: bool = True) -> None:
-        """Catalogue records: store each item in Redis and let the model embed the new or changed
-        ones (one batch). Announcing an item twice changes nothing, so redelivery is harmless."""
+        """Catalogue records of this worker's partitions: store each item in Redis (and, without
+        the group's item state, let the model embed them; with it, every worker embeds every item:
+        :meth:`embed_catalogue`). Announcing an item twice changes nothing: redelivery is harmless."""
         limits = self.settings.events.limits
         items: list[Item] = []
         for record in records:
@@ -221,6 +222,23 @@ class RefreshWorker:
             self._advance(record)
         if not items:
             return
+        if not self.exchange.on:
+            self._embed(items)
+        self.lists.add_items(items)  # stored in the background; kept through an outage
+
+    def embed_catalogue(self, values: Sequence[bytes]) -> None:
+        """The whole catalogue, as every worker reads it (``consumers.item_exchange``): the model
+        embeds the new or changed items; the bad ones are dead-lettered by their partition's owner."""
+        items = []
+        for value in values:
+            try:
+                items.append(decode_item(value, self.settings.events.limits))
+            except BadEvent:
+                continue
+        if items:
+            self._embed(items)
+
+    def _embed(self, items: Sequence[Item]) -> None:
         started = time.perf_counter()
         embedded = self.pipeline.recommender.add_items(
             [i.item_id for i in items], [i.title for i in items], [i.category for i in items]
@@ -230,7 +248,6 @@ class RefreshWorker:
         log.info(
             "catalogue: %d item(s), %d embedded in %.2fs", len(items), embedded, time.perf_counter() - started
         )
-        self.lists.add_items(items)  # stored in the background; kept through an outage
 
     async def write_unwritten(self) -> None:
         """Re-rank and store every user whose list has not reached Redis yet, and wait for it

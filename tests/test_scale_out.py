@@ -104,6 +104,31 @@ def learned_events(names: Hermetic) -> int:
     return total
 
 
+def item_popularity(names: Hermetic, store: str) -> dict[str, float]:
+    """Each item's decayed count in the item state a worker of this group starts with."""
+    import asyncio
+
+    from consumers.worker import RefreshWorker
+
+    settings = names.settings(**WORKER_ENV, PUSHREC_CHECKPOINT__STORE=store)
+
+    async def start() -> dict[str, float]:
+        worker = RefreshWorker(settings, KafkaAccess(names.servers.kafka_bootstrap), names.servers.redis_url)
+        try:
+            await worker.ownership.start()
+            recommender = worker.pipeline.recommender
+            scores = recommender.popularity.scores()
+            return {
+                item: float(scores[row])
+                for row, item in enumerate(recommender.items.ids)
+                if row < scores.size
+            }
+        finally:
+            await worker.close()
+
+    return asyncio.run(start())
+
+
 def test_partitions_move_with_their_users_state_through_a_kill_a_scale_up_and_a_scale_down(
     hermetic: Hermetic,
 ) -> None:
@@ -187,6 +212,13 @@ def test_partitions_move_with_their_users_state_through_a_kill_a_scale_up_and_a_
     finally:
         stop_process(worker)
     assert learned_events(single) == EVENTS
+
+    # One item state: the group's, as a worker starting now would hold it (the last checkpoint
+    # and the item changes published since), counts every event once, like the single worker.
+    group_items, single_items = item_popularity(scaled, "redis"), item_popularity(single, "disk")
+    assert group_items.keys() == single_items.keys()
+    for item, count in single_items.items():
+        assert group_items[item] == pytest.approx(count, rel=1e-4, abs=1e-6), item
 
     # The same users in both runs: those of the partitions A had.
     moved_users = {u: items for u, items in touched.items() if partition_of(u, PARTITIONS) in moved}
