@@ -75,6 +75,9 @@ class ItemExchange:
         self.published_through: dict[str, int] = {}
         self.own_unread: set[tuple[str, int]] = set()  # (writer, seq) held here, not read back
         self.skip: set[tuple[str, int]] = set()  # a restored blob's records it already held
+        # Per source of a taken partition: the offset up to which its last owner published item
+        # changes that this model's checkpoint does not hold (see the module docstring).
+        self.published_ahead: dict[str, int] = {}
         self._unsent: list[bytes] = []  # taken, in order, not acknowledged yet
         self._sending = asyncio.Lock()
         self._reading = asyncio.Lock()
@@ -276,6 +279,22 @@ class ItemExchange:
             await self.read()
 
     # --- taking a partition --------------------------------------------------------------------
+
+    def take_over(self, sources: dict[str, int]) -> dict[str, int]:
+        """Sources (``topic:partition`` -> the model's next offset) of partitions just taken: where
+        their last owner published beyond (call after :meth:`read_to_end`)."""
+        ahead = {
+            source: self.published_through[source]
+            for source, offset in sources.items()
+            if self.published_through.get(source, 0) > offset
+        }
+        self.published_ahead.update(ahead)
+        return ahead
+
+    def passed(self, offsets: dict[str, int]) -> None:
+        """Forget what the model has reached."""
+        for source in [s for s, o in self.published_ahead.items() if offsets.get(s, 0) >= o]:
+            del self.published_ahead[source]
 
     def discard(self) -> None:
         """Undo the item changes learned since the last take (the group has them)."""

@@ -108,14 +108,16 @@ class Ownership:
         worker.offsets.update(restored)
         users = recommender.n_users - users_before
         # What the last owner published is in the item state already: re-learned for the users
-        # only (see consumers.item_exchange).
+        # only (see consumers.item_exchange), whether from the catch-up or from Faust.
         await worker.exchange.read_to_end()
-        published = {
-            source: offset
-            for source, offset in worker.exchange.published_through.items()
-            if partition_of_source(source) in new and offset > worker.offsets.get(source, 0)
-        }
-        caught_up = await self._catch_up(new, published)
+        published = worker.exchange.take_over(
+            {
+                f"{topic}:{partition}": worker.offsets.get(f"{topic}:{partition}", 0)
+                for topic in worker.names.all_events
+                for partition in new
+            }
+        )
+        caught_up = await self._catch_up(new)
         log.info(
             "took partition(s) %s: %d users restored at offsets %s, %d records caught up from Kafka "
             "(item changes published through %s), in %.2fs",
@@ -146,6 +148,7 @@ class Ownership:
         worker.seen.drop(sources)
         for source in sources:
             del worker.offsets[source]
+            worker.exchange.published_ahead.pop(source, None)
         self.owned.difference_update(gone)
         log.info("gave up partition(s) %s: %d users checkpointed and let go", gone, len(users))
 
@@ -188,9 +191,8 @@ class Ownership:
         recommender = self.worker.pipeline.recommender
         return recommender.users.holds(user) or partition_of(user, self.partition_count) in self.owned
 
-    async def _catch_up(self, partitions: list[int], published: dict[str, int]) -> int:
-        """Re-learn what the group committed beyond the partitions' checkpoints; the records below
-        ``published`` (per source) without their item changes."""
+    async def _catch_up(self, partitions: list[int]) -> int:
+        """Re-learn what the group committed beyond the partitions' checkpoints."""
         worker = self.worker
         catch_up = CatchUp(
             worker.kafka,
@@ -203,12 +205,7 @@ class Ownership:
         batches = catch_up.batches()
         try:  # one bounded batch in memory at a time, read in a thread, learned here
             while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-                held = [r for r in batch if r.offset < published.get(r.source, 0)]
-                if held:
-                    await worker.handle_records(held, dead_letter=False, item_effects=False)
-                    batch = [r for r in batch if r.offset >= published.get(r.source, 0)]
-                if batch:
-                    await worker.handle_records(batch, dead_letter=False)
+                await worker.handle_records(batch, dead_letter=False)
         finally:
             batches.close()
         for cause, lost in (("retention", catch_up.retention_lost), ("truncated", catch_up.truncated)):

@@ -113,20 +113,29 @@ class RefreshWorker:
         """More records are already waiting (read only between messages: no reader is waiting)."""
         return self.inbox is not None and self.inbox.poll(0)
 
-    async def handle_records(
-        self, records: Sequence[Record], dead_letter: bool = True, item_effects: bool = True
-    ) -> None:
+    async def handle_records(self, records: Sequence[Record], dead_letter: bool = True) -> None:
         """Decode, dead-letter the bad, skip what the model already holds, learn the rest.
 
         ``dead_letter=False`` for the catch-up after a restart: those records were fully handled
-        before the crash, only the model forgot them. ``item_effects=False`` for records whose
-        item changes the group already holds (published before a crash): learned for the users'
-        sake, their item changes discarded.
+        before the crash, only the model forgot them. Records of a taken partition whose item
+        changes its last owner published already (``exchange.published_ahead``) were handled by
+        it too: learned for their users' sake only, their item changes discarded.
         """
-        limits = self.settings.events.limits
         unowned = {record.partition for record in records} - self.ownership.owned
         if unowned:  # records came before the assignment did: take the partitions first
             await self.ownership.take(unowned)
+        ahead = self.exchange.published_ahead
+        if ahead:
+            handled = [r for r in records if r.offset < ahead.get(r.source, 0)]
+            if handled:
+                records = [r for r in records if r.offset >= ahead.get(r.source, 0)]
+                await self._handle(handled, dead_letter=False, item_effects=False)
+            self.exchange.passed(self.offsets)
+        if records:
+            await self._handle(records, dead_letter)
+
+    async def _handle(self, records: Sequence[Record], dead_letter: bool, item_effects: bool = True) -> None:
+        limits = self.settings.events.limits
         decoded: list[tuple[Record, Event | None]] = []
         catalogue = [r for r in records if r.topic == self.names.items]
         if catalogue:
