@@ -83,6 +83,8 @@ class ItemExchange:
         self._reading = asyncio.Lock()
         self._producer: Any = None
         self._consumer: Any = None
+        self._last_lag = 0.0  # age of the last other worker's changes applied
+        self._caught_up_at = time.monotonic()
         if self.on:
             recommender = worker.pipeline.recommender
             recommender.mf.track_item_changes()
@@ -222,10 +224,13 @@ class ItemExchange:
                         lags.append(lag)
             if catalogue:
                 self.worker.embed_catalogue(catalogue)
+            now = time.monotonic()
             if lags:
-                self.worker.metrics.item_state_lag.set(max(lags))
-            elif self._at_end(consumer):
-                self.worker.metrics.item_state_lag.set(0)
+                self._last_lag = max(lags)
+            if self._at_end(consumer):
+                self._caught_up_at = now
+            # The newest changes' age when applied, or how long the reader has been behind.
+            self.worker.metrics.item_state_lag.set(max(self._last_lag, now - self._caught_up_at - 1.0, 0.0))
             return applied
 
     def _at_end(self, consumer: Any) -> bool:

@@ -140,8 +140,9 @@ class Metrics:
             self.catch_up_lost.labels(cause)
         self.item_state_lag = Gauge(
             "pushrec_item_state_lag_seconds",
-            "Age of the newest other worker's item changes when this worker applied them (from "
-            "their first learning to here; 0 when the item-delta topic is read to its end).",
+            "Age of the last other worker's item changes when this worker applied them (from "
+            "their first learning to here), or how long its reader has been behind the "
+            "item-delta topic, whichever is more.",
             registry=r,
         )
         self.item_deltas = Counter(
