@@ -83,6 +83,7 @@ class ItemExchange:
         self._reading = asyncio.Lock()
         self._producer: Any = None
         self._consumer: Any = None
+        self._publishing: asyncio.Task[None] | None = None
         self._last_lag = 0.0  # age of the last other worker's changes applied
         self._caught_up_at = time.monotonic()
         if self.on:
@@ -135,7 +136,8 @@ class ItemExchange:
             "counts": counts,
             "first_change": first_change or time.time(),
         }
-        vectors = np.stack([deltas[i] for i in items]) if items else np.zeros((0, 0))
+        # float32 on the wire: a delta's rounding (~1e-7 of it) is far below what learning moves.
+        vectors = np.stack([deltas[i] for i in items]).astype(np.float32) if items else np.zeros((0, 0))
         self._unsent.append(pack(meta, {"deltas": vectors}))
         self.own_unread.add((self.instance, self.seq))
 
@@ -173,6 +175,12 @@ class ItemExchange:
             await self.flush()
         except (KafkaError, OSError) as exc:  # the broker is away: kept, sent with the next
             log.warning("item changes not published (%d record(s) kept): %s", len(self._unsent), exc)
+
+    def publish_soon(self) -> None:
+        """Take now and send in the background (learning goes on meanwhile)."""
+        self.take()
+        if self._publishing is None or self._publishing.done():
+            self._publishing = asyncio.create_task(self.publish())
 
     # --- reading -------------------------------------------------------------------------------
 

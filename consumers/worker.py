@@ -204,7 +204,7 @@ class RefreshWorker:
             self.lists.refresh()  # re-ranked now, written to Redis in the background
             self._report_pending()
         if self.exchange.full():
-            await self.exchange.publish()
+            self.exchange.publish_soon()
 
     def _held(self, record: Record) -> bool:
         """Whether the model already holds this record (its offset is below the partition's next)."""

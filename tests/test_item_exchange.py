@@ -8,6 +8,7 @@ import asyncio
 from collections import Counter
 
 import numpy as np
+import orjson
 import pytest
 from kafka import KafkaProducer, TopicPartition
 
@@ -158,3 +159,38 @@ def test_a_partition_taken_after_a_crash_counts_every_items_change_once(hermetic
     for item, count in expected.items():
         assert got[item] == pytest.approx(count, rel=1e-4), item
     assert sum(got.values()) == pytest.approx(sum(expected.values()), rel=1e-4)
+
+
+def test_every_worker_holds_every_catalogue_item(hermetic: Hermetic) -> None:
+    """The catalogue is read in full by each worker, whatever partitions the group gave it."""
+    import gzip
+    import itertools
+
+    names = TopicNames(hermetic.prefix)
+    with gzip.open(dataset("online-retail/items.jsonl.gz")) as lines:
+        catalogue = [orjson.loads(line) for line in itertools.islice(lines, 40)]
+
+    async def scenario() -> list[set[str]]:
+        workers = [worker(hermetic), worker(hermetic)]
+        producer = KafkaProducer(bootstrap_servers=hermetic.servers.kafka_bootstrap)
+        for item in catalogue:  # keyed by item: spread over both partitions
+            producer.send(names.items, key=item["item_id"].encode(), value=orjson.dumps(item)).get(30)
+        producer.close()
+        held = []
+        try:
+            for partition, each in enumerate(workers):
+                each.ownership.owned = {partition}
+                await each.exchange.read_to_end()
+                recommender = each.pipeline.recommender
+                embedded = recommender.content.catalogue
+                assert embedded is not None, "no catalogue item reached this worker"
+                held.append({item for row, item in enumerate(recommender.items.ids) if embedded.knows(row)})
+        finally:
+            for each in workers:
+                await each.close()
+        return held
+
+    wanted = {item["item_id"] for item in catalogue}
+    assert {partition_of(item, PARTITIONS) for item in wanted} == {0, 1}
+    for held in asyncio.run(scenario()):
+        assert held >= wanted
