@@ -50,7 +50,7 @@ class ListWriter:
         # Re-ranked, waiting for the background writer: newest list per user, and event times.
         self._outgoing: dict[str, TopN] = {}
         self._outgoing_sent_at = array("d")
-        self._in_flight: dict[str, None] = {}  # the users of the write under way
+        self._in_flight: dict[str, TopN] = {}  # the lists of the write under way
         self._items: dict[str, Item] = {}  # catalogue entries not stored yet, newest per item
         self._items_in_flight: dict[str, Item] = {}
         self._task: asyncio.Task[None] | None = None
@@ -60,8 +60,19 @@ class ListWriter:
 
     @property
     def pending(self) -> list[str]:
-        """Every user whose latest list is not in Redis yet (what a checkpoint keeps)."""
+        """Every user whose latest list is not in Redis yet."""
         return list({**self.unwritten, **self._outgoing, **self._in_flight})
+
+    @property
+    def ranked(self) -> list[TopN]:
+        """The lists ranked and not in Redis yet, of users with nothing newer to rank (a checkpoint
+        keeps them as they are: re-ranked from a later state they would differ)."""
+        lists = {**self._in_flight, **self._outgoing}
+        return [top for user, top in lists.items() if user not in self.unwritten]
+
+    def add_ranked(self, lists: Iterable[TopN]) -> None:
+        """Write these lists as they are (restored from a checkpoint)."""
+        self._outgoing.update((top.user_id, top) for top in lists if top.user_id not in self.unwritten)
 
     @property
     def pending_items(self) -> list[Item]:
@@ -120,7 +131,7 @@ class ListWriter:
         """Write what is outgoing; whether it was written."""
         lists, self._outgoing = list(self._outgoing.values()), {}
         sent_at, self._outgoing_sent_at = self._outgoing_sent_at, array("d")
-        self._in_flight = dict.fromkeys(top.user_id for top in lists)
+        self._in_flight = {top.user_id: top for top in lists}
         self._items_in_flight, self._items = self._items, {}
         try:
             if self._items_in_flight:

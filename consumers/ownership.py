@@ -102,9 +102,10 @@ class Ownership:
             for partition in new:
                 blob = await store.part(partition_part(partition)).load()
                 if blob is not None:
-                    offsets, unwritten = unpack_partition(blob, recommender, worker.seen, partition)
+                    offsets, unwritten, ranked = unpack_partition(blob, recommender, worker.seen, partition)
                     restored.update(offsets)
                     worker.lists.add(unwritten, ())
+                    worker.lists.add_ranked(ranked)
         worker.offsets.update(restored)
         users = recommender.n_users - users_before
         # What the last owner published is in the item state already: re-learned for the users
@@ -167,9 +168,10 @@ class Ownership:
                     worker.seen,
                     chosen,
                     worker.offsets,
-                    lambda: worker.lists.pending,
+                    lambda: worker.lists.unwritten,
                     lambda: worker.lists.pending_items,
                     cut=worker.exchange.cut,
+                    ranked=lambda: worker.lists.ranked,
                 )
                 # Never a partition's checkpoint ahead of the item changes published from it.
                 await worker.exchange.flush()

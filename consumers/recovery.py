@@ -33,7 +33,7 @@ from infra.checkpoint import (
 from infra.settings import Settings
 from infra.store import Keys
 from online_models.pipeline import RefreshPipeline
-from online_models.recommender import Recommender
+from online_models.recommender import Recommender, TopN
 from online_models.user_table import UserSnapshot
 from stream.dedupe import SeenEventIds
 from stream.events import Item
@@ -105,11 +105,12 @@ def pack_partition(
     partition: int,
     offsets: dict[str, int],
     unwritten: Iterable[str],
+    ranked: Iterable[TopN] = (),
 ) -> bytes:
     """Partition ``partition``'s blob: its users, the offsets and event-id memory of its sources
-    (``topic:partition``), its users whose list is pending."""
+    (``topic:partition``), its users whose list is pending (to rank, or ranked)."""
     model_meta, arrays = recommender.users.state(recommender.users.in_partition(partition))
-    meta = _partition_meta(recommender, partition, offsets, unwritten, model_meta)
+    meta = _partition_meta(recommender, partition, offsets, unwritten, model_meta, ranked)
     meta["seen"] = seen.state_of(meta["offsets"])
     return pack(meta, arrays)
 
@@ -120,14 +121,18 @@ def _partition_meta(
     offsets: dict[str, int],
     unwritten: Iterable[str],
     model_meta: dict[str, Any],
+    ranked: Iterable[TopN] = (),
 ) -> dict[str, Any]:
     """A partition blob's metadata but its event-id memory: the offsets of its sources
-    (``topic:partition``), its users whose list is pending, its users' state."""
+    (``topic:partition``), its users whose list is pending (``unwritten``: to rank; ``ranked``:
+    ranked, as ranked), its users' state."""
+    mine = recommender.users.partition_of
     return {
         "kind": "partition",
         "partition": partition,
         "offsets": {s: o for s, o in offsets.items() if partition_of_source(s) == partition},
-        "unwritten": [u for u in unwritten if recommender.users.partition_of(u) == partition],
+        "unwritten": [u for u in unwritten if mine(u) == partition],
+        "ranked": [asdict(top) for top in ranked if mine(top.user_id) == partition],
         "model": model_meta,
         "saved_at": time.time(),
     }
@@ -142,6 +147,7 @@ async def checkpoint_live(
     unwritten_items: Callable[[], Iterable[Item]] = lambda: (),
     chunk: int = 2000,
     cut: Callable[[], dict[str, Any] | None] = lambda: None,
+    ranked: Callable[[], Iterable[TopN]] = lambda: (),
 ) -> dict[str, bytes]:
     """The item blob and each of ``partitions``' blobs (:func:`pack_items`, :func:`pack_partition`)
     as of one moment, without stopping learning for more than a chunk of users at a time.
@@ -181,11 +187,11 @@ async def checkpoint_live(
         for partition, snapshot in snapshots.items():
             table.write(last, partition, snapshot)
         contents = {ITEMS: _items_content(recommender, unwritten_items(), cut())}
-        waiting = list(pending())
+        waiting, waiting_ranked = list(pending()), list(ranked())
         memories = {}
         for partition, snapshot in snapshots.items():
             model_meta, arrays = table.snapshot_state(snapshot)
-            meta = _partition_meta(recommender, partition, offsets, waiting, model_meta)
+            meta = _partition_meta(recommender, partition, offsets, waiting, model_meta, waiting_ranked)
             name = partition_part(partition)
             memories[name] = seen.freeze(meta["offsets"])
             contents[name] = (meta, arrays)
@@ -202,12 +208,14 @@ async def checkpoint_live(
 
 def unpack_partition(
     blob: bytes, recommender: Recommender, seen: SeenEventIds, partition: int
-) -> tuple[dict[str, int], list[str]]:
-    """Load a partition blob into ``recommender`` and ``seen``; return its offsets and pending users."""
+) -> tuple[dict[str, int], list[str], list[TopN]]:
+    """Load a partition blob into ``recommender`` and ``seen``; return its offsets, the users whose
+    list is to be ranked and the lists ranked but not written."""
     meta, arrays = unpack(blob)
     recommender.users.restore(meta["model"], arrays, partition)
     seen.restore(meta["seen"])
-    return dict(meta["offsets"]), list(meta["unwritten"])
+    ranked = [TopN(**fields) for fields in meta.get("ranked", [])]
+    return dict(meta["offsets"]), list(meta["unwritten"]), ranked
 
 
 def split_legacy(blob: bytes, recommender: Recommender, partitions: int) -> dict[str, bytes]:
@@ -246,15 +254,18 @@ def erase_from_partition(blob: bytes, user: str) -> tuple[bytes, dict[str, Any]]
     dedupe = {source: [pair for pair in pairs if pair[1] != user] for source, pairs in meta["seen"].items()}
     dropped_ids = sum(len(pairs) - len(dedupe[source]) for source, pairs in meta["seen"].items())
     held = user in model["users"] or user in factor_users
-    if not held and not dropped_ids and user not in meta["unwritten"]:
+    ranked = meta.get("ranked", [])
+    pending = user in meta["unwritten"] or any(top["user_id"] == user for top in ranked)
+    if not held and not dropped_ids and not pending:
         return None
     if user in factor_users:
         row = factor_users.index(user)
         arrays["user_factors"] = np.delete(arrays["user_factors"], row, axis=0)
         del factor_users[row]
     model["users"].pop(user, None)
-    result = {"model": held, "dedupe_ids": dropped_ids, "pending_list": user in meta["unwritten"]}
+    result = {"model": held, "dedupe_ids": dropped_ids, "pending_list": pending}
     meta["unwritten"] = [u for u in meta["unwritten"] if u != user]
+    meta["ranked"] = [top for top in ranked if top["user_id"] != user]
     meta["seen"] = dedupe
     meta.pop("format", None)
     meta.pop("version", None)

@@ -49,15 +49,19 @@ def test_a_partition_moves_to_a_worker_that_numbers_items_differently() -> None:
     assert owner.items.ids != other.items.ids
     seen = SeenEventIds(10)
     seen.check_and_add("t:1", "e1", "u1")
-    blob = pack_partition(owner, seen, 1, {"t:0": 5, "t:1": 7}, ["u1", "u2"])
     moved = owner.users.in_partition(1)
     assert moved and not set(moved) & set(owner.users.in_partition(0))
+    # Lists ranked but not written yet travel as they were ranked (re-ranked from a later
+    # state they would differ from the ones an uninterrupted worker writes).
+    ranked = [owner.recommend(user, explain=True) for user in owner.users.ids()]
+    blob = pack_partition(owner, seen, 1, {"t:0": 5, "t:1": 7}, ["u1", "u2"], ranked)
 
     other.users.drop(moved)
     received = SeenEventIds(10)
-    offsets, pending = unpack_partition(blob, other, received, 1)
+    offsets, pending, lists = unpack_partition(blob, other, received, 1)
     assert offsets == {"t:1": 7} and received.state() == {"t:1": [("e1", "u1")]}
     assert pending == [u for u in ["u1", "u2"] if u in moved]
+    assert lists == [top for top in ranked if top.user_id in moved] and lists
     for user in moved:
         assert history(other, user) == history(owner, user)
         assert other.users.partition_of(user) == 1
@@ -91,7 +95,7 @@ def test_a_whole_model_checkpoint_splits_into_partitions() -> None:
     fresh = Recommender(n_factors=4, seed=1)
     unpack_items(parts[ITEMS], fresh)
     for partition in (0, 1):
-        restored_offsets, pending = unpack_partition(
+        restored_offsets, pending, _ = unpack_partition(
             parts[partition_part(partition)], fresh, SeenEventIds(10), partition
         )
         assert restored_offsets == {f"t:{partition}": offsets[f"t:{partition}"]}
@@ -107,14 +111,14 @@ def test_forget_edits_the_partition_blob_that_holds_the_user() -> None:
     seen = SeenEventIds(10)
     user = rec.users.in_partition(0)[0]
     seen.check_and_add("t:0", "e1", user)
-    blob = pack_partition(rec, seen, 0, {"t:0": 3}, [user])
+    blob = pack_partition(rec, seen, 0, {"t:0": 3}, [user], [rec.recommend(user)])
     assert erase_from_partition(blob, "nobody") is None
     edited, removed = erase_from_partition(blob, user)  # type: ignore[misc]
     assert removed == {"model": True, "dedupe_ids": 1, "pending_list": True}
     meta, arrays = unpack(edited)
     assert user not in meta["model"]["users"] and user not in meta["model"]["factor_users"]
     assert len(meta["model"]["factor_users"]) == arrays["user_factors"].shape[0]
-    assert meta["seen"] == {"t:0": []} and meta["unwritten"] == []
+    assert meta["seen"] == {"t:0": []} and meta["unwritten"] == [] and meta["ranked"] == []
 
 
 def test_letting_users_go_drops_their_served_lists_too() -> None:
