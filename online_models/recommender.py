@@ -6,10 +6,18 @@ For a known user ``u``, every item ``i`` of the catalogue is scored
     (u + session_weight · mean of the last ``session_items`` item vectors) · v_i
     + popularity_weight · pop(i) / max pop
     + recent_weight · own(u, i)
+    + covisit_weight · rules(last items -> i)
+    + rebuy_weight · again(u, i)
 
 ``own(u, i)`` is the user's decayed, type-weighted interest in an item they touched (viewed,
-clicked, put in the cart) and did not consume. With a catalogue (:meth:`Recommender.add_items`),
-items nobody touched yet get factors predicted from their text and a learned text-match term
+clicked, put in the cart) and did not consume. ``rules`` are the items shoppers engaged with
+after the user's last items (``online_models.covisit``, scaled to at most 1); ``again`` is, for
+an item the user bought that shoppers often buy again, its repeat share (``online_models.rebuy``)
+times how often this user bought it relative to their most bought item (from 0.5 to 1). A
+consumed item is never listed, but for such repeat-bought ones.
+
+With a catalogue (:meth:`Recommender.add_items`), items nobody touched yet get factors
+predicted from their text and a learned text-match term
 (``online_models.item_content``), users get interest segments and lists get reasons
 (``online_models.explain``). From ``ann_min_items`` items on, candidates come from an HNSW index
 (``online_models.candidates``) instead of the whole catalogue. The factors are learned one event
@@ -19,7 +27,7 @@ at a time by River (logistic loss, a confidence per event type, sampled negative
 >>> rec = Recommender(n_factors=4, seed=0, top_n=2)
 >>> rec.learn_one("u1", "apple", "purchase", ts=1.0)
 >>> rec.learn_one("u2", "pear", "click", ts=2.0)
->>> rec.recommend("u1").items          # apple is consumed, so never recommended back
+>>> rec.recommend("u1").items          # apple is consumed (and nobody buys it twice)
 ['pear']
 >>> rec.recommend("stranger").model    # no history: the popularity list
 'popularity'
@@ -40,10 +48,12 @@ import numpy as np
 from online_models import ann
 from online_models.candidates import Candidates
 from online_models.content import Catalogue
+from online_models.covisit import CoVisitation
 from online_models.explain import POPULAR_REASON, reasons
 from online_models.item_content import ItemContent
 from online_models.mf import ImplicitMF, ItemIndex
 from online_models.popularity import Popularity
+from online_models.rebuy import BuyingAgain
 from online_models.sampling import NegativeSampler
 from online_models.topn import top_n
 from online_models.user_state import UserState
@@ -115,6 +125,12 @@ class Recommender:
         content_refresh_every: int = 1000,
         content_weight: float = 0.0,
         n_segments: int = 8,
+        covisit_weight: float = 5.0,
+        covisit_window: int = 5,
+        covisit_neighbours: int = 30,
+        covisit_half_life_s: float = 30 * 86_400.0,
+        rebuy_weight: float = 50.0,
+        rebuy_min_share: float = 0.1,
     ) -> None:
         """``ann_*``: see :class:`online_models.candidates.Candidates`; ``content_*`` and
         ``n_segments``: see :class:`online_models.item_content.ItemContent`."""
@@ -131,6 +147,10 @@ class Recommender:
         self.recent_memory = recent_memory
         self.min_user_events = min_user_events
         self.type_weights = dict(type_weights)
+        self.covisit_weight = covisit_weight
+        self.covisit = CoVisitation(covisit_window, covisit_neighbours, covisit_half_life_s)
+        self.rebuy_weight = rebuy_weight
+        self.rebuy = BuyingAgain(rebuy_min_share)
         self.users = UserTable(self.mf, self.items, session_items, recent_half_life_s)
         self.candidates = Candidates(
             self.mf, self.popularity, ann_min_items, ann_expansion, ann_pending_max, ann_background
@@ -181,12 +201,16 @@ class Recommender:
                     row, known.session, known.consumed, lambda rows: self._blend(query, known, rows)
                 )
         state = self.users.touch(user)
+        previous = state.session
         state.touch(row, kind, ts, kind in CONSUMING_TYPES, self.session_items)
+        if kind == "purchase":
+            self.rebuy.learn_one(row, state.buy(row))
         if not is_positive(kind, rating):
             return
         weight = self.type_weights.get(kind, 1.0)
         if kind == "rating" and rating is not None:  # 0-5 stars (the codec refuses the rest)
             weight *= min(max(rating, 0.0), 5.0) / 5.0
+        self.covisit.learn_one(previous, row, weight, ts)
         if row not in state.consumed:
             state.remember(row, kind, weight, ts, self.recent_half_life_s, self.recent_memory)
         self.popularity.learn_one(row, weight, ts)
@@ -232,8 +256,9 @@ class Recommender:
             "popularity": pop_meta,
             **self.negatives.state(),
             **content_meta,
+            "covisit": self.covisit.state(),
         }
-        return meta, {**arrays, **content_arrays, **pop_arrays}
+        return meta, {**arrays, **content_arrays, **pop_arrays, **self.rebuy.state()[1]}
 
     def restore_items(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Load :meth:`item_state`; the users held are kept."""
@@ -243,6 +268,8 @@ class Recommender:
         self.negatives.restore(meta)
         self.candidates.reset()  # rebuilt from the restored factors on the next list
         self.content.restore(meta, arrays)
+        self.covisit.restore(meta.get("covisit"))
+        self.rebuy.restore(arrays)
 
     def forget(self, user: str) -> bool:
         """Erase the user's history and factors; False if the model never saw them."""
@@ -264,15 +291,19 @@ class Recommender:
             rows, values = top_n(scores, n, exclude=[r for r in consumed if r < scores.size], in_place=True)
             return self._top(user, rows, values, POPULARITY, state, None, explain)
         assert state is not None
-        own = state.interest_rows
-        candidates = None if exact else self.candidates.rows(query, n, own, state.consumed)
+        extras = self._extras(state)
+        excluded = state.consumed
+        if len(extras.again_rows):  # bought, and shoppers buy them again: back in the running
+            excluded = excluded - set(extras.again_rows.tolist())
+        own = [*state.interest_rows, *extras.covisit_rows.tolist(), *extras.again_rows.tolist()]
+        candidates = None if exact else self.candidates.rows(query, n, own, excluded)
         if candidates is None:
-            scores = self._blend(query, state)
+            scores = self._blend(query, state, extras=extras)
             # ``scores`` is a fresh array, so top_n may mask exclusions in place.
-            rows, values = top_n(scores, n, exclude=state.consumed, in_place=True)
-            return self._top(user, rows, values, MODEL_NAME, state, query, explain)
-        picked, values = top_n(self._blend(query, state, candidates), n, in_place=True)
-        return self._top(user, candidates[picked], values, MODEL_NAME, state, query, explain)
+            rows, values = top_n(scores, n, exclude=excluded, in_place=True)
+            return self._top(user, rows, values, MODEL_NAME, state, query, explain, extras)
+        picked, values = top_n(self._blend(query, state, candidates, extras), n, in_place=True)
+        return self._top(user, candidates[picked], values, MODEL_NAME, state, query, explain, extras)
 
     def build_index(self) -> ann.FactorIndex | None:
         """Build the approximate index now and wait for it (None when it does not apply)."""
@@ -292,6 +323,7 @@ class Recommender:
         state: UserState | None,
         query: np.ndarray | None,
         explain: bool,
+        extras: _Extras | None = None,
     ) -> TopN:
         ids = self.items.ids
         if not explain:
@@ -302,18 +334,48 @@ class Recommender:
             [ids[r] for r in rows.tolist()],
             values.tolist(),
             model,
-            self._explain(rows, state if model == MODEL_NAME else None),
+            self._explain(rows, state if model == MODEL_NAME else None, extras),
             tags,
             segment,
         )
 
-    def _explain(self, rows: np.ndarray, state: UserState | None) -> list[str]:
+    def _explain(self, rows: np.ndarray, state: UserState | None, extras: _Extras | None) -> list[str]:
         if state is None or not state.entries:
             return [POPULAR_REASON] * len(rows)
         catalogue = self.catalogue
         text = None if catalogue is None else catalogue.vectors
         cold = np.zeros(len(rows), dtype=bool) if catalogue is None else np.isin(rows, catalogue.cold_rows())
-        return reasons(rows, state.history(rows), self.mf.item_matrix(), text, cold, self.content.title)
+        history = state.history(rows)
+        out = reasons(rows, history, self.mf.item_matrix(), text, cold, self.content.title)
+        if extras is not None:
+            name = self.content.title
+            again = set(extras.again_rows.tolist())
+            strong = extras.covisit_scores >= 0.5
+            targets, sources = extras.covisit_rows[strong].tolist(), extras.covisit_sources[strong].tolist()
+            after = dict(zip(targets, sources, strict=True))
+            kinds = state.kinds
+            for k, row in enumerate(rows.tolist()):
+                if row in again:
+                    out[k] = f"time to restock {name(row) or row}?"
+                elif row in after and row not in history.own:
+                    source = after[row]
+                    verb = "often bought after" if kinds.get(source) == "purchase" else "viewed together with"
+                    out[k] = f"{verb} {name(source) or source}"
+        return out
+
+    def _extras(self, state: UserState) -> _Extras:
+        """The items that go with the user's last ones, and the bought items that come back."""
+        empty = np.empty(0, dtype=np.int64)
+        rows, scores, sources = (
+            self.covisit.scores(state.session) if self.covisit_weight else (empty, np.empty(0), empty)
+        )
+        again_rows, again = empty, np.empty(0)
+        if self.rebuy_weight and state.bought:
+            bought, counts = state.purchases()
+            shares = self.rebuy.shares(bought)
+            keep = shares >= self.rebuy.min_share
+            again_rows, again = bought[keep], shares[keep] * (0.5 + 0.5 * counts[keep] / counts.max())
+        return _Extras(rows, scores, sources, again_rows, again)
 
     def _query(self, user: str, state: UserState) -> np.ndarray | None:
         """The user's vector plus the session part, or None for a user without factors."""
@@ -324,7 +386,13 @@ class Recommender:
             query += (self.session_weight / len(session)) * matrix[session].sum(axis=0)
         return query
 
-    def _blend(self, query: np.ndarray, state: UserState, rows: np.ndarray | None = None) -> np.ndarray:
+    def _blend(
+        self,
+        query: np.ndarray,
+        state: UserState,
+        rows: np.ndarray | None = None,
+        extras: _Extras | None = None,
+    ) -> np.ndarray:
         """Blended scores of ``rows`` (sorted, unique; None = every item), in that order."""
         matrix = self.mf.item_matrix()
         scores = matrix @ query if rows is None else matrix[rows] @ query
@@ -332,11 +400,34 @@ class Recommender:
             self.popularity.add_normalised(scores, self.popularity_weight, rows)
         if self.recent_weight and state.interest_entries:
             touched, own = state.interest_scores(self.recent_weight, self.recent_half_life_s)
-            if rows is not None:  # where each touched row sits among ``rows``, if it is there
-                at = np.minimum(np.searchsorted(rows, touched), len(rows) - 1)
-                present = rows[at] == touched
-                touched, own = at[present], own[present]
-            scores[touched] += own.astype(np.float32)
+            _add(scores, rows, touched, own)
+        extras = self._extras(state) if extras is None else extras
+        if self.covisit_weight:
+            _add(scores, rows, extras.covisit_rows, self.covisit_weight * extras.covisit_scores)
+        if self.rebuy_weight:
+            _add(scores, rows, extras.again_rows, self.rebuy_weight * extras.again_scores)
         if self.content.catalogue is not None and self.content.weight:
             self.content.add_match(scores, state.session, rows)
         return scores
+
+
+@dataclass(frozen=True, slots=True)
+class _Extras:
+    """What the item-to-item rules and buying again add to one user's list."""
+
+    covisit_rows: np.ndarray
+    covisit_scores: np.ndarray  # (0, 1]
+    covisit_sources: np.ndarray  # the last item each rule came from most
+    again_rows: np.ndarray
+    again_scores: np.ndarray
+
+
+def _add(scores: np.ndarray, rows: np.ndarray | None, touched: np.ndarray, values: np.ndarray) -> None:
+    """``scores[touched] += values``, where ``scores`` holds ``rows`` (sorted; None: every row)."""
+    if not len(touched):
+        return
+    if rows is not None:  # where each touched row sits among ``rows``, if it is there
+        at = np.minimum(np.searchsorted(rows, touched), len(rows) - 1)
+        present = rows[at] == touched
+        touched, values = at[present], values[present]
+    scores[touched] += values.astype(np.float32)

@@ -44,6 +44,8 @@ class UserState:
     # None until the first positive event.
     interest_entries: array[int] | None = None
     interest_levels: array[float] | None = None
+    # Items the user bought, and how often: row << 8 | count (at most 255). None until the first.
+    bought: array[int] | None = None
     # The Kafka partition the user's events come from (-1: not known): the unit of checkpoints
     # and of ownership across workers. Not in the JSON form: a partition's checkpoint implies it.
     partition: int = -1
@@ -75,6 +77,24 @@ class UserState:
                 self.consumed = set()
             self.consumed.add(row)
             self._drop_interest(row)
+
+    def buy(self, row: int) -> bool:
+        """Count a purchase of ``row``; whether the user had bought it before."""
+        if self.bought is None:
+            self.bought = array("i")
+        for at, entry in enumerate(self.bought):
+            if entry >> 8 == row:
+                self.bought[at] = entry if entry & 0xFF == 0xFF else entry + 1
+                return True
+        self.bought.append(row << 8 | 1)
+        return False
+
+    def purchases(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows the user bought and how often."""
+        if not self.bought:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        entries = np.frombuffer(self.bought, dtype=np.int32).astype(np.int64)
+        return entries >> 8, entries & 0xFF
 
     def remember(
         self, row: int, kind: str, weight: float, ts: float, half_life_s: float, memory: int
@@ -130,6 +150,7 @@ class UserState:
             [[entry >> _SHIFT, level, _kind(entry)] for entry, level in self._interest_pairs()],
             self.session,
             [[row, kind] for row, kind in self.kinds.items()],
+            [[entry >> 8, entry & 0xFF] for entry in self.bought or ()],
         ]
 
     def _interest_pairs(self) -> zip[tuple[int, float]]:
@@ -137,14 +158,15 @@ class UserState:
 
     def rows(self) -> set[int]:
         """Every row the JSON form names."""
-        return {*self.consumed, *self.interest_rows, *self.session}
+        return {*self.consumed, *self.interest_rows, *self.session, *(e >> 8 for e in self.bought or ())}
 
     @classmethod
     def from_json(
         cls, data: list[Any], session_items: int, half_life_s: float, row_of: Callable[[int], int] = int
     ) -> UserState:
         """Read :meth:`to_json`; ``row_of`` turns a written row into this worker's."""
-        events, last_ts, consumed, interest, session, kinds = data
+        events, last_ts, consumed, interest, session, kinds = data[:6]
+        bought = data[6] if len(data) > 6 else []  # before 2026-12-01 (evening): not kept
         kind_of = {row: kind for row, kind in kinds}
         state = cls(events, last_ts, {row_of(key) for key in consumed} if consumed else _NOTHING)
         for row in session[-session_items:]:
@@ -166,4 +188,6 @@ class UserState:
                     level, kind = entry[1], kind_of.get(row, "view")
                 state.interest_entries.append(row_of(row) << _SHIFT | _CODE.get(kind, 0))
                 state.interest_levels.append(level)
+        if bought:
+            state.bought = array("i", [row_of(row) << 8 | count for row, count in bought])
         return state

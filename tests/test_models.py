@@ -219,3 +219,37 @@ def test_user_state_is_compact_and_reads_older_checkpoints() -> None:
     assert dict(zip(*map(np.ndarray.tolist, old.interest_scores(1.0, 10.0)), strict=True)) == {
         5: pytest.approx(0.8)
     }
+
+
+def test_a_bought_item_comes_back_when_shoppers_buy_it_again() -> None:
+    """Coffee: every shopper buys it twice. Sofa: bought once each. A shopper who bought both
+    once gets coffee back ("time to restock"), never the sofa."""
+    rec = Recommender(n_factors=4, seed=0)
+    t = 0.0
+    for n in range(10):
+        for item in ("coffee", "sofa", "coffee", f"filler{n}"):
+            t += 60.0
+            rec.learn_one(f"s{n}", item, "purchase", ts=t)
+    rec.learn_one("me", "coffee", "purchase", ts=t + 60)
+    rec.learn_one("me", "sofa", "purchase", ts=t + 120)
+    rec.learn_one("me", "filler0", "view", ts=t + 180)
+    top = rec.recommend("me", 5, explain=True)
+    assert "coffee" in top.items and "sofa" not in top.items
+    assert top.reasons[top.items.index("coffee")] == "time to restock coffee?"
+    rec.rebuy_weight = 0.0  # off: consumed items never come back
+    assert "coffee" not in rec.recommend("me", 5).items
+
+
+def test_items_that_follow_the_last_one_are_listed_with_their_reason() -> None:
+    """Shoppers who view the kettle go on to the teapot; a new shopper viewing the kettle gets
+    the teapot, "viewed together with kettle"."""
+    rec = Recommender(n_factors=4, seed=0, popularity_weight=0.0)
+    t = 0.0
+    for n in range(8):
+        for item in ("kettle", "teapot", f"other{n}"):
+            t += 60.0
+            rec.learn_one(f"s{n}", item, "view", ts=t)
+    rec.learn_one("me", "kettle", "view", ts=t + 60)
+    top = rec.recommend("me", 3, explain=True)
+    assert top.items[:2] == ["kettle", "teapot"]  # own interest first, then what follows it
+    assert top.reasons[1] == "viewed together with kettle"
