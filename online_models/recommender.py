@@ -54,6 +54,7 @@ from online_models.item_content import ItemContent
 from online_models.mf import ImplicitMF, ItemIndex
 from online_models.popularity import Popularity
 from online_models.rebuy import BuyingAgain
+from online_models.related import Related, add_at, related
 from online_models.sampling import NegativeSampler
 from online_models.topn import top_n
 from online_models.user_state import UserState
@@ -291,11 +292,9 @@ class Recommender:
             rows, values = top_n(scores, n, exclude=[r for r in consumed if r < scores.size], in_place=True)
             return self._top(user, rows, values, POPULARITY, state, None, explain)
         assert state is not None
-        extras = self._extras(state)
-        excluded = state.consumed
-        if len(extras.again_rows):  # bought, and shoppers buy them again: back in the running
-            excluded = excluded - set(extras.again_rows.tolist())
-        own = [*state.interest_rows, *extras.covisit_rows.tolist(), *extras.again_rows.tolist()]
+        extras = self._related(state)
+        excluded = extras.excluded(state.consumed)  # bought, and shoppers buy them again: back in
+        own = [*state.interest_rows, *extras.rows]
         candidates = None if exact else self.candidates.rows(query, n, own, excluded)
         if candidates is None:
             scores = self._blend(query, state, extras=extras)
@@ -323,7 +322,7 @@ class Recommender:
         state: UserState | None,
         query: np.ndarray | None,
         explain: bool,
-        extras: _Extras | None = None,
+        extras: Related | None = None,
     ) -> TopN:
         ids = self.items.ids
         if not explain:
@@ -339,7 +338,7 @@ class Recommender:
             segment,
         )
 
-    def _explain(self, rows: np.ndarray, state: UserState | None, extras: _Extras | None) -> list[str]:
+    def _explain(self, rows: np.ndarray, state: UserState | None, extras: Related | None) -> list[str]:
         if state is None or not state.entries:
             return [POPULAR_REASON] * len(rows)
         catalogue = self.catalogue
@@ -348,34 +347,13 @@ class Recommender:
         history = state.history(rows)
         out = reasons(rows, history, self.mf.item_matrix(), text, cold, self.content.title)
         if extras is not None:
-            name = self.content.title
-            again = set(extras.again_rows.tolist())
-            strong = extras.covisit_scores >= 0.5
-            targets, sources = extras.covisit_rows[strong].tolist(), extras.covisit_sources[strong].tolist()
-            after = dict(zip(targets, sources, strict=True))
-            kinds = state.kinds
-            for k, row in enumerate(rows.tolist()):
-                if row in again:
-                    out[k] = f"time to restock {name(row) or row}?"
-                elif row in after and row not in history.own:
-                    source = after[row]
-                    verb = "often bought after" if kinds.get(source) == "purchase" else "viewed together with"
-                    out[k] = f"{verb} {name(source) or source}"
+            extras.explain(rows.tolist(), out, history, self.content.title)
         return out
 
-    def _extras(self, state: UserState) -> _Extras:
-        """The items that go with the user's last ones, and the bought items that come back."""
-        empty = np.empty(0, dtype=np.int64)
-        rows, scores, sources = (
-            self.covisit.scores(state.session) if self.covisit_weight else (empty, np.empty(0), empty)
+    def _related(self, state: UserState) -> Related:
+        return related(
+            state, self.covisit if self.covisit_weight else None, self.rebuy if self.rebuy_weight else None
         )
-        again_rows, again = empty, np.empty(0)
-        if self.rebuy_weight and state.bought:
-            bought, counts = state.purchases()
-            shares = self.rebuy.shares(bought)
-            keep = shares >= self.rebuy.min_share
-            again_rows, again = bought[keep], shares[keep] * (0.5 + 0.5 * counts[keep] / counts.max())
-        return _Extras(rows, scores, sources, again_rows, again)
 
     def _query(self, user: str, state: UserState) -> np.ndarray | None:
         """The user's vector plus the session part, or None for a user without factors."""
@@ -391,7 +369,7 @@ class Recommender:
         query: np.ndarray,
         state: UserState,
         rows: np.ndarray | None = None,
-        extras: _Extras | None = None,
+        extras: Related | None = None,
     ) -> np.ndarray:
         """Blended scores of ``rows`` (sorted, unique; None = every item), in that order."""
         matrix = self.mf.item_matrix()
@@ -400,34 +378,10 @@ class Recommender:
             self.popularity.add_normalised(scores, self.popularity_weight, rows)
         if self.recent_weight and state.interest_entries:
             touched, own = state.interest_scores(self.recent_weight, self.recent_half_life_s)
-            _add(scores, rows, touched, own)
-        extras = self._extras(state) if extras is None else extras
-        if self.covisit_weight:
-            _add(scores, rows, extras.covisit_rows, self.covisit_weight * extras.covisit_scores)
-        if self.rebuy_weight:
-            _add(scores, rows, extras.again_rows, self.rebuy_weight * extras.again_scores)
+            add_at(scores, rows, touched, own)
+        extras = self._related(state) if extras is None else extras
+        add_at(scores, rows, extras.covisit_rows, self.covisit_weight * extras.covisit_scores)
+        add_at(scores, rows, extras.again_rows, self.rebuy_weight * extras.again_scores)
         if self.content.catalogue is not None and self.content.weight:
             self.content.add_match(scores, state.session, rows)
         return scores
-
-
-@dataclass(frozen=True, slots=True)
-class _Extras:
-    """What the item-to-item rules and buying again add to one user's list."""
-
-    covisit_rows: np.ndarray
-    covisit_scores: np.ndarray  # (0, 1]
-    covisit_sources: np.ndarray  # the last item each rule came from most
-    again_rows: np.ndarray
-    again_scores: np.ndarray
-
-
-def _add(scores: np.ndarray, rows: np.ndarray | None, touched: np.ndarray, values: np.ndarray) -> None:
-    """``scores[touched] += values``, where ``scores`` holds ``rows`` (sorted; None: every row)."""
-    if not len(touched):
-        return
-    if rows is not None:  # where each touched row sits among ``rows``, if it is there
-        at = np.minimum(np.searchsorted(rows, touched), len(rows) - 1)
-        present = rows[at] == touched
-        touched, values = at[present], values[present]
-    scores[touched] += values.astype(np.float32)

@@ -1,0 +1,78 @@
+"""What a shopper's history adds to their list beyond factors: the items that go with their last
+ones (``online_models.covisit``) and the items they bought that shoppers buy again
+(``online_models.rebuy``), with the reasons they are listed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from online_models.covisit import CoVisitation
+from online_models.explain import History
+from online_models.rebuy import BuyingAgain
+from online_models.user_state import UserState
+
+_EMPTY_ROWS = np.empty(0, dtype=np.int64)
+_EMPTY = np.empty(0, dtype=np.float64)
+
+
+@dataclass(frozen=True, slots=True)
+class Related:
+    """One shopper's rule candidates and returning purchases."""
+
+    covisit_rows: np.ndarray
+    covisit_scores: np.ndarray  # (0, 1]
+    covisit_sources: np.ndarray  # the last item each rule came from most
+    again_rows: np.ndarray
+    again_scores: np.ndarray  # repeat share x (0.5-1 by how often this shopper bought it)
+
+    @property
+    def rows(self) -> list[int]:
+        """Every row this adds (candidates the approximate index must not miss)."""
+        return [*self.covisit_rows.tolist(), *self.again_rows.tolist()]
+
+    def excluded(self, consumed: set[int] | frozenset[int]) -> set[int] | frozenset[int]:
+        """The consumed rows that stay out: all but those bought again."""
+        return consumed - set(self.again_rows.tolist()) if len(self.again_rows) else consumed
+
+    def explain(
+        self, listed: list[int], out: list[str], history: History, name: Callable[[int], str]
+    ) -> None:
+        """Replace the reasons (``out``, one per ``listed`` row) of the rows this put there."""
+        again = set(self.again_rows.tolist())
+        strong = self.covisit_scores >= 0.5
+        targets, sources = self.covisit_rows[strong].tolist(), self.covisit_sources[strong].tolist()
+        after = dict(zip(targets, sources, strict=True))
+        for k, row in enumerate(listed):
+            if row in again:
+                out[k] = f"time to restock {name(row)}?"
+            elif row in after and row not in history.own:
+                source = after[row]
+                bought = history.kinds.get(source) == "purchase"
+                out[k] = f"{'often bought after' if bought else 'viewed together with'} {name(source)}"
+
+
+def related(state: UserState, covisit: CoVisitation | None, rebuy: BuyingAgain | None) -> Related:
+    """``state``'s rule candidates (``covisit`` None: off) and returning purchases (``rebuy``
+    None: off)."""
+    rows, scores, sources = covisit.scores(state.session) if covisit else (_EMPTY_ROWS, _EMPTY, _EMPTY_ROWS)
+    again_rows, again = _EMPTY_ROWS, _EMPTY
+    if rebuy is not None and state.bought:
+        bought, counts = state.purchases()
+        shares = rebuy.shares(bought)
+        keep = shares >= rebuy.min_share
+        again_rows, again = bought[keep], shares[keep] * (0.5 + 0.5 * counts[keep] / counts.max())
+    return Related(rows, scores, sources, again_rows, again)
+
+
+def add_at(scores: np.ndarray, rows: np.ndarray | None, touched: np.ndarray, values: np.ndarray) -> None:
+    """``scores[touched] += values``, where ``scores`` holds ``rows`` (sorted; None: every row)."""
+    if not len(touched):
+        return
+    if rows is not None:  # where each touched row sits among ``rows``, if it is there
+        at = np.minimum(np.searchsorted(rows, touched), len(rows) - 1)
+        present = rows[at] == touched
+        touched, values = at[present], values[present]
+    scores[touched] += values.astype(np.float32)
