@@ -41,7 +41,7 @@ import numpy as np
 from kafka.errors import KafkaError
 
 from infra.checkpoint import CheckpointError, pack, unpack
-from online_models.item_sync import add_changes, discard_changes, take_changes
+from online_models.item_sync import ItemChanges, add_changes, discard_changes, take_changes, track_changes
 
 if TYPE_CHECKING:
     from consumers.worker import RefreshWorker
@@ -51,6 +51,7 @@ log = logging.getLogger("pushrec.worker")
 # A record larger than the broker's default limit (1 MiB) is published as soon as this many
 # items changed instead of waiting for the interval (float64 deltas: ~150 bytes per item).
 MAX_ITEMS_PER_RECORD = 4096
+MAX_RULES_PER_RECORD = 8192  # sequential rules' additions (~50 bytes each)
 # How long taking a partition waits for the item-delta topic to be read to its end.
 READ_TO_END_S = 60.0
 
@@ -87,9 +88,7 @@ class ItemExchange:
         self._last_lag = 0.0  # age of the last other worker's changes applied
         self._caught_up_at = time.monotonic()
         if self.on:
-            recommender = worker.pipeline.recommender
-            recommender.mf.track_item_changes()
-            recommender.popularity.track_counts()
+            track_changes(worker.pipeline.recommender)
 
     @property
     def on(self) -> bool:
@@ -122,28 +121,38 @@ class ItemExchange:
         """Take the changes learned since the last take into a record to publish (no await)."""
         if not self.on:
             return
-        deltas, counts = take_changes(self.worker.pipeline.recommender)
+        change = take_changes(self.worker.pipeline.recommender)
         first_change, self.first_change = self.first_change, None
-        if not deltas and not counts:
+        if not change:
             return
         self.seq += 1
-        items = list(deltas)
+        items = list(change.deltas)
         meta = {
             "writer": self.instance,
             "seq": self.seq,
             "through": dict(self.worker.offsets),
             "items": items,
-            "counts": counts,
+            "counts": change.counts,
+            "rules": change.rules,
+            "rules_t_ref": change.rules_t_ref,
+            "purchases": change.purchases,
             "first_change": first_change or time.time(),
         }
         # float32 on the wire: a delta's rounding (~1e-7 of it) is far below what learning moves.
-        vectors = np.stack([deltas[i] for i in items]).astype(np.float32) if items else np.zeros((0, 0))
-        self._unsent.append(pack(meta, {"deltas": vectors}))
+        vectors = (
+            np.stack([change.deltas[i] for i in items]).astype(np.float32) if items else np.zeros((0, 0))
+        )
+        arrays = {"deltas": vectors, "rule_values": np.asarray(change.rule_values, dtype=np.float64)}
+        self._unsent.append(pack(meta, arrays))
         self.own_unread.add((self.instance, self.seq))
 
     def full(self) -> bool:
-        """So many items changed that the record should go now rather than at the interval."""
-        return self.on and self.worker.pipeline.recommender.mf.changed_items >= MAX_ITEMS_PER_RECORD
+        """So much changed that the record should go now rather than at the interval."""
+        recommender = self.worker.pipeline.recommender
+        return self.on and (
+            recommender.mf.changed_items >= MAX_ITEMS_PER_RECORD
+            or recommender.covisit.changed_rules >= MAX_RULES_PER_RECORD
+        )
 
     async def flush(self) -> None:
         """Send every record taken, in order, each acknowledged before the next (one record per
@@ -280,9 +289,15 @@ class ItemExchange:
             self.own_unread.discard(key)
             self.skip.discard(key)
             return None
-        deltas = dict(zip(meta["items"], arrays["deltas"], strict=True))
-        counts = [(item, weight, ts) for item, weight, ts in meta["counts"]]
-        add_changes(self.worker.pipeline.recommender, deltas, counts)
+        change = ItemChanges(
+            dict(zip(meta["items"], arrays["deltas"], strict=True)),
+            [(item, weight, ts) for item, weight, ts in meta["counts"]],
+            [(source, target) for source, target in meta.get("rules", [])],
+            arrays["rule_values"].tolist() if "rule_values" in arrays else [],
+            meta.get("rules_t_ref"),
+            [(item, again) for item, again in meta.get("purchases", [])],
+        )
+        add_changes(self.worker.pipeline.recommender, change)
         self.worker.metrics.item_deltas.labels("applied").inc()
         return max(0.0, time.time() - meta["first_change"])
 

@@ -39,6 +39,9 @@ class CoVisitation:
         self.half_life_s = half_life_s
         self._rules: dict[int, dict[int, float]] = {}
         self._t_ref: float | None = None
+        # What learning added since tracking started or the last take, per (source, target), at
+        # this model's scale (see take_changes); None: not tracking.
+        self._tracked: dict[tuple[int, int], float] | None = None
 
     def __len__(self) -> int:
         return len(self._rules)
@@ -54,14 +57,59 @@ class CoVisitation:
             self._rescale(2.0**-exponent)
             self._t_ref, exponent = ts, 0.0
         scaled = weight * 2.0**exponent
+        tracked = self._tracked
         for distance, earlier in enumerate(reversed(previous[-self.window :]), start=1):
-            if earlier == row:
-                continue
-            rules = self._rules.setdefault(earlier, {})
-            rules[row] = rules.get(row, 0.0) + scaled / distance
-            if len(rules) > 2 * self.neighbours:
-                strongest = sorted(rules.items(), key=lambda rule: -rule[1])[: self.neighbours]
-                self._rules[earlier] = dict(strongest)
+            if earlier != row:
+                self._add(earlier, row, scaled / distance)
+                if tracked is not None:
+                    tracked[earlier, row] = tracked.get((earlier, row), 0.0) + scaled / distance
+
+    def _add(self, source: int, target: int, value: float) -> None:
+        rules = self._rules.setdefault(source, {})
+        rules[target] = rules.get(target, 0.0) + value
+        if len(rules) > 2 * self.neighbours:
+            strongest = sorted(rules.items(), key=lambda rule: -rule[1])[: self.neighbours]
+            self._rules[source] = dict(strongest)
+
+    # --- one item state for several workers (online_models.item_sync) --------------------------
+
+    @property
+    def changed_rules(self) -> int:
+        """Rules learning added to since tracking started or the last take."""
+        return len(self._tracked or ())
+
+    def track_changes(self) -> None:
+        """From now on remember what learning adds (take_changes)."""
+        self._tracked = {}
+
+    def take_changes(self) -> tuple[list[tuple[int, int]], list[float], float | None]:
+        """The (source, target) rules learning added to since the last take, the amounts, and
+        the reference time they are scaled to (see the module docstring)."""
+        tracked, self._tracked = self._tracked or {}, ({} if self._tracked is not None else None)
+        return list(tracked), list(tracked.values()), self._t_ref
+
+    def add_changes(
+        self, pairs: Sequence[tuple[int, int]], values: Sequence[float], t_ref: float | None
+    ) -> None:
+        """Add another worker's :meth:`take_changes` (rows in this model's numbering)."""
+        if t_ref is None or not pairs:
+            return
+        if self._t_ref is None:
+            self._t_ref = t_ref
+        factor = 2.0 ** ((t_ref - self._t_ref) / self.half_life_s)
+        for (source, target), value in zip(pairs, values, strict=True):
+            self._add(source, target, value * factor)
+
+    def discard_changes(self) -> None:
+        """Take back what learning added since the last take (the group holds it already)."""
+        for (source, target), value in (self._tracked or {}).items():
+            rules = self._rules.get(source)
+            if rules is not None and target in rules:
+                rules[target] -= value
+                if rules[target] <= 1e-9 * value:  # what is left is the subtraction's rounding
+                    del rules[target]
+        if self._tracked is not None:
+            self._tracked = {}
 
     def scores(self, last: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Candidates from the shopper's ``last`` rows (oldest first): their rows, scores in
@@ -88,6 +136,8 @@ class CoVisitation:
         for rules in self._rules.values():
             for row in rules:
                 rules[row] *= factor
+        for key in self._tracked or {}:
+            self._tracked[key] *= factor  # type: ignore[index]
 
     def state(self) -> dict[str, Any]:
         """Every rule, as JSON (a copy: it may be serialised in another thread)."""

@@ -21,7 +21,8 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +30,23 @@ from online_models.recommender import Recommender, TopN
 
 # A popularity count to share: (item, weight, event time).
 Count = tuple[str, float, float]
+
+
+@dataclass
+class ItemChanges:
+    """What one shard's learning changed in the item state since the last take, items by id:
+    factor deltas, popularity counts, the sequential rules' additions (scaled to ``rules_t_ref``,
+    see ``online_models.covisit``) and purchases (item, bought before by that shopper)."""
+
+    deltas: dict[str, np.ndarray]
+    counts: list[Count]
+    rules: list[tuple[str, str]] = field(default_factory=list)
+    rule_values: list[float] = field(default_factory=list)
+    rules_t_ref: float | None = None
+    purchases: list[tuple[str, bool]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.deltas or self.counts or self.rules or self.purchases)
 
 
 class ShardedRecommender:
@@ -48,8 +66,7 @@ class ShardedRecommender:
             _split_streams(shard, index)
         if sync_s is not None:
             for shard in self.shards:
-                shard.mf.track_item_changes()
-                shard.popularity.track_counts()
+                track_changes(shard)
 
     def learn_one(self, user: str, item: str, kind: str, ts: float, rating: float | None = None) -> None:
         if self.sync_s is not None:
@@ -67,8 +84,8 @@ class ShardedRecommender:
         """Sum every shard's item changes into the merged state and give it to every shard."""
         changes = [take_changes(shard) for shard in self.shards]
         merged: dict[str, np.ndarray] = {}
-        for shard, (deltas, _) in zip(self.shards, changes, strict=True):
-            for item, delta in deltas.items():
+        for shard, change in zip(self.shards, changes, strict=True):
+            for item, delta in change.deltas.items():
                 start = merged.get(item)
                 if start is None:
                     start = self._merged.get(item)
@@ -77,8 +94,10 @@ class ShardedRecommender:
                 merged[item] = start + delta
         self._merged.update(merged)
         for index, shard in enumerate(self.shards):
-            others = [count for k, (_, counts) in enumerate(changes) if k != index for count in counts]
-            _adopt(shard, merged, others)
+            shard.candidates.changed(shard.mf.set_items(merged))
+            for k, change in enumerate(changes):
+                if k != index:
+                    _add_others(shard, change)
         self.merges += 1
 
 
@@ -91,17 +110,33 @@ def _split_streams(shard: Recommender, index: int) -> None:
     shard.mf.split_streams(index)
 
 
-def take_changes(shard: Recommender) -> tuple[dict[str, np.ndarray], list[Count]]:
-    """Item factor deltas and popularity counts the shard learned since the last call."""
+def track_changes(shard: Recommender) -> None:
+    """From now on the shard remembers its item changes (take_changes)."""
+    shard.mf.track_item_changes()
+    shard.popularity.track_counts()
+    shard.covisit.track_changes()
+    shard.rebuy.track_changes()
+
+
+def take_changes(shard: Recommender) -> ItemChanges:
+    """What the shard's learning changed in the item state since the last call."""
     ids = shard.items.ids
     counts = [(ids[row], weight, ts) for row, weight, ts in shard.popularity.take_counts()]
-    return shard.mf.take_item_deltas(), counts
+    pairs, values, t_ref = shard.covisit.take_changes()
+    return ItemChanges(
+        shard.mf.take_item_deltas(),
+        counts,
+        [(ids[source], ids[target]) for source, target in pairs],
+        values,
+        t_ref,
+        [(ids[row], again) for row, again in shard.rebuy.take_changes()],
+    )
 
 
-def add_changes(shard: Recommender, deltas: Mapping[str, np.ndarray], counts: Sequence[Count]) -> None:
+def add_changes(shard: Recommender, change: ItemChanges) -> None:
     """Add another worker's item changes (the live protocol, ``consumers.item_exchange``)."""
-    shard.candidates.changed(shard.mf.add_item_deltas(deltas))
-    _count(shard, counts)
+    shard.candidates.changed(shard.mf.add_item_deltas(change.deltas))
+    _add_others(shard, change)
 
 
 def discard_changes(shard: Recommender) -> None:
@@ -109,18 +144,19 @@ def discard_changes(shard: Recommender) -> None:
     shard.candidates.changed(shard.mf.discard_item_changes())
     for row, weight, ts in shard.popularity.take_counts():
         shard.popularity.learn_one(row, -weight, ts, share=False)
+    shard.covisit.discard_changes()
+    shard.rebuy.discard_changes()
 
 
-def _adopt(shard: Recommender, factors: Mapping[str, np.ndarray], counts: Sequence[Count]) -> None:
-    """Take the merged factors and count other shards' positive events."""
-    shard.candidates.changed(shard.mf.set_items(factors))
-    _count(shard, counts)
-
-
-def _count(shard: Recommender, counts: Sequence[Count]) -> None:
-    """Count other shards' positive events (not shared again) in popularity and in the recent
-    positives that popular negatives are drawn from."""
-    for item, weight, ts in counts:
-        row = shard.items.add(item)
+def _add_others(shard: Recommender, change: ItemChanges) -> None:
+    """Another shard's counts, rules and purchases (not shared again); its factors are the
+    caller's (summed or added)."""
+    add = shard.items.add
+    for item, weight, ts in change.counts:
+        row = add(item)
         shard.popularity.learn_one(row, weight, ts, share=False)
         shard.negatives.positives.add(row)
+    pairs = [(add(source), add(target)) for source, target in change.rules]
+    shard.covisit.add_changes(pairs, change.rule_values, change.rules_t_ref)
+    for item, again in change.purchases:
+        shard.rebuy.learn_one(add(item), again, share=False)

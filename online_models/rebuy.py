@@ -28,9 +28,29 @@ class BuyingAgain:
         self.min_share = min_share
         self._purchases = np.zeros(1024, dtype=np.float64)
         self._repeats = np.zeros(1024, dtype=np.float64)
+        self._tracked: list[tuple[int, bool]] | None = None  # purchases since the last take
 
-    def learn_one(self, row: int, again: bool) -> None:
-        """A purchase of ``row``; ``again``: the shopper had bought it before."""
+    def track_changes(self) -> None:
+        """From now on remember every purchase learned (take_changes)."""
+        self._tracked = []
+
+    def take_changes(self) -> list[tuple[int, bool]]:
+        tracked, self._tracked = self._tracked or [], ([] if self._tracked is not None else None)
+        return tracked
+
+    def discard_changes(self) -> None:
+        """Take back the purchases learned since the last take (the group holds them already)."""
+        for row, again in self._tracked or []:
+            self._purchases[row] -= 1.0
+            self._repeats[row] -= float(again)
+        if self._tracked is not None:
+            self._tracked = []
+
+    def learn_one(self, row: int, again: bool, share: bool = True) -> None:
+        """A purchase of ``row``; ``again``: the shopper had bought it before; ``share=False``
+        for one another worker learned."""
+        if share and self._tracked is not None:
+            self._tracked.append((row, again))
         if row >= self._purchases.size:
             size = max(row + 1, 2 * self._purchases.size)
             self._purchases = np.concatenate([self._purchases, np.zeros(size - self._purchases.size)])

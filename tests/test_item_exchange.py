@@ -100,6 +100,21 @@ def test_an_item_only_one_workers_users_touched_reaches_the_other(hermetic: Herm
         np.testing.assert_allclose(factors_b[item], factors_a[item], rtol=1e-5, atol=1e-7)
         assert pop_b[item] == pytest.approx(pop_a[item], rel=1e-5, abs=1e-9)
     assert 0 < lag < 60  # A's changes were seconds old when B applied them
+    # The sequential rules and the repeat-purchase counts too: from an item only A's users
+    # touched, B proposes what A proposes.
+    compared = 0
+    for item in only_a:
+        rows_a, scores_a, _ = a.covisit.scores([a.items.row(item)])
+        rows_b, scores_b, _ = b.covisit.scores([b.items.row(item)])
+        got_a = {a.items.ids[r]: v for r, v in zip(rows_a.tolist(), scores_a.tolist(), strict=True)}
+        got_b = {b.items.ids[r]: v for r, v in zip(rows_b.tolist(), scores_b.tolist(), strict=True)}
+        assert got_a.keys() == got_b.keys()
+        assert all(got_b[k] == pytest.approx(v, rel=1e-6) for k, v in got_a.items())
+        compared += bool(got_a)
+        share_a = a.rebuy.shares(np.array([a.items.row(item)]))
+        share_b = b.rebuy.shares(np.array([b.items.row(item)]))
+        assert share_b == pytest.approx(share_a)
+    assert compared
 
 
 def test_a_partition_taken_after_a_crash_counts_every_items_change_once(hermetic: Hermetic) -> None:

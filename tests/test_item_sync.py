@@ -105,3 +105,34 @@ def test_partition_of_is_where_the_broker_puts_a_users_events(hermetic: Hermetic
     consumer.close()
     assert placed == {user: partition_of(user, 4) for user in users}
     assert len(set(placed.values())) == 4
+
+
+def test_discarded_changes_leave_the_item_state_as_before() -> None:
+    """What a worker re-learns after a crash without its item effects (the group holds them):
+    factors, popularity, rules and repeat-purchase counts as if only the kept events were learned."""
+    from online_models.item_sync import discard_changes, track_changes
+
+    def learn(rec: Recommender, events: list[tuple[str, str, str]]) -> None:
+        for t, (user, item, kind) in enumerate(events):
+            rec.learn_one(user, item, kind, ts=float(t))
+
+    kept = [("a", "x", "view"), ("a", "y", "purchase"), ("b", "x", "purchase"), ("b", "y", "purchase")]
+    again = [("b", "y", "purchase"), ("a", "z", "view"), ("c", "x", "click")]
+    only, both = Recommender(n_factors=4, seed=0), Recommender(n_factors=4, seed=0)
+    learn(only, kept)
+    learn(both, kept)
+    track_changes(both)
+    both.mf.take_item_deltas(), both.popularity.take_counts(), both.covisit.take_changes()
+    both.rebuy.take_changes()
+    learn(both, again)
+    discard_changes(both)
+    for item in ("x", "y"):
+        np.testing.assert_allclose(
+            both.mf.item_matrix()[both.items.row(item)],
+            only.mf.item_matrix()[only.items.row(item)],
+            rtol=1e-6,
+        )
+        row = only.items.row(item)
+        assert both.covisit.scores([row])[0].tolist() == only.covisit.scores([row])[0].tolist()
+        assert both.rebuy.shares(np.array([row])) == pytest.approx(only.rebuy.shares(np.array([row])))
+    assert both.popularity.scores()[:2] == pytest.approx(only.popularity.scores()[:2])
