@@ -126,7 +126,7 @@ class ModelSettings(_Section):
     )
     n_segments: int = Field(8, ge=1, description="interest segments users are clustered into")
     covisit_weight: float = Field(
-        5.0, ge=0, description="blend weight of the items shoppers engaged with after the user's last ones"
+        20.0, ge=0, description="blend weight of the items shoppers engaged with after the user's last ones"
     )
     covisit_window: int = Field(5, ge=1, description="earlier items each positive event links to")
     covisit_neighbours: int = Field(30, ge=1, description="strongest rules kept per item")
@@ -135,7 +135,7 @@ class ModelSettings(_Section):
         50.0, ge=0, description="blend weight of bought items shoppers often buy again (0: never listed)"
     )
     rebuy_min_share: float = Field(
-        0.1, ge=0, description="share of an item's purchases that repeat one, from which it comes back"
+        0.05, ge=0, description="share of an item's purchases that repeat one, from which it comes back"
     )
     hit_rate_window: int = Field(1000, ge=1, description="events in the live HR@N window")
 

@@ -3,15 +3,16 @@
 Per item, how many purchases there were and how many of them repeated an earlier purchase by
 the same shopper. An item a shopper bought comes back into their list when its repeat share is
 at least ``min_share`` (coffee, milk); otherwise it stays out once bought (a sofa). Its score
-grows with the share and with how often this shopper bought it. The share is smoothed towards 0
-for items bought a few times: (repeats + 0.1) / (purchases + 1).
+grows with the share and with how often this shopper bought it. An item bought a few times
+borrows the shop's: its share is (repeats + s) / (purchases + 1), where s is the share of all
+purchases that repeat one (a grocer's once-bought item may come back; a furniture shop's not).
 
 >>> again = BuyingAgain(min_share=0.3)
 >>> for shopper_bought_before in [False, True, False, True, True]:
 ...     again.learn_one(row=0, again=shopper_bought_before)
 >>> again.learn_one(row=1, again=False)
->>> [round(float(s), 2) for s in again.shares(np.array([0, 1, 7]))]
-[0.52, 0.05, 0.0]
+>>> [round(float(s), 2) for s in again.shares(np.array([0, 1, 7]))]   # the shop's share: 3/6
+[0.58, 0.25, 0.0]
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import numpy as np
 class BuyingAgain:
     """Purchases and repeat purchases per item row."""
 
-    def __init__(self, min_share: float = 0.1) -> None:
+    def __init__(self, min_share: float = 0.05) -> None:
         self.min_share = min_share
         self._purchases = np.zeros(1024, dtype=np.float64)
         self._repeats = np.zeros(1024, dtype=np.float64)
         self._tracked: list[tuple[int, bool]] | None = None  # purchases since the last take
+        self._total = np.zeros(2)  # all purchases, and those that repeat one
 
     def track_changes(self) -> None:
         """From now on remember every purchase learned (take_changes)."""
@@ -43,6 +45,7 @@ class BuyingAgain:
         for row, again in self._tracked or []:
             self._purchases[row] -= 1.0
             self._repeats[row] -= float(again)
+            self._total -= (1.0, float(again))
         if self._tracked is not None:
             self._tracked = []
 
@@ -56,6 +59,7 @@ class BuyingAgain:
             self._purchases = np.concatenate([self._purchases, np.zeros(size - self._purchases.size)])
             self._repeats = np.concatenate([self._repeats, np.zeros(size - self._repeats.size)])
         self._purchases[row] += 1.0
+        self._total += (1.0, float(again))
         if again:
             self._repeats[row] += 1.0
 
@@ -63,7 +67,8 @@ class BuyingAgain:
         """The smoothed repeat share of each of ``rows`` (0 for an item never bought)."""
         known = rows < self._purchases.size
         out = np.zeros(len(rows), dtype=np.float64)
-        out[known] = (self._repeats[rows[known]] + 0.1) / (self._purchases[rows[known]] + 1.0)
+        shop = self._total[1] / self._total[0] if self._total[0] > 0 else 0.0
+        out[known] = (self._repeats[rows[known]] + shop) / (self._purchases[rows[known]] + 1.0)
         out[known & (self._purchases[np.minimum(rows, self._purchases.size - 1)] == 0)] = 0.0
         return out
 
@@ -77,3 +82,4 @@ class BuyingAgain:
         else:  # a checkpoint from before buying again was learned
             self._purchases = np.zeros(1024, dtype=np.float64)
             self._repeats = np.zeros(1024, dtype=np.float64)
+        self._total = np.array([self._purchases.sum(), self._repeats.sum()])

@@ -126,12 +126,12 @@ class Recommender:
         content_refresh_every: int = 1000,
         content_weight: float = 0.0,
         n_segments: int = 8,
-        covisit_weight: float = 5.0,
+        covisit_weight: float = 20.0,
         covisit_window: int = 5,
         covisit_neighbours: int = 30,
         covisit_half_life_s: float = 30 * 86_400.0,
         rebuy_weight: float = 50.0,
-        rebuy_min_share: float = 0.1,
+        rebuy_min_share: float = 0.05,
     ) -> None:
         """``ann_*``: see :class:`online_models.candidates.Candidates`; ``content_*`` and
         ``n_segments``: see :class:`online_models.item_content.ItemContent`."""
