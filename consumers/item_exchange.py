@@ -79,7 +79,7 @@ class ItemExchange:
         # Per source of a taken partition: the offset up to which its last owner published item
         # changes that this model's checkpoint does not hold (see the module docstring).
         self.published_ahead: dict[str, int] = {}
-        self._unsent: list[bytes] = []  # taken, in order, not acknowledged yet
+        self._unsent: list[tuple[int, bytes]] = []  # (seq, record) taken, in order, not acknowledged
         self._sending = asyncio.Lock()
         self._reading = asyncio.Lock()
         self._producer: Any = None
@@ -143,7 +143,7 @@ class ItemExchange:
             np.stack([change.deltas[i] for i in items]).astype(np.float32) if items else np.zeros((0, 0))
         )
         arrays = {"deltas": vectors, "rule_values": np.asarray(change.rule_values, dtype=np.float64)}
-        self._unsent.append(pack(meta, arrays))
+        self._unsent.append((self.seq, pack(meta, arrays)))
         self.own_unread.add((self.instance, self.seq))
 
     def full(self) -> bool:
@@ -160,11 +160,11 @@ class ItemExchange:
         stay to be sent again."""
         async with self._sending:
             while self._unsent:
-                await asyncio.to_thread(self._send, self._unsent[0])
+                await asyncio.to_thread(self._send, *self._unsent[0])
                 self._unsent.pop(0)
                 self.worker.metrics.item_deltas.labels("published").inc()
 
-    def _send(self, value: bytes) -> None:
+    def _send(self, seq: int, value: bytes) -> None:
         if self._producer is None:
             from kafka import KafkaProducer
 
@@ -175,7 +175,9 @@ class ItemExchange:
                 max_request_size=16 << 20,
                 client_id="pushrec-item-deltas",
             )
-        self._producer.send(self.topic, key=self.instance.encode(), value=value).get(30)
+        # Who wrote it, in headers: a worker passes over its own records without reading them.
+        headers = [("writer", self.instance.encode()), ("seq", str(seq).encode())]
+        self._producer.send(self.topic, key=self.instance.encode(), value=value, headers=headers).get(30)
 
     async def publish(self) -> None:
         """Take and send (the periodic job)."""
@@ -235,7 +237,7 @@ class ItemExchange:
                     if tp.topic == self.catalogue:
                         catalogue.append(record.value)
                         continue
-                    lag = self._apply(record.value)
+                    lag = self._apply(record.value, record.headers)
                     if lag is not None:
                         applied += 1
                         lags.append(lag)
@@ -272,9 +274,16 @@ class ItemExchange:
                 )
             await self.read()
 
-    def _apply(self, value: bytes) -> float | None:
+    def _apply(self, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> float | None:
         """One record: its sources' published offsets; another worker's changes into the model.
         Returns the record's age when applied (None: it was this worker's own)."""
+        named = dict(headers or ())
+        if named.get("writer") and "seq" in named:
+            key = (named["writer"].decode(), int(named["seq"]))
+            if key in self.own_unread or key in self.skip:  # held already: not even read
+                self.own_unread.discard(key)
+                self.skip.discard(key)
+                return None
         try:
             meta, arrays = unpack(value)
         except CheckpointError as exc:  # not written by pushrec: nothing to apply
