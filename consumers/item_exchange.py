@@ -223,12 +223,11 @@ class ItemExchange:
             self._consumer = consumer
         return self._consumer
 
-    async def read(self, timeout_ms: int = 200) -> int:
-        """Apply what the topic holds beyond the read offsets (one poll); records applied."""
+    async def read(self, timeout_ms: int = 200) -> None:
+        """Apply what the topic holds beyond the read offsets (one poll)."""
         async with self._reading:
             consumer = self._reader()
             batches = await asyncio.to_thread(lambda: consumer.poll(timeout_ms=timeout_ms))
-            applied = 0
             lags = []
             catalogue = []
             for tp, records in batches.items():
@@ -239,7 +238,6 @@ class ItemExchange:
                         continue
                     lag = self._apply(record.value, record.headers)
                     if lag is not None:
-                        applied += 1
                         lags.append(lag)
             if catalogue:
                 self.worker.embed_catalogue(catalogue)
@@ -250,7 +248,6 @@ class ItemExchange:
                 self._caught_up_at = now
             # The newest changes' age when applied, or how long the reader has been behind.
             self.worker.metrics.item_state_lag.set(max(self._last_lag, now - self._caught_up_at - 1.0, 0.0))
-            return applied
 
     def _at_end(self, consumer: Any) -> bool:
         return all(
@@ -278,12 +275,9 @@ class ItemExchange:
         """One record: its sources' published offsets; another worker's changes into the model.
         Returns the record's age when applied (None: it was this worker's own)."""
         named = dict(headers or ())
-        if named.get("writer") and "seq" in named:
-            key = (named["writer"].decode(), int(named["seq"]))
-            if key in self.own_unread or key in self.skip:  # held already: not even read
-                self.own_unread.discard(key)
-                self.skip.discard(key)
-                return None
+        writer, seq = named.get("writer"), named.get("seq")
+        if writer and seq and self._held((writer.decode(), int(seq))):  # held already: not even read
+            return None
         try:
             meta, arrays = unpack(value)
         except CheckpointError as exc:  # not written by pushrec: nothing to apply
@@ -293,10 +287,7 @@ class ItemExchange:
         for source, offset in meta["through"].items():
             if offset > self.published_through.get(source, 0):
                 self.published_through[source] = offset
-        key = (meta["writer"], meta["seq"])
-        if key in self.own_unread or key in self.skip:
-            self.own_unread.discard(key)
-            self.skip.discard(key)
+        if self._held((meta["writer"], meta["seq"])):  # a record written without headers
             return None
         change = ItemChanges(
             dict(zip(meta["items"], arrays["deltas"], strict=True)),
@@ -309,6 +300,15 @@ class ItemExchange:
         add_changes(self.worker.pipeline.recommender, change)
         self.worker.metrics.item_deltas.labels("applied").inc()
         return max(0.0, time.time() - meta["first_change"])
+
+    def _held(self, key: tuple[str, int]) -> bool:
+        """Whether the record ``key`` (writer, seq) is in this model already: this worker's own,
+        or one a restored item blob holds. Each is passed over once."""
+        if key in self.own_unread or key in self.skip:
+            self.own_unread.discard(key)
+            self.skip.discard(key)
+            return True
+        return False
 
     async def follow(self) -> None:
         """Apply other workers' records as they come (a task of the model process)."""
