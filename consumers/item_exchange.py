@@ -48,10 +48,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pushrec.worker")
 
-# A record larger than the broker's default limit (1 MiB) is published as soon as this many
-# items changed instead of waiting for the interval (float64 deltas: ~150 bytes per item).
+# So that a record stays below the broker's default limit (1 MiB), it is published as soon as
+# this many items changed (~90 bytes each: float32 deltas, the id) or this many rule additions
+# were learned (at most 12 bytes each once summed) instead of waiting for the interval.
 MAX_ITEMS_PER_RECORD = 4096
-MAX_RULES_PER_RECORD = 8192  # sequential rules' additions (~50 bytes each)
+MAX_RULES_PER_RECORD = 32768
 # How long taking a partition waits for the item-delta topic to be read to its end.
 READ_TO_END_S = 60.0
 
@@ -126,23 +127,21 @@ class ItemExchange:
         if not change:
             return
         self.seq += 1
-        items = list(change.deltas)
         meta = {
             "writer": self.instance,
             "seq": self.seq,
             "through": dict(self.worker.offsets),
-            "items": items,
-            "counts": change.counts,
-            "rules": change.rules,
+            "ids": change.ids,
             "rules_t_ref": change.rules_t_ref,
-            "purchases": change.purchases,
             "first_change": first_change or time.time(),
         }
-        # float32 on the wire: a delta's rounding (~1e-7 of it) is far below what learning moves.
-        vectors = (
-            np.stack([change.deltas[i] for i in items]).astype(np.float32) if items else np.zeros((0, 0))
-        )
-        arrays = {"deltas": vectors, "rule_values": np.asarray(change.rule_values, dtype=np.float64)}
+        # float32 on the wire: a delta's rounding (~1e-7 of it) is far below what learning moves;
+        # positions in ``ids`` as int32.
+        arrays = change.arrays()
+        arrays["deltas"] = arrays["deltas"].astype(np.float32)
+        arrays["rule_values"] = arrays["rule_values"].astype(np.float32)
+        for name in ("deltas_at", "counts_at", "rules_at", "purchases_at"):
+            arrays[name] = arrays[name].astype(np.int32)
         self._unsent.append((self.seq, pack(meta, arrays)))
         self.own_unread.add((self.instance, self.seq))
 
@@ -289,14 +288,7 @@ class ItemExchange:
                 self.published_through[source] = offset
         if self._held((meta["writer"], meta["seq"])):  # a record written without headers
             return None
-        change = ItemChanges(
-            dict(zip(meta["items"], arrays["deltas"], strict=True)),
-            [(item, weight, ts) for item, weight, ts in meta["counts"]],
-            [(source, target) for source, target in meta.get("rules", [])],
-            arrays["rule_values"].tolist() if "rule_values" in arrays else [],
-            meta.get("rules_t_ref"),
-            [(item, again) for item, again in meta.get("purchases", [])],
-        )
+        change = ItemChanges.from_parts(meta["ids"], meta["rules_t_ref"], arrays)
         add_changes(self.worker.pipeline.recommender, change)
         self.worker.metrics.item_deltas.labels("applied").inc()
         return max(0.0, time.time() - meta["first_change"])

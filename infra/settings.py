@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -148,6 +148,15 @@ class ModelSettings(_Section):
         if not all(0.0 <= w <= MAX_WEIGHT for w in weights.values()):
             raise ValueError(f"each weight must lie in [0, {MAX_WEIGHT:g}]")
         return weights
+
+    @model_validator(mode="after")
+    def _window_within_session(self) -> Self:
+        if self.covisit_window > self.session_items:  # rules link the last session_items items only
+            raise ValueError(
+                f"covisit_window ({self.covisit_window}) cannot exceed session_items ({self.session_items}): "
+                "a rule links an item to the user's last session_items items"
+            )
+        return self
 
 
 class CheckpointSettings(_Section):

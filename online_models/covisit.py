@@ -22,26 +22,31 @@ a reference time, so old rules fade against new ones without touching them.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 _MAX_EXPONENT = 64.0  # rescale before 2**exponent nears float64's range
+_EMPTY_ROWS = np.empty(0, dtype=np.int64)
 
 
 class CoVisitation:
-    """Rules j -> i between item rows, from the order in which shoppers engage with items."""
+    """Rules j -> i between item rows, from the order in which shoppers engage with items.
+
+    The rules of a source row are one ``array('d')`` of (target, value) pairs: 16 bytes a rule
+    and one small array per source, instead of a dict entry, an int and a float (~100 bytes)."""
 
     def __init__(self, window: int = 5, neighbours: int = 30, half_life_s: float = 30 * 86_400.0) -> None:
         self.window = window
         self.neighbours = neighbours
         self.half_life_s = half_life_s
-        self._rules: dict[int, dict[int, float]] = {}
+        self._rules: dict[int, array[float]] = {}
         self._t_ref: float | None = None
-        # What learning added since tracking started or the last take, per (source, target), at
-        # this model's scale (see take_changes); None: not tracking.
-        self._tracked: dict[tuple[int, int], float] | None = None
+        # What learning added since tracking started or the last take, as (source, target, value)
+        # triples at this model's scale (see take_changes); None: not tracking.
+        self._tracked: array[float] | None = None
 
     def __len__(self) -> int:
         return len(self._rules)
@@ -62,54 +67,71 @@ class CoVisitation:
             if earlier != row:
                 self._add(earlier, row, scaled / distance)
                 if tracked is not None:
-                    tracked[earlier, row] = tracked.get((earlier, row), 0.0) + scaled / distance
+                    tracked.extend((earlier, row, scaled / distance))
 
     def _add(self, source: int, target: int, value: float) -> None:
-        rules = self._rules.setdefault(source, {})
-        rules[target] = rules.get(target, 0.0) + value
-        if len(rules) > 2 * self.neighbours:
-            strongest = sorted(rules.items(), key=lambda rule: -rule[1])[: self.neighbours]
-            self._rules[source] = dict(strongest)
+        rules = self._rules.get(source)
+        if rules is None:
+            self._rules[source] = array("d", (target, value))
+            return
+        targets = rules[::2]
+        if target in targets:
+            rules[2 * targets.index(target) + 1] += value
+            return
+        rules.extend((target, value))
+        if len(rules) > 4 * self.neighbours:  # twice the neighbours kept: prune to them
+            pairs = np.array(rules).reshape(-1, 2)
+            strongest = pairs[np.argsort(-pairs[:, 1], kind="stable")[: self.neighbours]]
+            self._rules[source] = array("d", strongest.ravel().tobytes())
 
     # --- one item state for several workers (online_models.item_sync) --------------------------
 
     @property
     def changed_rules(self) -> int:
-        """Rules learning added to since tracking started or the last take."""
-        return len(self._tracked or ())
+        """Rule additions learned since tracking started or the last take."""
+        return len(self._tracked) // 3 if self._tracked is not None else 0
 
     def track_changes(self) -> None:
         """From now on remember what learning adds (take_changes)."""
-        self._tracked = {}
+        self._tracked = array("d")
 
-    def take_changes(self) -> tuple[list[tuple[int, int]], list[float], float | None]:
-        """The (source, target) rules learning added to since the last take, the amounts, and
-        the reference time they are scaled to (see the module docstring)."""
-        tracked, self._tracked = self._tracked or {}, ({} if self._tracked is not None else None)
-        return list(tracked), list(tracked.values()), self._t_ref
+    def take_changes(self) -> tuple[np.ndarray, np.ndarray, float | None]:
+        """The (source, target) rules learning added to since the last take (an (n, 2) array of
+        rows), the amounts, and the reference time they are scaled to (module docstring)."""
+        if self._tracked is None:
+            return np.empty((0, 2), dtype=np.int64), np.empty(0), self._t_ref
+        triples, self._tracked = self._tracked, array("d")
+        pairs, values = _summed(triples)
+        return pairs, values, self._t_ref
 
-    def add_changes(
-        self, pairs: Sequence[tuple[int, int]], values: Sequence[float], t_ref: float | None
-    ) -> None:
+    def add_changes(self, pairs: np.ndarray, values: np.ndarray, t_ref: float | None) -> None:
         """Add another worker's :meth:`take_changes` (rows in this model's numbering)."""
-        if t_ref is None or not pairs:
+        if t_ref is None or not len(pairs):
             return
         if self._t_ref is None:
             self._t_ref = t_ref
         factor = 2.0 ** ((t_ref - self._t_ref) / self.half_life_s)
-        for (source, target), value in zip(pairs, values, strict=True):
-            self._add(source, target, value * factor)
+        add = self._add
+        for (source, target), value in zip(pairs.tolist(), (values * factor).tolist(), strict=True):
+            add(source, target, value)
 
     def discard_changes(self) -> None:
         """Take back what learning added since the last take (the group holds it already)."""
-        for (source, target), value in (self._tracked or {}).items():
+        if not self._tracked:
+            return
+        pairs, values = _summed(self._tracked)
+        self._tracked = array("d")
+        for (source, target), value in zip(pairs.tolist(), values.tolist(), strict=True):
             rules = self._rules.get(source)
-            if rules is not None and target in rules:
-                rules[target] -= value
-                if rules[target] <= 1e-9 * value:  # what is left is the subtraction's rounding
-                    del rules[target]
-        if self._tracked is not None:
-            self._tracked = {}
+            targets = rules[::2] if rules is not None else ()
+            if target not in targets:  # pruned meanwhile
+                continue
+            at = 2 * targets.index(target) + 1
+            rules[at] -= value
+            if rules[at] <= 1e-9 * value:  # what is left is the subtraction's rounding
+                del rules[at - 1 : at + 1]
+                if not rules:
+                    del self._rules[source]
 
     def scores(self, last: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Candidates from the shopper's ``last`` rows (oldest first): their rows, scores in
@@ -117,7 +139,12 @@ class CoVisitation:
         totals: dict[int, float] = {}
         best: dict[int, tuple[float, int]] = {}
         for distance, source in enumerate(reversed(last), start=1):
-            for row, value in self._rules.get(source, {}).items():
+            rules = self._rules.get(source)
+            if rules is None:
+                continue
+            pairs = iter(rules)
+            for target, value in zip(pairs, pairs):
+                row = int(target)
                 share = value / distance
                 totals[row] = totals.get(row, 0.0) + share
                 if share > best.get(row, (0.0, -1))[0]:
@@ -125,31 +152,50 @@ class CoVisitation:
         for row in last:  # the last items themselves are the recent-interest part's job
             totals.pop(row, None)
         if not totals:
-            empty = np.empty(0, dtype=np.int64)
-            return empty, np.empty(0, dtype=np.float64), empty
+            return _EMPTY_ROWS, np.empty(0, dtype=np.float64), _EMPTY_ROWS
         rows = np.fromiter(totals, dtype=np.int64, count=len(totals))
         values = np.fromiter(totals.values(), dtype=np.float64, count=len(totals))
         sources = np.fromiter((best[row][1] for row in totals), dtype=np.int64, count=len(totals))
         return rows, values / values.max(), sources
 
     def _rescale(self, factor: float) -> None:
-        for rules in self._rules.values():
-            for row in rules:
-                rules[row] *= factor
-        for key in self._tracked or {}:
-            self._tracked[key] *= factor  # type: ignore[index]
+        for source, rules in self._rules.items():
+            self._rules[source] = array("d", (np.array(rules).reshape(-1, 2) * (1.0, factor)).tobytes())
+        if self._tracked:
+            self._tracked = array("d", (np.array(self._tracked).reshape(-1, 3) * (1.0, 1.0, factor)).tobytes())
 
-    def state(self) -> dict[str, Any]:
-        """Every rule, as JSON (a copy: it may be serialised in another thread)."""
-        return {
-            "t_ref": self._t_ref,
-            "rules": [[source, list(rules), list(rules.values())] for source, rules in self._rules.items()],
-        }
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Every rule: the reference time, and arrays (copies: they may be serialised in another
+        thread) of the sources, how many rules each has, and their (target, value) pairs."""
+        sources = np.fromiter(self._rules, dtype=np.int64, count=len(self._rules))
+        sizes = np.fromiter((len(r) // 2 for r in self._rules.values()), dtype=np.int64, count=len(sources))
+        pairs = np.frombuffer(b"".join(r.tobytes() for r in self._rules.values()), dtype=np.float64)
+        arrays = {"covisit_sources": sources, "covisit_sizes": sizes, "covisit_pairs": pairs}
+        return {"t_ref": self._t_ref}, arrays
 
-    def restore(self, state: dict[str, Any] | None) -> None:
+    def restore(self, meta: dict[str, Any] | None, arrays: dict[str, np.ndarray]) -> None:
         """Load :meth:`state` (rows as the item index restored with it numbers them)."""
-        self._rules, self._t_ref = {}, None
-        if state:
-            self._t_ref = state["t_ref"]
-            for source, rows, values in state["rules"]:
-                self._rules[source] = dict(zip(rows, values, strict=True))
+        self._rules, self._t_ref = {}, (meta or {}).get("t_ref")
+        if meta and "rules" in meta:  # a checkpoint of pushrec 2026-12-01 (rules as JSON lists)
+            for source, rows, values in meta["rules"]:
+                self._rules[source] = array("d", np.column_stack([rows, values]).ravel().tobytes())
+            return
+        if "covisit_sources" not in arrays:
+            return
+        data = np.asarray(arrays["covisit_pairs"], dtype=np.float64).tobytes()
+        sizes = np.asarray(arrays["covisit_sizes"], dtype=np.int64) * 16  # bytes of each source's pairs
+        ends = np.cumsum(sizes)
+        for source, start, end in zip(
+            arrays["covisit_sources"].tolist(), (ends - sizes).tolist(), ends.tolist(), strict=True
+        ):
+            self._rules[source] = array("d", data[start:end])
+
+def _summed(triples: array[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(source, target, value) triples summed per (source, target): the pairs and sums."""
+    if not triples:
+        return np.empty((0, 2), dtype=np.int64), np.empty(0)
+    table = np.frombuffer(triples, dtype=np.float64).reshape(-1, 3)
+    pairs = table[:, :2].astype(np.int64)
+    keys, inverse = np.unique(pairs[:, 0] << 32 | pairs[:, 1], return_inverse=True)
+    sums = np.bincount(inverse, weights=table[:, 2], minlength=len(keys))
+    return np.column_stack([keys >> 32, keys & 0xFFFFFFFF]), sums

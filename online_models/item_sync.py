@@ -28,25 +28,45 @@ import numpy as np
 
 from online_models.recommender import Recommender, TopN
 
-# A popularity count to share: (item, weight, event time).
-Count = tuple[str, float, float]
+_ROWS = np.empty(0, dtype=np.int64)
 
 
 @dataclass
 class ItemChanges:
-    """What one shard's learning changed in the item state since the last take, items by id:
-    factor deltas, popularity counts, the sequential rules' additions (scaled to ``rules_t_ref``,
-    see ``online_models.covisit``) and purchases (item, bought before by that shopper)."""
+    """What one shard's learning changed in the item state since the last take. Items are named
+    once, in ``ids``; every ``*_at`` array holds positions in it (so the changes travel as a few
+    arrays whatever their size): factor deltas, popularity counts (weight, event time), the
+    sequential rules' additions (source, target; scaled to ``rules_t_ref``, see
+    ``online_models.covisit``) and purchases (and whether that shopper had bought it before)."""
 
-    deltas: dict[str, np.ndarray]
-    counts: list[Count]
-    rules: list[tuple[str, str]] = field(default_factory=list)
-    rule_values: list[float] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    deltas_at: np.ndarray = field(default_factory=lambda: _ROWS)
+    deltas: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
+    counts_at: np.ndarray = field(default_factory=lambda: _ROWS)
+    count_weights: np.ndarray = field(default_factory=lambda: np.empty(0))
+    count_times: np.ndarray = field(default_factory=lambda: np.empty(0))
+    rules_at: np.ndarray = field(default_factory=lambda: np.empty((0, 2), dtype=np.int64))
+    rule_values: np.ndarray = field(default_factory=lambda: np.empty(0))
     rules_t_ref: float | None = None
-    purchases: list[tuple[str, bool]] = field(default_factory=list)
+    purchases_at: np.ndarray = field(default_factory=lambda: _ROWS)
+    purchases_again: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
 
     def __bool__(self) -> bool:
-        return bool(self.deltas or self.counts or self.rules or self.purchases)
+        return bool(len(self.deltas_at) or len(self.counts_at) or len(self.rules_at) or len(self.purchases_at))
+
+    def factor_deltas(self) -> dict[str, np.ndarray]:
+        """Each changed item's factor delta, by item."""
+        ids = self.ids
+        return {ids[k]: delta for k, delta in zip(self.deltas_at.tolist(), self.deltas, strict=True)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array, by field name (``infra.checkpoint.pack``)."""
+        return {name: value for name, value in vars(self).items() if isinstance(value, np.ndarray)}
+
+    @classmethod
+    def from_parts(cls, ids: list[str], rules_t_ref: float | None, arrays: dict[str, np.ndarray]) -> ItemChanges:
+        """The inverse of (``ids``, ``rules_t_ref``, :meth:`arrays`)."""
+        return cls(ids=ids, rules_t_ref=rules_t_ref, **arrays)
 
 
 class ShardedRecommender:
@@ -85,7 +105,7 @@ class ShardedRecommender:
         changes = [take_changes(shard) for shard in self.shards]
         merged: dict[str, np.ndarray] = {}
         for shard, change in zip(self.shards, changes, strict=True):
-            for item, delta in change.deltas.items():
+            for item, delta in change.factor_deltas().items():
                 start = merged.get(item)
                 if start is None:
                     start = self._merged.get(item)
@@ -120,22 +140,35 @@ def track_changes(shard: Recommender) -> None:
 
 def take_changes(shard: Recommender) -> ItemChanges:
     """What the shard's learning changed in the item state since the last call."""
-    ids = shard.items.ids
-    counts = [(ids[row], weight, ts) for row, weight, ts in shard.popularity.take_counts()]
-    pairs, values, t_ref = shard.covisit.take_changes()
+    items = shard.items
+    deltas = shard.mf.take_item_deltas()
+    counts = shard.popularity.take_counts()
+    pairs, rule_values, t_ref = shard.covisit.take_changes()
+    purchases = shard.rebuy.take_changes()
+    count_rows = np.fromiter((row for row, _, _ in counts), dtype=np.int64, count=len(counts))
+    bought = np.fromiter((row for row, _ in purchases), dtype=np.int64, count=len(purchases))
+    delta_rows = np.fromiter(map(items.row, deltas), dtype=np.int64, count=len(deltas))
+    rows, at = np.unique(np.concatenate([delta_rows, count_rows, pairs.ravel(), bought]), return_inverse=True)
+    ends = np.cumsum([len(delta_rows), len(count_rows), pairs.size])
+    ids = items.ids
     return ItemChanges(
-        shard.mf.take_item_deltas(),
-        counts,
-        [(ids[source], ids[target]) for source, target in pairs],
-        values,
-        t_ref,
-        [(ids[row], again) for row, again in shard.rebuy.take_changes()],
+        ids=[ids[row] for row in rows.tolist()],
+        deltas_at=at[: ends[0]],
+        deltas=np.stack(list(deltas.values())) if deltas else np.empty((0, 0)),
+        counts_at=at[ends[0] : ends[1]],
+        count_weights=np.fromiter((weight for _, weight, _ in counts), dtype=np.float64, count=len(counts)),
+        count_times=np.fromiter((ts for _, _, ts in counts), dtype=np.float64, count=len(counts)),
+        rules_at=at[ends[1] : ends[2]].reshape(-1, 2),
+        rule_values=rule_values,
+        rules_t_ref=t_ref,
+        purchases_at=at[ends[2] :],
+        purchases_again=np.fromiter((again for _, again in purchases), dtype=bool, count=len(purchases)),
     )
 
 
 def add_changes(shard: Recommender, change: ItemChanges) -> None:
     """Add another worker's item changes (the live protocol, ``consumers.item_exchange``)."""
-    shard.candidates.changed(shard.mf.add_item_deltas(change.deltas))
+    shard.candidates.changed(shard.mf.add_item_deltas(change.factor_deltas()))
     _add_others(shard, change)
 
 
@@ -152,11 +185,13 @@ def _add_others(shard: Recommender, change: ItemChanges) -> None:
     """Another shard's counts, rules and purchases (not shared again); its factors are the
     caller's (summed or added)."""
     add = shard.items.add
-    for item, weight, ts in change.counts:
-        row = add(item)
-        shard.popularity.learn_one(row, weight, ts, share=False)
-        shard.negatives.positives.add(row)
-    pairs = [(add(source), add(target)) for source, target in change.rules]
-    shard.covisit.add_changes(pairs, change.rule_values, change.rules_t_ref)
-    for item, again in change.purchases:
-        shard.rebuy.learn_one(add(item), again, share=False)
+    rows = np.fromiter(map(add, change.ids), dtype=np.int64, count=len(change.ids))
+    learn, positives = shard.popularity.learn_one, shard.negatives.positives
+    for row, weight, ts in zip(
+        rows[change.counts_at].tolist(), change.count_weights.tolist(), change.count_times.tolist(), strict=True
+    ):
+        learn(row, weight, ts, share=False)
+        positives.add(row)
+    shard.covisit.add_changes(rows[change.rules_at], change.rule_values, change.rules_t_ref)
+    for row, again in zip(rows[change.purchases_at].tolist(), change.purchases_again.tolist(), strict=True):
+        shard.rebuy.learn_one(row, again, share=False)

@@ -204,14 +204,15 @@ class Recommender:
         state = self.users.touch(user)
         previous = state.session
         state.touch(row, kind, ts, kind in CONSUMING_TYPES, self.session_items)
-        if kind == "purchase":
+        if kind == "purchase" and self.rebuy_weight:  # weight 0: not listed, so not learned
             self.rebuy.learn_one(row, state.buy(row))
         if not is_positive(kind, rating):
             return
         weight = self.type_weights.get(kind, 1.0)
         if kind == "rating" and rating is not None:  # 0-5 stars (the codec refuses the rest)
             weight *= min(max(rating, 0.0), 5.0) / 5.0
-        self.covisit.learn_one(previous, row, weight, ts)
+        if self.covisit_weight:
+            self.covisit.learn_one(previous, row, weight, ts)
         if row not in state.consumed:
             state.remember(row, kind, weight, ts, self.recent_half_life_s, self.recent_memory)
         self.popularity.learn_one(row, weight, ts)
@@ -251,15 +252,16 @@ class Recommender:
         mf_meta, arrays = self.mf.item_state()
         pop_meta, pop_arrays = self.popularity.state()
         content_meta, content_arrays = self.content.state()
+        covisit_meta, covisit_arrays = self.covisit.state()
         meta: dict[str, Any] = {
             "items": list(self.items.ids),  # a copy: it may be serialised in another thread
             "mf": mf_meta,
             "popularity": pop_meta,
             **self.negatives.state(),
             **content_meta,
-            "covisit": self.covisit.state(),
+            "covisit": covisit_meta,
         }
-        return meta, {**arrays, **content_arrays, **pop_arrays, **self.rebuy.state()[1]}
+        return meta, {**arrays, **content_arrays, **pop_arrays, **covisit_arrays, **self.rebuy.state()[1]}
 
     def restore_items(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Load :meth:`item_state`; the users held are kept."""
@@ -269,7 +271,7 @@ class Recommender:
         self.negatives.restore(meta)
         self.candidates.reset()  # rebuilt from the restored factors on the next list
         self.content.restore(meta, arrays)
-        self.covisit.restore(meta.get("covisit"))
+        self.covisit.restore(meta.get("covisit"), arrays)
         self.rebuy.restore(arrays)
 
     def forget(self, user: str) -> bool:
@@ -376,7 +378,7 @@ class Recommender:
         scores = matrix @ query if rows is None else matrix[rows] @ query
         if self.popularity_weight:
             self.popularity.add_normalised(scores, self.popularity_weight, rows)
-        if self.recent_weight and state.interest_entries:
+        if self.recent_weight and state.interest:
             touched, own = state.interest_scores(self.recent_weight, self.recent_half_life_s)
             add_at(scores, rows, touched, own)
         extras = self._related(state) if extras is None else extras

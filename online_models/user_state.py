@@ -38,12 +38,11 @@ class UserState:
     consumed: set[int] | frozenset[int] = _NOTHING
     # The last items the user touched (any type), oldest first: row << 3 | event type code.
     entries: array[int] = field(default_factory=lambda: array("i"))
-    # Touched, unconsumed items, oldest first (row << 3 | the type code of the last positive event
-    # on it), and the level of the user's decayed interest in each: the interest at time t is
-    # 2 ** (level - t / half-life), so one float holds the sum of every event's decayed weight.
-    # None until the first positive event.
-    interest_entries: array[int] | None = None
-    interest_levels: array[float] | None = None
+    # Touched, unconsumed items, oldest first, as pairs (row << 3 | the type code of the last
+    # positive event on it, the level of the user's decayed interest in it) in one array: the
+    # interest at time t is 2 ** (level - t / half-life), so one float holds the sum of every
+    # event's decayed weight. None until the first positive event.
+    interest: array[float] | None = None
     # Items the user bought, and how often: row << 8 | count (at most 255). None until the first.
     bought: array[int] | None = None
     # The Kafka partition the user's events come from (-1: not known): the unit of checkpoints
@@ -61,9 +60,14 @@ class UserState:
         return {entry >> _SHIFT: _kind(entry) for entry in self.entries}
 
     @property
+    def interest_entries(self) -> list[int]:
+        """The interest's entries (row << 3 | type code), oldest first."""
+        return [int(entry) for entry in (self.interest or array("d"))[::2]]
+
+    @property
     def interest_rows(self) -> list[int]:
         """The rows of the interest, oldest first."""
-        return [entry >> _SHIFT for entry in self.interest_entries or ()]
+        return [entry >> _SHIFT for entry in self.interest_entries]
 
     def touch(self, row: int, kind: str, ts: float, consuming: bool, session_items: int) -> None:
         """Count an event on ``row``; a consuming one (purchase, rating) ends the interest in it."""
@@ -106,35 +110,34 @@ class UserState:
         if previous is not None:  # log2(2 ** previous + 2 ** level), without overflow
             high, low = max(previous, level), min(previous, level)
             level = high + math.log2(1.0 + 2.0 ** (low - high))
-        if self.interest_entries is None or self.interest_levels is None:
-            self.interest_entries, self.interest_levels = array("i"), array("d")
-        self.interest_entries.append(row << _SHIFT | _CODE.get(kind, 0))
-        self.interest_levels.append(level)
-        if len(self.interest_entries) > memory:
-            del self.interest_entries[0]
-            del self.interest_levels[0]
+        if self.interest is None:
+            self.interest = array("d")
+        self.interest.extend((row << _SHIFT | _CODE.get(kind, 0), level))
+        if len(self.interest) > 2 * memory:
+            del self.interest[:2]
 
     def _drop_interest(self, row: int) -> float | None:
         """Remove ``row`` from the interest; its level, or None if it had none."""
-        if self.interest_entries is None or self.interest_levels is None:
+        if self.interest is None:
             return None
-        for at, entry in enumerate(self.interest_entries):
-            if entry >> _SHIFT == row:
-                del self.interest_entries[at]
-                return self.interest_levels.pop(at)
+        for at, entry in enumerate(self.interest[::2]):
+            if int(entry) >> _SHIFT == row:
+                level = self.interest[2 * at + 1]
+                del self.interest[2 * at : 2 * at + 2]
+                return level
         return None
 
     def interest_scores(self, weight: float, half_life_s: float) -> tuple[np.ndarray, np.ndarray]:
         """The touched rows and ``weight`` x their interest decayed to the user's last event."""
-        if self.interest_entries is None or self.interest_levels is None:
+        if not self.interest:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
-        touched = np.frombuffer(self.interest_entries, dtype=np.int32).astype(np.int64) >> _SHIFT
-        levels = np.frombuffer(self.interest_levels, dtype=np.float64)
-        return touched, weight * np.exp2(levels - self.last_ts / half_life_s)
+        pairs = np.array(self.interest).reshape(-1, 2)
+        touched = pairs[:, 0].astype(np.int64) >> _SHIFT
+        return touched, weight * np.exp2(pairs[:, 1] - self.last_ts / half_life_s)
 
     def history(self, listed: np.ndarray) -> History:
         """What an explanation of the rows ``listed`` reads of this user."""
-        own_kinds = {entry >> _SHIFT: _kind(entry) for entry in self.interest_entries or ()}
+        own_kinds = {entry >> _SHIFT: _kind(entry) for entry in self.interest_entries}
         return History(
             rows=np.array(list(dict.fromkeys(reversed(self.session))), dtype=np.int64),
             kinds=self.kinds,
@@ -154,7 +157,8 @@ class UserState:
         ]
 
     def _interest_pairs(self) -> zip[tuple[int, float]]:
-        return zip(self.interest_entries or (), self.interest_levels or (), strict=True)
+        pairs = self.interest or array("d")
+        return zip(map(int, pairs[::2]), pairs[1::2], strict=True)
 
     def rows(self) -> set[int]:
         """Every row the JSON form names."""
@@ -174,7 +178,7 @@ class UserState:
         if interest:
             # [row, level, kind]; before 2026-12-02 [row, level] (the kind was the session's);
             # before 2026-12-01 [row, weight, seen]
-            state.interest_entries, state.interest_levels = array("i"), array("d")
+            state.interest = array("d")
             for entry in interest:
                 row = entry[0]
                 if len(entry) == 3 and isinstance(entry[2], str):
@@ -186,8 +190,7 @@ class UserState:
                     )
                 else:
                     level, kind = entry[1], kind_of.get(row, "view")
-                state.interest_entries.append(row_of(row) << _SHIFT | _CODE.get(kind, 0))
-                state.interest_levels.append(level)
+                state.interest.extend((row_of(row) << _SHIFT | _CODE.get(kind, 0), level))
         if bought:
             state.bought = array("i", [row_of(row) << 8 | count for row, count in bought])
         return state

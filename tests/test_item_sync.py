@@ -136,3 +136,29 @@ def test_discarded_changes_leave_the_item_state_as_before() -> None:
         assert both.covisit.scores([row])[0].tolist() == only.covisit.scores([row])[0].tolist()
         assert both.rebuy.shares(np.array([row])) == pytest.approx(only.rebuy.shares(np.array([row])))
     assert both.popularity.scores()[:2] == pytest.approx(only.popularity.scores()[:2])
+
+
+def test_rules_and_interest_survive_a_checkpoint_round_trip() -> None:
+    """The compact forms (rules as arrays per source, interest as pairs) restore exactly, empty
+    or not."""
+    from infra.checkpoint import pack, unpack
+
+    empty, fresh = Recommender(n_factors=4, seed=0), Recommender(n_factors=4, seed=0)
+    fresh.restore(*unpack(pack(*empty.state())))
+    assert len(fresh.covisit) == 0
+    learned = Recommender(n_factors=4, seed=0)
+    for t, (user, item, kind) in enumerate(
+        [("a", "x", "view"), ("a", "y", "click"), ("a", "z", "purchase"), ("b", "y", "click"), ("b", "x", "click")]
+    ):
+        learned.learn_one(user, item, kind, ts=float(t))
+    restored = Recommender(n_factors=4, seed=0)
+    restored.restore(*unpack(pack(*learned.state())))
+    for item in ("x", "y", "z"):
+        row = learned.items.row(item)
+        got, want = restored.covisit.scores([row]), learned.covisit.scores([row])
+        assert [a.tolist() for a in got] == [a.tolist() for a in want]
+    for user in ("a", "b"):
+        got = restored.users.get(user).interest_scores(1.0, 86_400.0)
+        want = learned.users.get(user).interest_scores(1.0, 86_400.0)
+        assert [a.tolist() for a in got] == [a.tolist() for a in want]
+    assert restored.recommend("a").items == learned.recommend("a").items
