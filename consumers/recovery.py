@@ -11,6 +11,7 @@ Kafka (``consumers.catch_up``) and checkpoints it periodically and when it is re
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -27,6 +28,7 @@ from infra.checkpoint import (
     DiskCheckpointSet,
     RedisCheckpoints,
     RedisCheckpointSet,
+    free_gradually,
     pack,
     unpack,
 )
@@ -145,7 +147,7 @@ async def checkpoint_live(
     offsets: dict[str, int],
     pending: Callable[[], Iterable[str]],
     unwritten_items: Callable[[], Iterable[Item]] = lambda: (),
-    chunk: int = 2000,
+    chunk: int = 1000,
     cut: Callable[[], dict[str, Any] | None] = lambda: None,
     ranked: Callable[[], Iterable[TopN]] = lambda: (),
 ) -> dict[str, bytes]:
@@ -158,6 +160,11 @@ async def checkpoint_live(
     and items are then taken with no await between them: every blob holds the state of that
     moment, as one consistent cut (``cut()`` is called at it: what the item blob adds about the
     group's item state). The blobs are serialised in a thread."""
+    # What the model holds is long-lived: out of the collector's sight, it is not scanned again
+    # and again (a full collection over a million users' objects stopped the loop for seconds in
+    # all while a checkpoint allocated). Refcounting still frees it; only cycles alive now and
+    # garbage later would stay (the model's state has none).
+    gc.freeze()
     by_partition: dict[int, list[str]] = {partition: [] for partition in partitions}
     table = recommender.users
     users = table.ids()
@@ -187,21 +194,26 @@ async def checkpoint_live(
         for partition, snapshot in snapshots.items():
             table.write(last, partition, snapshot)
         contents = {ITEMS: _items_content(recommender, unwritten_items(), cut())}
-        waiting, waiting_ranked = list(pending()), list(ranked())
+        waiting, waiting_ranked, offsets_now = list(pending()), list(ranked()), dict(offsets)
         memories = {}
-        for partition, snapshot in snapshots.items():
-            model_meta, arrays = table.snapshot_state(snapshot)
-            meta = _partition_meta(recommender, partition, offsets, waiting, model_meta, waiting_ranked)
-            name = partition_part(partition)
-            memories[name] = seen.freeze(meta["offsets"])
-            contents[name] = (meta, arrays)
+        for partition in snapshots:
+            sources = [s for s in offsets_now if partition_of_source(s) == partition]
+            memories[partition] = seen.freeze(sources)
     finally:
         table.untrack_changes()
 
     def serialise() -> dict[str, bytes]:
-        for name, memory in memories.items():
-            contents[name][0]["seen"] = SeenEventIds.thaw(memory)
-        return {name: pack(*content) for name, content in contents.items()}
+        """Pack the blobs (in a thread: the snapshots are this checkpoint's own from here on)."""
+        blobs = {ITEMS: pack(*contents[ITEMS])}
+        for partition, snapshot in snapshots.items():
+            model_meta, arrays = table.snapshot_state(snapshot)
+            meta = _partition_meta(recommender, partition, offsets_now, waiting, model_meta, waiting_ranked)
+            meta["seen"] = SeenEventIds.thaw(memories[partition])
+            blobs[partition_part(partition)] = pack(meta, arrays)
+            # Freed here, gradually (see free_gradually).
+            free_gradually(meta["seen"], model_meta["factor_users"], arrays["user_factors"])
+            free_gradually(snapshot.histories, snapshot.factors)
+        return blobs
 
     return await asyncio.to_thread(serialise)
 

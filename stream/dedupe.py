@@ -16,6 +16,7 @@ checkpoint takes it by reference and only copies the current one (:meth:`freeze`
 from __future__ import annotations
 
 from collections.abc import Collection
+from itertools import islice
 
 # event id -> user id (kept so a user can be forgotten), oldest first
 Generation = dict[str, str]
@@ -50,7 +51,14 @@ class SeenEventIds:
     @staticmethod
     def thaw(frozen: dict[str, tuple[Generation, Generation]]) -> dict[str, list[tuple[str, str]]]:
         """:meth:`freeze`'s result as :meth:`state`'s (may run in another thread)."""
-        return {p: [*older.items(), *current.items()] for p, (older, current) in frozen.items()}
+        thawed: dict[str, list[tuple[str, str]]] = {}
+        for partition, generations in frozen.items():
+            pairs = thawed[partition] = []
+            for generation in generations:  # a chunk at a time: the GIL passes between chunks
+                items = iter(generation.items())
+                while chunk := list(islice(items, 4096)):
+                    pairs.extend(chunk)
+        return thawed
 
     def state(self) -> dict[str, list[tuple[str, str]]]:
         """Every partition's ids, oldest first, as (event id, user id) pairs."""
