@@ -52,12 +52,13 @@ log = logging.getLogger("pushrec.worker")
 
 def build_recommender(settings: Settings) -> Recommender:
     """The product model as configured (the worker's and `pushrec evaluate`'s ``pushrec``)."""
-    return Recommender(**settings.model.model_dump(exclude={"hit_rate_window"}))
+    return Recommender(**settings.model.model_dump(exclude={"hit_rate_window", "visit_gap_s"}))
 
 
 def build_pipeline(settings: Settings) -> RefreshPipeline:
     """The pure core the worker drives (also used by in-process replays)."""
-    return RefreshPipeline(build_recommender(settings), settings.model.hit_rate_window)
+    model = settings.model
+    return RefreshPipeline(build_recommender(settings), model.hit_rate_window, model.visit_gap_s)
 
 
 class RefreshWorker:
@@ -197,6 +198,7 @@ class RefreshWorker:
             for kind, count in processed.items():
                 self.metrics.events.labels(kind, "processed").inc(count)
             self.metrics.hit_rate.set(self.pipeline.hit_rate.value)
+            self.metrics.visit_hit_rate.set(self.pipeline.visit_hit_rate.value)
             if not self.lists.unwritten:
                 self._pending_since = time.monotonic()
             self.lists.add(users, sent_at)

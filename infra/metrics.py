@@ -112,6 +112,12 @@ class Metrics:
             "Share of recent positive events whose item was in the user's served list (HR@N).",
             registry=r,
         )
+        self.visit_hit_rate = Gauge(
+            "pushrec_prequential_visit_hit_rate",
+            "Share of recent visits (after a shopper's first, with an engagement) in which the shopper "
+            "engaged with an item of the list served when the visit began (HR@N as a push is read).",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "pushrec_worker_batch_events",
             "Events per micro-batch.",

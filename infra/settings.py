@@ -137,7 +137,10 @@ class ModelSettings(_Section):
     rebuy_min_share: float = Field(
         0.05, ge=0, description="share of an item's purchases that repeat one, from which it comes back"
     )
-    hit_rate_window: int = Field(1000, ge=1, description="events in the live HR@N window")
+    hit_rate_window: int = Field(1000, ge=1, description="events (visits) in the live HR@N windows")
+    visit_gap_s: float = Field(
+        1800.0, gt=0, description="quiet time after which a shopper's next event begins a new visit (live visit HR)"
+    )
 
     @field_validator("type_weights")
     @classmethod

@@ -13,6 +13,7 @@ change the answer.
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,9 @@ class Interaction(Protocol):
     def rating(self) -> float | None: ...
 
 
+_SWEEP_EVERY = 4096  # events between sweeps for ended visits
+
+
 class HitRate:
     """Share of recent positive events whose item was already in the user's served list."""
 
@@ -50,12 +54,73 @@ class HitRate:
         return sum(self._hits) / len(self._hits) if self._hits else 0.0
 
 
+class VisitHitRate(HitRate):
+    """Share of recent visits in which the shopper engaged with an item of the list they had
+    been served when the visit began: the live twin of ``evaluate --protocol next-session`` (a
+    push is read at the next visit). A visit begins after more than ``gap_s`` (event time)
+    without an event of the shopper; their first is not judged (nothing was served before it),
+    nor is a visit without an engagement (click, add-to-cart, purchase, rating >= 4; views too
+    while the worker has seen nothing but views)."""
+
+    def __init__(self, window: int, gap_s: float = 1800.0) -> None:
+        super().__init__(window)
+        self.gap_s = gap_s
+        # Shoppers in a visit not judged yet: the list served when it began, whether they have
+        # engaged during it, their last event time. Closed by a hit, their next visit, or a sweep.
+        self._open: dict[str, tuple[bytes, bool, float]] = {}
+        self._views_only = True
+        self._latest = -math.inf
+        self._until_sweep = _SWEEP_EVERY
+
+    def observe_event(
+        self, user: str, kind: str, positive: bool, ts: float, previous_ts: float | None,
+        served: bytes | None, row: int | None,
+    ) -> None:
+        """An event of ``user`` (before it is learned): ``previous_ts`` is their last event's time
+        (None: their first), ``served`` their list as served now, ``row`` the item's row."""
+        self._latest = max(self._latest, ts)
+        if kind != "view":
+            self._views_only = False
+        entry = self._open.get(user)
+        if previous_ts is not None and ts - previous_ts > self.gap_s:  # a new visit
+            if entry is not None and entry[1]:
+                self._hits.append(False)  # the last one ended engaged, without a hit
+            entry = None if served is None else (served, False, ts)
+        if entry is None:
+            self._open.pop(user, None)
+            return
+        if positive and (kind != "view" or self._views_only):
+            if row is not None and row in memoryview(entry[0]).cast("i"):
+                self._hits.append(True)
+                self._open.pop(user, None)
+                return
+            self._open[user] = (entry[0], True, ts)
+        else:
+            self._open[user] = (entry[0], entry[1], ts)
+        self._until_sweep -= 1
+        if self._until_sweep <= 0:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Close the visits that ended (their shopper quiet for more than the gap)."""
+        self._until_sweep = _SWEEP_EVERY
+        for user, (_, engaged, last) in list(self._open.items()):
+            if self._latest - last > self.gap_s:
+                if engaged:
+                    self._hits.append(False)
+                del self._open[user]
+
+    def drop(self, user: str) -> None:
+        self._open.pop(user, None)
+
+
 class RefreshPipeline:
     """Recommender + the lists it last served; one ``process`` call per micro-batch."""
 
-    def __init__(self, recommender: Recommender, hit_rate_window: int = 1000) -> None:
+    def __init__(self, recommender: Recommender, hit_rate_window: int = 1000, visit_gap_s: float = 1800.0) -> None:
         self.recommender = recommender
         self.hit_rate = HitRate(hit_rate_window)
+        self.visit_hit_rate = VisitHitRate(hit_rate_window, visit_gap_s)
         # The item rows of each user's last list, as int32 bytes (113 bytes for 20 items; a tuple of
         # ids took 216, a frozenset ~2.2 kB).
         self._served: dict[str, bytes] = {}
@@ -63,13 +128,19 @@ class RefreshPipeline:
     def learn(self, events: Iterable[Interaction]) -> list[str]:
         """Test-then-train each event; return the touched users, first-touched first."""
         touched: dict[str, None] = {}
+        users = self.recommender.users
         for ev in events:
-            if is_positive(ev.type, ev.rating):
-                served = self._served.get(ev.user_id)
-                row = self.recommender.items.find(ev.item_id)
+            served = self._served.get(ev.user_id)
+            row = self.recommender.items.find(ev.item_id)
+            positive = is_positive(ev.type, ev.rating)
+            if positive:
                 self.hit_rate.observe(
                     served is not None and row is not None and row in memoryview(served).cast("i")
                 )
+            state = users.get(ev.user_id)
+            self.visit_hit_rate.observe_event(
+                ev.user_id, ev.type, positive, ev.ts, state.last_ts if state is not None else None, served, row
+            )
             self.recommender.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
             touched[ev.user_id] = None
         return list(touched)
@@ -89,9 +160,11 @@ class RefreshPipeline:
         """Let these users go (their partition moved to another worker): model and served lists."""
         for user in users:
             self._served.pop(user, None)
+            self.visit_hit_rate.drop(user)
         self.recommender.users.drop(users)
 
     def forget(self, user: str) -> bool:
         """Erase the user from the model and the served lists; False if they were unknown."""
         served = self._served.pop(user, None) is not None
+        self.visit_hit_rate.drop(user)
         return self.recommender.forget(user) or served

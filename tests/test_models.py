@@ -94,6 +94,37 @@ def test_prequential_hit_rate_counts_items_already_served() -> None:
     assert pipe.hit_rate.value == pytest.approx(1 / 5)  # 4 misses (nothing served yet), then a hit
 
 
+def test_visit_hit_rate_judges_the_list_served_when_a_visit_began(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The push-scenario twin: a visit after the first, with an engagement, is a hit when the
+    shopper engaged with an item of the list they were served as it began; visits without an
+    engagement, first visits and views on a log with clicks are not judged; a visit that ends
+    without a hit (the shopper returns, or stays away past the gap) is a miss."""
+    from types import SimpleNamespace as Ev
+
+    import online_models.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "_SWEEP_EVERY", 3)
+    pipe = RefreshPipeline(Recommender(n_factors=4, seed=0, top_n=5), hit_rate_window=10, visit_gap_s=100.0)
+
+    def event(user: str, item: str, ts: float, kind: str = "click") -> Ev:
+        return Ev(user_id=user, item_id=item, type=kind, ts=ts, rating=None)
+
+    first = [event(user, f"{user}{k}", float(k)) for user in "abcde" for k in range(4)]
+    pipe.process(first)  # every first visit: not judged
+    served_a, served_c = (pipe.recommender.recommend(user).items for user in "ac")  # as served
+    pipe.process([event("a", "new-1", 500.0, "view"), event("a", served_a[0], 501.0)])  # hit
+    pipe.process([event("c", served_c[0], 500.0)])  # a hit with the visit's first event
+    pipe.process([event("b", "new-2", 500.0)])  # engaged, nothing served: a miss once it ends
+    pipe.process([event("d", "new-3", 500.0, "view")])  # a view on a log with clicks: not judged
+    pipe.process([event("e", "new-4", 500.0)])  # engaged, not served; never comes back
+    assert pipe.visit_hit_rate.value == pytest.approx(1.0)  # b's and e's visits not over yet
+    pipe.process([event("b", "new-5", 900.0)])  # b's next visit ends the last one: a miss
+    assert pipe.visit_hit_rate.value == pytest.approx(2 / 3)
+    # e, and b in their second visit, stay quiet past the gap: swept as misses.
+    pipe.process([event("c", "c0", 2000.0, "view") for _ in range(3)])
+    assert pipe.visit_hit_rate.value == pytest.approx(2 / 5)
+
+
 def test_top_n_sampled_threshold_matches_a_full_sort() -> None:
     """Large catalogues take the sampled-threshold path; the answer must equal a full sort's."""
     rng = np.random.default_rng(0)
@@ -128,7 +159,7 @@ def test_settings_defaults_are_the_recommenders_defaults() -> None:
     from infra.settings import ModelSettings
 
     signature = inspect.signature(Recommender).parameters
-    for name, value in ModelSettings().model_dump(exclude={"hit_rate_window"}).items():
+    for name, value in ModelSettings().model_dump(exclude={"hit_rate_window", "visit_gap_s"}).items():
         assert value == signature[name].default or dict(signature[name].default) == value, name
 
 
