@@ -205,7 +205,8 @@ class Recommender:
         previous = state.session
         state.touch(row, kind, ts, kind in CONSUMING_TYPES, self.session_items)
         if kind == "purchase" and self.rebuy_weight:  # weight 0: not listed, so not learned
-            self.rebuy.learn_one(row, state.buy(row))
+            last = state.buy(row, ts)
+            self.rebuy.learn_one(row, None if last is None else max(ts - last, 0.0))
         if not is_positive(kind, rating):
             return
         weight = self.type_weights.get(kind, 1.0)

@@ -43,8 +43,9 @@ class UserState:
     # interest at time t is 2 ** (level - t / half-life), so one float holds the sum of every
     # event's decayed weight. None until the first positive event.
     interest: array[float] | None = None
-    # Items the user bought, and how often: row << 8 | count (at most 255). None until the first.
-    bought: array[int] | None = None
+    # Items the user bought, as pairs (row << 8 | how often, at most 255; the last purchase's
+    # event time) in one array. None until the first.
+    bought: array[float] | None = None
     # The Kafka partition the user's events come from (-1: not known): the unit of checkpoints
     # and of ownership across workers. Not in the JSON form: a partition's checkpoint implies it.
     partition: int = -1
@@ -82,23 +83,29 @@ class UserState:
             self.consumed.add(row)
             self._drop_interest(row)
 
-    def buy(self, row: int) -> bool:
-        """Count a purchase of ``row``; whether the user had bought it before."""
+    def buy(self, row: int, ts: float) -> float | None:
+        """Count a purchase of ``row`` at ``ts``; the time of the user's last purchase of it
+        (None: the first)."""
         if self.bought is None:
-            self.bought = array("i")
-        for at, entry in enumerate(self.bought):
+            self.bought = array("d")
+        for at, value in enumerate(self.bought[::2]):
+            entry = int(value)
             if entry >> 8 == row:
-                self.bought[at] = entry if entry & 0xFF == 0xFF else entry + 1
-                return True
-        self.bought.append(row << 8 | 1)
-        return False
+                last = self.bought[2 * at + 1]
+                self.bought[2 * at] = entry if entry & 0xFF == 0xFF else entry + 1
+                self.bought[2 * at + 1] = max(last, ts)
+                return last
+        self.bought.extend((row << 8 | 1, ts))
+        return None
 
-    def purchases(self) -> tuple[np.ndarray, np.ndarray]:
-        """The rows the user bought and how often."""
+    def purchases(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows the user bought, how often, and when last."""
         if not self.bought:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-        entries = np.frombuffer(self.bought, dtype=np.int32).astype(np.int64)
-        return entries >> 8, entries & 0xFF
+            empty = np.empty(0, dtype=np.int64)
+            return empty, empty, np.empty(0, dtype=np.float64)
+        pairs = np.array(self.bought).reshape(-1, 2)
+        entries = pairs[:, 0].astype(np.int64)
+        return entries >> 8, entries & 0xFF, pairs[:, 1]
 
     def remember(
         self, row: int, kind: str, weight: float, ts: float, half_life_s: float, memory: int
@@ -153,8 +160,12 @@ class UserState:
             [[entry >> _SHIFT, level, _kind(entry)] for entry, level in self._interest_pairs()],
             self.session,
             [[row, kind] for row, kind in self.kinds.items()],
-            [[entry >> 8, entry & 0xFF] for entry in self.bought or ()],
+            [[entry >> 8, entry & 0xFF, ts] for entry, ts in self._bought_pairs()],
         ]
+
+    def _bought_pairs(self) -> zip[tuple[int, float]]:
+        pairs = self.bought or array("d")
+        return zip(map(int, pairs[::2]), pairs[1::2], strict=True)
 
     def _interest_pairs(self) -> zip[tuple[int, float]]:
         pairs = self.interest or array("d")
@@ -162,7 +173,7 @@ class UserState:
 
     def rows(self) -> set[int]:
         """Every row the JSON form names."""
-        return {*self.consumed, *self.interest_rows, *self.session, *(e >> 8 for e in self.bought or ())}
+        return {*self.consumed, *self.interest_rows, *self.session, *(e >> 8 for e, _ in self._bought_pairs())}
 
     @classmethod
     def from_json(
@@ -191,6 +202,8 @@ class UserState:
                 else:
                     level, kind = entry[1], kind_of.get(row, "view")
                 state.interest.extend((row_of(row) << _SHIFT | _CODE.get(kind, 0), level))
-        if bought:
-            state.bought = array("i", [row_of(row) << 8 | count for row, count in bought])
+        if bought:  # [row, count, last purchase time]; before 2026-12-02 [row, count]
+            state.bought = array("d")
+            for row, count, *when in bought:
+                state.bought.extend((row_of(row) << 8 | count, when[0] if when else last_ts))
         return state
