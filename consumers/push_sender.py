@@ -1,33 +1,32 @@
-"""The push sender: follow the refresh stream, apply the push policy, append to the outbox.
+"""The push sender: follow the refresh stream, apply the push policy, deliver (to the outbox,
+or the shop's push gateway: ``consumers.push_delivery``).
 
 Reads the Redis stream through a consumer group, so an entry read but not acknowledged before a
 crash is still pending: the same consumer reads it again on restart, and any other sender of the
 group claims it once it has been idle ``push.claim_idle_s``. The (user, list version) pair is the
-notification's idempotency key: recorded in Redis after delivery, and checked against the
-outbox itself (the delivery channel) before delivering, so a crash between delivery and the
-Redis record never pushes twice.
+notification's push id and idempotency key: recorded in Redis after delivery, and answered for
+by the delivery channel itself before that (the outbox's tail; the gateway's Idempotency-Key),
+so a crash between delivery and the Redis record never pushes twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
-import orjson
 from redis.exceptions import ResponseError
 
-from infra.faults import crash_point
+from consumers.push_delivery import FAILED, Delivery, Outbox, Webhook
 from infra.metrics import Metrics
 from infra.settings import Settings
 from infra.store import Keys, RedisTopNStore, StoredList, connect
 from online_models.push_policy import SENT, PushPolicy
 
 log = logging.getLogger("pushrec.push_sender")
-FAILED = "failed"
 # What became of a refresh-stream entry (label of pushrec_push_entries_total).
 DECIDED, SUPERSEDED, ALREADY_SENT, TRIMMED = "decided", "superseded", "already_sent", "trimmed"
 
@@ -62,7 +61,8 @@ OUTSIDE_SEGMENT = "outside_segment"  # a campaign (--segment TAG) skips users no
 
 
 class PushSender:
-    """One consumer of the refresh stream writing notifications as JSON Lines."""
+    """One consumer of the refresh stream delivering notifications (to ``outbox``, or to
+    ``webhook``, a URL, when given)."""
 
     def __init__(
         self,
@@ -73,6 +73,7 @@ class PushSender:
         until_idle_s: float | None = None,
         consumer_name: str | None = None,
         segment: str | None = None,
+        webhook: str | None = None,
     ) -> None:
         """``segment``: push only to users whose interest segment is tagged with it (a campaign)."""
         push = settings.push
@@ -89,14 +90,14 @@ class PushSender:
         self.group = push.consumer_group
         # A stable name, so a restarted sender finds the entries it read but never acked.
         self.consumer = consumer_name or socket.gethostname()
-        self.outbox = Path(outbox)
         self.metrics = metrics or Metrics()
+        self.delivery: Delivery = (
+            Outbox(Path(outbox))
+            if webhook is None
+            else Webhook(webhook, push, self.client, self.keys, self.metrics)
+        )
         self.until_idle_s = until_idle_s
         self.claim_idle_ms = int(push.claim_idle_s * 1000)
-        # Notifications in the outbox whose Redis record may be missing: those a crash may have
-        # left there (read from the outbox's tail at start) and the one being recorded. Bounded:
-        # an id leaves once its record is in Redis, which answers for it from then on.
-        self._delivered: set[str] = set()
         self.segment = segment
         self._count_trimmed_script = self.client.register_script(_COUNT_TRIMMED)
 
@@ -109,47 +110,52 @@ class PushSender:
 
     async def run(self) -> None:
         await self._ensure_group()
-        log.info("push sender: group=%s consumer=%s outbox=%s", self.group, self.consumer, self.outbox)
-        self.outbox.parent.mkdir(parents=True, exist_ok=True)
-        _drop_torn_tail(self.outbox)
-        self._delivered = _recent_notification_ids(self.outbox)
+        log.info(
+            "push sender: group=%s consumer=%s delivering to %s",
+            self.group,
+            self.consumer,
+            self.delivery.where,
+        )
+        await self.delivery.open()
+        try:
+            await self._follow()
+        finally:
+            await self.delivery.close()
+
+    async def _follow(self) -> None:
         last_activity = time.monotonic()
         # First our own pending entries (read before a crash, never acked), then new ones.
         cursor = "0"
         next_trim_check = 0.0
-        with open(self.outbox, "ab") as out:
-            while True:
-                if time.monotonic() >= next_trim_check:
-                    await self._count_trimmed()
-                    next_trim_check = time.monotonic() + TRIM_CHECK_EVERY_S
-                reply = await self.client.xreadgroup(
-                    self.group,
-                    self.consumer,
-                    {self.keys.refreshed(): cursor},
-                    count=100,
-                    block=500,
-                )
-                entries = reply[0][1] if reply else []
-                if not entries and cursor == "0":
-                    cursor = ">"
-                    continue
-                if not entries:
-                    entries = await self._claim_abandoned()
-                if not entries:
-                    if (
-                        self.until_idle_s is not None
-                        and time.monotonic() - last_activity >= self.until_idle_s
-                    ):
-                        log.info("idle for %.1fs: stopping (--until-idle)", self.until_idle_s)
-                        return
-                    continue
-                last_activity = time.monotonic()
-                for entry_id, fields in entries:
-                    if fields:
-                        await self.handle(fields[b"user_id"].decode(), int(fields[b"version"]), out)
-                    else:  # read before a crash, then trimmed by the cap before it was decided
-                        self._lost_to_trimming(1, "read but not decided")
-                    await self.client.xack(self.keys.refreshed(), self.group, entry_id)
+        while True:
+            if time.monotonic() >= next_trim_check:
+                await self._count_trimmed()
+                next_trim_check = time.monotonic() + TRIM_CHECK_EVERY_S
+            reply = await self.client.xreadgroup(
+                self.group,
+                self.consumer,
+                {self.keys.refreshed(): cursor},
+                count=100,
+                block=500,
+            )
+            entries = reply[0][1] if reply else []
+            if not entries and cursor == "0":
+                cursor = ">"
+                continue
+            if not entries:
+                entries = await self._claim_abandoned()
+            if not entries:
+                if self.until_idle_s is not None and time.monotonic() - last_activity >= self.until_idle_s:
+                    log.info("idle for %.1fs: stopping (--until-idle)", self.until_idle_s)
+                    return
+                continue
+            last_activity = time.monotonic()
+            for entry_id, fields in entries:
+                if fields:
+                    await self.handle(fields[b"user_id"].decode(), int(fields[b"version"]))
+                else:  # read before a crash, then trimmed by the cap before it was decided
+                    self._lost_to_trimming(1, "read but not decided")
+                await self.client.xack(self.keys.refreshed(), self.group, entry_id)
 
     async def _claim_abandoned(self) -> list:  # type: ignore[type-arg]
         """Entries another sender of the group read and never acked (it crashed, or its host is gone)."""
@@ -186,7 +192,7 @@ class PushSender:
             self.store.stream_maxlen,
         )
 
-    async def handle(self, user: str, version: int, out) -> str:  # type: ignore[no-untyped-def]
+    async def handle(self, user: str, version: int) -> str:
         """Decide and deliver one refresh-stream entry; returns what happened to it."""
         stored = await self.store.read(user)
         if stored is None or stored.version < version:
@@ -219,12 +225,14 @@ class PushSender:
         )
         outcome = decision.outcome
         if outcome == SENT and decision.item is not None:
-            notification_id = f"{stored.user_id}:{stored.version}"
-            if notification_id in self._delivered:
+            push_id = f"{stored.user_id}:{stored.version}"
+            if self.delivery.delivered_before(push_id):
                 # Delivered before a crash that came before the Redis record: record it only.
                 outcome = ALREADY_SENT
             else:
-                outcome = self._deliver(out, notification_id, stored, decision.item, now)
+                outcome = await self.delivery.deliver(
+                    await self._notification(push_id, stored, decision.item, now)
+                )
             if outcome in (SENT, ALREADY_SENT):
                 async with self.client.pipeline(transaction=True) as pipe:
                     pipe.zadd(pushes_key, {str(version): now})
@@ -232,72 +240,28 @@ class PushSender:
                     pipe.zremrangebyscore(pushes_key, "-inf", cap_from)
                     pipe.zremrangebyscore(items_key, "-inf", dedupe_from)
                     await pipe.execute()
-                self._delivered.discard(notification_id)  # Redis answers for it now
+                self.delivery.recorded(push_id)  # Redis answers for it now
         if outcome == ALREADY_SENT:
             self.metrics.push_entries.labels(ALREADY_SENT).inc()
             return ALREADY_SENT
         self.metrics.pushes.labels(outcome).inc()
         return outcome
 
-    def _deliver(self, out, notification_id: str, stored: StoredList, item: str, now: float) -> str:  # type: ignore[no-untyped-def]
+    async def _notification(self, push_id: str, stored: StoredList, item: str, now: float) -> dict[str, Any]:
         listed = next((i for i in stored.items if i["item_id"] == item), {})
-        notification = {
-            "notification_id": notification_id,
+        title = await self.client.hget(self.keys.item(item), "title")  # None without a catalogue
+        return {
+            "notification_id": push_id,
+            "push_id": push_id,
             "user_id": stored.user_id,
             "item_id": item,
+            "title": title.decode() if title is not None else None,
             "score": listed.get("score"),
             "reason": listed.get("reason"),
             "list_version": stored.version,
             "model": stored.model,
             "sent_at": now,
         }
-        try:
-            out.write(orjson.dumps(notification) + b"\n")
-            out.flush()
-            os.fsync(out.fileno())
-        except OSError as exc:
-            log.error("outbox write failed for user=%s: %s", stored.user_id, exc)
-            return FAILED
-        self._delivered.add(notification_id)
-        crash_point("push_sender.after_delivery")
-        return SENT
-
-
-def _drop_torn_tail(outbox: Path) -> None:
-    """Cut a last line left half-written by a crash (it was never delivered whole)."""
-    if not outbox.exists() or outbox.stat().st_size == 0:
-        return
-    with open(outbox, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - (1 << 20)))
-        tail = f.read()
-        if tail.endswith(b"\n"):
-            return
-        cut = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else max(0, size - len(tail))
-        log.warning("outbox ended in a torn line: dropped its last %d bytes", size - cut)
-        f.truncate(cut)
-
-
-def _recent_notification_ids(outbox: Path, tail_bytes: int = 4 << 20) -> set[str]:
-    """Notification ids in the last ``tail_bytes`` of the outbox: what a crash may have left
-    delivered but unrecorded is always at its end."""
-    if not outbox.exists():
-        return set()
-    with open(outbox, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - tail_bytes))
-        lines = f.read().splitlines()
-    if size > tail_bytes:
-        lines = lines[1:]  # the first may be cut
-    ids, unreadable = set(), 0
-    for line in lines:
-        try:
-            ids.add(orjson.loads(line)["notification_id"])
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            unreadable += 1
-    if unreadable:
-        log.warning("outbox %s: %d line(s) that are not notifications were skipped", outbox, unreadable)
-    return ids
 
 
 def run_push_sender(sender: PushSender, metrics_port: int | None = None) -> None:

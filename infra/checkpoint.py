@@ -67,12 +67,20 @@ def _dumps(value: Any) -> bytes:
     if isinstance(value, dict):
         if len(value) > _CHUNK:
             pairs = list(value.items())
-            parts = (orjson.dumps(dict(pairs[at : at + _CHUNK]), option=_OPTIONS)[1:-1] for at in range(0, len(pairs), _CHUNK))
+            parts = (
+                orjson.dumps(dict(pairs[at : at + _CHUNK]), option=_OPTIONS)[1:-1]
+                for at in range(0, len(pairs), _CHUNK)
+            )
         else:
-            parts = (orjson.dumps({key: None}, option=_OPTIONS)[1:-5] + _dumps(item) for key, item in value.items())
+            parts = (
+                orjson.dumps({key: None}, option=_OPTIONS)[1:-5] + _dumps(item) for key, item in value.items()
+            )
         return b"{" + b",".join(parts) + b"}"
     if isinstance(value, list) and len(value) > _CHUNK:
-        chunks = (orjson.dumps(value[at : at + _CHUNK], option=_OPTIONS)[1:-1] for at in range(0, len(value), _CHUNK))
+        chunks = (
+            orjson.dumps(value[at : at + _CHUNK], option=_OPTIONS)[1:-1]
+            for at in range(0, len(value), _CHUNK)
+        )
         return b"[" + b",".join(chunks) + b"]"
     return orjson.dumps(value, option=_OPTIONS)
 

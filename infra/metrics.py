@@ -11,7 +11,7 @@ from infra.store import REDIS_ERROR_KINDS, redis_error_kind
 
 # Closed label sets (the product contract, shared/SPEC.md); pre-created so dashboards see zeros.
 EVENT_OUTCOMES = ("processed", "dead_letter", "duplicate")
-PUSH_OUTCOMES = ("sent", "capped", "deduped", "quiet_hours", "failed")
+PUSH_OUTCOMES = ("sent", "capped", "deduped", "quiet_hours", "failed", "dead_letter")
 PUSH_ENTRY_RESULTS = ("decided", "superseded", "already_sent", "outside_segment", "trimmed")
 LATENCY_BUCKETS = (
     0.005,
@@ -96,6 +96,11 @@ class Metrics:
             self.redis_errors.labels(kind)
         self.pushes = Counter(
             "pushrec_pushes", "Push decisions of the sender, by outcome.", ["outcome"], registry=r
+        )
+        self.push_retries = Counter(
+            "pushrec_push_retries",
+            "Deliveries to the push gateway tried again (timeout, connection error, 408, 429, 5xx).",
+            registry=r,
         )
         self.push_entries = Counter(
             "pushrec_push_entries",

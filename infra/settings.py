@@ -139,7 +139,9 @@ class ModelSettings(_Section):
     )
     hit_rate_window: int = Field(1000, ge=1, description="events (visits) in the live HR@N windows")
     visit_gap_s: float = Field(
-        1800.0, gt=0, description="quiet time after which a shopper's next event begins a new visit (live visit HR)"
+        1800.0,
+        gt=0,
+        description="quiet time after which a shopper's next event begins a new visit (live visit HR)",
     )
 
     @field_validator("type_weights")
@@ -209,6 +211,16 @@ class PushSettings(_Section):
     consumer_group: str = "pushrec-push-sender"
     claim_idle_s: float = Field(
         30.0, gt=0, description="claim entries another sender read but left unacked this long"
+    )
+    webhook_timeout_s: float = Field(
+        5.0, gt=0, description="push gateway (--webhook): timeout of one request"
+    )
+    webhook_backoff_s: float = Field(
+        0.5, gt=0, description="push gateway: first retry within this (doubling)"
+    )
+    webhook_backoff_max_s: float = Field(30.0, gt=0, description="push gateway: longest wait between retries")
+    webhook_give_up_s: float = Field(
+        600.0, gt=0, description="push gateway: a push refused this long goes to the push dead letters"
     )
 
     @model_validator(mode="after")

@@ -65,6 +65,10 @@ class Keys:
         """Sorted set list-version -> time of the push made for it (frequency cap, idempotency)."""
         return f"{self.prefix}push:sent:{user}"
 
+    def push_dead_letters(self) -> str:
+        """The stream of pushes the gateway refused for good (notification, reason, time)."""
+        return f"{self.prefix}push:dead-letters"
+
     def item(self, item_id: str) -> str:
         """Hash: a catalogue item's title, category, price."""
         return f"{self.prefix}item:{item_id}"

@@ -123,10 +123,9 @@ class CoVisitation:
         self._tracked = array("d")
         for (source, target), value in zip(pairs.tolist(), values.tolist(), strict=True):
             rules = self._rules.get(source)
-            targets = rules[::2] if rules is not None else ()
-            if target not in targets:  # pruned meanwhile
+            if rules is None or target not in rules[::2]:  # pruned meanwhile
                 continue
-            at = 2 * targets.index(target) + 1
+            at = 2 * rules[::2].index(target) + 1
             rules[at] -= value
             if rules[at] <= 1e-9 * value:  # what is left is the subtraction's rounding
                 del rules[at - 1 : at + 1]
@@ -142,8 +141,7 @@ class CoVisitation:
             rules = self._rules.get(source)
             if rules is None:
                 continue
-            pairs = iter(rules)
-            for target, value in zip(pairs, pairs):
+            for target, value in zip(rules[::2], rules[1::2], strict=True):
                 row = int(target)
                 share = value / distance
                 totals[row] = totals.get(row, 0.0) + share
@@ -162,7 +160,9 @@ class CoVisitation:
         for source, rules in self._rules.items():
             self._rules[source] = array("d", (np.array(rules).reshape(-1, 2) * (1.0, factor)).tobytes())
         if self._tracked:
-            self._tracked = array("d", (np.array(self._tracked).reshape(-1, 3) * (1.0, 1.0, factor)).tobytes())
+            self._tracked = array(
+                "d", (np.array(self._tracked).reshape(-1, 3) * (1.0, 1.0, factor)).tobytes()
+            )
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Every rule: the reference time, and arrays (copies: they may be serialised in another
@@ -189,6 +189,7 @@ class CoVisitation:
             arrays["covisit_sources"].tolist(), (ends - sizes).tolist(), ends.tolist(), strict=True
         ):
             self._rules[source] = array("d", data[start:end])
+
 
 def _summed(triples: array[float]) -> tuple[np.ndarray, np.ndarray]:
     """(source, target, value) triples summed per (source, target): the pairs and sums."""

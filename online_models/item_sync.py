@@ -53,7 +53,9 @@ class ItemChanges:
     purchase_gaps: np.ndarray = field(default_factory=lambda: np.empty(0))  # NaN: a first purchase
 
     def __bool__(self) -> bool:
-        return bool(len(self.deltas_at) or len(self.counts_at) or len(self.rules_at) or len(self.purchases_at))
+        return bool(
+            len(self.deltas_at) or len(self.counts_at) or len(self.rules_at) or len(self.purchases_at)
+        )
 
     def factor_deltas(self) -> dict[str, np.ndarray]:
         """Each changed item's factor delta, by item."""
@@ -65,7 +67,9 @@ class ItemChanges:
         return {name: value for name, value in vars(self).items() if isinstance(value, np.ndarray)}
 
     @classmethod
-    def from_parts(cls, ids: list[str], rules_t_ref: float | None, arrays: dict[str, np.ndarray]) -> ItemChanges:
+    def from_parts(
+        cls, ids: list[str], rules_t_ref: float | None, arrays: dict[str, np.ndarray]
+    ) -> ItemChanges:
         """The inverse of (``ids``, ``rules_t_ref``, :meth:`arrays`)."""
         return cls(ids=ids, rules_t_ref=rules_t_ref, **arrays)
 
@@ -191,7 +195,10 @@ def _add_others(shard: Recommender, change: ItemChanges) -> None:
     rows = np.fromiter(map(add, change.ids), dtype=np.int64, count=len(change.ids))
     learn, positives = shard.popularity.learn_one, shard.negatives.positives
     for row, weight, ts in zip(
-        rows[change.counts_at].tolist(), change.count_weights.tolist(), change.count_times.tolist(), strict=True
+        rows[change.counts_at].tolist(),
+        change.count_weights.tolist(),
+        change.count_times.tolist(),
+        strict=True,
     ):
         learn(row, weight, ts, share=False)
         positives.add(row)

@@ -73,8 +73,14 @@ class VisitHitRate(HitRate):
         self._until_sweep = _SWEEP_EVERY
 
     def observe_event(
-        self, user: str, kind: str, positive: bool, ts: float, previous_ts: float | None,
-        served: bytes | None, row: int | None,
+        self,
+        user: str,
+        kind: str,
+        positive: bool,
+        ts: float,
+        previous_ts: float | None,
+        served: bytes | None,
+        row: int | None,
     ) -> None:
         """An event of ``user`` (before it is learned): ``previous_ts`` is their last event's time
         (None: their first), ``served`` their list as served now, ``row`` the item's row."""
@@ -117,7 +123,9 @@ class VisitHitRate(HitRate):
 class RefreshPipeline:
     """Recommender + the lists it last served; one ``process`` call per micro-batch."""
 
-    def __init__(self, recommender: Recommender, hit_rate_window: int = 1000, visit_gap_s: float = 1800.0) -> None:
+    def __init__(
+        self, recommender: Recommender, hit_rate_window: int = 1000, visit_gap_s: float = 1800.0
+    ) -> None:
         self.recommender = recommender
         self.hit_rate = HitRate(hit_rate_window)
         self.visit_hit_rate = VisitHitRate(hit_rate_window, visit_gap_s)
@@ -139,7 +147,13 @@ class RefreshPipeline:
                 )
             state = users.get(ev.user_id)
             self.visit_hit_rate.observe_event(
-                ev.user_id, ev.type, positive, ev.ts, state.last_ts if state is not None else None, served, row
+                ev.user_id,
+                ev.type,
+                positive,
+                ev.ts,
+                state.last_ts if state is not None else None,
+                served,
+                row,
             )
             self.recommender.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
             touched[ev.user_id] = None

@@ -173,7 +173,12 @@ class UserState:
 
     def rows(self) -> set[int]:
         """Every row the JSON form names."""
-        return {*self.consumed, *self.interest_rows, *self.session, *(e >> 8 for e, _ in self._bought_pairs())}
+        return {
+            *self.consumed,
+            *self.interest_rows,
+            *self.session,
+            *(e >> 8 for e, _ in self._bought_pairs()),
+        }
 
     @classmethod
     def from_json(

@@ -148,7 +148,13 @@ def test_rules_and_interest_survive_a_checkpoint_round_trip() -> None:
     assert len(fresh.covisit) == 0
     learned = Recommender(n_factors=4, seed=0)
     for t, (user, item, kind) in enumerate(
-        [("a", "x", "view"), ("a", "y", "click"), ("a", "z", "purchase"), ("b", "y", "click"), ("b", "x", "click")]
+        [
+            ("a", "x", "view"),
+            ("a", "y", "click"),
+            ("a", "z", "purchase"),
+            ("b", "y", "click"),
+            ("b", "x", "click"),
+        ]
     ):
         learned.learn_one(user, item, kind, ts=float(t))
     restored = Recommender(n_factors=4, seed=0)
