@@ -68,7 +68,7 @@ class VisitHitRate(HitRate):
         # Shoppers in a visit not judged yet: the list served when it began, whether they have
         # engaged during it, their last event time. Closed by a hit, their next visit, or a sweep.
         self._open: dict[str, tuple[bytes, bool, float]] = {}
-        self._views_only = True
+        self.views_only = True  # while every event seen is a view, views count as engagement
         self._latest = -math.inf
         self._until_sweep = _SWEEP_EVERY
 
@@ -79,23 +79,22 @@ class VisitHitRate(HitRate):
         positive: bool,
         ts: float,
         previous_ts: float | None,
-        served: bytes | None,
+        served: bytes,
         row: int | None,
     ) -> None:
-        """An event of ``user`` (before it is learned): ``previous_ts`` is their last event's time
-        (None: their first), ``served`` their list as served now, ``row`` the item's row."""
+        """An event of ``user`` (before it is learned) who was served ``served``: ``previous_ts``
+        is their last event's time (None: their first), ``row`` the item's row (None: unknown,
+        or not a positive event). The caller clears :attr:`views_only` at the first event that
+        is not a view."""
         self._latest = max(self._latest, ts)
-        if kind != "view":
-            self._views_only = False
         entry = self._open.get(user)
         if previous_ts is not None and ts - previous_ts > self.gap_s:  # a new visit
             if entry is not None and entry[1]:
                 self._hits.append(False)  # the last one ended engaged, without a hit
-            entry = None if served is None else (served, False, ts)
-        if entry is None:
-            self._open.pop(user, None)
+            entry = (served, False, ts)
+        if entry is None:  # not in a visit that can be judged
             return
-        if positive and (kind != "view" or self._views_only):
+        if positive and (kind != "view" or self.views_only):
             if row is not None and row in memoryview(entry[0]).cast("i"):
                 self._hits.append(True)
                 self._open.pop(user, None)
@@ -136,25 +135,21 @@ class RefreshPipeline:
     def learn(self, events: Iterable[Interaction]) -> list[str]:
         """Test-then-train each event; return the touched users, first-touched first."""
         touched: dict[str, None] = {}
-        users = self.recommender.users
+        users, find, visits = self.recommender.users, self.recommender.items.find, self.visit_hit_rate
         for ev in events:
             served = self._served.get(ev.user_id)
-            row = self.recommender.items.find(ev.item_id)
             positive = is_positive(ev.type, ev.rating)
+            row = find(ev.item_id) if positive else None
             if positive:
                 self.hit_rate.observe(
                     served is not None and row is not None and row in memoryview(served).cast("i")
                 )
-            state = users.get(ev.user_id)
-            self.visit_hit_rate.observe_event(
-                ev.user_id,
-                ev.type,
-                positive,
-                ev.ts,
-                state.last_ts if state is not None else None,
-                served,
-                row,
-            )
+            if ev.type != "view":
+                visits.views_only = False
+            if served is not None:  # else no visit of theirs can be judged (nothing was served)
+                state = users.get(ev.user_id)
+                previous = state.last_ts if state is not None else None
+                visits.observe_event(ev.user_id, ev.type, positive, ev.ts, previous, served, row)
             self.recommender.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
             touched[ev.user_id] = None
         return list(touched)

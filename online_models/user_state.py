@@ -125,12 +125,15 @@ class UserState:
 
     def _drop_interest(self, row: int) -> float | None:
         """Remove ``row`` from the interest; its level, or None if it had none."""
-        if self.interest is None:
+        if not self.interest:
             return None
-        for at, entry in enumerate(self.interest[::2]):
-            if int(entry) >> _SHIFT == row:
-                level = self.interest[2 * at + 1]
-                del self.interest[2 * at : 2 * at + 2]
+        entries = self.interest[::2]
+        for code in range(len(_KINDS)):  # an entry is row << 3 | a type code: C-level searches
+            entry = row << _SHIFT | code
+            if entry in entries:
+                at = 2 * entries.index(entry)
+                level = self.interest[at + 1]
+                del self.interest[at : at + 2]
                 return level
         return None
 
