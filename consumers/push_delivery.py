@@ -33,9 +33,10 @@ from infra.faults import crash_point
 from infra.metrics import Metrics
 from infra.settings import PushSettings
 from infra.store import Keys
+from online_models.push_policy import SENT
 
 log = logging.getLogger("pushrec.push_sender")
-SENT, FAILED, DEAD_LETTER = "sent", "failed", "dead_letter"
+FAILED, DEAD_LETTER = "failed", "dead_letter"
 
 
 class Delivery(Protocol):

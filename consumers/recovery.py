@@ -55,6 +55,11 @@ def partition_of_source(source: str) -> int:
     return int(source.rsplit(":", 1)[1])
 
 
+def offsets_of(offsets: dict[str, int], partition: int) -> dict[str, int]:
+    """The offsets of ``partition``'s sources (``topic:partition``) among ``offsets``."""
+    return {source: offset for source, offset in offsets.items() if partition_of_source(source) == partition}
+
+
 def _name(settings: Settings) -> str:
     return settings.checkpoint.name or settings.kafka.consumer_group
 
@@ -132,7 +137,7 @@ def _partition_meta(
     return {
         "kind": "partition",
         "partition": partition,
-        "offsets": {s: o for s, o in offsets.items() if partition_of_source(s) == partition},
+        "offsets": offsets_of(offsets, partition),
         "unwritten": [u for u in unwritten if mine(u) == partition],
         "ranked": [asdict(top) for top in ranked if mine(top.user_id) == partition],
         "model": model_meta,
@@ -197,8 +202,7 @@ async def checkpoint_live(
         waiting, waiting_ranked, offsets_now = list(pending()), list(ranked()), dict(offsets)
         memories = {}
         for partition in snapshots:
-            sources = [s for s in offsets_now if partition_of_source(s) == partition]
-            memories[partition] = seen.freeze(sources)
+            memories[partition] = seen.freeze(offsets_of(offsets_now, partition))
     finally:
         table.untrack_changes()
 

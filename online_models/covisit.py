@@ -74,9 +74,9 @@ class CoVisitation:
         if rules is None:
             self._rules[source] = array("d", (target, value))
             return
-        targets = rules[::2]
-        if target in targets:
-            rules[2 * targets.index(target) + 1] += value
+        at = _value_at(rules, target)
+        if at is not None:
+            rules[at] += value
             return
         rules.extend((target, value))
         if len(rules) > 4 * self.neighbours:  # twice the neighbours kept: prune to them
@@ -123,9 +123,8 @@ class CoVisitation:
         self._tracked = array("d")
         for (source, target), value in zip(pairs.tolist(), values.tolist(), strict=True):
             rules = self._rules.get(source)
-            if rules is None or target not in rules[::2]:  # pruned meanwhile
+            if rules is None or (at := _value_at(rules, target)) is None:  # pruned meanwhile
                 continue
-            at = 2 * rules[::2].index(target) + 1
             rules[at] -= value
             if rules[at] <= 1e-9 * value:  # what is left is the subtraction's rounding
                 del rules[at - 1 : at + 1]
@@ -189,6 +188,12 @@ class CoVisitation:
             arrays["covisit_sources"].tolist(), (ends - sizes).tolist(), ends.tolist(), strict=True
         ):
             self._rules[source] = array("d", data[start:end])
+
+
+def _value_at(rules: array[float], target: int) -> int | None:
+    """Where ``target``'s value sits among a source's (target, value) pairs; None if absent."""
+    targets = rules[::2]
+    return 2 * targets.index(target) + 1 if target in targets else None
 
 
 def _summed(triples: array[float]) -> tuple[np.ndarray, np.ndarray]:

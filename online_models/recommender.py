@@ -13,8 +13,9 @@ For a known user ``u``, every item ``i`` of the catalogue is scored
 clicked, put in the cart) and did not consume. ``rules`` are the items shoppers engaged with
 after the user's last items (``online_models.covisit``, scaled to at most 1); ``again`` is, for
 an item the user bought that shoppers often buy again, its repeat share (``online_models.rebuy``)
-times how often this user bought it relative to their most bought item (from 0.5 to 1). A
-consumed item is never listed, but for such repeat-bought ones.
+times how due it is (the share of its usual interval gone by since the user bought it, from half
+on) times how often this user bought it relative to their most bought item (from 0.5 to 1). A
+consumed item is never listed, but for such repeat-bought ones once due.
 
 With a catalogue (:meth:`Recommender.add_items`), items nobody touched yet get factors
 predicted from their text and a learned text-match term

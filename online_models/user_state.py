@@ -25,6 +25,12 @@ _CODE = {kind: code for code, kind in enumerate(_KINDS)}
 _SHIFT = 3
 
 
+def _pairs(values: array[float] | None) -> zip[tuple[int, float]]:
+    """An array of (entry, float) pairs as such, the entries as ints (None: none)."""
+    values = values or array("d")
+    return zip(map(int, values[::2]), values[1::2], strict=True)
+
+
 def _kind(entry: int) -> str:
     code = entry & ((1 << _SHIFT) - 1)
     return _KINDS[code] if code < len(_KINDS) else "view"
@@ -63,7 +69,7 @@ class UserState:
     @property
     def interest_entries(self) -> list[int]:
         """The interest's entries (row << 3 | type code), oldest first."""
-        return [int(entry) for entry in (self.interest or array("d"))[::2]]
+        return [entry for entry, _ in _pairs(self.interest)]
 
     @property
     def interest_rows(self) -> list[int]:
@@ -160,19 +166,11 @@ class UserState:
             self.events,
             self.last_ts,
             sorted(self.consumed),
-            [[entry >> _SHIFT, level, _kind(entry)] for entry, level in self._interest_pairs()],
+            [[entry >> _SHIFT, level, _kind(entry)] for entry, level in _pairs(self.interest)],
             self.session,
             [[row, kind] for row, kind in self.kinds.items()],
-            [[entry >> 8, entry & 0xFF, ts] for entry, ts in self._bought_pairs()],
+            [[entry >> 8, entry & 0xFF, ts] for entry, ts in _pairs(self.bought)],
         ]
-
-    def _bought_pairs(self) -> zip[tuple[int, float]]:
-        pairs = self.bought or array("d")
-        return zip(map(int, pairs[::2]), pairs[1::2], strict=True)
-
-    def _interest_pairs(self) -> zip[tuple[int, float]]:
-        pairs = self.interest or array("d")
-        return zip(map(int, pairs[::2]), pairs[1::2], strict=True)
 
     def rows(self) -> set[int]:
         """Every row the JSON form names."""
@@ -180,7 +178,7 @@ class UserState:
             *self.consumed,
             *self.interest_rows,
             *self.session,
-            *(e >> 8 for e, _ in self._bought_pairs()),
+            *(e >> 8 for e, _ in _pairs(self.bought)),
         }
 
     @classmethod
