@@ -21,7 +21,6 @@ True
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -38,7 +37,7 @@ class ItemChanges:
     once, in ``ids``; every ``*_at`` array holds positions in it (so the changes travel as a few
     arrays whatever their size): factor deltas, popularity counts (weight, event time), the
     sequential rules' additions (source, target; scaled to ``rules_t_ref``, see
-    ``online_models.covisit``) and purchases (and the seconds since that shopper last bought it)."""
+    ``online_models.covisit``) and purchases (and whether that shopper had bought it before)."""
 
     ids: list[str] = field(default_factory=list)
     deltas_at: np.ndarray = field(default_factory=lambda: _ROWS)
@@ -50,7 +49,7 @@ class ItemChanges:
     rule_values: np.ndarray = field(default_factory=lambda: np.empty(0))
     rules_t_ref: float | None = None
     purchases_at: np.ndarray = field(default_factory=lambda: _ROWS)
-    purchase_gaps: np.ndarray = field(default_factory=lambda: np.empty(0))  # NaN: a first purchase
+    purchases_again: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
 
     def __bool__(self) -> bool:
         return bool(
@@ -167,9 +166,7 @@ def take_changes(shard: Recommender) -> ItemChanges:
         rule_values=rule_values,
         rules_t_ref=t_ref,
         purchases_at=at[ends[2] :],
-        purchase_gaps=np.fromiter(
-            (np.nan if gap is None else gap for _, gap in purchases), dtype=np.float64, count=len(purchases)
-        ),
+        purchases_again=np.fromiter((again for _, again in purchases), dtype=bool, count=len(purchases)),
     )
 
 
@@ -203,5 +200,5 @@ def _add_others(shard: Recommender, change: ItemChanges) -> None:
         learn(row, weight, ts, share=False)
         positives.add(row)
     shard.covisit.add_changes(rows[change.rules_at], change.rule_values, change.rules_t_ref)
-    for row, gap in zip(rows[change.purchases_at].tolist(), change.purchase_gaps.tolist(), strict=True):
-        shard.rebuy.learn_one(row, None if math.isnan(gap) else gap, share=False)
+    for row, again in zip(rows[change.purchases_at].tolist(), change.purchases_again.tolist(), strict=True):
+        shard.rebuy.learn_one(row, again, share=False)

@@ -13,9 +13,8 @@ For a known user ``u``, every item ``i`` of the catalogue is scored
 clicked, put in the cart) and did not consume. ``rules`` are the items shoppers engaged with
 after the user's last items (``online_models.covisit``, scaled to at most 1); ``again`` is, for
 an item the user bought that shoppers often buy again, its repeat share (``online_models.rebuy``)
-times how due it is (the share of its usual interval gone by since the user bought it, from half
-on) times how often this user bought it relative to their most bought item (from 0.5 to 1). A
-consumed item is never listed, but for such repeat-bought ones once due.
+times how often this user bought it relative to their most bought item (from 0.5 to 1). A
+consumed item is never listed, but for such repeat-bought ones.
 
 With a catalogue (:meth:`Recommender.add_items`), items nobody touched yet get factors
 predicted from their text and a learned text-match term
@@ -206,8 +205,7 @@ class Recommender:
         previous = state.session
         state.touch(row, kind, ts, kind in CONSUMING_TYPES, self.session_items)
         if kind == "purchase" and self.rebuy_weight:  # weight 0: not listed, so not learned
-            last = state.buy(row, ts)
-            self.rebuy.learn_one(row, None if last is None else max(ts - last, 0.0))
+            self.rebuy.learn_one(row, state.buy(row))
         if not is_positive(kind, rating):
             return
         weight = self.type_weights.get(kind, 1.0)

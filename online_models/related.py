@@ -26,7 +26,7 @@ class Related:
     covisit_scores: np.ndarray  # (0, 1]
     covisit_sources: np.ndarray  # the last item each rule came from most
     again_rows: np.ndarray
-    again_scores: np.ndarray  # repeat share x timing x (0.5-1 by how often this shopper bought it)
+    again_scores: np.ndarray  # repeat share x (0.5-1 by how often this shopper bought it)
 
     @property
     def rows(self) -> list[int]:
@@ -60,12 +60,10 @@ def related(state: UserState, covisit: CoVisitation | None, rebuy: BuyingAgain |
     rows, scores, sources = covisit.scores(state.session) if covisit else (_EMPTY_ROWS, _EMPTY, _EMPTY_ROWS)
     again_rows, again = _EMPTY_ROWS, _EMPTY
     if rebuy is not None and state.bought:
-        bought, counts, last = state.purchases()
+        bought, counts = state.purchases()
         shares = rebuy.shares(bought)
-        timing = rebuy.timing(bought, state.last_ts - last)
-        keep = (shares >= rebuy.min_share) & (timing > 0)
-        again_rows = bought[keep]
-        again = shares[keep] * timing[keep] * (0.5 + 0.5 * counts[keep] / counts.max())
+        keep = shares >= rebuy.min_share
+        again_rows, again = bought[keep], shares[keep] * (0.5 + 0.5 * counts[keep] / counts.max())
     return Related(rows, scores, sources, again_rows, again)
 
 

@@ -49,9 +49,8 @@ class UserState:
     # interest at time t is 2 ** (level - t / half-life), so one float holds the sum of every
     # event's decayed weight. None until the first positive event.
     interest: array[float] | None = None
-    # Items the user bought, as pairs (row << 8 | how often, at most 255; the last purchase's
-    # event time) in one array. None until the first.
-    bought: array[float] | None = None
+    # Items the user bought, and how often: row << 8 | count (at most 255). None until the first.
+    bought: array[int] | None = None
     # The Kafka partition the user's events come from (-1: not known): the unit of checkpoints
     # and of ownership across workers. Not in the JSON form: a partition's checkpoint implies it.
     partition: int = -1
@@ -89,29 +88,23 @@ class UserState:
             self.consumed.add(row)
             self._drop_interest(row)
 
-    def buy(self, row: int, ts: float) -> float | None:
-        """Count a purchase of ``row`` at ``ts``; the time of the user's last purchase of it
-        (None: the first)."""
+    def buy(self, row: int) -> bool:
+        """Count a purchase of ``row``; whether the user had bought it before."""
         if self.bought is None:
-            self.bought = array("d")
-        for at, value in enumerate(self.bought[::2]):
-            entry = int(value)
+            self.bought = array("i")
+        for at, entry in enumerate(self.bought):
             if entry >> 8 == row:
-                last = self.bought[2 * at + 1]
-                self.bought[2 * at] = entry if entry & 0xFF == 0xFF else entry + 1
-                self.bought[2 * at + 1] = max(last, ts)
-                return last
-        self.bought.extend((row << 8 | 1, ts))
-        return None
+                self.bought[at] = entry if entry & 0xFF == 0xFF else entry + 1
+                return True
+        self.bought.append(row << 8 | 1)
+        return False
 
-    def purchases(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The rows the user bought, how often, and when last."""
+    def purchases(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows the user bought and how often."""
         if not self.bought:
-            empty = np.empty(0, dtype=np.int64)
-            return empty, empty, np.empty(0, dtype=np.float64)
-        pairs = np.array(self.bought).reshape(-1, 2)
-        entries = pairs[:, 0].astype(np.int64)
-        return entries >> 8, entries & 0xFF, pairs[:, 1]
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        entries = np.frombuffer(self.bought, dtype=np.int32).astype(np.int64)
+        return entries >> 8, entries & 0xFF
 
     def remember(
         self, row: int, kind: str, weight: float, ts: float, half_life_s: float, memory: int
@@ -169,17 +162,12 @@ class UserState:
             [[entry >> _SHIFT, level, _kind(entry)] for entry, level in _pairs(self.interest)],
             self.session,
             [[row, kind] for row, kind in self.kinds.items()],
-            [[entry >> 8, entry & 0xFF, ts] for entry, ts in _pairs(self.bought)],
+            [[entry >> 8, entry & 0xFF] for entry in self.bought or ()],
         ]
 
     def rows(self) -> set[int]:
         """Every row the JSON form names."""
-        return {
-            *self.consumed,
-            *self.interest_rows,
-            *self.session,
-            *(e >> 8 for e, _ in _pairs(self.bought)),
-        }
+        return {*self.consumed, *self.interest_rows, *self.session, *(e >> 8 for e in self.bought or ())}
 
     @classmethod
     def from_json(
@@ -208,8 +196,6 @@ class UserState:
                 else:
                     level, kind = entry[1], kind_of.get(row, "view")
                 state.interest.extend((row_of(row) << _SHIFT | _CODE.get(kind, 0), level))
-        if bought:  # [row, count, last purchase time]; before 2026-12-02 [row, count]
-            state.bought = array("d")
-            for row, count, *when in bought:
-                state.bought.extend((row_of(row) << 8 | count, when[0] if when else last_ts))
+        if bought:  # [row, count]; written for a few hours on 2026-12-01 [row, count, last time]
+            state.bought = array("i", [row_of(row) << 8 | count for row, count, *_ in bought])
         return state

@@ -271,29 +271,6 @@ def test_a_bought_item_comes_back_when_shoppers_buy_it_again() -> None:
     assert "coffee" not in rec.recommend("me", 5).items
 
 
-def test_a_bought_item_comes_back_when_its_usual_interval_is_near() -> None:
-    """Shoppers buy coffee again a week later. A shopper who bought it a day ago does not get it
-    back yet (a seventh of the interval); six days later they do."""
-    from online_models.related import related
-
-    day = 86_400.0
-    rec = Recommender(n_factors=4, seed=0)
-    for n in range(10):
-        rec.learn_one(f"s{n}", "coffee", "purchase", ts=n * 60.0)
-        rec.learn_one(f"s{n}", f"filler{n}", "purchase", ts=n * 60.0 + 30)
-        rec.learn_one(f"s{n}", "coffee", "purchase", ts=7 * day + n * 60.0)
-    assert rec.rebuy.intervals(np.array([rec.items.row("coffee")]))[0] == pytest.approx(7 * day, rel=0.01)
-    rec.learn_one("me", "coffee", "purchase", ts=10 * day)
-    rec.learn_one("me", "filler0", "view", ts=11 * day)
-    coffee = rec.items.row("coffee")
-    assert coffee not in related(rec.users.get("me"), None, rec.rebuy).again_rows  # still excluded
-    assert "coffee" not in rec.recommend("me", 5).items
-    rec.learn_one("me", "filler1", "view", ts=16 * day)
-    assert coffee in related(rec.users.get("me"), None, rec.rebuy).again_rows
-    top = rec.recommend("me", 5, explain=True)
-    assert top.reasons[top.items.index("coffee")] == "time to restock coffee?"
-
-
 def test_items_that_follow_the_last_one_are_listed_with_their_reason() -> None:
     """Shoppers who view the kettle go on to the teapot; a new shopper viewing the kettle gets
     the teapot, "viewed together with kettle"."""
