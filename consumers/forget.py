@@ -1,6 +1,7 @@
 """`pushrec forget USER_ID`: erase a user everywhere pushrec keeps them.
 
-- Redis: their list, push history (cap and dedupe sets) and their entries on the refresh stream.
+- Redis: their list, push history (cap and dedupe sets), push activity, pending push
+  considerations and held pushes, and their entries on the refresh stream.
 - The model, the event-id memory and the checkpoint: a running worker applies the request from
   the forget stream, checkpoints, and leaves a result; with no worker answering within the wait,
   the checkpoint in the store is edited here and the request stays for the worker to apply
@@ -19,6 +20,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from consumers.push_sender import AWAY_QUEUE, CART_QUEUE
 from consumers.recovery import ITEMS, checkpoint_set, erase_from_partition
 from infra.settings import Settings
 from infra.store import Keys, RedisTopNStore, connect
@@ -30,7 +32,10 @@ async def forget_user(settings: Settings, redis_url: str, user: str, wait_s: flo
     try:
         report: dict[str, Any] = {"user_id": user}
         lists, report["refresh_stream_entries"] = await RedisTopNStore(client, keys).delete_lists(user)
-        report["redis_keys"] = lists + await client.delete(keys.pushes(user), keys.pushed_items(user))
+        report["redis_keys"] = lists + await client.delete(
+            keys.pushes(user), keys.pushed_items(user), keys.push_activity(user)
+        )
+        report["pending_pushes"] = await _forget_pushes(client, keys, user)
         request_id = (await client.xadd(keys.forget_requests(), {"user": user})).decode()
         result = await _wait_for_worker(client, keys, request_id, wait_s)
         if result is not None:
@@ -41,6 +46,15 @@ async def forget_user(settings: Settings, redis_url: str, user: str, wait_s: flo
         return report
     finally:
         await client.aclose()
+
+
+async def _forget_pushes(client: aioredis.Redis, keys: Keys, user: str) -> int:
+    """Drop the user's push considerations and held pushes; how many."""
+    dropped = int(await client.zrem(keys.push_due(), f"{AWAY_QUEUE}:{user}", f"{CART_QUEUE}:{user}"))
+    async for member, _ in client.zscan_iter(keys.push_held()):
+        if orjson.loads(member).get("user_id") == user:
+            dropped += int(await client.zrem(keys.push_held(), member))
+    return dropped
 
 
 async def _wait_for_worker(

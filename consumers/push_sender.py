@@ -1,34 +1,94 @@
-"""The push sender: follow the refresh stream, apply the push policy, deliver (to the outbox,
-or the shop's push gateway: ``consumers.push_delivery``).
+"""The push sender: follow the refresh stream, decide under the push policy when a shopper has
+left, hold the push until its send time, deliver (to the outbox, or the shop's push gateway:
+``consumers.push_delivery``).
 
-Reads the Redis stream through a consumer group, so an entry read but not acknowledged before a
-crash is still pending: the same consumer reads it again on restart, and any other sender of the
-group claims it once it has been idle ``push.claim_idle_s``. The (user, list version) pair is the
-notification's push id and idempotency key: recorded in Redis after delivery, and answered for
-by the delivery channel itself before that (the outbox's tail; the gateway's Idempotency-Key),
-so a crash between delivery and the Redis record never pushes twice.
+Three steps, each crash-safe in Redis and shared by every sender of the group:
+
+1. **Observe.** The refresh stream, read through a consumer group (an entry read and not acked
+   before a crash is read again), says a shopper was active: their consideration in the sorted
+   set ``push:due`` moves to ``away_after_s`` (and the cart's to ``cart_after_s``) from now, and
+   their activity (last seen, visits, the hours visits begin) is counted.
+2. **Decide.** A due shopper is claimed (moved to a claims set, atomically), decided for from
+   their stored list (``online_models.push_policy``), and the push, if any, put in ``push:held``
+   scored by its send time, in one transaction with dropping the claim.
+3. **Deliver.** A held push whose time has come is claimed the same way; it is dropped if the
+   shopper came back since it was decided, else delivered and recorded in one transaction with
+   dropping the claim.
+
+A claim older than ``push.claim_idle_s`` (its sender died) goes back to its queue. The push id
+(user, list version, trigger) is the idempotency key: the delivery channel answers for a push
+delivered before a crash that came before its record (the outbox's tail; the gateway's
+Idempotency-Key), so nothing is pushed twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from redis.exceptions import ResponseError
 
-from consumers.push_delivery import FAILED, Delivery, Outbox, Webhook
+from consumers.push_delivery import Delivery, Outbox, Webhook
 from infra.metrics import Metrics
 from infra.settings import Settings
 from infra.store import Keys, RedisTopNStore, StoredList, connect
-from online_models.push_policy import SENT, PushPolicy
+from online_models.push_policy import (
+    ACTIVE,
+    AWAY,
+    BROWSE,
+    CART,
+    QUIET_HOURS,
+    REPLENISHMENT,
+    SENT,
+    Activity,
+    PushPolicy,
+    hour_of_week,
+)
 
 log = logging.getLogger("pushrec.push_sender")
-# What became of a refresh-stream entry (label of pushrec_push_entries_total).
-DECIDED, SUPERSEDED, ALREADY_SENT, TRIMMED = "decided", "superseded", "already_sent", "trimmed"
+# What became of a refresh-stream entry (label of pushrec_push_entries_total); already_sent: a
+# held push found delivered before a crash (counted once, not as a new push).
+OBSERVED, ALREADY_SENT, TRIMMED = "observed", "already_sent", "trimmed"
+AWAY_QUEUE, CART_QUEUE = "away", "cart"  # push:due members: "<queue>:<user>"
+POLL_MS = 200  # longest wait on the refresh stream between looks at the due and held pushes
+CLAIM_BATCH = 100
+RECLAIM_EVERY_S = 5.0
+ACTIVITY_TTL_S = 35 * 86_400  # a shopper's activity is forgotten after five quiet weeks
+
+# Members of KEYS[1] (a sorted set) scored ARGV[1] or less, at most ARGV[2], moved to KEYS[2] as
+# ARGV[3] .. member (the claimer's name and a NUL first), scored ARGV[1] (the claim's time).
+_CLAIM = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  redis.call('ZREM', KEYS[1], member)
+  redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3] .. member)
+end
+return due
+"""
+# Claims (KEYS[2]) made at ARGV[1] or before, or by the claimer ARGV[3] (restarted: its claims
+# were cut short), go back to KEYS[1], due at ARGV[2] unless already there (a shopper active
+# again meanwhile keeps their later time). Returns how many.
+_RECLAIM = """
+local back = 0
+local claims = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+for i = 1, #claims, 2 do
+  local claim, at = claims[i], tonumber(claims[i + 1])
+  local cut = string.find(claim, '\\0', 1, true)
+  if at <= tonumber(ARGV[1]) or string.sub(claim, 1, cut) == ARGV[3] then
+    redis.call('ZREM', KEYS[2], claim)
+    redis.call('ZADD', KEYS[1], 'NX', ARGV[2], string.sub(claim, cut + 1))
+    back = back + 1
+  end
+end
+return back
+"""
 
 # Refresh entries the stream's cap (MAXLEN) dropped before the group read them: entries added,
 # less those still in the stream, less those the group read. Counted once across the group's
@@ -60,9 +120,33 @@ TRIM_CHECK_EVERY_S = 1.0
 OUTSIDE_SEGMENT = "outside_segment"  # a campaign (--segment TAG) skips users not tagged so
 
 
+def build_push_policy(settings: Settings) -> PushPolicy:
+    """The push policy as configured (the sender's and `pushrec evaluate --push`'s)."""
+    push = settings.push
+    switched_on = {
+        AWAY: push.trigger_away,
+        BROWSE: push.trigger_browse,
+        CART: push.trigger_cart,
+        REPLENISHMENT: push.trigger_replenishment,
+    }
+    return PushPolicy(
+        max_per_window=push.max_per_window,
+        cap_window_s=push.cap_window_s,
+        dedupe_window_s=push.dedupe_window_s,
+        quiet_start_hour=push.quiet_start_hour,
+        quiet_end_hour=push.quiet_end_hour,
+        min_score=push.min_score,
+        visits_per_push=push.visits_per_push,
+        away_after_s=push.away_after_s,
+        cart_after_s=push.cart_after_s,
+        triggers=frozenset(t for t, on in switched_on.items() if on),
+        learn_send_time=push.send_time,
+    )
+
+
 class PushSender:
-    """One consumer of the refresh stream delivering notifications (to ``outbox``, or to
-    ``webhook``, a URL, when given)."""
+    """One sender of the group: follows the refresh stream, decides when shoppers have left, and
+    delivers the pushes whose send time has come (to ``outbox``, or to ``webhook``, a URL)."""
 
     def __init__(
         self,
@@ -74,19 +158,15 @@ class PushSender:
         consumer_name: str | None = None,
         segment: str | None = None,
         webhook: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        """``segment``: push only to users whose interest segment is tagged with it (a campaign)."""
+        """``segment``: push only to users whose interest segment is tagged with it (a campaign);
+        ``clock``: the wall clock (tests move it)."""
         push = settings.push
         self.keys = Keys(settings.redis.key_prefix)
         self.client = connect(redis_url, settings.redis.retries)
         self.store = RedisTopNStore(self.client, self.keys, settings.redis.stream_maxlen)
-        self.policy = PushPolicy(
-            push.max_per_window,
-            push.cap_window_s,
-            push.dedupe_window_s,
-            push.quiet_start_hour,
-            push.quiet_end_hour,
-        )
+        self.policy = build_push_policy(settings)
         self.group = push.consumer_group
         # A stable name, so a restarted sender finds the entries it read but never acked.
         self.consumer = consumer_name or socket.gethostname()
@@ -98,8 +178,15 @@ class PushSender:
         )
         self.until_idle_s = until_idle_s
         self.claim_idle_ms = int(push.claim_idle_s * 1000)
+        self.claim_idle_s = push.claim_idle_s
         self.segment = segment
+        self.clock = clock
         self._count_trimmed_script = self.client.register_script(_COUNT_TRIMMED)
+        self._claim_script = self.client.register_script(_CLAIM)
+        self._reclaim_script = self.client.register_script(_RECLAIM)
+        self._claimer = self.consumer.encode() + b"\0"  # prefix of this sender's claims
+        self._common_hours: dict[int, float] = {}
+        self._common_read_at = -math.inf
 
     async def _ensure_group(self) -> None:
         try:
@@ -111,10 +198,12 @@ class PushSender:
     async def run(self) -> None:
         await self._ensure_group()
         log.info(
-            "push sender: group=%s consumer=%s delivering to %s",
+            "push sender: group=%s consumer=%s delivering to %s; a push is considered %.0f s after "
+            "a shopper's last event",
             self.group,
             self.consumer,
             self.delivery.where,
+            self.policy.away_after_s,
         )
         await self.delivery.open()
         try:
@@ -126,36 +215,204 @@ class PushSender:
         last_activity = time.monotonic()
         # First our own pending entries (read before a crash, never acked), then new ones.
         cursor = "0"
-        next_trim_check = 0.0
+        next_trim_check = next_reclaim = 0.0
+        await self._reclaim(own=True)  # what this sender held when it stopped
         while True:
             if time.monotonic() >= next_trim_check:
                 await self._count_trimmed()
                 next_trim_check = time.monotonic() + TRIM_CHECK_EVERY_S
+            if time.monotonic() >= next_reclaim:
+                await self._reclaim()
+                next_reclaim = time.monotonic() + min(self.claim_idle_s / 2, RECLAIM_EVERY_S)
             reply = await self.client.xreadgroup(
-                self.group,
-                self.consumer,
-                {self.keys.refreshed(): cursor},
-                count=100,
-                block=500,
+                self.group, self.consumer, {self.keys.refreshed(): cursor}, count=100, block=POLL_MS
             )
             entries = reply[0][1] if reply else []
             if not entries and cursor == "0":
                 cursor = ">"
-                continue
-            if not entries:
+            elif not entries:
                 entries = await self._claim_abandoned()
-            if not entries:
-                if self.until_idle_s is not None and time.monotonic() - last_activity >= self.until_idle_s:
-                    log.info("idle for %.1fs: stopping (--until-idle)", self.until_idle_s)
-                    return
-                continue
-            last_activity = time.monotonic()
-            for entry_id, fields in entries:
-                if fields:
-                    await self.handle(fields[b"user_id"].decode(), int(fields[b"version"]))
-                else:  # read before a crash, then trimmed by the cap before it was decided
-                    self._lost_to_trimming(1, "read but not decided")
-                await self.client.xack(self.keys.refreshed(), self.group, entry_id)
+            busy = bool(entries)
+            if entries:
+                await self._observe(entries)
+            busy |= await self._decide_due()
+            busy |= await self._deliver_held()
+            if busy:
+                last_activity = time.monotonic()
+            elif self.until_idle_s is not None and time.monotonic() - last_activity >= self.until_idle_s:
+                log.info("idle for %.1fs: stopping (--until-idle)", self.until_idle_s)
+                return
+
+    async def _observe(self, entries: list) -> None:  # type: ignore[type-arg]
+        """Refresh entries are shoppers' activity: each moves their push consideration later, and
+        a first one after ``away_after_s`` counts a visit (the budget, the send hour)."""
+        now = self.clock()
+        users = {}
+        for entry_id, fields in entries:
+            if fields:
+                users[fields[b"user_id"].decode()] = entry_id
+            else:  # read before a crash, then trimmed by the cap before it was decided
+                self._lost_to_trimming(1, "read but not decided")
+        names = list(users)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for user in names:
+                pipe.hgetall(self.keys.push_activity(user))
+            stored = await pipe.execute()
+        policy = self.policy
+        async with self.client.pipeline(transaction=True) as pipe:
+            for user, fields in zip(names, stored, strict=True):
+                activity = _activity(fields)
+                key = self.keys.push_activity(user)
+                if activity.seen(now, policy.away_after_s):
+                    hour = f"h{hour_of_week(now)}"
+                    pipe.hincrbyfloat(key, hour, 1.0)
+                    pipe.hincrbyfloat(self.keys.push_hours(), hour, 1.0)
+                pipe.hset(key, mapping={"last": activity.last, "visits": activity.visits})
+                pipe.expire(key, ACTIVITY_TTL_S)
+                due = {f"{AWAY_QUEUE}:{user}": now + policy.away_after_s}
+                if CART in policy.triggers:
+                    due[f"{CART_QUEUE}:{user}"] = now + policy.cart_after_s
+                pipe.zadd(self.keys.push_due(), due)
+            pipe.xack(self.keys.refreshed(), self.group, *[entry_id for entry_id, _ in entries])
+            await pipe.execute()
+        self.metrics.push_entries.labels(OBSERVED).inc(sum(1 for _, fields in entries if fields))
+
+    async def _claim(self, queue: str, claims: str, now: float) -> list[bytes]:
+        """Members of the sorted set ``queue`` due by ``now``, moved to ``claims`` (at ``now``)."""
+        return await self._claim_script(keys=[queue, claims], args=[now, CLAIM_BATCH, self._claimer])  # type: ignore[no-any-return]
+
+    async def _reclaim(self, own: bool = False) -> None:
+        """Claims older than ``claim_idle_s`` (their sender died), and with ``own`` this sender's
+        (it restarted), go back to their queue, due now."""
+        now = self.clock()
+        mine = self._claimer if own else b"\0"  # no claimer's name is empty
+        for queue, claims in (
+            (self.keys.push_due(), self.keys.push_due_claims()),
+            (self.keys.push_held(), self.keys.push_held_claims()),
+        ):
+            back = await self._reclaim_script(keys=[queue, claims], args=[now - self.claim_idle_s, now, mine])
+            if back:
+                log.info(
+                    "reclaimed %d push %s abandoned by a sender",
+                    back,
+                    "decisions" if queue == self.keys.push_due() else "deliveries",
+                )
+
+    async def _decide_due(self) -> bool:
+        """Decide for every shopper whose consideration is due; whether there was any."""
+        now = self.clock()
+        due = await self._claim(self.keys.push_due(), self.keys.push_due_claims(), now)
+        self.metrics.push_due.set(await self.client.zcard(self.keys.push_due()))
+        for member in due:
+            queue, _, user = member.decode().partition(":")
+            await self._decide(member, user, queue == AWAY_QUEUE, now)
+        return bool(due)
+
+    async def _decide(self, member: bytes, user: str, when_away: bool, now: float) -> None:
+        """One shopper has left (``when_away``), or left a cart: hold a push for them, or say why not."""
+        claims, member = self.keys.push_due_claims(), self._claimer + member
+        stored = await self.store.read(user)
+        if stored is None:  # forgotten meanwhile
+            await self.client.zrem(claims, member)
+            return
+        items = stored.items
+        candidates = self.policy.candidates(
+            when_away,
+            [i["item_id"] for i in items],
+            [i.get("score") or 0.0 for i in items],
+            [i.get("reason") or "" for i in items],
+        )
+        if not when_away and not candidates:  # nothing in the cart: no decision to make
+            await self.client.zrem(claims, member)
+            return
+        if self.segment is not None and self.segment not in stored.tags:
+            await self.client.zrem(claims, member)
+            self.metrics.push_entries.labels(OUTSIDE_SEGMENT).inc()
+            return
+        activity = _activity(await self.client.hgetall(self.keys.push_activity(user)))
+        sent_key, items_key = self.keys.pushes(user), self.keys.pushed_items(user)
+        recent = await self.client.zrangebyscore(
+            sent_key, now - self.policy.cap_window_s, "+inf", withscores=True
+        )
+        pushed = await self.client.zrangebyscore(
+            items_key, now - self.policy.dedupe_window_s, "+inf", withscores=True
+        )
+        decision = self.policy.choose(
+            candidates,
+            now,
+            [t for _, t in recent],
+            {item.decode(): t for item, t in pushed},
+            self.policy.budget(activity.recent_visits(now)),
+        )
+        trigger = decision.trigger or (AWAY if when_away else CART)
+        self.metrics.push_decisions.labels(trigger, decision.outcome).inc()
+        if decision.outcome != SENT or decision.item is None:
+            await self.client.zrem(claims, member)
+            self.metrics.pushes.labels(decision.outcome).inc()
+            return
+        if self.policy.learn_send_time:
+            send_at = self.policy.send_time(now, activity.hours or {}, await self._common())
+        else:
+            send_at = self.policy.after_quiet_hours(now)
+        push_id = f"{user}:{stored.version}:{trigger}"
+        notification = await self._notification(push_id, stored, decision.item, trigger, now, send_at)
+        async with self.client.pipeline(transaction=True) as pipe:
+            # Held pushes count against the budget and the dedupe window from now on.
+            pipe.zadd(sent_key, {push_id: send_at})
+            pipe.zadd(items_key, {decision.item: send_at})
+            pipe.zremrangebyscore(sent_key, "-inf", now - self.policy.cap_window_s)
+            pipe.zremrangebyscore(items_key, "-inf", now - self.policy.dedupe_window_s)
+            pipe.zadd(self.keys.push_held(), {orjson.dumps(notification): send_at})
+            pipe.zrem(claims, member)
+            await pipe.execute()
+        if send_at > now:
+            log.debug(
+                "push %s held until %s", push_id, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(send_at))
+            )
+            if self.policy.in_quiet_hours(now):
+                self.metrics.pushes.labels(QUIET_HOURS).inc()
+
+    async def _common(self) -> dict[int, float]:
+        """The hours of week in which shoppers' visits begin (read at most once a minute)."""
+        if time.monotonic() - self._common_read_at > 60:
+            hours = await self.client.hgetall(self.keys.push_hours())
+            self._common_hours = {int(k[1:]): float(v) for k, v in hours.items()}
+            self._common_read_at = time.monotonic()
+        return self._common_hours
+
+    async def _deliver_held(self) -> bool:
+        """Deliver every held push whose send time has come; whether there was any."""
+        now = self.clock()
+        due = await self._claim(self.keys.push_held(), self.keys.push_held_claims(), now)
+        self.metrics.push_held.set(await self.client.zcard(self.keys.push_held()))
+        for member in due:
+            await self._deliver(member, orjson.loads(member), now)
+        return bool(due)
+
+    async def _deliver(self, member: bytes, notification: dict[str, Any], now: float) -> None:
+        user, push_id, item = notification["user_id"], notification["push_id"], notification["item_id"]
+        sent_key, items_key = self.keys.pushes(user), self.keys.pushed_items(user)
+        last = await self.client.hget(self.keys.push_activity(user), "last")
+        if last is not None and float(last) > notification["decided_at"]:
+            outcome = ACTIVE  # back in the shop before it was sent: their next departure decides
+        elif self.delivery.delivered_before(push_id):
+            outcome = ALREADY_SENT  # delivered before a crash that came before the record below
+        else:
+            outcome = await self.delivery.deliver({**notification, "sent_at": now})
+        async with self.client.pipeline(transaction=True) as pipe:
+            if outcome in (SENT, ALREADY_SENT):
+                pipe.zadd(sent_key, {push_id: now})
+                pipe.zadd(items_key, {item: now})
+            else:  # not sent: it counts against neither the budget nor the dedupe window
+                pipe.zrem(sent_key, push_id)
+                pipe.zrem(items_key, item)
+            pipe.zrem(self.keys.push_held_claims(), self._claimer + member)
+            await pipe.execute()
+        self.delivery.recorded(push_id)  # Redis answers for it now
+        if outcome == ALREADY_SENT:
+            self.metrics.push_entries.labels(ALREADY_SENT).inc()
+            return
+        self.metrics.pushes.labels(outcome).inc()
 
     async def _claim_abandoned(self) -> list:  # type: ignore[type-arg]
         """Entries another sender of the group read and never acked (it crashed, or its host is gone)."""
@@ -192,62 +449,9 @@ class PushSender:
             self.store.stream_maxlen,
         )
 
-    async def handle(self, user: str, version: int) -> str:
-        """Decide and deliver one refresh-stream entry; returns what happened to it."""
-        stored = await self.store.read(user)
-        if stored is None or stored.version < version:
-            self.metrics.pushes.labels(FAILED).inc()
-            log.warning("no list stored for user=%s version=%s", user, version)
-            return FAILED
-        if stored.version > version:
-            # A newer list was written, and its own entry is further down the stream.
-            self.metrics.push_entries.labels(SUPERSEDED).inc()
-            return SUPERSEDED
-        pushes_key = self.keys.pushes(user)
-        if await self.client.zscore(pushes_key, str(version)) is not None:
-            # Read again after a crash between delivery and ack: it was delivered, do nothing.
-            self.metrics.push_entries.labels(ALREADY_SENT).inc()
-            return ALREADY_SENT
-        if self.segment is not None and self.segment not in stored.tags:
-            self.metrics.push_entries.labels(OUTSIDE_SEGMENT).inc()
-            return OUTSIDE_SEGMENT
-        self.metrics.push_entries.labels(DECIDED).inc()
-        now = time.time()
-        items_key = self.keys.pushed_items(user)
-        cap_from, dedupe_from = now - self.policy.cap_window_s, now - self.policy.dedupe_window_s
-        recent = await self.client.zrangebyscore(pushes_key, cap_from, "+inf", withscores=True)
-        pushed = await self.client.zrangebyscore(items_key, dedupe_from, "+inf", withscores=True)
-        decision = self.policy.decide(
-            [i["item_id"] for i in stored.items],
-            now,
-            [t for _, t in recent],
-            {item.decode(): t for item, t in pushed},
-        )
-        outcome = decision.outcome
-        if outcome == SENT and decision.item is not None:
-            push_id = f"{stored.user_id}:{stored.version}"
-            if self.delivery.delivered_before(push_id):
-                # Delivered before a crash that came before the Redis record: record it only.
-                outcome = ALREADY_SENT
-            else:
-                outcome = await self.delivery.deliver(
-                    await self._notification(push_id, stored, decision.item, now)
-                )
-            if outcome in (SENT, ALREADY_SENT):
-                async with self.client.pipeline(transaction=True) as pipe:
-                    pipe.zadd(pushes_key, {str(version): now})
-                    pipe.zadd(items_key, {decision.item: now})
-                    pipe.zremrangebyscore(pushes_key, "-inf", cap_from)
-                    pipe.zremrangebyscore(items_key, "-inf", dedupe_from)
-                    await pipe.execute()
-                self.delivery.recorded(push_id)  # Redis answers for it now
-        if outcome == ALREADY_SENT:
-            self.metrics.push_entries.labels(ALREADY_SENT).inc()
-            return ALREADY_SENT
-        self.metrics.pushes.labels(outcome).inc()
-        return outcome
-
-    async def _notification(self, push_id: str, stored: StoredList, item: str, now: float) -> dict[str, Any]:
+    async def _notification(
+        self, push_id: str, stored: StoredList, item: str, trigger: str, now: float, send_at: float
+    ) -> dict[str, Any]:
         listed = next((i for i in stored.items if i["item_id"] == item), {})
         title = await self.client.hget(self.keys.item(item), "title")  # None without a catalogue
         return {
@@ -258,10 +462,18 @@ class PushSender:
             "title": title.decode() if title is not None else None,
             "score": listed.get("score"),
             "reason": listed.get("reason"),
+            "trigger": trigger,
             "list_version": stored.version,
             "model": stored.model,
-            "sent_at": now,
+            "decided_at": now,
+            "send_at": send_at,
         }
+
+
+def _activity(fields: dict[bytes, bytes]) -> Activity:
+    """A shopper's activity as the sender keeps it (a Redis hash: last, visits, h<hour of week>)."""
+    hours = {int(k[1:]): float(v) for k, v in fields.items() if k.startswith(b"h")}
+    return Activity(float(fields.get(b"last", -math.inf)), float(fields.get(b"visits", 0.0)), hours or None)
 
 
 def run_push_sender(sender: PushSender, metrics_port: int | None = None) -> None:

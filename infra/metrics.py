@@ -11,8 +11,19 @@ from infra.store import REDIS_ERROR_KINDS, redis_error_kind
 
 # Closed label sets (the product contract, shared/SPEC.md); pre-created so dashboards see zeros.
 EVENT_OUTCOMES = ("processed", "dead_letter", "duplicate")
-PUSH_OUTCOMES = ("sent", "capped", "deduped", "quiet_hours", "failed", "dead_letter")
-PUSH_ENTRY_RESULTS = ("decided", "superseded", "already_sent", "outside_segment", "trimmed")
+PUSH_OUTCOMES = (
+    "sent",
+    "capped",
+    "deduped",
+    "below_threshold",
+    "quiet_hours",
+    "active",
+    "failed",
+    "dead_letter",
+)
+PUSH_ENTRY_RESULTS = ("observed", "already_sent", "outside_segment", "trimmed")
+PUSH_TRIGGERS = ("away", "browse", "cart", "replenishment")
+PUSH_DECISIONS = ("sent", "capped", "deduped", "below_threshold")
 LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -95,8 +106,28 @@ class Metrics:
         for kind in REDIS_ERROR_KINDS:
             self.redis_errors.labels(kind)
         self.pushes = Counter(
-            "pushrec_pushes", "Push decisions of the sender, by outcome.", ["outcome"], registry=r
+            "pushrec_pushes",
+            "What became of pushes: sent (delivered), capped (budget), deduped, below_threshold, "
+            "quiet_hours (held to their end), active (shopper back before the send), failed, "
+            "dead_letter.",
+            ["outcome"],
+            registry=r,
         )
+        self.push_decisions = Counter(
+            "pushrec_push_decisions",
+            "Push decisions by trigger and outcome (sent = held for its send time).",
+            ["trigger", "outcome"],
+            registry=r,
+        )
+        for trigger in PUSH_TRIGGERS:
+            for decision in PUSH_DECISIONS:
+                self.push_decisions.labels(trigger, decision)
+        self.push_due = Gauge(
+            "pushrec_push_due",
+            "Shoppers (and carts) waiting to be considered for a push once they have left.",
+            registry=r,
+        )
+        self.push_held = Gauge("pushrec_push_held", "Decided pushes waiting for their send time.", registry=r)
         self.push_retries = Counter(
             "pushrec_push_retries",
             "Deliveries to the push gateway tried again (timeout, connection error, 408, 429, 5xx).",
@@ -104,9 +135,10 @@ class Metrics:
         )
         self.push_entries = Counter(
             "pushrec_push_entries",
-            "Refresh-stream entries by what became of them: decided, superseded by a newer list, "
-            "already_sent, outside_segment (a --segment campaign skipped the user), trimmed (dropped "
-            "by the stream's cap before any sender decided it: a push lost).",
+            "Refresh-stream entries and held pushes by what became of them: observed (the shopper's "
+            "activity counted), already_sent (delivered before a crash), outside_segment (a "
+            "--segment campaign skipped the user), trimmed (dropped by the stream's cap before any "
+            "sender read it: activity lost).",
             ["result"],
             registry=r,
         )

@@ -206,8 +206,29 @@ class PushSettings(_Section):
     max_per_window: int = Field(3, ge=0, description="frequency cap: pushes per user per cap window")
     cap_window_s: float = Field(86_400.0, gt=0)
     dedupe_window_s: float = Field(7 * 86_400.0, gt=0, description="never the same item twice within")
-    quiet_start_hour: int | None = Field(None, ge=0, le=23, description="UTC hour quiet time starts")
+    quiet_start_hour: int | None = Field(
+        None, ge=0, le=23, description="UTC hour quiet time starts (pushes wait for its end)"
+    )
     quiet_end_hour: int | None = Field(None, ge=0, le=23, description="UTC hour quiet time ends")
+    away_after_s: float = Field(
+        1800.0, ge=0, description="a shopper this long without an event has left: a push is considered"
+    )
+    cart_after_s: float = Field(
+        4 * 3600.0, ge=0, description="a cart left this long after the shopper's last event is abandoned"
+    )
+    trigger_away: bool = Field(True, description="push an item new to a shopper who has left")
+    trigger_browse: bool = Field(True, description="push an item a shopper who has left looked at")
+    trigger_cart: bool = Field(True, description="push an item left in an abandoned cart")
+    trigger_replenishment: bool = Field(True, description="push an item a shopper who has left buys again")
+    min_score: float = Field(
+        40.0, description="relevance threshold: no push unless an item scores this much (docs/quality.md)"
+    )
+    visits_per_push: float = Field(
+        7.0, gt=0, description="budget: one more push per cap window per this many recent visits"
+    )
+    send_time: bool = Field(
+        True, description="hold a push until the shopper's most active hour of the next day"
+    )
     consumer_group: str = "pushrec-push-sender"
     claim_idle_s: float = Field(
         30.0, gt=0, description="claim entries another sender read but left unacked this long"

@@ -62,8 +62,32 @@ class Keys:
         return f"{self.prefix}push:items:{user}"
 
     def pushes(self, user: str) -> str:
-        """Sorted set list-version -> time of the push made for it (frequency cap, idempotency)."""
+        """Sorted set push id -> its send time (the budget; held pushes count from their decision)."""
         return f"{self.prefix}push:sent:{user}"
+
+    def push_activity(self, user: str) -> str:
+        """Hash: when the user was last active, their recent visits, the hours their visits began."""
+        return f"{self.prefix}push:activity:{user}"
+
+    def push_hours(self) -> str:
+        """Hash: hour of week -> visits begun in it, every user's (the send hour's fallback)."""
+        return f"{self.prefix}push:hours"
+
+    def push_due(self) -> str:
+        """Sorted set "away:<user>" / "cart:<user>" -> when a push is considered for them."""
+        return f"{self.prefix}push:due"
+
+    def push_due_claims(self) -> str:
+        """Sorted set: due considerations a sender is deciding -> when it took them."""
+        return f"{self.prefix}push:due:claims"
+
+    def push_held(self) -> str:
+        """Sorted set: decided notifications (JSON) -> their send time."""
+        return f"{self.prefix}push:held"
+
+    def push_held_claims(self) -> str:
+        """Sorted set: held notifications a sender is delivering -> when it took them."""
+        return f"{self.prefix}push:held:claims"
 
     def push_dead_letters(self) -> str:
         """The stream of pushes the gateway refused for good (notification, reason, time)."""

@@ -27,7 +27,29 @@ _VERB = {
     "purchase": "bought",
     "rating": "rated",
 }
-_OWN = {"view": "you viewed it", "click": "you clicked it", "add_to_cart": "it is in your cart"}
+CART_REASON = "it is in your cart"
+_OWN = {"view": "you viewed it", "click": "you clicked it", "add_to_cart": CART_REASON}
+_OWN_OTHER = "you looked at it"
+RESTOCK = "time to restock {}?"  # an item the user buys again (online_models.related)
+# What a reason says of the item, for the push policy: new to the user, one they touched, one in
+# their cart, one they bought and may buy again.
+NEW, OWN, CART, RESTOCK_KIND = "new", "own", "cart", "restock"
+_RESTOCK_HEAD, _RESTOCK_TAIL = RESTOCK.split("{}")
+
+
+def reason_kind(reason: str) -> str:
+    """What ``reason`` says of its item.
+
+    >>> [reason_kind(r) for r in ("it is in your cart", "you viewed it", "time to restock tea?", "popular")]
+    ['cart', 'own', 'restock', 'new']
+    """
+    if reason == CART_REASON:
+        return CART
+    if reason in _OWN.values() or reason == _OWN_OTHER:
+        return OWN
+    if reason.startswith(_RESTOCK_HEAD) and reason.endswith(_RESTOCK_TAIL):
+        return RESTOCK_KIND
+    return NEW
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +78,7 @@ def reasons(
     out = []
     for k, row in enumerate(listed.tolist()):
         if row in history.own:
-            out.append(_OWN.get(history.own[row], "you looked at it"))
+            out.append(_OWN.get(history.own[row], _OWN_OTHER))
             continue
         seen = int(history.rows[nearest[k]])
         verb = _VERB.get(history.kinds.get(seen, "view"), "viewed")

@@ -1,36 +1,129 @@
-"""The push policy: whether a refreshed list becomes a notification, and with which item.
+"""The push policy: when a shopper gets a push, with which item, and when it is sent.
+
+A push is considered when a shopper has gone quiet (no event for ``away_after_s``: the ``away``
+trigger with an item new to them, ``browse`` with one they looked at, ``replenishment`` with one
+they buy again), or when an item has sat in their cart ``cart_after_s`` since they left
+(``cart``); never while they are active. The policy
+picks the best-scored item of the trigger's candidates that was not pushed to them within the
+dedupe window and whose score clears ``min_score``, within a budget of pushes per window that
+follows the shopper's activity (``budget``: one a window for a rare visitor, more for a frequent
+one, never more than ``max_per_window``). A decided push is held until the hour of the next day
+the shopper is usually active (``send_time``) and out of the quiet hours.
+
+The same pure code decides in the push sender (state in Redis) and in ``pushrec evaluate --push``
+(state in memory, on the log's clock).
 
 >>> policy = PushPolicy(max_per_window=1, cap_window_s=3600, dedupe_window_s=86400)
->>> policy.decide(["a", "b"], now=100.0, recent_pushes=[], last_pushed={"a": 50.0})
-Decision(outcome='sent', item='b')
->>> policy.decide(["a", "b"], now=100.0, recent_pushes=[90.0], last_pushed={})
-Decision(outcome='capped', item=None)
+>>> policy.choose([Candidate("a", 2.0), Candidate("b", 1.0)], now=100.0, recent_pushes=[],
+...               last_pushed={"a": 50.0}, budget=1)
+Decision(outcome='sent', item='b', score=1.0, trigger='away')
+>>> policy.choose([Candidate("a", 2.0)], now=100.0, recent_pushes=[90.0], last_pushed={}, budget=1)
+Decision(outcome='capped', item=None, score=None, trigger=None)
+>>> policy.send_time(0.0, {}, {}) == policy.send_time(0.0, {}, {}) == 0.0   # nothing known: now
+True
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from online_models.explain import CART as CART_KIND
+from online_models.explain import NEW, OWN, RESTOCK_KIND, reason_kind
+
+# Outcomes of a decision (labels of pushrec_pushes_total); the sender adds delivery outcomes.
 SENT, CAPPED, DEDUPED, QUIET_HOURS = "sent", "capped", "deduped", "quiet_hours"
+BELOW_THRESHOLD = "below_threshold"  # nothing new to the shopper scored min_score or more
+ACTIVE = "active"  # the shopper came back before the held push was due: not sent
+# Triggers (label values, and the notification's "trigger").
+AWAY, BROWSE, CART, REPLENISHMENT = "away", "browse", "cart", "replenishment"
+TRIGGERS = (AWAY, BROWSE, CART, REPLENISHMENT)
+REFRESH = "refresh"  # the naive policy's: a push for every refreshed list
+
+HOUR_S, DAY_S, WEEK_S = 3600.0, 86_400.0, 7 * 86_400.0
+HOURS_OF_WEEK = 168
+
+
+def hour_of_week(ts: float) -> int:
+    """0 = Thursday 00:00-01:00 UTC (the epoch's weekday): only differences matter."""
+    return int(ts // HOUR_S) % HOURS_OF_WEEK
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    item: str
+    score: float
+    trigger: str = AWAY
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     outcome: str
     item: str | None
+    score: float | None = None
+    trigger: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class PushPolicy:
-    """Frequency cap, per-item dedupe window and optional quiet hours (UTC)."""
+    """Budget, per-item dedupe window, relevance threshold, send time and quiet hours (UTC)."""
 
     max_per_window: int = 3
-    cap_window_s: float = 86_400.0
-    dedupe_window_s: float = 7 * 86_400.0
+    cap_window_s: float = DAY_S
+    dedupe_window_s: float = 7 * DAY_S
     quiet_start_hour: int | None = None
     quiet_end_hour: int | None = None
+    min_score: float = -math.inf  # relevance threshold (in the model's blended score)
+    visits_per_push: float = 7.0  # a shopper's budget: one more push a window per this many recent visits
+    send_hour_min_visits: int = 3  # fewer visits known: the shoppers' common hour instead
+    away_after_s: float = 1800.0  # a shopper this long without an event has left
+    cart_after_s: float = 4 * HOUR_S  # a cart left this long after the last event is abandoned
+    triggers: frozenset[str] = frozenset(TRIGGERS)  # those switched on
+    learn_send_time: bool = True  # False: send as soon as decided (out of the quiet hours)
+
+    def candidates(
+        self, when_away: bool, items: Sequence[str], scores: Sequence[float], reasons: Sequence[str]
+    ) -> list[Candidate]:
+        """A shopper's listed items that a trigger switched on may push: when they have just
+        left (``when_away``), items new to them (``away``) and ones they buy again
+        (``replenishment``); once their cart is abandoned, what is in it (``cart``)."""
+        wanted = {NEW: AWAY, OWN: BROWSE, RESTOCK_KIND: REPLENISHMENT} if when_away else {CART_KIND: CART}
+        out = []
+        for item, score, reason in zip(items, scores, reasons, strict=True):
+            trigger = wanted.get(reason_kind(reason))
+            if trigger in self.triggers:
+                out.append(Candidate(item, score, trigger))
+        return out
+
+    def budget(self, recent_visits: float) -> int:
+        """Pushes this shopper may get per cap window: one, plus one per ``visits_per_push``
+        recent visits (:meth:`Activity.recent_visits`: a daily visitor has ~10.6), up to
+        ``max_per_window``."""
+        return min(self.max_per_window, 1 + int(recent_visits // self.visits_per_push))
+
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        now: float,
+        recent_pushes: Sequence[float],
+        last_pushed: Mapping[str, float],
+        budget: int | None = None,
+    ) -> Decision:
+        """The push for these candidates (best first), or why none: ``recent_pushes`` are the
+        shopper's push times, ``last_pushed`` item -> last push time, ``budget`` the pushes
+        allowed per cap window (default ``max_per_window``)."""
+        allowed = self.max_per_window if budget is None else min(budget, self.max_per_window)
+        if sum(1 for t in recent_pushes if now - t < self.cap_window_s) >= allowed:
+            return Decision(CAPPED, None)
+        fresh = [c for c in candidates if now - last_pushed.get(c.item, -math.inf) >= self.dedupe_window_s]
+        if not fresh:
+            return Decision(DEDUPED, None)
+        best = max(fresh, key=lambda c: c.score)
+        if best.score < self.min_score:
+            return Decision(BELOW_THRESHOLD, None)
+        return Decision(SENT, best.item, best.score, best.trigger)
 
     def in_quiet_hours(self, now: float) -> bool:
         start, end = self.quiet_start_hour, self.quiet_end_hour
@@ -39,20 +132,58 @@ class PushPolicy:
         hour = time.gmtime(now).tm_hour
         return start <= hour < end if start < end else hour >= start or hour < end
 
-    def decide(
-        self,
-        items: Sequence[str],
-        now: float,
-        recent_pushes: Sequence[float],
-        last_pushed: Mapping[str, float],
-    ) -> Decision:
-        """``recent_pushes``: times of this user's pushes; ``last_pushed``: item -> last push time."""
-        if self.in_quiet_hours(now):
-            return Decision(QUIET_HOURS, None)
-        if sum(1 for t in recent_pushes if now - t < self.cap_window_s) >= self.max_per_window:
-            return Decision(CAPPED, None)
-        for item in items:
-            pushed = last_pushed.get(item)
-            if pushed is None or now - pushed >= self.dedupe_window_s:
-                return Decision(SENT, item)
-        return Decision(DEDUPED, None)
+    def after_quiet_hours(self, at: float) -> float:
+        """``at``, or the end of the quiet hours it falls in."""
+        while self.in_quiet_hours(at):
+            at = (at // HOUR_S + 1) * HOUR_S
+        return at
+
+    def send_time(self, now: float, hours: Mapping[int, float], common: Mapping[int, float]) -> float:
+        """When to send a push decided at ``now``: the start of the hour, within the next day,
+        in which this shopper's visits began most often (``hours``: hour of week -> visits; the
+        shoppers' ``common`` hours when they have fewer than ``send_hour_min_visits``); now if
+        that hour is the current one or nothing is known; never in the quiet hours."""
+        counts = hours if sum(hours.values()) >= self.send_hour_min_visits else common
+        best, best_count = 0, 0.0
+        for ahead in range(24):  # ties go to the soonest
+            count = counts.get(hour_of_week(now + ahead * HOUR_S), 0.0)
+            if count > best_count:
+                best, best_count = ahead, count
+        at = now if best == 0 else (now // HOUR_S + best) * HOUR_S
+        return self.after_quiet_hours(at)
+
+
+@dataclass(slots=True)
+class Activity:
+    """What the policy knows of a shopper's habits: when they were last active, how many visits
+    they made lately (decayed with a half-life of a week), and the hours of week their visits
+    began. A visit begins after ``away_after_s`` without an event.
+
+    >>> a = Activity()
+    >>> [a.seen(t, away_after_s=1800) for t in (0.0, 60.0, 7200.0)]
+    [True, False, True]
+    >>> round(a.visits, 3), a.hours
+    (1.992, {0: 1.0, 2: 1.0})
+    """
+
+    last: float = -math.inf
+    visits: float = 0.0
+    hours: dict[int, float] | None = None
+
+    def seen(self, ts: float, away_after_s: float) -> bool:
+        """Record an event at ``ts``; whether it began a visit."""
+        new_visit = ts - self.last > away_after_s
+        if new_visit:
+            if self.last > -math.inf:
+                self.visits *= 0.5 ** ((ts - self.last) / WEEK_S)
+            self.visits += 1.0
+            if self.hours is None:
+                self.hours = {}
+            hour = hour_of_week(ts)
+            self.hours[hour] = self.hours.get(hour, 0.0) + 1.0
+        self.last = max(self.last, ts)
+        return new_visit
+
+    def recent_visits(self, now: float) -> float:
+        """The visit count at ``now``, each visit weighing half as much a week later."""
+        return self.visits * 0.5 ** (max(0.0, now - self.last) / WEEK_S) if self.visits else 0.0

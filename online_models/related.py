@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from online_models.covisit import CoVisitation
-from online_models.explain import History
+from online_models.explain import RESTOCK, History
 from online_models.rebuy import BuyingAgain
 from online_models.user_state import UserState
 
@@ -47,7 +47,7 @@ class Related:
         after = dict(zip(targets, sources, strict=True))
         for k, row in enumerate(listed):
             if row in again:
-                out[k] = f"time to restock {name(row)}?"
+                out[k] = RESTOCK.format(name(row))
             elif row in after and row not in history.own:
                 source = after[row]
                 bought = history.kinds.get(source) == "purchase"

@@ -81,6 +81,12 @@ def run_demo(settings: Settings, users_to_show: int = 3) -> int:
             "PUSHREC_KAFKA_BOOTSTRAP": state.kafka_bootstrap,
             "PUSHREC_REDIS_URL": state.redis_url,
             "PUSHREC_STATE_DIR": str(stack.state_dir),
+            # The sample is replayed in seconds: shoppers count as gone after 2 s of silence
+            # (not half an hour), carts as abandoned after 4 s (not 4 h), and pushes go out when
+            # decided (no waiting for the shopper's hour).
+            "PUSHREC_PUSH__AWAY_AFTER_S": "2",
+            "PUSHREC_PUSH__CART_AFTER_S": "4",
+            "PUSHREC_PUSH__SEND_TIME": "false",
         }
         worker_port, sender_port = free_port(), free_port()
         outbox = workdir / "outbox.jsonl"
@@ -169,7 +175,9 @@ def run_demo(settings: Settings, users_to_show: int = 3) -> int:
 
 def _sender_drained(sender_port: int, worker_port: int) -> bool:
     refreshes = metric_sum(scrape(worker_port), "pushrec_list_refreshes_total")
-    return metric_sum(scrape(sender_port), "pushrec_push_entries_total") >= refreshes > 0
+    sender = scrape(sender_port)
+    observed = metric_sum(sender, "pushrec_push_entries_total") >= refreshes > 0
+    return observed and metric_sum(sender, "pushrec_push_due") + metric_sum(sender, "pushrec_push_held") == 0
 
 
 def _most_active_users(n: int) -> list[str]:

@@ -24,6 +24,15 @@ ROOT = Path(__file__).resolve().parent.parent
 DATASETS = Path(os.environ.get("PUSHREC_TEST_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 
+PUSH_AT_ONCE = {
+    "PUSHREC_PUSH__AWAY_AFTER_S": "0",
+    "PUSHREC_PUSH__MIN_SCORE": "-inf",
+    "PUSHREC_PUSH__SEND_TIME": "false",
+    "PUSHREC_PUSH__TRIGGER_CART": "false",
+    "PUSHREC_PUSH__VISITS_PER_PUSH": "1e-9",  # no activity budget: the fixed cap alone
+}
+
+
 @dataclass(frozen=True)
 class Servers:
     kafka_bootstrap: str
@@ -74,6 +83,9 @@ class Hermetic:
             PUSHREC_KAFKA__CONSUMER_GROUP=f"{self.prefix}-worker",
             PUSHREC_REDIS__KEY_PREFIX=f"{self.prefix}:",
             PUSHREC_PUSH__CONSUMER_GROUP=f"{self.prefix}-sender",
+            # Pushes decided as soon as a list is written, and sent at once: the tests of delivery
+            # and of the pipeline do not wait half an hour. Tests of the policy set their own.
+            **PUSH_AT_ONCE,
         )
         env.update(extra)
         return env

@@ -48,13 +48,14 @@ def test_cap_dedupe_and_no_double_push_on_redelivery(hermetic: Hermetic, tmp_pat
     assert pushes[0]["list_version"] < pushes[1]["list_version"]
     assert sender.metrics.pushes.labels("deduped")._value.get() == 1
 
-    # Rewind the group as if every entry had been delivered but never acknowledged: nothing is pushed twice.
+    # Rewind the group as if every entry had been read but never acknowledged: it is activity
+    # seen again, the two shoppers are considered again, and nothing is pushed twice.
     client = redis.Redis.from_url(hermetic.servers.redis_url)
     client.xgroup_setid(f"{hermetic.prefix}:refreshed", f"{hermetic.prefix}-sender", id="0")
     again = run()
     assert len(outbox.read_bytes().splitlines()) == 3
-    assert again.metrics.push_entries.labels("already_sent")._value.get() == 1  # bob's
-    assert again.metrics.push_entries.labels("superseded")._value.get() == 2  # alice's v1, v2
+    assert again.metrics.push_entries.labels("observed")._value.get() == 4
+    assert again.metrics.pushes.labels("deduped")._value.get() == 2  # alice's a and b, bob's x
 
 
 def test_a_burst_of_refreshes_is_one_decision_on_the_newest_list(hermetic: Hermetic, tmp_path: Path) -> None:
@@ -64,7 +65,8 @@ def test_a_burst_of_refreshes_is_one_decision_on_the_newest_list(hermetic: Herme
     pushes = [orjson.loads(line) for line in outbox.read_bytes().splitlines()]
     stored = redis.Redis.from_url(hermetic.servers.redis_url).hget(f"{hermetic.prefix}:recs:carol", "version")
     assert [(p["item_id"], p["list_version"]) for p in pushes] == [("i3", int(stored))]  # the newest
-    assert sender.metrics.push_entries.labels("superseded")._value.get() == 3
+    assert sender.metrics.push_entries.labels("observed")._value.get() == 4
+    assert sender.metrics.pushes.labels("sent")._value.get() == 1
 
 
 def test_frequency_cap(hermetic: Hermetic, tmp_path: Path) -> None:
@@ -173,8 +175,7 @@ def test_entries_trimmed_before_a_sender_decided_them_are_counted(hermetic: Herm
     sender = run_sender(hermetic, tmp_path / "outbox.jsonl")
     entries = sender.metrics.push_entries
     assert entries.labels("trimmed")._value.get() == lost
-    decided = sum(entries.labels(r)._value.get() for r in ("decided", "superseded", "already_sent"))
-    assert decided == info["length"]
+    assert entries.labels("observed")._value.get() == info["length"]
     # Counted once for the group: a second sender finds nothing new.
     again = run_sender(hermetic, tmp_path / "outbox.jsonl")
     assert again.metrics.push_entries.labels("trimmed")._value.get() == 0
@@ -221,3 +222,120 @@ def test_unreadable_outbox_lines_are_logged_not_passed_over_silently(
     assert "1 line(s) that are not notifications were skipped" in caplog.text
     lines = outbox.read_bytes().splitlines()
     assert lines[1] == b"not a notification" and orjson.loads(lines[-1])["user_id"] == "bob"
+
+
+class Clock:
+    """The sender's wall clock, moved by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_at(hermetic: Hermetic, outbox: Path, clock: Clock, **env: str) -> PushSender:
+    sender = PushSender(
+        hermetic.settings(**env), hermetic.servers.redis_url, outbox, until_idle_s=0.3, clock=clock
+    )
+    asyncio.run(sender.run())
+    return sender
+
+
+def sent(outbox: Path) -> list[dict]:  # type: ignore[type-arg]
+    return [orjson.loads(line) for line in outbox.read_bytes().splitlines()] if outbox.exists() else []
+
+
+AWAY_HALF_AN_HOUR = {"PUSHREC_PUSH__AWAY_AFTER_S": "1800", "PUSHREC_PUSH__MIN_SCORE": "0.5"}
+
+
+def test_a_shopper_who_is_active_gets_no_push_and_one_who_left_gets_the_best_new_item(
+    hermetic: Hermetic, tmp_path: Path
+) -> None:
+    outbox, clock = tmp_path / "outbox.jsonl", Clock(1_800_000_000.0)
+    erin = TopN(
+        "erin",
+        ["seen", "new", "weak"],
+        [90.0, 3.0, 0.1],
+        "pushrec",
+        ["you viewed it", "popular right now", "popular right now"],
+    )
+    asyncio.run(write(hermetic, erin))
+    run_at(hermetic, outbox, clock, **AWAY_HALF_AN_HOUR, PUSHREC_PUSH__TRIGGER_BROWSE="false")
+    clock.now += 600
+    asyncio.run(write(hermetic, erin))  # still shopping
+    run_at(hermetic, outbox, clock, **AWAY_HALF_AN_HOUR, PUSHREC_PUSH__TRIGGER_BROWSE="false")
+    clock.now += 1799  # half an hour after her first event, but not after her last
+    run_at(hermetic, outbox, clock, **AWAY_HALF_AN_HOUR, PUSHREC_PUSH__TRIGGER_BROWSE="false")
+    assert sent(outbox) == []
+    clock.now += 2
+    sender = run_at(hermetic, outbox, clock, **AWAY_HALF_AN_HOUR, PUSHREC_PUSH__TRIGGER_BROWSE="false")
+    [push] = sent(outbox)
+    assert (push["item_id"], push["trigger"], push["sent_at"]) == ("new", "away", clock.now)
+    assert sender.metrics.push_decisions.labels("away", "sent")._value.get() == 1
+    # Nothing new clears the relevance threshold: no push, and why.
+    asyncio.run(write(hermetic, TopN("fred", ["weak"], [0.1], "pushrec", ["popular right now"])))
+    clock.now += 1801
+    run_at(hermetic, outbox, clock, **AWAY_HALF_AN_HOUR)
+    clock.now += 1801
+    sender = run_at(hermetic, outbox, clock, **AWAY_HALF_AN_HOUR)
+    assert len(sent(outbox)) == 1
+    assert sender.metrics.pushes.labels("below_threshold")._value.get() == 1
+
+
+def test_an_abandoned_cart_gets_its_push_with_its_reason(hermetic: Hermetic, tmp_path: Path) -> None:
+    outbox, clock = tmp_path / "outbox.jsonl", Clock(1_800_000_000.0)
+    env = {**AWAY_HALF_AN_HOUR, "PUSHREC_PUSH__TRIGGER_CART": "true", "PUSHREC_PUSH__CART_AFTER_S": "14400"}
+    gina = TopN(
+        "gina", ["shoes", "socks"], [80.0, 5.0], "pushrec", ["it is in your cart", "popular right now"]
+    )
+    asyncio.run(write(hermetic, gina, TopN("hal", ["hat"], [5.0], "pushrec", ["popular right now"])))
+    run_at(
+        hermetic, outbox, clock, **env, PUSHREC_PUSH__MAX_PER_WINDOW="3", PUSHREC_PUSH__VISITS_PER_PUSH="1e-9"
+    )
+    clock.now += 1801  # both have left: the best new item for each
+    run_at(
+        hermetic, outbox, clock, **env, PUSHREC_PUSH__MAX_PER_WINDOW="3", PUSHREC_PUSH__VISITS_PER_PUSH="1e-9"
+    )
+    assert sorted((p["user_id"], p["item_id"], p["trigger"]) for p in sent(outbox)) == [
+        ("gina", "socks", "away"),
+        ("hal", "hat", "away"),
+    ]
+    clock.now += 14400 - 1800  # four hours after her last event the cart is abandoned (hal has none)
+    run_at(
+        hermetic, outbox, clock, **env, PUSHREC_PUSH__MAX_PER_WINDOW="3", PUSHREC_PUSH__VISITS_PER_PUSH="1e-9"
+    )
+    cart = sent(outbox)[2:]
+    assert [(p["user_id"], p["item_id"], p["trigger"], p["reason"]) for p in cart] == [
+        ("gina", "shoes", "cart", "it is in your cart")
+    ]
+
+
+def test_a_push_decided_in_quiet_hours_is_sent_at_their_end_unless_the_shopper_came_back(
+    hermetic: Hermetic, tmp_path: Path
+) -> None:
+    import calendar
+
+    outbox = tmp_path / "outbox.jsonl"
+    night = calendar.timegm((2027, 3, 1, 22, 40, 0))  # UTC; quiet from 23:00 to 07:00
+    env = {**AWAY_HALF_AN_HOUR, "PUSHREC_PUSH__QUIET_START_HOUR": "23", "PUSHREC_PUSH__QUIET_END_HOUR": "7"}
+    clock = Clock(float(night))
+    asyncio.run(
+        write(hermetic, TopN("ida", ["lamp"], [5.0], "pushrec"), TopN("jo", ["mug"], [5.0], "pushrec"))
+    )
+    run_at(hermetic, outbox, clock, **env)
+    clock.now += 1801  # 23:10: decided, held for the morning
+    sender = run_at(hermetic, outbox, clock, **env)
+    assert sent(outbox) == []
+    assert sender.metrics.pushes.labels("quiet_hours")._value.get() == 2
+    assert sender.metrics.push_held._value.get() == 2
+    morning = float(calendar.timegm((2027, 3, 2, 7, 0, 0)))
+    clock.now = morning - 60
+    asyncio.run(write(hermetic, TopN("jo", ["mug"], [5.0], "pushrec")))  # jo is back at 06:59
+    run_at(hermetic, outbox, clock, **env)
+    assert sent(outbox) == []
+    clock.now = morning + 1
+    sender = run_at(hermetic, outbox, clock, **env)
+    [push] = sent(outbox)
+    assert (push["user_id"], push["send_at"], push["sent_at"]) == ("ida", morning, morning + 1)
+    assert sender.metrics.pushes.labels("active")._value.get() == 1  # jo's: she came back

@@ -141,7 +141,7 @@ def test_every_push_reaches_a_misbehaving_gateway_once_and_refusals_are_dead_let
         gateway.close()
     client = redis.Redis.from_url(hermetic.servers.redis_url)
     push_id = {
-        user: f"{user}:{int(client.hget(f'{hermetic.prefix}:recs:{user}', 'version'))}" for user in users
+        user: f"{user}:{int(client.hget(f'{hermetic.prefix}:recs:{user}', 'version'))}:away" for user in users
     }
     taken = set(gateway.accepted)
     want = {push_id[user] for user in users if user != "u5"}
@@ -155,7 +155,7 @@ def test_every_push_reaches_a_misbehaving_gateway_once_and_refusals_are_dead_let
     first = gateway.accepted[push_id["u0"]]
     fields = ("push_id", "user_id", "item_id", "title", "reason")
     assert [first[name] for name in fields] == [push_id["u0"], "u0", "u0-item", "Red hat", "r"]
-    assert push_id["u0"] == f"u0:{first['list_version']}"
+    assert push_id["u0"] == f"u0:{first['list_version']}:away"
     # The refusal: in the push dead letters with its reason, not retried.
     assert sum(1 for key, _ in gateway.requests if key == push_id["u5"]) == 1
     letters = client.xrange(f"{hermetic.prefix}:push:dead-letters")
@@ -201,7 +201,7 @@ def test_kill_9_after_a_webhook_delivery_is_the_same_push_again(hermetic: Hermet
     finally:
         gateway.close()
     client = redis.Redis.from_url(hermetic.servers.redis_url)
-    push_id = [f"v{k}:{int(client.hget(f'{hermetic.prefix}:recs:v{k}', 'version'))}" for k in range(4)]
+    push_id = [f"v{k}:{int(client.hget(f'{hermetic.prefix}:recs:v{k}', 'version'))}:away" for k in range(4)]
     assert set(gateway.accepted) == set(push_id)
     second = [key for key, _ in gateway.requests][1]
     assert sum(1 for key, _ in gateway.requests if key == second) == 2  # posted again, kept once

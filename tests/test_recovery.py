@@ -231,7 +231,10 @@ def test_replaying_the_same_log_twice_changes_nothing(hermetic: Hermetic) -> Non
 def assert_forgotten(hermetic: Hermetic, user: str) -> None:
     client = redis.Redis.from_url(hermetic.servers.redis_url)
     p = hermetic.prefix
-    assert not client.exists(f"{p}:recs:{user}", f"{p}:push:sent:{user}", f"{p}:push:items:{user}")
+    assert not client.exists(
+        f"{p}:recs:{user}", f"{p}:push:sent:{user}", f"{p}:push:items:{user}", f"{p}:push:activity:{user}"
+    )
+    assert client.zscore(f"{p}:push:due", f"away:{user}") is None
     assert all(f.get(b"user_id") != user.encode() for _, f in client.xrange(f"{p}:refreshed"))
     metas, _, _ = final_state(hermetic)
     partitions = [meta for part, meta in metas.items() if part != "items"]
@@ -257,7 +260,9 @@ def test_forget_erases_a_user_from_every_store(hermetic: Hermetic) -> None:
     offline = run_cli(hermetic, "forget", first, "--wait", "1", "--json")
     assert offline.returncode == 0, offline.stderr
     report = json.loads(offline.stdout)
-    assert report["redis_keys"] == 3 and report["refresh_stream_entries"] >= 1
+    assert (
+        report["redis_keys"] == 4 and report["refresh_stream_entries"] >= 1
+    )  # list, pushes, items, activity
     assert report["model"]["applied_by"] == "checkpoint" and report["model"]["model"] is True
     assert report["model"]["dedupe_ids"] >= 1
     assert_forgotten(hermetic, first)

@@ -88,6 +88,13 @@ def add_parser(sub: Subcommands) -> None:
         help="next-session: a visit ends after this long without an event, or at a new session_id "
         "(default: %(default)s)",
     )
+    evaluate.add_argument(
+        "--push",
+        action="store_true",
+        help="replay through the product model and the push policy on the log's clock instead: push "
+        "precision (item engaged with within 24 h of the send), pushes per shopper-day and reach, "
+        "for the policy (PUSHREC_PUSH__*) and the naive one (top item at every refresh, same cap)",
+    )
     output = evaluate.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON report per line (per EVENTS file)")
     output.add_argument("--markdown", action="store_true", help="Markdown tables (for docs)")
@@ -96,6 +103,9 @@ def add_parser(sub: Subcommands) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
+
+    if args.push:
+        return _run_push(args, settings)
 
     names = list(dict.fromkeys([*(args.model or ["pushrec"]), *BASELINES]))
     if "als" not in names and _als_available():
@@ -115,7 +125,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     protocols = ["next-event", "next-session"] if args.protocol == "both" else [args.protocol]
     texts: list[str] = []
     for number, path in enumerate(args.events):
-        dataset = path.parent.name if path.name.startswith("events.") else path.name.split(".")[0]
+        dataset = _dataset(path)
         for protocol in protocols:
             models = {name: _make_model(name, settings, args) for name in names}
             if args.items:
@@ -149,6 +159,76 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if texts:
         print("\n\n".join(texts))
     return 0
+
+
+def _run_push(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from consumers.push_sender import build_push_policy
+    from consumers.worker import build_recommender
+    from online_models.push_evaluation import evaluate_push
+
+    if args.model or args.workers or args.protocol != "next-event":
+        raise UsageError(
+            "--push evaluates the product model and push policy: drop --model, --workers, --protocol"
+        )
+    policy = build_push_policy(settings)
+    texts = []
+    for number, path in enumerate(args.events):
+        dataset = _dataset(path)
+        model = build_recommender(settings)
+        if args.items:
+            _announce_items(args.items[number], [model], settings)
+        with tqdm(
+            desc=f"evaluate --push {dataset}", unit=" ev", disable=not sys.stderr.isatty(), file=sys.stderr
+        ) as bar:
+            report = evaluate_push(
+                _events(path, settings), model, policy, dataset=dataset, progress=bar.update
+            )
+        if args.json:
+            print(json.dumps(report), flush=True)
+        else:
+            texts.append(_push_table(report, args.markdown))
+    if texts:
+        print("\n\n".join(texts))
+    return 0
+
+
+def _push_table(report: dict[str, Any], markdown: bool) -> str:
+    title = (
+        f"{report['dataset']} (--push): {report['events']:,} events, {report['users']:,} shoppers, "
+        f"{report['shopper_days']:,} shopper-days"
+    )
+    headings = ("policy", "trigger", "pushes", "judged", "precision", "pushes/shopper-day", "reach")
+    rows = []
+    for name, policy in report["policies"].items():
+        rows.append(
+            (
+                name,
+                "all",
+                policy["pushes"],
+                policy["judged"],
+                f"{policy['precision']:.4f}",
+                f"{policy['pushes_per_user_day']:.3f}",
+                f"{policy['reach']:.3f}",
+            )
+        )
+        for trigger, counts in policy["by_trigger"].items():
+            rows.append(
+                ("", trigger, counts["pushes"], counts["judged"], f"{counts['precision']:.4f}", "", "")
+            )
+    if markdown:
+        lines = [f"**{title}**", "", "| " + " | ".join(headings) + " |", "|---" * len(headings) + "|"]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = (9, 15, 8, 8, 10, 20, 7)
+    lines = [title, "".join(f"{h:>{w}}" for h, w in zip(headings, widths, strict=True))]
+    lines += ["".join(f"{c!s:>{w}}" for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def _dataset(path: Path) -> str:
+    return path.parent.name if path.name.startswith("events.") else path.name.split(".")[0]
 
 
 def _events(path: Path, settings: Settings) -> Iterator[Event]:
