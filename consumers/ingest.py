@@ -100,7 +100,13 @@ class Ingest:
             metrics_port,
             self._process.pid,
         )
-        faust.Worker(self.app, loglevel=self.settings.log_level, quiet=True).execute_from_commandline()
+        try:
+            faust.Worker(self.app, loglevel=self.settings.log_level, quiet=True).execute_from_commandline()
+        except SystemExit as stop:
+            # Everything is stopped and flushed by now, but mode's consumer thread can outlive the
+            # app (its loop closed under it) and hold the interpreter's exit forever: leave now.
+            logging.shutdown()
+            os._exit(stop.code if isinstance(stop.code, int) else int(stop.code is not None))
 
     async def _agent(self, stream: faust.StreamT) -> None:
         worker = self.settings.worker
