@@ -177,7 +177,6 @@ class PushSender:
             else Webhook(webhook, push, self.client, self.keys, self.metrics)
         )
         self.until_idle_s = until_idle_s
-        self.claim_idle_ms = int(push.claim_idle_s * 1000)
         self.claim_idle_s = push.claim_idle_s
         self.segment = segment
         self.clock = clock
@@ -247,13 +246,10 @@ class PushSender:
         """Refresh entries are shoppers' activity: each moves their push consideration later, and
         a first one after ``away_after_s`` counts a visit (the budget, the send hour)."""
         now = self.clock()
-        users = {}
-        for entry_id, fields in entries:
-            if fields:
-                users[fields[b"user_id"].decode()] = entry_id
-            else:  # read before a crash, then trimmed by the cap before it was decided
-                self._lost_to_trimming(1, "read but not decided")
-        names = list(users)
+        names = list(dict.fromkeys(fields[b"user_id"].decode() for _, fields in entries if fields))
+        empty = sum(1 for _, fields in entries if not fields)
+        if empty:  # read before a crash, then trimmed by the cap before it was decided
+            self._lost_to_trimming(empty, "read but not decided")
         async with self.client.pipeline(transaction=False) as pipe:
             for user in names:
                 pipe.hgetall(self.keys.push_activity(user))
@@ -264,7 +260,7 @@ class PushSender:
                 activity = _activity(fields)
                 key = self.keys.push_activity(user)
                 if activity.seen(now, policy.away_after_s):
-                    hour = f"h{hour_of_week(now)}"
+                    hour = _HOUR.format(hour_of_week(now))
                     pipe.hincrbyfloat(key, hour, 1.0)
                     pipe.hincrbyfloat(self.keys.push_hours(), hour, 1.0)
                 pipe.hset(key, mapping={"last": activity.last, "visits": activity.visits})
@@ -275,7 +271,7 @@ class PushSender:
                 pipe.zadd(self.keys.push_due(), due)
             pipe.xack(self.keys.refreshed(), self.group, *[entry_id for entry_id, _ in entries])
             await pipe.execute()
-        self.metrics.push_entries.labels(OBSERVED).inc(sum(1 for _, fields in entries if fields))
+        self.metrics.push_entries.labels(OBSERVED).inc(len(entries) - empty)
 
     async def _claim(self, queue: str, claims: str, now: float) -> list[bytes]:
         """Members of the sorted set ``queue`` due by ``now``, moved to ``claims`` (at ``now``)."""
@@ -286,17 +282,13 @@ class PushSender:
         (it restarted), go back to their queue, due now."""
         now = self.clock()
         mine = self._claimer if own else b"\0"  # no claimer's name is empty
-        for queue, claims in (
-            (self.keys.push_due(), self.keys.push_due_claims()),
-            (self.keys.push_held(), self.keys.push_held_claims()),
+        for what, queue, claims in (
+            ("decisions", self.keys.push_due(), self.keys.push_due_claims()),
+            ("deliveries", self.keys.push_held(), self.keys.push_held_claims()),
         ):
             back = await self._reclaim_script(keys=[queue, claims], args=[now - self.claim_idle_s, now, mine])
             if back:
-                log.info(
-                    "reclaimed %d push %s abandoned by a sender",
-                    back,
-                    "decisions" if queue == self.keys.push_due() else "deliveries",
-                )
+                log.info("reclaimed %d push %s abandoned by a sender", back, what)
 
     async def _decide_due(self) -> bool:
         """Decide for every shopper whose consideration is due; whether there was any."""
@@ -350,10 +342,7 @@ class PushSender:
             await self.client.zrem(claims, member)
             self.metrics.pushes.labels(decision.outcome).inc()
             return
-        if self.policy.learn_send_time:
-            send_at = self.policy.send_time(now, activity.hours or {}, await self._common())
-        else:
-            send_at = self.policy.after_quiet_hours(now)
+        send_at = self.policy.send_time(now, activity.hours, await self._common())
         push_id = f"{user}:{stored.version}:{trigger}"
         notification = await self._notification(push_id, stored, decision.item, trigger, now, send_at)
         async with self.client.pipeline(transaction=True) as pipe:
@@ -375,8 +364,7 @@ class PushSender:
     async def _common(self) -> dict[int, float]:
         """The hours of week in which shoppers' visits begin (read at most once a minute)."""
         if time.monotonic() - self._common_read_at > 60:
-            hours = await self.client.hgetall(self.keys.push_hours())
-            self._common_hours = {int(k[1:]): float(v) for k, v in hours.items()}
+            self._common_hours = _hours(await self.client.hgetall(self.keys.push_hours()))
             self._common_read_at = time.monotonic()
         return self._common_hours
 
@@ -417,7 +405,7 @@ class PushSender:
     async def _claim_abandoned(self) -> list:  # type: ignore[type-arg]
         """Entries another sender of the group read and never acked (it crashed, or its host is gone)."""
         _, claimed, deleted = await self.client.xautoclaim(
-            self.keys.refreshed(), self.group, self.consumer, self.claim_idle_ms, "0-0", count=100
+            self.keys.refreshed(), self.group, self.consumer, int(self.claim_idle_s * 1000), "0-0", count=100
         )
         if claimed:
             log.info("claimed %d entries abandoned by another sender", len(claimed))
@@ -470,10 +458,17 @@ class PushSender:
         }
 
 
+_HOUR = "h{}"  # the field of an hour of week in the activity and common-hours hashes
+
+
+def _hours(fields: dict[bytes, bytes]) -> dict[int, float]:
+    """Hour of week -> visits, from a hash's ``h<hour>`` fields."""
+    return {int(k[1:]): float(v) for k, v in fields.items() if k.startswith(b"h")}
+
+
 def _activity(fields: dict[bytes, bytes]) -> Activity:
     """A shopper's activity as the sender keeps it (a Redis hash: last, visits, h<hour of week>)."""
-    hours = {int(k[1:]): float(v) for k, v in fields.items() if k.startswith(b"h")}
-    return Activity(float(fields.get(b"last", -math.inf)), float(fields.get(b"visits", 0.0)), hours or None)
+    return Activity(float(fields.get(b"last", -math.inf)), float(fields.get(b"visits", 0.0)), _hours(fields))
 
 
 def run_push_sender(sender: PushSender, metrics_port: int | None = None) -> None:

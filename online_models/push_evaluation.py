@@ -19,7 +19,7 @@ less than ``window_s`` before the log ends are counted but not judged.
 ...        [("a", "x", 0.0), ("b", "y", 10.0), ("b", "x", 20.0), ("a", "y", 3 * day), ("b", "z", 4 * day)]]
 >>> report = evaluate_push(log, PopularityRanker(), PushPolicy(learn_send_time=False))
 >>> report["policies"]["naive"]["pushes"], report["policies"]["product"]["pushes"]
-(4, 2)
+(5, 3)
 """
 
 from __future__ import annotations
@@ -29,12 +29,22 @@ import math
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from online_models.evaluation import Ranker
 from online_models.pipeline import Interaction
-from online_models.push_policy import CART, DAY_S, REFRESH, SENT, Activity, PushPolicy, hour_of_week
+from online_models.push_policy import (
+    CAPPED,
+    CART,
+    DAY_S,
+    REFRESH,
+    SENT,
+    Activity,
+    Candidate,
+    PushPolicy,
+    hour_of_week,
+)
 from online_models.recommender import POPULAR_REASON, is_positive
 
 _AWAY, _CART, _SEND = 0, 1, 2  # timer kinds, in the order they fire at the same instant
@@ -85,6 +95,7 @@ def evaluate_push(
         if is_positive(ev.type, ev.rating) and (ev.type != "view" or views_only):
             engaged[ev.user_id, ev.item_id].append(ev.ts)
     product, naive = _Tally(), _Tally()
+    naive_policy = replace(policy, min_score=-math.inf)
     activity: dict[str, Activity] = {}
     common: dict[int, float] = defaultdict(float)  # every shopper's visit-start hours
     timers: list[tuple[float, int, int, str, Any]] = []  # (due, kind, seq, user, payload)
@@ -116,8 +127,7 @@ def evaluate_push(
         if decision.outcome != SENT or decision.item is None or decision.trigger is None:
             return
         push = _Push(user, decision.item, decision.trigger, now)
-        send_at = policy.send_time(now, state.hours or {}, common) if policy.learn_send_time else now
-        send_at = policy.after_quiet_hours(send_at)
+        send_at = policy.send_time(now, state.hours, common)
         if send_at <= now:
             product.record(push, now)
         else:
@@ -147,7 +157,7 @@ def evaluate_push(
                 seq += 1
                 latest[ev.user_id, kind] = seq
                 heapq.heappush(timers, (ev.ts + after, kind, seq, ev.user_id, None))
-        _naive(naive, policy, ev, model, n)
+        _naive(naive, naive_policy, ev, model, n)
         if progress is not None:
             progress()
     if log:
@@ -169,18 +179,21 @@ def evaluate_push(
 
 def _naive(tally: _Tally, policy: PushPolicy, ev: Interaction, model: Ranker, n: int) -> None:
     """The first item of the refreshed list not pushed within the dedupe window, now, under the
-    fixed cap (the push sender before the push policy)."""
+    fixed cap (the push sender before the push policy); ``policy`` has no threshold."""
     user, now = ev.user_id, ev.ts
-    if sum(1 for t in tally.times[user] if now - t < policy.cap_window_s) >= policy.max_per_window:
-        tally.outcomes["capped"] += 1
+    if policy.capped(now, tally.times[user]):  # before ranking: most refreshes are capped
+        tally.outcomes[CAPPED] += 1
         return
-    last_pushed = tally.last_pushed[user]
-    for item in model.recommend(user, n).items:
-        if now - last_pushed.get(item, -math.inf) >= policy.dedupe_window_s:
-            tally.outcomes[SENT] += 1
-            tally.record(_Push(user, item, REFRESH, now), now)
-            return
-    tally.outcomes["deduped"] += 1
+    top = model.recommend(user, n)
+    decision = policy.choose(
+        [Candidate(item, score, REFRESH) for item, score in zip(top.items, top.scores, strict=True)],
+        now,
+        tally.times[user],
+        tally.last_pushed[user],
+    )
+    tally.outcomes[decision.outcome] += 1
+    if decision.item is not None:
+        tally.record(_Push(user, decision.item, REFRESH, now), now)
 
 
 def _summary(

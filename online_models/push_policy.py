@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from online_models.explain import CART as CART_KIND
 from online_models.explain import NEW, OWN, RESTOCK_KIND, reason_kind
@@ -114,8 +114,7 @@ class PushPolicy:
         """The push for these candidates (best first), or why none: ``recent_pushes`` are the
         shopper's push times, ``last_pushed`` item -> last push time, ``budget`` the pushes
         allowed per cap window (default ``max_per_window``)."""
-        allowed = self.max_per_window if budget is None else min(budget, self.max_per_window)
-        if sum(1 for t in recent_pushes if now - t < self.cap_window_s) >= allowed:
+        if self.capped(now, recent_pushes, budget):
             return Decision(CAPPED, None)
         fresh = [c for c in candidates if now - last_pushed.get(c.item, -math.inf) >= self.dedupe_window_s]
         if not fresh:
@@ -124,6 +123,11 @@ class PushPolicy:
         if best.score < self.min_score:
             return Decision(BELOW_THRESHOLD, None)
         return Decision(SENT, best.item, best.score, best.trigger)
+
+    def capped(self, now: float, recent_pushes: Sequence[float], budget: int | None = None) -> bool:
+        """Whether the shopper had ``budget`` pushes (at most ``max_per_window``) in the cap window."""
+        allowed = self.max_per_window if budget is None else min(budget, self.max_per_window)
+        return sum(1 for t in recent_pushes if now - t < self.cap_window_s) >= allowed
 
     def in_quiet_hours(self, now: float) -> bool:
         start, end = self.quiet_start_hour, self.quiet_end_hour
@@ -142,7 +146,10 @@ class PushPolicy:
         """When to send a push decided at ``now``: the start of the hour, within the next day,
         in which this shopper's visits began most often (``hours``: hour of week -> visits; the
         shoppers' ``common`` hours when they have fewer than ``send_hour_min_visits``); now if
-        that hour is the current one or nothing is known; never in the quiet hours."""
+        that hour is the current one, nothing is known or ``learn_send_time`` is off; never in
+        the quiet hours."""
+        if not self.learn_send_time:
+            return self.after_quiet_hours(now)
         counts = hours if sum(hours.values()) >= self.send_hour_min_visits else common
         best, best_count = 0, 0.0
         for ahead in range(24):  # ties go to the soonest
@@ -168,7 +175,7 @@ class Activity:
 
     last: float = -math.inf
     visits: float = 0.0
-    hours: dict[int, float] | None = None
+    hours: dict[int, float] = field(default_factory=dict)
 
     def seen(self, ts: float, away_after_s: float) -> bool:
         """Record an event at ``ts``; whether it began a visit."""
@@ -177,8 +184,6 @@ class Activity:
             if self.last > -math.inf:
                 self.visits *= 0.5 ** ((ts - self.last) / WEEK_S)
             self.visits += 1.0
-            if self.hours is None:
-                self.hours = {}
             hour = hour_of_week(ts)
             self.hours[hour] = self.hours.get(hour, 0.0) + 1.0
         self.last = max(self.last, ts)
