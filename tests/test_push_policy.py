@@ -21,7 +21,7 @@ from online_models.push_policy import (
     hour_of_week,
 )
 from online_models.recommender import TopN
-from pushrec.demo import SAMPLE_EVENTS
+from pushrec.demo import SAMPLE_EVENTS, SAMPLE_ITEMS
 from tests.test_cli import pushrec
 
 
@@ -118,3 +118,5 @@ def test_evaluate_push_prints_the_contract_json() -> None:
     assert report["policies"]["naive"]["pushes"] > 0
     bad = pushrec("evaluate", "--push", "--protocol", "both", str(SAMPLE_EVENTS))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    two = pushrec("evaluate", "--push", str(SAMPLE_EVENTS), "--items", str(SAMPLE_ITEMS), str(SAMPLE_ITEMS))
+    assert two.returncode == 2 and "one ITEMS file per EVENTS file" in two.stderr

@@ -104,6 +104,8 @@ def add_parser(sub: Subcommands) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
+    if args.items and len(args.items) != len(args.events):
+        raise UsageError(f"--items: give one ITEMS file per EVENTS file ({len(args.events)})")
     if args.push:
         return _run_push(args, settings)
 
@@ -114,8 +116,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("--model als needs the implicit library: pip install 'pushrec[eval]'")
     if "als" not in names:
         log.warning("als baseline skipped: the implicit library is not installed (pushrec[eval])")
-    if args.items and len(args.items) != len(args.events):
-        raise UsageError(f"--items: give one ITEMS file per EVENTS file ({len(args.events)})")
     if args.items and "pushrec" in names and settings.model.content_encoder != "off":
         names.insert(names.index("pushrec") + 1, NO_CONTENT)
     if args.workers and args.workers > 1:
