@@ -16,7 +16,8 @@ Three steps, each crash-safe in Redis and shared by every sender of the group:
    dropping the claim.
 
 A claim older than ``push.claim_idle_s`` (its sender died) goes back to its queue. The push id
-(user, list version, trigger) is the idempotency key: the delivery channel answers for a push
+(user, list version, queue: away or cart) is the idempotency key, and one list gets at most one
+push per queue: the delivery channel answers for a push
 delivered before a crash that came before its record (the outbox's tail; the gateway's
 Idempotency-Key), so nothing is pushed twice.
 """
@@ -44,6 +45,7 @@ from online_models.push_policy import (
     AWAY,
     BROWSE,
     CART,
+    DEDUPED,
     QUIET_HOURS,
     REPLENISHMENT,
     SENT,
@@ -297,16 +299,24 @@ class PushSender:
         self.metrics.push_due.set(await self.client.zcard(self.keys.push_due()))
         for member in due:
             queue, _, user = member.decode().partition(":")
-            await self._decide(member, user, queue == AWAY_QUEUE, now)
+            await self._decide(member, user, queue, now)
         return bool(due)
 
-    async def _decide(self, member: bytes, user: str, when_away: bool, now: float) -> None:
-        """One shopper has left (``when_away``), or left a cart: hold a push for them, or say why not."""
+    async def _decide(self, member: bytes, user: str, queue: str, now: float) -> None:
+        """One shopper has left (``queue`` away), or left a cart: hold a push for them, or say why not."""
         claims, member = self.keys.push_due_claims(), self._claimer + member
         stored = await self.store.read(user)
         if stored is None:  # forgotten meanwhile
             await self.client.zrem(claims, member)
             return
+        sent_key, items_key = self.keys.pushes(user), self.keys.pushed_items(user)
+        push_id = f"{user}:{stored.version}:{queue}"  # one push per list and queue
+        if await self.client.zscore(sent_key, push_id) is not None:
+            # Considered again with no new list (a burst of refresh entries): pushed already.
+            await self.client.zrem(claims, member)
+            self.metrics.pushes.labels(DEDUPED).inc()
+            return
+        when_away = queue == AWAY_QUEUE
         items = stored.items
         candidates = self.policy.candidates(
             when_away,
@@ -322,7 +332,6 @@ class PushSender:
             self.metrics.push_entries.labels(OUTSIDE_SEGMENT).inc()
             return
         activity = _activity(await self.client.hgetall(self.keys.push_activity(user)))
-        sent_key, items_key = self.keys.pushes(user), self.keys.pushed_items(user)
         recent = await self.client.zrangebyscore(
             sent_key, now - self.policy.cap_window_s, "+inf", withscores=True
         )
@@ -343,7 +352,6 @@ class PushSender:
             self.metrics.pushes.labels(decision.outcome).inc()
             return
         send_at = self.policy.send_time(now, activity.hours, await self._common())
-        push_id = f"{user}:{stored.version}:{trigger}"
         notification = await self._notification(push_id, stored, decision.item, trigger, now, send_at)
         async with self.client.pipeline(transaction=True) as pipe:
             # Held pushes count against the budget and the dedupe window from now on.
