@@ -339,3 +339,18 @@ def test_a_push_decided_in_quiet_hours_is_sent_at_their_end_unless_the_shopper_c
     [push] = sent(outbox)
     assert (push["user_id"], push["send_at"], push["sent_at"]) == ("ida", morning, morning + 1)
     assert sender.metrics.pushes.labels("active")._value.get() == 1  # jo's: she came back
+
+
+def test_a_shopper_considered_again_with_no_new_list_gets_no_second_push(
+    hermetic: Hermetic, tmp_path: Path
+) -> None:
+    """alice's two refresh entries fall in two reads of the stream (100 entries each), both after
+    her last list was written: two considerations of one list, one push."""
+    outbox = tmp_path / "outbox.jsonl"
+    others = [TopN(f"u{k}", ["x"], [1.0], "pushrec") for k in range(100)]
+    asyncio.run(write(hermetic, TopN("alice", ["a", "b"], [0.9, 0.5], "pushrec"), *others))
+    asyncio.run(write(hermetic, TopN("alice", ["a", "b"], [0.9, 0.5], "pushrec")))
+    sender = run_sender(hermetic, outbox, PUSHREC_PUSH__MAX_PER_WINDOW="5")
+    alice = [p for p in sent(outbox) if p["user_id"] == "alice"]
+    assert [p["item_id"] for p in alice] == ["a"]
+    assert sender.metrics.pushes.labels("deduped")._value.get() == 1
