@@ -26,9 +26,15 @@ _VERB = {
     "add_to_cart": "put in your cart",
     "purchase": "bought",
     "rating": "rated",
+    "push_open": "opened in a push",
 }
 CART_REASON = "it is in your cart"
-_OWN = {"view": "you viewed it", "click": "you clicked it", "add_to_cart": CART_REASON}
+_OWN = {
+    "view": "you viewed it",
+    "click": "you clicked it",
+    "add_to_cart": CART_REASON,
+    "push_open": "you opened it in a push",
+}
 _OWN_OTHER = "you looked at it"
 RESTOCK = "time to restock {}?"  # an item the user buys again (online_models.related)
 # What a reason says of the item, for the push policy: new to the user, one they touched, one in

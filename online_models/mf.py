@@ -114,8 +114,11 @@ class ImplicitMF:
     def __contains__(self, user: object) -> bool:
         return user in self._mf.u_latents
 
-    def learn_one(self, user: str, item: str, weight: float, negatives: Iterable[str] = ()) -> bool:
-        """One positive ``(user, item)`` of confidence ``weight``, and a negative per sampled item.
+    def learn_one(
+        self, user: str, item: str, weight: float, negatives: Iterable[str] = (), liked: bool = True
+    ) -> bool:
+        """One positive ``(user, item)`` of confidence ``weight``, and a negative per sampled item;
+        ``liked=False``: ``item`` is a negative too (a dismissed push).
 
         Refused (False, counted in :attr:`refused`, nothing changed) when ``weight`` is not in
         [0, ``MAX_WEIGHT``] or the step would leave a touched factor non-finite or longer than
@@ -135,10 +138,11 @@ class ImplicitMF:
         user_before = users[user].copy() if user in users else None
         # River's Log loss takes labels in {0, 1}; the confidence rides on its positive weight.
         self._weighted_log.weight_pos = weight
-        self._mf.loss = self._positive_loss
-        self._mf.learn_one(user, item, True)
+        if liked:
+            self._mf.loss = self._positive_loss
+            self._mf.learn_one(user, item, True)
         self._mf.loss = self._negative_loss
-        for negative in touched[1:]:
+        for negative in touched[0 if not liked else 1 :]:
             self._mf.learn_one(user, negative, False)
         if _sane(users[user]) and all(_sane(items[name]) for name in touched):
             for name in touched:

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from online_models.recommender import Recommender, TopN, is_positive
+from online_models.recommender import PUSH_ANSWERS, Recommender, TopN, is_positive
 
 
 class Interaction(Protocol):
@@ -137,6 +137,10 @@ class RefreshPipeline:
         touched: dict[str, None] = {}
         users, find, visits = self.recommender.users, self.recommender.items.find, self.visit_hit_rate
         for ev in events:
+            if ev.type in PUSH_ANSWERS:  # an answer to a push, not a visit: learned only
+                self.recommender.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
+                touched[ev.user_id] = None
+                continue
             served = self._served.get(ev.user_id)
             positive = is_positive(ev.type, ev.rating)
             row = find(ev.item_id) if positive else None

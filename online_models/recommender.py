@@ -61,10 +61,14 @@ from online_models.user_state import UserState
 from online_models.user_table import UserTable
 
 # Confidence of each event type as a positive signal (view < click < add_to_cart < purchase);
-# a rating's weight is further scaled by rating / 5.
+# a rating's weight is further scaled by rating / 5; an opened push counts like a click.
 DEFAULT_TYPE_WEIGHTS: Mapping[str, float] = MappingProxyType(
-    {"view": 0.25, "click": 0.5, "add_to_cart": 0.75, "purchase": 1.0, "rating": 1.0}
+    {"view": 0.25, "click": 0.5, "add_to_cart": 0.75, "purchase": 1.0, "rating": 1.0, "push_open": 0.5}
 )
+# A shopper's answers to a push: an opened one is a positive (its type weight), a dismissed one
+# lowers the item for them. Neither is a visit to the shop.
+OPEN, DISMISS = "push_open", "push_dismiss"
+PUSH_ANSWERS = frozenset({OPEN, DISMISS})
 # Events after which the item is "consumed" and never recommended to that user again.
 CONSUMING_TYPES = frozenset({"purchase", "rating"})
 POSITIVE_RATING = 4.0
@@ -89,10 +93,10 @@ class TopN:
 
 
 def is_positive(kind: str, rating: float | None) -> bool:
-    """Whether an event says the user liked the item (ratings count from 4 up)."""
+    """Whether an event says the user liked the item (ratings count from 4 up; a dismissed push no)."""
     if kind == "rating":
         return rating is not None and rating >= POSITIVE_RATING
-    return True
+    return kind != DISMISS
 
 
 class Recommender:
@@ -190,6 +194,9 @@ class Recommender:
         """Update popularity, the user's history and (for positive events) the factors."""
         if not math.isfinite(ts):
             raise ValueError(f"event time {ts!r} is not finite")
+        if kind == DISMISS:
+            self._dismiss(user, item)
+            return
         row = self.items.add(item)
         content = self.content if self.content.catalogue is not None else None
         if content is not None:
@@ -226,6 +233,16 @@ class Recommender:
         self.candidates.changed(chain((row,), map(self.items.row, negatives)))  # read only with an index
         if content is not None:
             content.learn_positive(user, row)
+
+    def _dismiss(self, user: str, item: str) -> None:
+        """The shopper swiped away a push of ``item``: their interest in it ends, and their factors
+        take one negative step on it. Not a visit: the session and last event time stay."""
+        state, row = self.users.get(user), self.items.find(item)
+        if state is None or row is None:  # nothing learned of them to lower
+            return
+        state.drop_interest(row)
+        if self.mf.learn_one(user, item, 0.0, (), liked=False):
+            self.candidates.changed((row,))
 
     def add_items(
         self, items: Sequence[str], titles: Sequence[str | None], categories: Sequence[str | None]

@@ -20,7 +20,7 @@ from online_models.explain import History
 _NOTHING: frozenset[int] = frozenset()
 _TINY = 1e-300  # the interest of a zero-weight event (its log must stay finite)
 # Event types a session entry records (3 bits); another type reads back as "view".
-_KINDS = ("view", "click", "add_to_cart", "purchase", "rating")
+_KINDS = ("view", "click", "add_to_cart", "purchase", "rating", "push_open")
 _CODE = {kind: code for code, kind in enumerate(_KINDS)}
 _SHIFT = 3
 
@@ -86,7 +86,7 @@ class UserState:
             if isinstance(self.consumed, frozenset):
                 self.consumed = set()
             self.consumed.add(row)
-            self._drop_interest(row)
+            self.drop_interest(row)
 
     def buy(self, row: int) -> bool:
         """Count a purchase of ``row``; whether the user had bought it before."""
@@ -112,7 +112,7 @@ class UserState:
         """Add ``weight`` (of a ``kind`` event) to the decayed interest in ``row``; keep the
         ``memory`` newest rows."""
         level = math.log2(max(weight, _TINY)) + ts / half_life_s
-        previous = self._drop_interest(row)
+        previous = self.drop_interest(row)
         if previous is not None:  # log2(2 ** previous + 2 ** level), without overflow
             high, low = max(previous, level), min(previous, level)
             level = high + math.log2(1.0 + 2.0 ** (low - high))
@@ -122,7 +122,7 @@ class UserState:
         if len(self.interest) > 2 * memory:
             del self.interest[:2]
 
-    def _drop_interest(self, row: int) -> float | None:
+    def drop_interest(self, row: int) -> float | None:
         """Remove ``row`` from the interest; its level, or None if it had none."""
         if not self.interest:
             return None

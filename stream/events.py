@@ -3,10 +3,11 @@
 >>> ev = decode_event(b'{"event_id": "e1", "type": "click", "user_id": "u1", "item_id": "i9", "ts": 1.5}')
 >>> ev.type, ev.user_id, ev.item_id, ev.ts
 ('click', 'u1', 'i9', 1.5)
->>> decode_event(b'{"event_id": "e1", "type": "like", "user_id": "u1", "item_id": "i9", "ts": 1}')
+>>> like = b'{"event_id": "e", "type": "like", "user_id": "u", "item_id": "i", "ts": 1}'
+>>> decode_event(like)  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-stream.events.BadEvent: unknown_type: type 'like' is not one of view, click, add_to_cart, purchase, rating
+stream.events.BadEvent: unknown_type: type 'like' is not one of view, click, add_to_cart, purchase, ...
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 
 import orjson
 
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rating")
+# A shopper's interactions with items, then their answers to a push (``push_id`` says which).
+PUSH_FEEDBACK_TYPES = ("push_open", "push_dismiss")
+EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rating", *PUSH_FEEDBACK_TYPES)
 
 
 class Reason(enum.StrEnum):
@@ -77,6 +80,7 @@ class Event:
     price: float | None = None
     quantity: int | None = None
     session_id: str | None = None
+    push_id: str | None = None  # push_open, push_dismiss: the push answered (its notification's)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -86,7 +90,7 @@ class Event:
             "item_id": self.item_id,
             "ts": self.ts,
         }
-        for name in ("rating", "price", "quantity", "session_id"):
+        for name in ("rating", "price", "quantity", "session_id", "push_id"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -178,6 +182,10 @@ def decode_event(
     Traceback (most recent call last):
     ...
     stream.events.BadEvent: bad_field: rating 1e+300 is outside [0, 5]
+    >>> decode_event(b'{"event_id": "e", "type": "push_open", "user_id": "u", "item_id": "i", "ts": 1}')
+    Traceback (most recent call last):
+    ...
+    stream.events.BadEvent: missing_field: push_id is missing
     """
     obj = _load_object(raw, limits.max_payload_bytes)
 
@@ -200,6 +208,8 @@ def decode_event(
     if kind == "rating" and rating is None:
         raise BadEvent(Reason.MISSING_FIELD, "a rating event needs rating")
     session_id = _text(obj, "session_id", limits.max_id_length, False)
+    # Required on a push's answer; an unknown id is no error (its exposure may be past retention).
+    push_id = _text(obj, "push_id", limits.max_id_length, kind in PUSH_FEEDBACK_TYPES)
     return Event(
         event_id=event_id,  # type: ignore[arg-type]
         type=kind,
@@ -210,6 +220,7 @@ def decode_event(
         price=price,
         quantity=quantity,
         session_id=session_id,
+        push_id=push_id,
     )
 
 
