@@ -15,6 +15,11 @@ Three steps, each crash-safe in Redis and shared by every sender of the group:
    shopper came back since it was decided, else delivered and recorded in one transaction with
    dropping the claim.
 
+Every decision, sent or not, is written to the exposure log (``stream.exposures``) before it is
+recorded as done in Redis. A stable share of shoppers (``push.holdout_share``, by a hash of their
+id: ``online_models.push_policy.in_holdout``) is the control group: their pushes are decided and
+held like everyone's, and at the send time logged as ``holdout`` instead of delivered.
+
 A claim older than ``push.claim_idle_s`` (its sender died) goes back to its queue. The push id
 (user, list version, queue: away or cart) is the idempotency key, and one list gets at most one
 push per queue: the delivery channel answers for a push
@@ -37,6 +42,7 @@ import orjson
 from redis.exceptions import ResponseError
 
 from consumers.push_delivery import Delivery, Outbox, Webhook
+from infra.kafka import KafkaAccess
 from infra.metrics import Metrics
 from infra.settings import Settings
 from infra.store import Keys, RedisTopNStore, StoredList, connect
@@ -46,13 +52,18 @@ from online_models.push_policy import (
     BROWSE,
     CART,
     DEDUPED,
+    HOLDOUT,
     QUIET_HOURS,
     REPLENISHMENT,
     SENT,
     Activity,
+    Decision,
     PushPolicy,
     hour_of_week,
+    in_holdout,
 )
+from stream.exposures import ExposureLog
+from stream.topics import TopicNames, ensure_topics
 
 log = logging.getLogger("pushrec.push_sender")
 # What became of a refresh-stream entry (label of pushrec_push_entries_total); already_sent: a
@@ -153,6 +164,7 @@ class PushSender:
     def __init__(
         self,
         settings: Settings,
+        kafka: KafkaAccess,
         redis_url: str,
         outbox: Path,
         metrics: Metrics | None = None,
@@ -163,8 +175,12 @@ class PushSender:
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``segment``: push only to users whose interest segment is tagged with it (a campaign);
-        ``clock``: the wall clock (tests move it)."""
+        ``clock``: the wall clock (tests move it); ``kafka``: where the exposure log is written."""
         push = settings.push
+        self.kafka, self.kafka_settings = kafka, settings.kafka
+        self.exposure_topic = TopicNames(settings.kafka.topic_prefix).pushes
+        self.exposures: ExposureLog | None = None  # opened by run()
+        self.holdout_share, self.holdout_salt = push.holdout_share, push.holdout_salt
         self.keys = Keys(settings.redis.key_prefix)
         self.client = connect(redis_url, settings.redis.retries)
         self.store = RedisTopNStore(self.client, self.keys, settings.redis.stream_maxlen)
@@ -198,6 +214,11 @@ class PushSender:
 
     async def run(self) -> None:
         await self._ensure_group()
+        topic, kafka = self.exposure_topic, self.kafka_settings
+        await asyncio.to_thread(
+            ensure_topics, self.kafka, [topic], kafka.partitions, kafka.replication_factor
+        )
+        self.exposures = ExposureLog(self.kafka, topic)
         log.info(
             "push sender: group=%s consumer=%s delivering to %s; a push is considered %.0f s after "
             "a shopper's last event",
@@ -211,6 +232,7 @@ class PushSender:
             await self._follow()
         finally:
             await self.delivery.close()
+            self.exposures.close()
 
     async def _follow(self) -> None:
         last_activity = time.monotonic()
@@ -348,6 +370,7 @@ class PushSender:
         trigger = decision.trigger or (AWAY if when_away else CART)
         self.metrics.push_decisions.labels(trigger, decision.outcome).inc()
         if decision.outcome != SENT or decision.item is None:
+            await self._log_exposure(self._not_sent(push_id, stored, decision, trigger, now))
             await self.client.zrem(claims, member)
             self.metrics.pushes.labels(decision.outcome).inc()
             return
@@ -391,12 +414,23 @@ class PushSender:
         last = await self.client.hget(self.keys.push_activity(user), "last")
         if last is not None and float(last) > notification["decided_at"]:
             outcome = ACTIVE  # back in the shop before it was sent: their next departure decides
+        elif self._in_holdout(user):
+            outcome = HOLDOUT  # the control group: would have been sent now, and is not
         elif self.delivery.delivered_before(push_id):
             outcome = ALREADY_SENT  # delivered before a crash that came before the record below
         else:
             outcome = await self.delivery.deliver({**notification, "sent_at": now})
+        sent = outcome in (SENT, ALREADY_SENT, HOLDOUT)  # the holdout's count like sent ones
+        await self._log_exposure(
+            {
+                **_exposed(notification),
+                "decision": SENT if outcome == ALREADY_SENT else outcome,
+                "group": HOLDOUT if self._in_holdout(user) else TREATED,
+                "delivered_at": now if sent else None,
+            }
+        )
         async with self.client.pipeline(transaction=True) as pipe:
-            if outcome in (SENT, ALREADY_SENT):
+            if sent:
                 pipe.zadd(sent_key, {push_id: now})
                 pipe.zadd(items_key, {item: now})
             else:  # not sent: it counts against neither the budget nor the dedupe window
@@ -409,6 +443,31 @@ class PushSender:
             self.metrics.push_entries.labels(ALREADY_SENT).inc()
             return
         self.metrics.pushes.labels(outcome).inc()
+
+    def _in_holdout(self, user: str) -> bool:
+        return in_holdout(user, self.holdout_share, self.holdout_salt)
+
+    async def _log_exposure(self, record: dict[str, Any]) -> None:
+        assert self.exposures is not None, "run() opens the exposure log"
+        await self.exposures.write(record)
+
+    def _not_sent(
+        self, push_id: str, stored: StoredList, decision: Decision, trigger: str, now: float
+    ) -> dict[str, Any]:
+        """The exposure record of a decision that held no push (capped, below the threshold)."""
+        return {
+            **dict.fromkeys(_EXPOSED_FIELDS),  # no item, rank, score, reason
+            "push_id": push_id,
+            "user_id": stored.user_id,
+            "trigger": trigger,
+            "list_version": stored.version,
+            "policy_version": self.policy.version,
+            "segment": _segment(stored),
+            "decided_at": now,
+            "decision": decision.outcome,
+            "group": HOLDOUT if self._in_holdout(stored.user_id) else TREATED,
+            "delivered_at": None,
+        }
 
     async def _claim_abandoned(self) -> list:  # type: ignore[type-arg]
         """Entries another sender of the group read and never acked (it crashed, or its host is gone)."""
@@ -448,7 +507,7 @@ class PushSender:
     async def _notification(
         self, push_id: str, stored: StoredList, item: str, trigger: str, now: float, send_at: float
     ) -> dict[str, Any]:
-        listed = next((i for i in stored.items if i["item_id"] == item), {})
+        rank, listed = next(((k, i) for k, i in enumerate(stored.items) if i["item_id"] == item), (None, {}))
         title = await self.client.hget(self.keys.item(item), "title")  # None without a catalogue
         return {
             "notification_id": push_id,
@@ -463,7 +522,36 @@ class PushSender:
             "model": stored.model,
             "decided_at": now,
             "send_at": send_at,
+            "rank": rank,
+            "policy_version": self.policy.version,
+            "segment": _segment(stored),
         }
+
+
+TREATED = "treated"  # the exposure record's group of a shopper outside the holdout
+# What the exposure record keeps of a notification (stream.exposures).
+_EXPOSED_FIELDS = (
+    "push_id",
+    "user_id",
+    "item_id",
+    "rank",
+    "score",
+    "trigger",
+    "reason",
+    "list_version",
+    "policy_version",
+    "segment",
+    "decided_at",
+)
+
+
+def _exposed(notification: dict[str, Any]) -> dict[str, Any]:
+    return {name: notification.get(name) for name in _EXPOSED_FIELDS}
+
+
+def _segment(stored: StoredList) -> str | None:
+    """The shopper's interest segment as the report groups by it (None without a catalogue)."""
+    return " / ".join(stored.tags) or None
 
 
 _HOUR = "h{}"  # the field of an hour of week in the activity and common-hours hashes

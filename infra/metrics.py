@@ -18,6 +18,7 @@ PUSH_OUTCOMES = (
     "below_threshold",
     "quiet_hours",
     "active",
+    "holdout",
     "failed",
     "dead_letter",
 )
@@ -108,8 +109,8 @@ class Metrics:
         self.pushes = Counter(
             "pushrec_pushes",
             "What became of pushes: sent (delivered), capped (budget), deduped, below_threshold, "
-            "quiet_hours (held to their end), active (shopper back before the send), failed, "
-            "dead_letter.",
+            "quiet_hours (held to their end), active (shopper back before the send), holdout (the "
+            "control group's would-be push, not sent), failed, dead_letter.",
             ["outcome"],
             registry=r,
         )

@@ -229,6 +229,20 @@ class PushSettings(_Section):
     send_time: bool = Field(
         True, description="hold a push until the shopper's most active hour of the next day"
     )
+    holdout_share: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="control group: this share of shoppers (by a hash of their id) never gets a push",
+    )
+    holdout_salt: str = Field(
+        "pushrec", min_length=1, description="salt of the control group's hash: a new one draws a new group"
+    )
+    attribution_window_s: float = Field(
+        86_400.0,
+        gt=0,
+        description="a click, cart or purchase of a pushed item this long after delivery converts it",
+    )
     consumer_group: str = "pushrec-push-sender"
     claim_idle_s: float = Field(
         30.0, gt=0, description="claim entries another sender read but left unacked this long"

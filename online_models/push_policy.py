@@ -25,10 +25,11 @@ True
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from online_models.explain import CART as CART_KIND
 from online_models.explain import NEW, OWN, RESTOCK_KIND, reason_kind
@@ -37,6 +38,7 @@ from online_models.explain import NEW, OWN, RESTOCK_KIND, reason_kind
 SENT, CAPPED, DEDUPED, QUIET_HOURS = "sent", "capped", "deduped", "quiet_hours"
 BELOW_THRESHOLD = "below_threshold"  # nothing new to the shopper scored min_score or more
 ACTIVE = "active"  # the shopper came back before the held push was due: not sent
+HOLDOUT = "holdout"  # would have been sent, to a shopper of the control group: never sent
 # Triggers (label values, and the notification's "trigger").
 AWAY, BROWSE, CART, REPLENISHMENT = "away", "browse", "cart", "replenishment"
 TRIGGERS = (AWAY, BROWSE, CART, REPLENISHMENT)
@@ -49,6 +51,17 @@ HOURS_OF_WEEK = 168
 def hour_of_week(ts: float) -> int:
     """0 = Thursday 00:00-01:00 UTC (the epoch's weekday): only differences matter."""
     return int(ts // HOUR_S) % HOURS_OF_WEEK
+
+
+def in_holdout(user: str, share: float, salt: str) -> bool:
+    """Whether ``user`` is in the control group that never gets a push: a hash of the salt and the
+    user id alone, so the same in every sender, after every restart, and in every report.
+
+    >>> [in_holdout(u, 0.5, "s") for u in ("ann", "bob", "cy")], in_holdout("ann", 0.0, "s")
+    ([False, True, True], False)
+    """
+    digest = hashlib.blake2b(f"{salt}\0{user}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < share * 2.0**64
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +136,17 @@ class PushPolicy:
         if best.score < self.min_score:
             return Decision(BELOW_THRESHOLD, None)
         return Decision(SENT, best.item, best.score, best.trigger)
+
+    @property
+    def version(self) -> str:
+        """A short name of these settings, carried by every exposure record (a change of policy
+        shows in the report)."""
+        settings = [
+            (f.name, sorted(value) if isinstance(value, frozenset) else value)
+            for f in fields(self)
+            for value in [getattr(self, f.name)]
+        ]  # a frozenset's order changes between processes (string hashing is salted)
+        return "p" + hashlib.blake2b(repr(settings).encode(), digest_size=4).hexdigest()
 
     def capped(self, now: float, recent_pushes: Sequence[float], budget: int | None = None) -> bool:
         """Whether the shopper had ``budget`` pushes (at most ``max_per_window``) in the cap window."""

@@ -30,13 +30,15 @@ def partition_of(user_id: str, partitions: int) -> int:
 
 class TopicNames:
     """``<prefix>.events.<type>`` per event type, ``<prefix>.items``, ``<prefix>.dead-letter``,
-    ``<prefix>.item-deltas`` (the workers' item changes, ``consumers.item_exchange``)."""
+    ``<prefix>.item-deltas`` (the workers' item changes, ``consumers.item_exchange``),
+    ``<prefix>.pushes`` (the push sender's exposure log)."""
 
     def __init__(self, prefix: str = "pushrec") -> None:
         self.prefix = prefix
         self.items = f"{prefix}.items"
         self.dead_letter = f"{prefix}.dead-letter"
         self.item_deltas = f"{prefix}.item-deltas"
+        self.pushes = f"{prefix}.pushes"  # the exposure log (stream.exposures)
         self._by_type = {kind: f"{prefix}.events.{kind}" for kind in EVENT_TYPES}
         self._type_by_topic = {topic: kind for kind, topic in self._by_type.items()}
 
@@ -49,7 +51,7 @@ class TopicNames:
 
     @property
     def all(self) -> list[str]:
-        return [*self.all_events, self.items, self.dead_letter, self.item_deltas]
+        return [*self.all_events, self.items, self.dead_letter, self.item_deltas, self.pushes]
 
     def type_of(self, topic: str) -> str:
         return self._type_by_topic[topic]

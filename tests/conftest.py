@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings as hypothesis_settings
 
+from infra.kafka import KafkaAccess
 from infra.settings import Settings, load_settings
 from infra.stack import EmbeddedStack, StackError
 
@@ -30,6 +31,7 @@ PUSH_AT_ONCE = {
     "PUSHREC_PUSH__SEND_TIME": "false",
     "PUSHREC_PUSH__TRIGGER_CART": "false",
     "PUSHREC_PUSH__VISITS_PER_PUSH": "1e-9",  # no activity budget: the fixed cap alone
+    "PUSHREC_PUSH__HOLDOUT_SHARE": "0",  # everyone treated; the holdout's tests draw their own
 }
 
 
@@ -65,6 +67,10 @@ class Hermetic:
     servers: Servers
     prefix: str
     tmp: Path
+
+    @property
+    def kafka(self) -> KafkaAccess:
+        return KafkaAccess(self.servers.kafka_bootstrap)
 
     def fresh(self) -> Hermetic:
         """Another set of names (topics, groups, keys, state dir) for a second run in one test."""

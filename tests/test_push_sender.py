@@ -27,7 +27,9 @@ async def write(hermetic: Hermetic, *lists: TopN) -> None:
 
 
 def run_sender(hermetic: Hermetic, outbox: Path, **env: str) -> PushSender:
-    sender = PushSender(hermetic.settings(**env), hermetic.servers.redis_url, outbox, until_idle_s=0.5)
+    sender = PushSender(
+        hermetic.settings(**env), hermetic.kafka, hermetic.servers.redis_url, outbox, until_idle_s=0.5
+    )
     asyncio.run(sender.run())
     return sender
 
@@ -136,6 +138,7 @@ def test_a_second_sender_claims_entries_a_crashed_one_left(hermetic: Hermetic, t
     outbox = tmp_path / "outbox.jsonl"
     sender = PushSender(
         hermetic.settings(PUSHREC_PUSH__CLAIM_IDLE_S="0.1"),
+        hermetic.kafka,
         hermetic.servers.redis_url,
         outbox,
         until_idle_s=1.0,
@@ -236,7 +239,12 @@ class Clock:
 
 def run_at(hermetic: Hermetic, outbox: Path, clock: Clock, **env: str) -> PushSender:
     sender = PushSender(
-        hermetic.settings(**env), hermetic.servers.redis_url, outbox, until_idle_s=0.3, clock=clock
+        hermetic.settings(**env),
+        hermetic.kafka,
+        hermetic.servers.redis_url,
+        outbox,
+        until_idle_s=0.3,
+        clock=clock,
     )
     asyncio.run(sender.run())
     return sender
@@ -354,3 +362,53 @@ def test_a_shopper_considered_again_with_no_new_list_gets_no_second_push(
     alice = [p for p in sent(outbox) if p["user_id"] == "alice"]
     assert [p["item_id"] for p in alice] == ["a"]
     assert sender.metrics.pushes.labels("deduped")._value.get() == 1
+
+
+def exposures(hermetic: Hermetic) -> list[dict]:  # type: ignore[type-arg]
+    from stream.exposures import read_topics
+
+    return [orjson.loads(value) for _, value in read_topics(hermetic.kafka, [f"{hermetic.prefix}.pushes"])]
+
+
+def test_the_holdout_never_gets_a_push_and_stays_the_same_across_restarts_and_senders(
+    hermetic: Hermetic, tmp_path: Path
+) -> None:
+    from online_models.push_policy import in_holdout
+
+    outbox, users = tmp_path / "outbox.jsonl", [f"s{k}" for k in range(40)]
+    env = {"PUSHREC_PUSH__HOLDOUT_SHARE": "0.5", "PUSHREC_PUSH__HOLDOUT_SALT": "test"}
+    held_out = {u for u in users if in_holdout(u, 0.5, "test")}
+    assert 10 < len(held_out) < 30
+    for round_, name in enumerate(("sender-a", "sender-b")):  # a restart, and another sender
+        asyncio.run(write(hermetic, *[TopN(u, [f"i{round_}"], [1.0], "pushrec") for u in users]))
+        settings = hermetic.settings(**env)
+        sender = PushSender(settings, hermetic.kafka, hermetic.servers.redis_url, outbox, consumer_name=name)
+        sender.until_idle_s = 0.5
+        asyncio.run(sender.run())
+        assert sender.metrics.pushes.labels("holdout")._value.get() == len(held_out)
+    pushed = [orjson.loads(line) for line in outbox.read_bytes().splitlines()]
+    assert sorted(p["user_id"] for p in pushed) == sorted(2 * [u for u in users if u not in held_out])
+    records = exposures(hermetic)
+    assert len(records) == 2 * len(users)  # one per decision, sent or not
+    for record in records:
+        held = record["user_id"] in held_out
+        assert (record["group"], record["decision"]) == (
+            ("holdout", "holdout") if held else ("treated", "sent")
+        )
+        assert record["delivered_at"] is not None and record["item_id"] in ("i0", "i1")
+    assert {r["push_id"] for r in records if r["decision"] == "sent"} == {p["push_id"] for p in pushed}
+    assert len({r["policy_version"] for r in records}) == 1
+
+
+def test_a_decision_without_a_push_is_in_the_exposure_log_too(hermetic: Hermetic, tmp_path: Path) -> None:
+    asyncio.run(write(hermetic, TopN("erin", ["a"], [0.5], "pushrec")))
+    run_sender(hermetic, tmp_path / "outbox.jsonl", PUSHREC_PUSH__MIN_SCORE="40")
+    [record] = exposures(hermetic)
+    assert not (tmp_path / "outbox.jsonl").exists() or not (tmp_path / "outbox.jsonl").read_bytes()
+    assert (record["user_id"], record["decision"], record["item_id"], record["delivered_at"]) == (
+        "erin",
+        "below_threshold",
+        None,
+        None,
+    )
+    assert record["group"] == "treated" and record["decided_at"] > 0

@@ -131,6 +131,7 @@ def test_every_push_reaches_a_misbehaving_gateway_once_and_refusals_are_dead_let
         started = time.monotonic()
         sender = PushSender(
             hermetic.settings(**FAST),
+            hermetic.kafka,
             hermetic.servers.redis_url,
             hermetic.tmp / "unused.jsonl",
             until_idle_s=0.5,

@@ -48,10 +48,11 @@ def webhook_url(text: str) -> str:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.push_sender import PushSender, run_push_sender
 
-    _, redis_url = resolve_addresses(settings)
-    require_servers(None, redis_url)
+    kafka, redis_url = resolve_addresses(settings)
+    require_servers(kafka, redis_url)  # Kafka for the exposure log (pushrec.pushes)
     sender = PushSender(
         settings,
+        kafka,
         redis_url,
         args.outbox,
         until_idle_s=args.until_idle,

@@ -1,0 +1,80 @@
+"""The exposure log (``pushrec.pushes``): one record per push decision, sent or not, keyed by
+user; and reading it back with the events it is judged against (``pushrec push-report``).
+
+A record (JSON; ``online_models.push_report`` reads it):
+``push_id, user_id, item_id (None when no item was chosen), rank, score, trigger, reason,
+list_version, policy_version, decision (sent, holdout, or why not: capped, below_threshold,
+active, failed, dead_letter), group (treated | holdout), segment, decided_at, delivered_at``
+(None unless sent, or, for the holdout, when it would have been sent).
+
+The sender waits for the broker's acknowledgement of a record before it records the push as done
+in Redis, so a crash can repeat a record but not lose one: readers keep the last per push id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import orjson
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+
+from infra.kafka import KafkaAccess
+
+_QUIET_MS = 1500
+_FIRST_POLL_MS = 5000
+
+
+class ExposureLogError(Exception):
+    """The exposure log could not be written; the message names the broker."""
+
+
+class ExposureLog:
+    """Writes exposure records to ``topic``, each acknowledged before :meth:`write` returns."""
+
+    def __init__(self, kafka: KafkaAccess, topic: str, timeout_s: float = 30.0) -> None:
+        self.kafka, self.topic, self.timeout_s = kafka, topic, timeout_s
+        try:
+            self._producer = KafkaProducer(**kafka.client_options(), acks="all", linger_ms=0)
+        except (KafkaError, OSError) as exc:
+            raise ExposureLogError(f"cannot reach Kafka at {kafka} for the exposure log: {exc}") from None
+
+    async def write(self, record: dict[str, Any]) -> None:
+        future = self._producer.send(
+            self.topic, key=str(record["user_id"]).encode(), value=orjson.dumps(record)
+        )
+        try:
+            await asyncio.to_thread(future.get, self.timeout_s)
+        except KafkaError as exc:
+            raise ExposureLogError(
+                f"Kafka at {self.kafka} did not take an exposure record on {self.topic}: {exc}"
+            ) from None
+
+    def close(self) -> None:
+        self._producer.close(timeout=self.timeout_s)
+
+
+def read_topics(kafka: KafkaAccess, topics: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+    """(topic, value) of every record of ``topics`` from the earliest retained, until a poll
+    finds nothing new (not up to ListOffsets' end offsets: the embedded Tansu broker reports
+    batches there, not records)."""
+    consumer = KafkaConsumer(**kafka.client_options(), enable_auto_commit=False, auto_offset_reset="earliest")
+    try:
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        if not partitions:
+            return
+        consumer.assign(partitions)
+        wait_ms = _FIRST_POLL_MS  # the first poll also fetches metadata and positions
+        while polled := consumer.poll(timeout_ms=wait_ms, max_records=5000):
+            wait_ms = _QUIET_MS
+            for tp, messages in polled.items():
+                for message in messages:
+                    yield tp.topic, message.value
+    finally:
+        consumer.close()
