@@ -3,6 +3,18 @@ A new command is a new module here, listed in :data:`ALL` in the order ``--help`
 
 from __future__ import annotations
 
-from pushrec.commands import bench, demo, dlq, evaluate, forget, push_sender, recs, replay, stack, worker
+from pushrec.commands import (
+    bench,
+    demo,
+    dlq,
+    evaluate,
+    forget,
+    push_report,
+    push_sender,
+    recs,
+    replay,
+    stack,
+    worker,
+)
 
-ALL = (stack, worker, push_sender, replay, recs, evaluate, bench, dlq, forget, demo)
+ALL = (stack, worker, push_sender, push_report, replay, recs, evaluate, bench, dlq, forget, demo)
