@@ -1,14 +1,17 @@
 """`pushrec forget USER_ID`: erase a user everywhere pushrec keeps them.
 
 - Redis: their list, push history (cap and dedupe sets), push activity, pending push
-  considerations and held pushes, and their entries on the refresh stream.
+  considerations and held pushes, their delivered pushes and attribution marks (the exposures
+  Redis holds), and their entries on the refresh stream.
 - The model, the event-id memory and the checkpoint: a running worker applies the request from
   the forget stream, checkpoints, and leaves a result; with no worker answering within the wait,
   the checkpoint in the store is edited here and the request stays for the worker to apply
   when it next runs.
 
-Not erased (documented in the README): the user's records still in Kafka topics until their
-retention expires, and notifications already handed to the delivery channel (the outbox).
+Not erased (documented in the README, and said in the report's ``stays_until_retention``): the
+user's records still in Kafka topics until their retention expires (their events, their push
+answers, and the exposure log ``pushrec.pushes``), and notifications already handed to the
+delivery channel (the outbox).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from consumers.push_sender import AWAY_QUEUE, CART_QUEUE
 from consumers.recovery import ITEMS, checkpoint_set, erase_from_partition
 from infra.settings import Settings
 from infra.store import Keys, RedisTopNStore, connect
+from stream.topics import TopicNames
 
 
 async def forget_user(settings: Settings, redis_url: str, user: str, wait_s: float) -> dict[str, Any]:
@@ -33,8 +37,13 @@ async def forget_user(settings: Settings, redis_url: str, user: str, wait_s: flo
         report: dict[str, Any] = {"user_id": user}
         lists, report["refresh_stream_entries"] = await RedisTopNStore(client, keys).delete_lists(user)
         report["redis_keys"] = lists + await client.delete(
-            keys.pushes(user), keys.pushed_items(user), keys.push_activity(user)
+            keys.pushes(user),
+            keys.pushed_items(user),
+            keys.push_activity(user),
+            keys.push_delivered(user),
+            keys.push_attributed(user),
         )
+        report["stays_until_retention"] = _in_kafka(settings)
         report["pending_pushes"] = await _forget_pushes(client, keys, user)
         request_id = (await client.xadd(keys.forget_requests(), {"user": user})).decode()
         result = await _wait_for_worker(client, keys, request_id, wait_s)
@@ -46,6 +55,12 @@ async def forget_user(settings: Settings, redis_url: str, user: str, wait_s: flo
         return report
     finally:
         await client.aclose()
+
+
+def _in_kafka(settings: Settings) -> list[str]:
+    """The topics that keep the user's records until their retention: Kafka cannot erase one record."""
+    names = TopicNames(settings.kafka.topic_prefix)
+    return [*names.all_events, names.pushes, names.dead_letter]
 
 
 async def _forget_pushes(client: aioredis.Redis, keys: Keys, user: str) -> int:

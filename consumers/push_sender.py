@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 from redis.exceptions import ResponseError
 
+from consumers.push_attribution import PushAttribution
 from consumers.push_delivery import Delivery, Outbox, Webhook
 from infra.kafka import KafkaAccess
 from infra.metrics import Metrics
@@ -194,6 +195,7 @@ class PushSender:
             if webhook is None
             else Webhook(webhook, push, self.client, self.keys, self.metrics)
         )
+        self.attribution = PushAttribution(settings, kafka, self.client, self.keys, self.metrics)
         self.until_idle_s = until_idle_s
         self.claim_idle_s = push.claim_idle_s
         self.segment = segment
@@ -215,10 +217,12 @@ class PushSender:
     async def run(self) -> None:
         await self._ensure_group()
         topic, kafka = self.exposure_topic, self.kafka_settings
+        read_and_written = [topic, *self.attribution.topics]
         await asyncio.to_thread(
-            ensure_topics, self.kafka, [topic], kafka.partitions, kafka.replication_factor
+            ensure_topics, self.kafka, read_and_written, kafka.partitions, kafka.replication_factor
         )
         self.exposures = ExposureLog(self.kafka, topic)
+        await self.attribution.open()
         log.info(
             "push sender: group=%s consumer=%s delivering to %s; a push is considered %.0f s after "
             "a shopper's last event",
@@ -232,6 +236,7 @@ class PushSender:
             await self._follow()
         finally:
             await self.delivery.close()
+            await self.attribution.close()
             self.exposures.close()
 
     async def _follow(self) -> None:
@@ -260,6 +265,7 @@ class PushSender:
                 await self._observe(entries)
             busy |= await self._decide_due()
             busy |= await self._deliver_held()
+            busy |= await self.attribution.follow()
             if busy:
                 last_activity = time.monotonic()
             elif self.until_idle_s is not None and time.monotonic() - last_activity >= self.until_idle_s:
@@ -431,6 +437,8 @@ class PushSender:
         )
         async with self.client.pipeline(transaction=True) as pipe:
             if sent:
+                group = HOLDOUT if outcome == HOLDOUT else TREATED
+                self.attribution.remember(pipe, notification, group, now)
                 pipe.zadd(sent_key, {push_id: now})
                 pipe.zadd(items_key, {item: now})
             else:  # not sent: it counts against neither the budget nor the dedupe window

@@ -123,6 +123,30 @@ class Metrics:
         for trigger in PUSH_TRIGGERS:
             for decision in PUSH_DECISIONS:
                 self.push_decisions.labels(trigger, decision)
+        self.push_opens = Counter(
+            "pushrec_push_opens",
+            "Delivered pushes opened (a push_open event with their push id), by trigger.",
+            ["trigger"],
+            registry=r,
+        )
+        self.push_dismissals = Counter(
+            "pushrec_push_dismissals",
+            "Delivered pushes dismissed (a push_dismiss event with their push id), by trigger.",
+            ["trigger"],
+            registry=r,
+        )
+        self.push_conversions = Counter(
+            "pushrec_push_conversions",
+            "Pushes whose item the shopper clicked, carted or bought within the attribution window "
+            "after delivery, by trigger and group (holdout: would-be pushes, the baseline).",
+            ["trigger", "group"],
+            registry=r,
+        )
+        for trigger in PUSH_TRIGGERS:
+            self.push_opens.labels(trigger)
+            self.push_dismissals.labels(trigger)
+            for group in ("treated", "holdout"):
+                self.push_conversions.labels(trigger, group)
         self.push_due = Gauge(
             "pushrec_push_due",
             "Shoppers (and carts) waiting to be considered for a push once they have left.",

@@ -89,6 +89,15 @@ class Keys:
         """Sorted set: held notifications a sender is delivering -> when it took them."""
         return f"{self.prefix}push:held:claims"
 
+    def push_delivered(self, user: str) -> str:
+        """Hash: push id -> item, trigger, group, time of each push delivered to the user (or
+        withheld from them, in the holdout) within the attribution window."""
+        return f"{self.prefix}push:delivered:{user}"
+
+    def push_attributed(self, user: str) -> str:
+        """Hash: the user's pushes already counted as opened, dismissed, converted (o:/d:/c:<id>)."""
+        return f"{self.prefix}push:attributed:{user}"
+
     def push_dead_letters(self) -> str:
         """The stream of pushes the gateway refused for good (notification, reason, time)."""
         return f"{self.prefix}push:dead-letters"

@@ -412,3 +412,62 @@ def test_a_decision_without_a_push_is_in_the_exposure_log_too(hermetic: Hermetic
         None,
     )
     assert record["group"] == "treated" and record["decided_at"] > 0
+
+
+def test_opens_dismissals_and_conversions_are_counted_live_and_once(
+    hermetic: Hermetic, tmp_path: Path
+) -> None:
+    import time
+
+    from kafka import KafkaProducer
+
+    from online_models.push_policy import in_holdout
+
+    env = {"PUSHREC_PUSH__HOLDOUT_SHARE": "0.5", "PUSHREC_PUSH__HOLDOUT_SALT": "live"}
+    people = [f"p{k}" for k in range(20)]
+    opener, dismisser = [u for u in people if not in_holdout(u, 0.5, "live")][:2]
+    held = next(u for u in people if in_holdout(u, 0.5, "live"))
+    asyncio.run(
+        write(hermetic, *[TopN(u, [f"item-{u}"], [1.0], "pushrec") for u in (opener, dismisser, held)])
+    )
+    outbox = tmp_path / "outbox.jsonl"
+    sender = PushSender(hermetic.settings(**env), hermetic.kafka, hermetic.servers.redis_url, outbox)
+    sender.until_idle_s = 2.0
+
+    async def scenario() -> None:
+        running = asyncio.create_task(sender.run())
+        deadline = time.monotonic() + 60
+        while not (
+            sender.attribution.reading and outbox.exists() and len(outbox.read_bytes().splitlines()) == 2
+        ):
+            assert time.monotonic() < deadline and not running.done(), "the sender never got ready"
+            await asyncio.sleep(0.1)
+        push_of = {p["user_id"]: p["push_id"] for p in map(orjson.loads, outbox.read_bytes().splitlines())}
+        now, prefix = time.time(), hermetic.prefix
+        events = [
+            ("push_open", opener, f"item-{opener}", push_of[opener]),
+            ("push_open", opener, f"item-{opener}", push_of[opener]),  # twice: one open
+            ("click", opener, f"item-{opener}", None),  # converts
+            ("purchase", opener, f"item-{opener}", None),  # the same push: no second conversion
+            ("push_dismiss", dismisser, f"item-{dismisser}", push_of[dismisser]),
+            ("click", dismisser, "another-item", None),  # not the pushed item
+            ("push_open", dismisser, f"item-{dismisser}", "no-such-push"),  # unknown id: no error
+            ("add_to_cart", held, f"item-{held}", None),  # the holdout's would-be conversion
+        ]
+        producer = KafkaProducer(bootstrap_servers=hermetic.servers.kafka_bootstrap)
+        for k, (kind, user, item, push_id) in enumerate(events):
+            record = {"event_id": f"e{k}", "type": kind, "user_id": user, "item_id": item, "ts": now + k}
+            if push_id:
+                record["push_id"] = push_id
+            producer.send(f"{prefix}.events.{kind}", key=user.encode(), value=orjson.dumps(record))
+        producer.flush()
+        producer.close()
+        await running
+
+    asyncio.run(scenario())
+    m = sender.metrics
+    assert m.push_opens.labels("away")._value.get() == 1
+    assert m.push_dismissals.labels("away")._value.get() == 1
+    assert m.push_conversions.labels("away", "treated")._value.get() == 1
+    assert m.push_conversions.labels("away", "holdout")._value.get() == 1
+    assert m.pushes.labels("holdout")._value.get() == 1

@@ -232,7 +232,12 @@ def assert_forgotten(hermetic: Hermetic, user: str) -> None:
     client = redis.Redis.from_url(hermetic.servers.redis_url)
     p = hermetic.prefix
     assert not client.exists(
-        f"{p}:recs:{user}", f"{p}:push:sent:{user}", f"{p}:push:items:{user}", f"{p}:push:activity:{user}"
+        f"{p}:recs:{user}",
+        f"{p}:push:sent:{user}",
+        f"{p}:push:items:{user}",
+        f"{p}:push:activity:{user}",
+        f"{p}:push:delivered:{user}",
+        f"{p}:push:attributed:{user}",
     )
     assert client.zscore(f"{p}:push:due", f"away:{user}") is None
     assert all(f.get(b"user_id") != user.encode() for _, f in client.xrange(f"{p}:refreshed"))
@@ -260,9 +265,9 @@ def test_forget_erases_a_user_from_every_store(hermetic: Hermetic) -> None:
     offline = run_cli(hermetic, "forget", first, "--wait", "1", "--json")
     assert offline.returncode == 0, offline.stderr
     report = json.loads(offline.stdout)
-    assert (
-        report["redis_keys"] == 4 and report["refresh_stream_entries"] >= 1
-    )  # list, pushes, items, activity
+    # list, pushes, items, activity, delivered pushes (the exposures Redis holds)
+    assert report["redis_keys"] == 5 and report["refresh_stream_entries"] >= 1
+    assert f"{hermetic.prefix}.pushes" in report["stays_until_retention"]  # said, not hidden
     assert report["model"]["applied_by"] == "checkpoint" and report["model"]["model"] is True
     assert report["model"]["dedupe_ids"] >= 1
     assert_forgotten(hermetic, first)

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     model = report["model"]
     text = [
         f"forgot user {args.user_id}:",
-        f"  redis keys deleted: {report['redis_keys']} (list, push history)",
+        f"  redis keys deleted: {report['redis_keys']} (list, push history, delivered pushes)",
         f"  refresh-stream entries deleted: {report['refresh_stream_entries']}",
         f"  model ({model['applied_by']}): "
         + ", ".join(f"{k}={v}" for k, v in model.items() if k != "applied_by"),
