@@ -19,6 +19,7 @@ COMMANDS = [
     ["stack", "status"],
     ["worker"],
     ["push-sender"],
+    ["push-report"],
     ["replay"],
     ["recs"],
     ["evaluate"],
@@ -69,6 +70,7 @@ def test_every_command_has_help(command: list[str]) -> None:
         (["worker", "--metrics-port", "99999"], "1-65535"),
         (["worker", "--until-idle", "soon"], "not a number"),
         (["recs"], "required"),
+        (["push-report", "--since", "yesterday"], "an age like 7d"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(args: list[str], fragment: str) -> None:
@@ -91,7 +93,14 @@ def test_no_stack_and_no_addresses_says_what_to_do(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "server"), [(["worker"], "Kafka"), (["replay", __file__], "Kafka"), (["recs", "u1"], "Redis")]
+    ("args", "server"),
+    [
+        (["worker"], "Kafka"),
+        (["replay", __file__], "Kafka"),
+        (["recs", "u1"], "Redis"),
+        (["push-sender"], "Kafka"),
+        (["push-report"], "Kafka"),
+    ],
 )
 def test_missing_server_is_named_without_a_traceback(args: list[str], server: str, tmp_path: Path) -> None:
     env = {
