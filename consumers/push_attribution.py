@@ -29,12 +29,12 @@ from infra.kafka import KafkaAccess
 from infra.metrics import Metrics
 from infra.settings import Settings
 from infra.store import Keys
+from online_models.push_policy import HOLDOUT
+from online_models.push_report import DISMISS, ENGAGING, OPEN
 from stream.events import BadEvent, decode_event
 from stream.topics import TopicNames
 
 log = logging.getLogger("pushrec.push_sender")
-OPEN, DISMISS = "push_open", "push_dismiss"
-ENGAGING = ("click", "add_to_cart", "purchase")
 _MARK = {OPEN: "o:", DISMISS: "d:"}  # field prefixes of the marks; conversions: "c:"
 _KEEP_S = 86_400.0  # a delivered push is remembered this long past its window
 
@@ -140,7 +140,7 @@ class PushAttribution:
                 continue
             if ev.type in _MARK:
                 push = mine.get(ev.push_id or "")
-                if push is not None and push["group"] != "holdout":
+                if push is not None and push["group"] != HOLDOUT:
                     marks.append((ev.type, ev.user_id, _MARK[ev.type] + str(ev.push_id), push))
                 continue
             for push_id, push in mine.items():

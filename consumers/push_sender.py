@@ -451,6 +451,9 @@ class PushSender:
             self.metrics.push_entries.labels(ALREADY_SENT).inc()
             return
         self.metrics.pushes.labels(outcome).inc()
+        if outcome in (SENT, HOLDOUT):
+            group = HOLDOUT if outcome == HOLDOUT else TREATED
+            self.metrics.push_delivered.labels(notification["trigger"], group).inc()
 
     def _in_holdout(self, user: str) -> bool:
         return in_holdout(user, self.holdout_share, self.holdout_salt)

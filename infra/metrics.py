@@ -142,11 +142,19 @@ class Metrics:
             ["trigger", "group"],
             registry=r,
         )
+        self.push_delivered = Counter(
+            "pushrec_push_delivered",
+            "Pushes delivered (group treated), or withheld at their send time (group holdout), by "
+            "trigger: the denominators of open rate and conversions per 1,000.",
+            ["trigger", "group"],
+            registry=r,
+        )
         for trigger in PUSH_TRIGGERS:
             self.push_opens.labels(trigger)
             self.push_dismissals.labels(trigger)
             for group in ("treated", "holdout"):
                 self.push_conversions.labels(trigger, group)
+                self.push_delivered.labels(trigger, group)
         self.push_due = Gauge(
             "pushrec_push_due",
             "Shoppers (and carts) waiting to be considered for a push once they have left.",

@@ -33,9 +33,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-SENT, HOLDOUT = "sent", "holdout"
-OPEN, DISMISS = "push_open", "push_dismiss"
-ENGAGING = frozenset({"click", "add_to_cart", "purchase"})
+from online_models.push_policy import HOLDOUT, SENT
+from online_models.recommender import DISMISS, OPEN
+
+ENGAGING = ("click", "add_to_cart", "purchase")  # what converts a push, and makes a shopper engaged
 MIN_GROUP = 30  # shoppers per group below which no interval is trusted
 MIN_OUTCOMES = 5  # engaged and not engaged shoppers each group needs (normal approximation)
 Z95 = 1.959963984540054

@@ -471,3 +471,5 @@ def test_opens_dismissals_and_conversions_are_counted_live_and_once(
     assert m.push_conversions.labels("away", "treated")._value.get() == 1
     assert m.push_conversions.labels("away", "holdout")._value.get() == 1
     assert m.pushes.labels("holdout")._value.get() == 1
+    assert m.push_delivered.labels("away", "treated")._value.get() == 2
+    assert m.push_delivered.labels("away", "holdout")._value.get() == 1

@@ -14,8 +14,6 @@ from pushrec.commands._shared import Subcommands, emit, kafka_with_topics, posit
 
 _AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
-# The event types the report reads: engagement (conversions, the uplift) and the push answers.
-_READ = ("click", "add_to_cart", "purchase", "push_open", "push_dismiss")
 
 
 def add_parser(sub: Subcommands) -> None:
@@ -63,7 +61,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import orjson
     from tqdm import tqdm
 
-    from online_models.push_report import push_report
+    from online_models.push_report import DISMISS, ENGAGING, OPEN, push_report
     from stream.events import BadEvent, decode_event
     from stream.exposures import read_topics
 
@@ -73,7 +71,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     log.info("%d exposure records in %s; reading the events", len(exposures), names.pushes)
 
     def events() -> Any:
-        records = read_topics(kafka, [names.events(kind) for kind in _READ])
+        records = read_topics(kafka, [names.events(kind) for kind in (*ENGAGING, OPEN, DISMISS)])
         for _, value in tqdm(records, desc="events read", unit=" events", mininterval=1.0):
             try:
                 yield decode_event(value)
