@@ -1,8 +1,9 @@
 """`pushrec forget USER_ID`: erase a user everywhere pushrec keeps them.
 
 - Redis: their list, push history (cap and dedupe sets), push activity, pending push
-  considerations and held pushes, their delivered pushes and attribution marks (the exposures
-  Redis holds), and their entries on the refresh stream.
+  considerations (price drops too) and held pushes, the item prices they watch, their
+  delivered pushes and attribution marks (the exposures Redis holds), and their entries on the
+  refresh stream.
 - The model, the event-id memory and the checkpoint: a running worker applies the request from
   the forget stream, checkpoints, and leaves a result; with no worker answering within the wait,
   the checkpoint in the store is edited here and the request stays for the worker to apply
@@ -23,7 +24,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from consumers.push_sender import AWAY_QUEUE, CART_QUEUE
+from consumers.push_sender import AWAY_QUEUE, CART_QUEUE, PRICE_QUEUE
 from consumers.recovery import ITEMS, checkpoint_set, erase_from_partition
 from infra.settings import Settings
 from infra.store import Keys, RedisTopNStore, connect
@@ -66,9 +67,15 @@ def _in_kafka(settings: Settings) -> list[str]:
 async def _forget_pushes(client: aioredis.Redis, keys: Keys, user: str) -> int:
     """Drop the user's push considerations and held pushes; how many."""
     dropped = int(await client.zrem(keys.push_due(), f"{AWAY_QUEUE}:{user}", f"{CART_QUEUE}:{user}"))
+    price = f"{PRICE_QUEUE}:".encode()
+    async for member, _ in client.zscan_iter(keys.push_due(), match=price + b"*"):
+        if orjson.loads(member[len(price) :]).get("user") == user:
+            dropped += int(await client.zrem(keys.push_due(), member))
     async for member, _ in client.zscan_iter(keys.push_held()):
         if orjson.loads(member).get("user_id") == user:
             dropped += int(await client.zrem(keys.push_held(), member))
+    async for watch in client.scan_iter(match=keys.price_watchers("*")):  # the prices they watch
+        await client.zrem(watch, user)
     return dropped
 
 

@@ -54,10 +54,12 @@ from online_models.push_policy import (
     CART,
     DEDUPED,
     HOLDOUT,
+    PRICE_DROP,
     QUIET_HOURS,
     REPLENISHMENT,
     SENT,
     Activity,
+    Candidate,
     Decision,
     PushPolicy,
     hour_of_week,
@@ -71,6 +73,8 @@ log = logging.getLogger("pushrec.push_sender")
 # held push found delivered before a crash (counted once, not as a new push).
 OBSERVED, ALREADY_SENT, TRIMMED = "observed", "already_sent", "trimmed"
 AWAY_QUEUE, CART_QUEUE = "away", "cart"  # push:due members: "<queue>:<user>"
+PRICE_QUEUE = "price"  # push:due members "price:" + JSON (user, item, old and new price)
+WATCH_S = 30 * 86_400  # a shopper watches the price of an item they engaged with this long
 POLL_MS = 200  # longest wait on the refresh stream between looks at the due and held pushes
 CLAIM_BATCH = 100
 RECLAIM_EVERY_S = 5.0
@@ -142,6 +146,7 @@ def build_push_policy(settings: Settings) -> PushPolicy:
         BROWSE: push.trigger_browse,
         CART: push.trigger_cart,
         REPLENISHMENT: push.trigger_replenishment,
+        PRICE_DROP: push.trigger_price_drop,
     }
     return PushPolicy(
         max_per_window=push.max_per_window,
@@ -155,6 +160,7 @@ def build_push_policy(settings: Settings) -> PushPolicy:
         cart_after_s=push.cart_after_s,
         triggers=frozenset(t for t, on in switched_on.items() if on),
         learn_send_time=push.send_time,
+        price_drop_min_share=push.price_drop_min_share,
     )
 
 
@@ -208,11 +214,12 @@ class PushSender:
         self._common_read_at = -math.inf
 
     async def _ensure_group(self) -> None:
-        try:
-            await self.client.xgroup_create(self.keys.refreshed(), self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in (self.keys.refreshed(), self.keys.price_drops()):
+            try:
+                await self.client.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     async def run(self) -> None:
         await self._ensure_group()
@@ -263,6 +270,7 @@ class PushSender:
             busy = bool(entries)
             if entries:
                 await self._observe(entries)
+            busy |= await self._price_drops()
             busy |= await self._decide_due()
             busy |= await self._deliver_held()
             busy |= await self.attribution.follow()
@@ -326,19 +334,69 @@ class PushSender:
         due = await self._claim(self.keys.push_due(), self.keys.push_due_claims(), now)
         self.metrics.push_due.set(await self.client.zcard(self.keys.push_due()))
         for member in due:
-            queue, _, user = member.decode().partition(":")
-            await self._decide(member, user, queue, now)
+            queue, _, rest = member.decode().partition(":")
+            if queue == PRICE_QUEUE:
+                await self._decide_price_drop(member, orjson.loads(rest), now)
+            else:
+                await self._decide(member, rest, queue, now)
         return bool(due)
 
-    async def _decide(self, member: bytes, user: str, queue: str, now: float) -> None:
-        """One shopper has left (``queue`` away), or left a cart: hold a push for them, or say why not."""
+    async def _price_drops(self) -> bool:
+        """Catalogue prices that fell: every shopper watching the item is considered for a
+        ``price_drop`` push, now, or once they leave if they are active. Whether there were any."""
+        reply = await self.client.xreadgroup(
+            self.group, self.consumer, {self.keys.price_drops(): ">"}, count=100
+        )
+        entries = reply[0][1] if reply else []
+        if not entries:
+            return False
+        now, policy = self.clock(), self.policy
+        async with self.client.pipeline(transaction=True) as pipe:
+            for entry_id, fields in entries:
+                item, old, new = fields[b"item_id"].decode(), float(fields[b"old"]), float(fields[b"new"])
+                if not policy.price_dropped(old, new):
+                    continue
+                watchers = await self.client.zrangebyscore(
+                    self.keys.price_watchers(item), now - WATCH_S, "+inf"
+                )
+                for user in (w.decode() for w in watchers):
+                    drop = {"user": user, "item": item, "old": old, "new": new, "drop": entry_id.decode()}
+                    pipe.zadd(
+                        self.keys.push_due(), {PRICE_QUEUE + ":" + orjson.dumps(drop).decode(): now}, nx=True
+                    )
+            pipe.xack(self.keys.price_drops(), self.group, *[entry_id for entry_id, _ in entries])
+            await pipe.execute()
+        return True
+
+    async def _decide_price_drop(self, member: bytes, drop: dict[str, Any], now: float) -> None:
+        """A watched item got cheaper: push it if it is still on the shopper's list, once they are
+        not active (an active shopper is considered again when they would count as gone)."""
+        claims, claimed = self.keys.push_due_claims(), self._claimer + member
+        user = drop["user"]
+        activity = _activity(await self.client.hgetall(self.keys.push_activity(user)))
+        back_at = activity.last + self.policy.away_after_s
+        if back_at > now:  # in the shop: never while active
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.zadd(self.keys.push_due(), {member: back_at})
+                pipe.zrem(claims, claimed)
+                await pipe.execute()
+            return
+        await self._decide(member, user, PRICE_QUEUE, now, drop)
+
+    async def _decide(
+        self, member: bytes, user: str, queue: str, now: float, drop: dict[str, Any] | None = None
+    ) -> None:
+        """One shopper has left (``queue`` away), or left a cart, or an item they watch got cheaper
+        (``drop``): hold a push for them, or say why not."""
         claims, member = self.keys.push_due_claims(), self._claimer + member
         stored = await self.store.read(user)
         if stored is None:  # forgotten meanwhile
             await self.client.zrem(claims, member)
             return
         sent_key, items_key = self.keys.pushes(user), self.keys.pushed_items(user)
-        push_id = f"{user}:{stored.version}:{queue}"  # one push per list and queue
+        push_id = f"{user}:{stored.version}:{queue}"  # one push per list and queue (and dropped item)
+        if drop is not None:
+            push_id += f":{drop['item']}"
         if await self.client.zscore(sent_key, push_id) is not None:
             # Considered again with no new list (a burst of refresh entries): pushed already.
             await self.client.zrem(claims, member)
@@ -346,13 +404,17 @@ class PushSender:
             return
         when_away = queue == AWAY_QUEUE
         items = stored.items
-        candidates = self.policy.candidates(
-            when_away,
-            [i["item_id"] for i in items],
-            [i.get("score") or 0.0 for i in items],
-            [i.get("reason") or "" for i in items],
-        )
-        if not when_away and not candidates:  # nothing in the cart: no decision to make
+        ids, reasons = [i["item_id"] for i in items], [i.get("reason") or "" for i in items]
+        scores = [i.get("score") or 0.0 for i in items]
+        if drop is None:
+            candidates = self.policy.candidates(when_away, ids, scores, reasons)
+        else:  # the cheaper item, if it is still on their list
+            candidates = [
+                Candidate(i, s, PRICE_DROP) for i, s in zip(ids, scores, strict=True) if i == drop["item"]
+            ]
+        if when_away:
+            await self._watch(user, self.policy.watched(ids, reasons), now)
+        if not when_away and not candidates:  # nothing in the cart (no longer listed): no decision
             await self.client.zrem(claims, member)
             return
         if self.segment is not None and self.segment not in stored.tags:
@@ -373,7 +435,7 @@ class PushSender:
             {item.decode(): t for item, t in pushed},
             self.policy.budget(activity.recent_visits(now)),
         )
-        trigger = decision.trigger or (AWAY if when_away else CART)
+        trigger = decision.trigger or (AWAY if when_away else PRICE_DROP if drop else CART)
         self.metrics.push_decisions.labels(trigger, decision.outcome).inc()
         if decision.outcome != SENT or decision.item is None:
             await self._log_exposure(self._not_sent(push_id, stored, decision, trigger, now))
@@ -382,6 +444,12 @@ class PushSender:
             return
         send_at = self.policy.send_time(now, activity.hours, await self._common())
         notification = await self._notification(push_id, stored, decision.item, trigger, now, send_at)
+        if drop is not None:
+            notification.update(
+                reason=f"now {drop['new']:g} instead of {drop['old']:g}",
+                price=drop["new"],
+                old_price=drop["old"],
+            )
         async with self.client.pipeline(transaction=True) as pipe:
             # Held pushes count against the budget and the dedupe window from now on.
             pipe.zadd(sent_key, {push_id: send_at})
@@ -397,6 +465,17 @@ class PushSender:
             )
             if self.policy.in_quiet_hours(now):
                 self.metrics.pushes.labels(QUIET_HOURS).inc()
+
+    async def _watch(self, user: str, items: list[str], now: float) -> None:
+        """The shopper watches the prices of these items (engaged with, and on their list)."""
+        if not items:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for item in items:
+                pipe.zadd(self.keys.price_watchers(item), {user: now})
+                pipe.zremrangebyscore(self.keys.price_watchers(item), "-inf", now - WATCH_S)
+                pipe.expire(self.keys.price_watchers(item), WATCH_S)
+            await pipe.execute()
 
     async def _common(self) -> dict[int, float]:
         """The hours of week in which shoppers' visits begin (read at most once a minute)."""

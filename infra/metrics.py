@@ -23,7 +23,7 @@ PUSH_OUTCOMES = (
     "dead_letter",
 )
 PUSH_ENTRY_RESULTS = ("observed", "already_sent", "outside_segment", "trimmed")
-PUSH_TRIGGERS = ("away", "browse", "cart", "replenishment")
+PUSH_TRIGGERS = ("away", "browse", "cart", "replenishment", "price_drop")
 PUSH_DECISIONS = ("sent", "capped", "deduped", "below_threshold")
 LATENCY_BUCKETS = (
     0.005,

@@ -220,6 +220,12 @@ class PushSettings(_Section):
     trigger_browse: bool = Field(True, description="push an item a shopper who has left looked at")
     trigger_cart: bool = Field(True, description="push an item left in an abandoned cart")
     trigger_replenishment: bool = Field(True, description="push an item a shopper who has left buys again")
+    trigger_price_drop: bool = Field(
+        True, description="push an item a shopper looked at or carted when its catalogue price drops"
+    )
+    price_drop_min_share: float = Field(
+        0.05, ge=0, lt=1, description="a price drop smaller than this share of the old price is not pushed"
+    )
     min_score: float = Field(
         40.0, description="relevance threshold: no push unless an item scores this much (docs/quality.md)"
     )

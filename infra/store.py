@@ -102,6 +102,14 @@ class Keys:
         """The stream of pushes the gateway refused for good (notification, reason, time)."""
         return f"{self.prefix}push:dead-letters"
 
+    def price_drops(self) -> str:
+        """The stream of catalogue prices that fell (item, old and new price), for the push sender."""
+        return f"{self.prefix}price-drops"
+
+    def price_watchers(self, item_id: str) -> str:
+        """Sorted set: users who engaged with the item (and had it listed) -> when that was seen."""
+        return f"{self.prefix}push:watch:{item_id}"
+
     def item(self, item_id: str) -> str:
         """Hash: a catalogue item's title, category, price."""
         return f"{self.prefix}item:{item_id}"
@@ -222,6 +230,21 @@ return versions
 """
 _LISTS_PER_CALL = 200  # bounds how long one call holds Redis (~1 ms)
 
+# One catalogue item's text and price; a price lower than the one stored is told to the push
+# sender. KEYS: the item's hash, the price-drop stream; ARGV: title, category, price ('' = not
+# given), the item id, the stream's MAXLEN.
+_WRITE_ITEM = """
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'title', ARGV[1]) end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'category', ARGV[2]) end
+if ARGV[3] ~= '' then
+  local old = redis.call('HGET', KEYS[1], 'price')
+  redis.call('HSET', KEYS[1], 'price', ARGV[3])
+  if old and tonumber(old) and tonumber(ARGV[3]) < tonumber(old) then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'item_id', ARGV[4], 'old', old, 'new', ARGV[3])
+  end
+end
+"""
+
 
 class RedisTopNStore:
     """Top-N lists as one hash per user, plus a refresh stream for the push sender."""
@@ -231,6 +254,7 @@ class RedisTopNStore:
         self.keys = keys
         self.stream_maxlen = stream_maxlen
         self._write = client.register_script(_WRITE_LISTS)
+        self._write_item = client.register_script(_WRITE_ITEM)
 
     async def delete_lists(self, user: str) -> tuple[int, int]:
         """Delete the user's list and their entries on the refresh stream (``forget``); how many
@@ -269,13 +293,16 @@ class RedisTopNStore:
             return [int(v) for versions in await pipe.execute() for v in versions]
 
     async def write_items(self, items: Sequence[CatalogueItem]) -> None:
-        """Keep each catalogue item's title, category and price current (one hash per item)."""
+        """Keep each catalogue item's title, category and price current (one hash per item); a
+        price lower than the stored one goes on the price-drop stream for the push sender."""
+        drops = self.keys.price_drops()
         async with self.client.pipeline(transaction=False) as pipe:
             for item in items:
-                fields = {"title": item.title, "category": item.category, "price": item.price}
-                present = {k: str(v) for k, v in fields.items() if v is not None}
-                if present:
-                    pipe.hset(self.keys.item(item.item_id), mapping=present)  # type: ignore[arg-type]
+                fields = (item.title, item.category, None if item.price is None else repr(item.price))
+                if any(value is not None for value in fields):
+                    args: list[str | int] = [value or "" for value in fields]
+                    args += [item.item_id, self.stream_maxlen]
+                    await self._write_item(keys=[self.keys.item(item.item_id), drops], args=args, client=pipe)
             await pipe.execute()
 
     async def read(self, user: str) -> StoredList | None:

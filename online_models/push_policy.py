@@ -8,7 +8,9 @@ picks the best-scored item of the trigger's candidates that was not pushed to th
 dedupe window and whose score clears ``min_score``, within a budget of pushes per window that
 follows the shopper's activity (``budget``: one a window for a rare visitor, more for a frequent
 one, never more than ``max_per_window``). A decided push is held until the hour of the next day
-the shopper is usually active (``send_time``) and out of the quiet hours.
+the shopper is usually active (``send_time``) and out of the quiet hours. A catalogue price that
+falls by ``price_drop_min_share`` or more is pushed (``price_drop``) to the shoppers who looked
+at or carted the item and have it on their list, once they are not active.
 
 The same pure code decides in the push sender (state in Redis) and in ``pushrec evaluate --push``
 (state in memory, on the log's clock).
@@ -41,7 +43,8 @@ ACTIVE = "active"  # the shopper came back before the held push was due: not sen
 HOLDOUT = "holdout"  # would have been sent, to a shopper of the control group: never sent
 # Triggers (label values, and the notification's "trigger").
 AWAY, BROWSE, CART, REPLENISHMENT = "away", "browse", "cart", "replenishment"
-TRIGGERS = (AWAY, BROWSE, CART, REPLENISHMENT)
+PRICE_DROP = "price_drop"  # an item the shopper looked at or carted is cheaper now
+TRIGGERS = (AWAY, BROWSE, CART, REPLENISHMENT, PRICE_DROP)
 REFRESH = "refresh"  # the naive policy's: a push for every refreshed list
 
 HOUR_S, DAY_S, WEEK_S = 3600.0, 86_400.0, 7 * 86_400.0
@@ -95,6 +98,7 @@ class PushPolicy:
     cart_after_s: float = 4 * HOUR_S  # a cart left this long after the last event is abandoned
     triggers: frozenset[str] = frozenset(TRIGGERS)  # those switched on
     learn_send_time: bool = True  # False: send as soon as decided (out of the quiet hours)
+    price_drop_min_share: float = 0.05  # a price drop smaller than this share of the old price is no news
 
     def candidates(
         self, when_away: bool, items: Sequence[str], scores: Sequence[float], reasons: Sequence[str]
@@ -109,6 +113,25 @@ class PushPolicy:
             if trigger in self.triggers:
                 out.append(Candidate(item, score, trigger))
         return out
+
+    def watched(self, items: Sequence[str], reasons: Sequence[str]) -> list[str]:
+        """The listed items the shopper engaged with (looked at, carted): a drop in their price
+        is worth a push (``price_drop``). None when that trigger is off.
+
+        >>> PushPolicy().watched(["a", "b", "c"], ["you viewed it", "popular", "it is in your cart"])
+        ['a', 'c']
+        """
+        if PRICE_DROP not in self.triggers:
+            return []
+        return [i for i, r in zip(items, reasons, strict=True) if reason_kind(r) in (OWN, CART_KIND)]
+
+    def price_dropped(self, old: float, new: float) -> bool:
+        """Whether a price change is a drop worth a push (by ``price_drop_min_share`` at least).
+
+        >>> PushPolicy().price_dropped(100.0, 90.0), PushPolicy().price_dropped(100.0, 97.0)
+        (True, False)
+        """
+        return PRICE_DROP in self.triggers and old > 0 and new <= old * (1 - self.price_drop_min_share)
 
     def budget(self, recent_visits: float) -> int:
         """Pushes this shopper may get per cap window: one, plus one per ``visits_per_push``

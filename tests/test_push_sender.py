@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import orjson
@@ -473,3 +474,44 @@ def test_opens_dismissals_and_conversions_are_counted_live_and_once(
     assert m.pushes.labels("holdout")._value.get() == 1
     assert m.push_delivered.labels("away", "treated")._value.get() == 2
     assert m.push_delivered.labels("away", "holdout")._value.get() == 1
+
+
+def test_a_price_drop_on_an_item_the_shopper_looked_at_is_pushed_once(
+    hermetic: Hermetic, tmp_path: Path
+) -> None:
+    from stream.events import Item
+
+    async def prices(*items: Item) -> None:
+        client = connect(hermetic.servers.redis_url)
+        try:
+            await RedisTopNStore(client, Keys(f"{hermetic.prefix}:")).write_items(list(items))
+        finally:
+            await client.aclose()
+
+    outbox = tmp_path / "outbox.jsonl"
+    listed = TopN(
+        "gina", ["new", "seen"], [50.0, 45.0], "pushrec", reasons=["because you viewed x", "you viewed it"]
+    )
+    asyncio.run(prices(Item("seen", price=100.0), Item("new", price=10.0)))
+    asyncio.run(write(hermetic, listed))
+    run_sender(hermetic, outbox)  # she left: the new item is pushed, and she watches "seen"
+    asyncio.run(prices(Item("seen", price=98.0), Item("new", price=5.0), Item("other", price=1.0)))
+    run_sender(hermetic, outbox)  # 2 % is no news; "new" she never looked at
+    asyncio.run(prices(Item("seen", price=80.0)))
+    clock = Clock(time.time())
+    run_at(hermetic, outbox, clock, PUSHREC_PUSH__AWAY_AFTER_S="3600")  # she counts as active
+    assert len(outbox.read_bytes().splitlines()) == 1  # never while active: considered when gone
+    clock.now += 3601
+    sender = run_at(hermetic, outbox, clock, PUSHREC_PUSH__AWAY_AFTER_S="3600")
+    asyncio.run(prices(Item("seen", price=80.0), Item("seen", price=90.0)))  # same, then up: nothing
+    run_sender(hermetic, outbox, PUSHREC_PUSH__MAX_PER_WINDOW="9")
+    pushes = [orjson.loads(line) for line in outbox.read_bytes().splitlines()]
+    assert [(p["item_id"], p["trigger"]) for p in pushes] == [("new", "away"), ("seen", "price_drop")]
+    drop = pushes[1]
+    assert (drop["price"], drop["old_price"], drop["reason"]) == (80.0, 98.0, "now 80 instead of 98")
+    assert sender.metrics.push_decisions.labels("price_drop", "sent")._value.get() == 1
+
+    # Switched off, a further drop is not pushed.
+    asyncio.run(prices(Item("seen", price=40.0)))
+    run_sender(hermetic, outbox, PUSHREC_PUSH__TRIGGER_PRICE_DROP="false", PUSHREC_PUSH__MAX_PER_WINDOW="9")
+    assert len(outbox.read_bytes().splitlines()) == 2

@@ -240,6 +240,7 @@ def assert_forgotten(hermetic: Hermetic, user: str) -> None:
         f"{p}:push:attributed:{user}",
     )
     assert client.zscore(f"{p}:push:due", f"away:{user}") is None
+    assert all(client.zscore(watch, user) is None for watch in client.scan_iter(f"{p}:push:watch:*"))
     assert all(f.get(b"user_id") != user.encode() for _, f in client.xrange(f"{p}:refreshed"))
     metas, _, _ = final_state(hermetic)
     partitions = [meta for part, meta in metas.items() if part != "items"]
