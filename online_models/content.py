@@ -191,12 +191,19 @@ class Catalogue:
     def __init__(self, encoder: TextEncoder, n_factors: int, learning_rate: float = 0.1) -> None:
         self.encoder = encoder
         self.projection = ContentProjection(encoder.dim, n_factors, learning_rate)
-        self.embeddings = np.zeros((1024, encoder.dim), dtype=np.float32)
+        # Stored dimension by dimension (dim x rows): a list's text match reads, for every item,
+        # only the dimensions the user's profile has (a hashed title has ~12 of 256).
+        self._by_dim = np.zeros((encoder.dim, 1024), dtype=np.float32)
         self.has = np.zeros(1024, dtype=bool)
+        self.cold = np.zeros(1024, dtype=bool)  # by row: content, and no factors learned yet
+        self.n_cold = 0
         self.titles: dict[int, str] = {}
         self.categories: dict[int, str] = {}
-        self._cold: set[int] = set()
-        self._cold_rows: np.ndarray | None = np.empty(0, dtype=np.int64)
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """Rows x dim (a view: writes go to the store)."""
+        return self._by_dim.T
 
     def add(
         self, rows: Sequence[int], titles: Sequence[str | None], categories: Sequence[str | None]
@@ -224,22 +231,37 @@ class Catalogue:
 
     def mark_cold(self, rows: Iterable[int]) -> None:
         """These rows have content but no learned factors yet."""
-        self._cold.update(rows)
-        self._cold_rows = None
+        marked = np.fromiter(rows, dtype=np.int64)
+        self._reserve(int(marked.max()) + 1 if marked.size else 0)
+        self.cold[marked] = True
+        self.n_cold = int(np.count_nonzero(self.cold))
 
     def warm(self, row: int) -> bool:
         """The row is about to get learned factors; True if it was cold."""
-        if row not in self._cold:
+        if row >= self.cold.size or not self.cold[row]:
             return False
-        self._cold.discard(row)
-        self._cold_rows = None
+        self.cold[row] = False
+        self.n_cold -= 1
         return True
 
     def cold_rows(self) -> np.ndarray:
         """The cold rows, sorted."""
-        if self._cold_rows is None:
-            self._cold_rows = np.sort(np.fromiter(self._cold, dtype=np.int64, count=len(self._cold)))
-        return self._cold_rows
+        return np.flatnonzero(self.cold)
+
+    def is_cold(self, rows: np.ndarray) -> np.ndarray:
+        """Whether each of ``rows`` is cold (a row beyond the catalogue is not)."""
+        inside = rows < self.cold.size
+        out = np.zeros(rows.size, dtype=bool)
+        out[inside] = self.cold[rows[inside]]
+        return out
+
+    def match(self, profile: np.ndarray, size: int) -> np.ndarray:
+        """The dot product of each of the first ``size`` rows' embeddings with ``profile``,
+        reading only the dimensions ``profile`` has."""
+        dims = np.flatnonzero(profile)
+        if dims.size > profile.size // 2:  # a dense encoder's profile: every dimension
+            return profile @ self._by_dim[:, :size]  # type: ignore[no-any-return]
+        return profile[dims] @ self._by_dim[dims, :size]  # type: ignore[no-any-return]
 
     def profile(self, rows: Iterable[int]) -> np.ndarray | None:
         """The normalised mean embedding of those rows that have content (None if none has)."""
@@ -312,7 +334,8 @@ class Catalogue:
         size = self.has.size
         if rows > size:
             grown = max(rows, 2 * size)
-            self.embeddings = np.concatenate(
-                [self.embeddings, np.zeros((grown - size, self.encoder.dim), dtype=np.float32)]
+            self._by_dim = np.concatenate(
+                [self._by_dim, np.zeros((self.encoder.dim, grown - size), dtype=np.float32)], axis=1
             )
             self.has = np.concatenate([self.has, np.zeros(grown - size, dtype=bool)])
+            self.cold = np.concatenate([self.cold, np.zeros(grown - size, dtype=bool)])

@@ -123,20 +123,20 @@ class ItemContent:
     ) -> None:
         """Items nobody touched yet also score by how close their text is to the user's last items'
         (cosine of content embeddings, times ``weight``); ``rows`` as in the blend."""
-        assert self.catalogue is not None
-        cold = self.catalogue.cold_rows()
-        if not cold.size:
+        catalogue = self.catalogue
+        assert catalogue is not None
+        if not catalogue.n_cold:
             return
-        profile = self.catalogue.profile(session)
+        profile = catalogue.profile(session)
         if profile is None:
             return
-        weight = self.weight if weight is None else weight
-        embeddings = self.catalogue.embeddings
-        if rows is None:  # one contiguous product beats gathering the cold rows first
-            scores[cold] += np.float32(weight) * (embeddings[: scores.size] @ profile)[cold]
+        w = np.float32(self.weight if weight is None else weight)
+        if rows is None:  # every item: one product, the warm ones masked out
+            n = min(scores.size, catalogue.cold.size)
+            scores[:n] += w * catalogue.match(profile, n) * catalogue.cold[:n]
         else:
-            where = np.flatnonzero(np.isin(rows, cold, assume_unique=True))
-            scores[where] += np.float32(weight) * (embeddings[rows[where]] @ profile)
+            where = np.flatnonzero(catalogue.is_cold(rows))
+            scores[where] += w * (catalogue.embeddings[rows[where]] @ profile)
 
     def segment(self, user: str) -> tuple[int | None, list[str]]:
         """The user's interest segment and its tags (None, [] without a catalogue or factors)."""

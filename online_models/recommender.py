@@ -362,7 +362,7 @@ class Recommender:
             return [POPULAR_REASON] * len(rows)
         catalogue = self.catalogue
         text = None if catalogue is None else catalogue.vectors
-        cold = np.zeros(len(rows), dtype=bool) if catalogue is None else np.isin(rows, catalogue.cold_rows())
+        cold = np.zeros(len(rows), dtype=bool) if catalogue is None else catalogue.is_cold(rows)
         history = state.history(rows)
         out = reasons(rows, history, self.mf.item_matrix(), text, cold, self.content.title)
         if extras is not None:
