@@ -75,6 +75,7 @@ OBSERVED, ALREADY_SENT, TRIMMED = "observed", "already_sent", "trimmed"
 AWAY_QUEUE, CART_QUEUE = "away", "cart"  # push:due members: "<queue>:<user>"
 PRICE_QUEUE = "price"  # push:due members "price:" + JSON (user, item, old and new price)
 WATCH_S = 30 * 86_400  # a shopper watches the price of an item they engaged with this long
+TREATED = "treated"  # the exposure record's group of a shopper outside the holdout
 POLL_MS = 200  # longest wait on the refresh stream between looks at the due and held pushes
 CLAIM_BATCH = 100
 RECLAIM_EVERY_S = 5.0
@@ -210,6 +211,7 @@ class PushSender:
         self._claim_script = self.client.register_script(_CLAIM)
         self._reclaim_script = self.client.register_script(_RECLAIM)
         self._claimer = self.consumer.encode() + b"\0"  # prefix of this sender's claims
+        self._drops_cursor = "0"
         self._common_hours: dict[int, float] = {}
         self._common_read_at = -math.inf
 
@@ -345,14 +347,17 @@ class PushSender:
         """Catalogue prices that fell: every shopper watching the item is considered for a
         ``price_drop`` push, now, or once they leave if they are active. Whether there were any."""
         reply = await self.client.xreadgroup(
-            self.group, self.consumer, {self.keys.price_drops(): ">"}, count=100
+            self.group, self.consumer, {self.keys.price_drops(): self._drops_cursor}, count=100
         )
         entries = reply[0][1] if reply else []
         if not entries:
+            self._drops_cursor = ">"  # after our own pending ones (read before a crash), new ones
             return False
         now, policy = self.clock(), self.policy
         async with self.client.pipeline(transaction=True) as pipe:
             for entry_id, fields in entries:
+                if not fields:  # read before a crash, then trimmed by the stream's cap
+                    continue
                 item, old, new = fields[b"item_id"].decode(), float(fields[b"old"]), float(fields[b"new"])
                 if not policy.price_dropped(old, new):
                     continue
@@ -618,7 +623,6 @@ class PushSender:
         }
 
 
-TREATED = "treated"  # the exposure record's group of a shopper outside the holdout
 # What the exposure record keeps of a notification (stream.exposures).
 _EXPOSED_FIELDS = (
     "push_id",
