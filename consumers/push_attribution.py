@@ -73,9 +73,10 @@ class PushAttribution:
         committed offsets, or from the end where there are none (older events predate the pushes
         it can attribute).
 
-        Every sender reads every partition: subscribed through kafka-python 3.0 to the embedded
-        Tansu broker, the group rejoined in a loop and never consumed. N senders read the answers
-        N times; the marks still count each once."""
+        Every sender reads every partition: subscribed as a group from the sender (polled from a
+        worker thread), kafka-python 3.0.12 re-joined the embedded Tansu broker's group in a loop
+        and never consumed, with the topics present too (a script polling from its main thread
+        joined in 3 s). N senders read the answers N times; the marks still count each once."""
         from kafka import KafkaConsumer, TopicPartition
 
         consumer = KafkaConsumer(
