@@ -20,10 +20,9 @@ from kafka.structs import OffsetAndMetadata
 
 from infra.kafka import KafkaAccess
 from stream.deadletter import DeadLetter
+from stream.records import poll_until_quiet
 
 _PREVIEW = 120
-_QUIET_MS = 1500
-_FIRST_POLL_MS = 5000
 
 
 @dataclass
@@ -48,20 +47,9 @@ class DeadLetterReport:
 
 
 def _read(consumer: KafkaConsumer, topic: str) -> Iterator[tuple[TopicPartition, int, DeadLetter]]:
-    """Every letter from the consumer's current positions until a poll finds nothing new.
-
-    (Not up to ListOffsets' end offsets: the embedded Tansu broker reports batches there, not
-    records.)"""
-    if not consumer.assignment():
-        consumer.assign(
-            [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        )
-    wait_ms = _FIRST_POLL_MS  # the first poll also fetches metadata and positions
-    while polled := consumer.poll(timeout_ms=wait_ms):
-        wait_ms = _QUIET_MS
-        for tp, messages in polled.items():
-            for m in messages:
-                yield tp, m.offset, DeadLetter.from_record(m.value, m.key, m.headers)
+    """Every letter from the consumer's current positions until a poll finds nothing new."""
+    for tp, m in poll_until_quiet(consumer, [topic]):
+        yield tp, m.offset, DeadLetter.from_record(m.value, m.key, m.headers)
 
 
 def list_dead_letters(kafka: KafkaAccess, topic: str, limit: int) -> DeadLetterReport:

@@ -18,13 +18,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
 from infra.kafka import KafkaAccess
-
-_QUIET_MS = 1500
-_FIRST_POLL_MS = 5000
+from stream.records import poll_until_quiet
 
 
 class ExposureLogError(Exception):
@@ -58,23 +56,10 @@ class ExposureLog:
 
 def read_topics(kafka: KafkaAccess, topics: Iterable[str]) -> Iterator[tuple[str, bytes]]:
     """(topic, value) of every record of ``topics`` from the earliest retained, until a poll
-    finds nothing new (not up to ListOffsets' end offsets: the embedded Tansu broker reports
-    batches there, not records)."""
+    finds nothing new."""
     consumer = KafkaConsumer(**kafka.client_options(), enable_auto_commit=False, auto_offset_reset="earliest")
     try:
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in topics
-            for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
-        if not partitions:
-            return
-        consumer.assign(partitions)
-        wait_ms = _FIRST_POLL_MS  # the first poll also fetches metadata and positions
-        while polled := consumer.poll(timeout_ms=wait_ms, max_records=5000):
-            wait_ms = _QUIET_MS
-            for tp, messages in polled.items():
-                for message in messages:
-                    yield tp.topic, message.value
+        for tp, message in poll_until_quiet(consumer, list(topics), max_records=5000):
+            yield tp.topic, message.value
     finally:
         consumer.close()
