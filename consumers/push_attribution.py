@@ -30,7 +30,7 @@ from infra.metrics import Metrics
 from infra.settings import Settings
 from infra.store import Keys
 from online_models.push_policy import HOLDOUT
-from online_models.push_report import DISMISS, ENGAGING, OPEN
+from online_models.push_report import DISMISS, ENGAGING, OPEN, converts
 from stream.events import BadEvent, decode_event
 from stream.topics import TopicNames
 
@@ -145,7 +145,7 @@ class PushAttribution:
                     marks.append((ev.type, ev.user_id, _MARK[ev.type] + str(ev.push_id), push))
                 continue
             for push_id, push in mine.items():
-                if push["item"] == ev.item_id and push["at"] <= ev.ts <= push["at"] + self.window_s:
+                if converts(push["item"], push["at"], ev, self.window_s):
                     marks.append(("conversion", ev.user_id, "c:" + push_id, push))
         if not marks:
             return

@@ -82,6 +82,12 @@ class _Cohort:
             self.holdout.add(push.user)
 
 
+def converts(item: str, delivered_at: float, ev: EventLike, window_s: float) -> bool:
+    """Whether ``ev`` converts a push of ``item`` delivered at ``delivered_at``: a click, cart or
+    purchase of it within ``window_s`` after (the live count and the report both ask this)."""
+    return ev.type in ENGAGING and ev.item_id == item and delivered_at <= ev.ts <= delivered_at + window_s
+
+
 def latest(exposures: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     """The last record per push id (a crash can repeat one: the log is at least once)."""
     return {str(record["push_id"]): record for record in exposures}
@@ -136,7 +142,7 @@ def push_report(
         if ev.type not in ENGAGING:
             continue
         for push in mine:
-            if push.item == ev.item_id and push.delivered_at <= ev.ts <= push.delivered_at + window_s:
+            if converts(push.item, push.delivered_at, ev, window_s):
                 converted.add(push.push_id)
         for cohort in member_of[ev.user_id]:
             first = cohort.first[ev.user_id]

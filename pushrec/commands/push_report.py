@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         records = read_topics(kafka, [names.events(kind) for kind in (*ENGAGING, OPEN, DISMISS)])
         for _, value in tqdm(records, desc="events read", unit=" events", mininterval=1.0):
             try:
-                yield decode_event(value)
+                yield decode_event(value, settings.events.limits)
             except BadEvent:  # the worker dead-letters it; it is no engagement
                 continue
 
