@@ -74,7 +74,8 @@ class Keys:
         return f"{self.prefix}push:hours"
 
     def push_due(self) -> str:
-        """Sorted set "away:<user>" / "cart:<user>" -> when a push is considered for them."""
+        """Sorted set "away:<user>" / "cart:<user>" / "price:" + JSON (user, item, prices) -> when
+        a push is considered for them."""
         return f"{self.prefix}push:due"
 
     def push_due_claims(self) -> str:

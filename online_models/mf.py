@@ -142,7 +142,7 @@ class ImplicitMF:
             self._mf.loss = self._positive_loss
             self._mf.learn_one(user, item, True)
         self._mf.loss = self._negative_loss
-        for negative in touched[0 if not liked else 1 :]:
+        for negative in touched[1:] if liked else touched:
             self._mf.learn_one(user, negative, False)
         if _sane(users[user]) and all(_sane(items[name]) for name in touched):
             for name in touched:
