@@ -354,18 +354,19 @@ class PushSender:
             self._drops_cursor = ">"  # after our own pending ones (read before a crash), new ones
             return False
         now, policy = self.clock(), self.policy
+        drops = [  # fields are empty for an entry read before a crash, then trimmed by the cap
+            (entry_id.decode(), fields[b"item_id"].decode(), float(fields[b"old"]), float(fields[b"new"]))
+            for entry_id, fields in entries
+            if fields and policy.price_dropped(float(fields[b"old"]), float(fields[b"new"]))
+        ]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for _, item, _, _ in drops:
+                pipe.zrangebyscore(self.keys.price_watchers(item), now - WATCH_S, "+inf")
+            watchers = await pipe.execute()
         async with self.client.pipeline(transaction=True) as pipe:
-            for entry_id, fields in entries:
-                if not fields:  # read before a crash, then trimmed by the stream's cap
-                    continue
-                item, old, new = fields[b"item_id"].decode(), float(fields[b"old"]), float(fields[b"new"])
-                if not policy.price_dropped(old, new):
-                    continue
-                watchers = await self.client.zrangebyscore(
-                    self.keys.price_watchers(item), now - WATCH_S, "+inf"
-                )
-                for user in (w.decode() for w in watchers):
-                    drop = {"user": user, "item": item, "old": old, "new": new, "drop": entry_id.decode()}
+            for (drop_id, item, old, new), users in zip(drops, watchers, strict=True):
+                for user in (u.decode() for u in users):
+                    drop = {"user": user, "item": item, "old": old, "new": new, "drop": drop_id}
                     pipe.zadd(
                         self.keys.push_due(), {PRICE_QUEUE + ":" + orjson.dumps(drop).decode(): now}, nx=True
                     )
@@ -386,13 +387,19 @@ class PushSender:
                 pipe.zrem(claims, claimed)
                 await pipe.execute()
             return
-        await self._decide(member, user, PRICE_QUEUE, now, drop)
+        await self._decide(member, user, PRICE_QUEUE, now, drop, activity)
 
     async def _decide(
-        self, member: bytes, user: str, queue: str, now: float, drop: dict[str, Any] | None = None
+        self,
+        member: bytes,
+        user: str,
+        queue: str,
+        now: float,
+        drop: dict[str, Any] | None = None,
+        activity: Activity | None = None,
     ) -> None:
         """One shopper has left (``queue`` away), or left a cart, or an item they watch got cheaper
-        (``drop``): hold a push for them, or say why not."""
+        (``drop``): hold a push for them, or say why not. ``activity``: theirs, if already read."""
         claims, member = self.keys.push_due_claims(), self._claimer + member
         stored = await self.store.read(user)
         if stored is None:  # forgotten meanwhile
@@ -426,7 +433,8 @@ class PushSender:
             await self.client.zrem(claims, member)
             self.metrics.push_entries.labels(OUTSIDE_SEGMENT).inc()
             return
-        activity = _activity(await self.client.hgetall(self.keys.push_activity(user)))
+        if activity is None:
+            activity = _activity(await self.client.hgetall(self.keys.push_activity(user)))
         recent = await self.client.zrangebyscore(
             sent_key, now - self.policy.cap_window_s, "+inf", withscores=True
         )
@@ -501,10 +509,11 @@ class PushSender:
     async def _deliver(self, member: bytes, notification: dict[str, Any], now: float) -> None:
         user, push_id, item = notification["user_id"], notification["push_id"], notification["item_id"]
         sent_key, items_key = self.keys.pushes(user), self.keys.pushed_items(user)
+        group = HOLDOUT if self._in_holdout(user) else TREATED
         last = await self.client.hget(self.keys.push_activity(user), "last")
         if last is not None and float(last) > notification["decided_at"]:
             outcome = ACTIVE  # back in the shop before it was sent: their next departure decides
-        elif self._in_holdout(user):
+        elif group == HOLDOUT:
             outcome = HOLDOUT  # the control group: would have been sent now, and is not
         elif self.delivery.delivered_before(push_id):
             outcome = ALREADY_SENT  # delivered before a crash that came before the record below
@@ -515,13 +524,12 @@ class PushSender:
             {
                 **_exposed(notification),
                 "decision": SENT if outcome == ALREADY_SENT else outcome,
-                "group": HOLDOUT if self._in_holdout(user) else TREATED,
+                "group": group,
                 "delivered_at": now if sent else None,
             }
         )
         async with self.client.pipeline(transaction=True) as pipe:
             if sent:
-                group = HOLDOUT if outcome == HOLDOUT else TREATED
                 self.attribution.remember(pipe, notification, group, now)
                 pipe.zadd(sent_key, {push_id: now})
                 pipe.zadd(items_key, {item: now})
@@ -536,7 +544,6 @@ class PushSender:
             return
         self.metrics.pushes.labels(outcome).inc()
         if outcome in (SENT, HOLDOUT):
-            group = HOLDOUT if outcome == HOLDOUT else TREATED
             self.metrics.push_delivered.labels(notification["trigger"], group).inc()
 
     def _in_holdout(self, user: str) -> bool:
