@@ -179,6 +179,15 @@ class ContentProjection:
         return (embeddings @ self.weights.T).astype(np.float32)
 
 
+def _flags(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``mask`` at each of ``rows``; False for a row past its end (an item the catalogue never
+    described, or one that came after)."""
+    inside = rows < mask.size
+    out = np.zeros(rows.size, dtype=bool)
+    out[inside] = mask[rows[inside]]
+    return out
+
+
 def _normalise(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
@@ -250,10 +259,7 @@ class Catalogue:
 
     def is_cold(self, rows: np.ndarray) -> np.ndarray:
         """Whether each of ``rows`` is cold (a row beyond the catalogue is not)."""
-        inside = rows < self.cold.size
-        out = np.zeros(rows.size, dtype=bool)
-        out[inside] = self.cold[rows[inside]]
-        return out
+        return _flags(self.cold, rows)
 
     def match(self, profile: np.ndarray, size: int) -> np.ndarray:
         """The dot product of each of the first ``size`` rows' embeddings with ``profile``,
@@ -275,9 +281,8 @@ class Catalogue:
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """Embeddings of ``rows``; a zero vector for a row without content (an item the stream
         brought but the catalogue never described)."""
-        inside = rows < self.has.size
         out = np.zeros((rows.size, self.encoder.dim), dtype=np.float32)
-        known = np.flatnonzero(inside)[self.has[rows[inside]]]
+        known = np.flatnonzero(_flags(self.has, rows))
         out[known] = self.embeddings[rows[known]]
         return out
 
