@@ -41,9 +41,13 @@ class InterestSegments:
 
     def learn_one(self, vector: np.ndarray, terms: Sequence[str]) -> int:
         """Move the nearest centre towards ``vector``; credit ``terms`` to that segment; return it."""
-        self._kmeans.learn_one(dict(enumerate(vector.tolist())))
-        self._centres = None
-        segment = self.predict_one(vector)
+        # The nearest centre before the move is still the nearest after it (it only got closer).
+        segment = self._kmeans.learn_predict_one(dict(enumerate(vector.tolist())))
+        centres = self._kmeans.centers
+        if self._centres is not None and all(len(c) == vector.size for c in centres.values()):
+            self._centres[segment] = [centres[segment][i] for i in range(vector.size)]  # only it moved
+        else:  # River draws a centre's coordinates on first use: read them all again
+            self._centres = None
         counts = self._terms.setdefault(segment, {})
         # Decay without touching every term: newer credit is worth 1/_DECAY times more; rescale
         # (and drop terms that faded out) before the numbers grow large.
