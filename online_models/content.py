@@ -205,7 +205,11 @@ class Catalogue:
         self._by_dim = np.zeros((encoder.dim, 1024), dtype=np.float32)
         self.has = np.zeros(1024, dtype=bool)
         self.cold = np.zeros(1024, dtype=bool)  # by row: content, and no factors learned yet
-        self.n_cold = 0
+        # The cold rows' embeddings again, packed (dim x n_cold, in ``_cold_rows`` order) so that a
+        # list matches only them: a catalogue warms up as the stream touches it.
+        self._cold_by_dim = np.zeros((encoder.dim, 1024), dtype=np.float32)
+        self._cold_rows = np.zeros(1024, dtype=np.int64)
+        self._cold_at: dict[int, int] = {}  # row -> its column in _cold_by_dim
         self.titles: dict[int, str] = {}
         self.categories: dict[int, str] = {}
 
@@ -238,19 +242,38 @@ class Catalogue:
                 self.categories[row] = category
         return [row for row, _, _ in changed]
 
+    @property
+    def n_cold(self) -> int:
+        return len(self._cold_at)
+
     def mark_cold(self, rows: Iterable[int]) -> None:
-        """These rows have content but no learned factors yet."""
+        """These rows have content (just embedded) but no learned factors yet."""
         marked = np.fromiter(rows, dtype=np.int64)
         self._reserve(int(marked.max()) + 1 if marked.size else 0)
         self.cold[marked] = True
-        self.n_cold = int(np.count_nonzero(self.cold))
+        for row in marked.tolist():
+            at = self._cold_at.get(row)
+            if at is None:
+                at = self._cold_at[row] = len(self._cold_at)
+                if at == self._cold_rows.size:
+                    self._cold_rows = np.concatenate([self._cold_rows, np.zeros_like(self._cold_rows)])
+                    grown = np.zeros_like(self._cold_by_dim)
+                    self._cold_by_dim = np.concatenate([self._cold_by_dim, grown], axis=1)
+                self._cold_rows[at] = row
+            self._cold_by_dim[:, at] = self._by_dim[:, row]
 
     def warm(self, row: int) -> bool:
         """The row is about to get learned factors; True if it was cold."""
-        if row >= self.cold.size or not self.cold[row]:
+        at = self._cold_at.pop(row, None)
+        if at is None:
             return False
         self.cold[row] = False
-        self.n_cold -= 1
+        last = len(self._cold_at)  # the last column moves into the gap
+        if at != last:
+            moved = int(self._cold_rows[last])
+            self._cold_rows[at] = moved
+            self._cold_by_dim[:, at] = self._cold_by_dim[:, last]
+            self._cold_at[moved] = at
         return True
 
     def cold_rows(self) -> np.ndarray:
@@ -261,13 +284,20 @@ class Catalogue:
         """Whether each of ``rows`` is cold (a row beyond the catalogue is not)."""
         return _flags(self.cold, rows)
 
-    def match(self, profile: np.ndarray, size: int) -> np.ndarray:
-        """The dot product of each of the first ``size`` rows' embeddings with ``profile``,
+    def match_cold(self, profile: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The cold rows (unordered) and the dot product of their embeddings with ``profile``,
         reading only the dimensions ``profile`` has."""
-        dims = np.flatnonzero(profile)
+        n, dims = self.n_cold, np.flatnonzero(profile)
         if dims.size > profile.size // 2:  # a dense encoder's profile: every dimension
-            return profile @ self._by_dim[:, :size]  # type: ignore[no-any-return]
-        return profile[dims] @ self._by_dim[dims, :size]  # type: ignore[no-any-return]
+            return self._cold_rows[:n], profile @ self._cold_by_dim[:, :n]
+        return self._cold_rows[:n], profile[dims] @ self._cold_by_dim[dims, :n]
+
+    def match_rows(self, profile: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The dot product of ``rows``' embeddings with ``profile`` (as :meth:`match_cold`)."""
+        dims = np.flatnonzero(profile)
+        if dims.size > profile.size // 2:
+            return self.embeddings[rows] @ profile  # type: ignore[no-any-return]
+        return profile[dims] @ self._by_dim[np.ix_(dims, rows)]  # type: ignore[no-any-return]
 
     def profile(self, rows: Iterable[int]) -> np.ndarray | None:
         """The normalised mean embedding of those rows that have content (None if none has)."""

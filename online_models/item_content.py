@@ -16,6 +16,7 @@ from online_models.content import Catalogue, make_encoder
 from online_models.mf import ImplicitMF
 from online_models.sampling import rng_state, set_rng_state
 from online_models.segments import InterestSegments
+from online_models.topn import kth_floor
 
 # Step of the online update of ``weight`` (from the runs in docs/quality.md: 0.1 learned too
 # slowly to help the shop with new arrivals, 3 overshot on the back catalogue).
@@ -88,9 +89,11 @@ class ItemContent:
         if other == target or other in consumed:
             return
         rows = np.array(sorted((target, other)), dtype=np.int64)
-        scores = score(rows)
         match = np.zeros(2, dtype=np.float32)
         self.add_match(match, session, rows, weight=1.0)
+        if match[0] == match[1]:  # neither is cold (or the session has no text): no step
+            return
+        scores = score(rows)
         t = int(rows[1] == target)
         margin = float(scores[t] - scores[1 - t])
         step = _WEIGHT_STEP * (match[t] - match[1 - t]) / (1.0 + math.exp(min(margin, 50.0)))
@@ -132,11 +135,38 @@ class ItemContent:
             return
         w = np.float32(self.weight if weight is None else weight)
         if rows is None:  # every item: one product, the warm ones masked out
-            n = min(scores.size, catalogue.cold.size)
-            scores[:n] += w * catalogue.match(profile, n) * catalogue.cold[:n]
+            cold, match = catalogue.match_cold(profile)
+            scores[cold] += w * match
         else:
             where = np.flatnonzero(catalogue.is_cold(rows))
-            scores[where] += w * (catalogue.embeddings[rows[where]] @ profile)
+            scores[where] += w * catalogue.match_rows(profile, rows[where])
+
+    def add_match_to_top(
+        self, scores: np.ndarray, session: Collection[int], n: int, excluded: Collection[int]
+    ) -> None:
+        """:meth:`add_match` over every item, for the top ``n`` of ``scores`` but ``excluded``:
+        the same top ``n``, with the text matched only for the cold items it could lift into it.
+        Warm items keep their scores, so the ``n``-th best score after the match is at least the
+        ``n``-th best warm one; a match is a cosine (at most 1), so a cold item more than
+        ``weight`` below that cannot get in. Usually none is close enough."""
+        catalogue = self.catalogue
+        assert catalogue is not None
+        if not catalogue.n_cold or not self.weight:
+            return
+        size = min(scores.size, catalogue.cold.size)
+        cold = catalogue.cold[:size]
+        # From every 16th row first: the n-th best of a sample is at most the n-th best of all.
+        floor = _warm_floor(scores, cold, excluded, n, 16) if scores.size >= 64 * n else -np.inf
+        if floor == -np.inf:
+            floor = _warm_floor(scores, cold, excluded, n, 1)
+        reach = self.weight * (1.0 + 1e-5)  # a float cosine may exceed 1 by a rounding error
+        lifted = np.flatnonzero(cold & (scores[:size] + reach >= floor))
+        if lifted.size > catalogue.n_cold // 4:  # many of them: one product over the cold is cheaper
+            self.add_match(scores, session, None)
+        elif lifted.size:
+            profile = catalogue.profile(session)
+            if profile is not None:
+                scores[lifted] += np.float32(self.weight) * catalogue.match_rows(profile, lifted)
 
     def segment(self, user: str) -> tuple[int | None, list[str]]:
         """The user's interest segment and its tags (None, [] without a catalogue or factors)."""
@@ -197,3 +227,15 @@ class ItemContent:
         # it was indexed (re-inserting a whole catalogue every refresh would cost minutes); the
         # candidates it returns are scored with the fresh prediction.
         self.mf.set_rows(rows, self.catalogue.predict(rows))
+
+
+def _warm_floor(
+    scores: np.ndarray, cold: np.ndarray, excluded: Collection[int], n: int, stride: int
+) -> float:
+    """A value at most the ``n``-th best score of the warm rows (``cold`` False or beyond it) that
+    are not ``excluded``, read from every ``stride``-th row (``-inf``: fewer than ``n`` there)."""
+    warm = scores[::stride].copy()
+    sampled = cold[::stride]
+    warm[: sampled.size][sampled] = -np.inf
+    warm[[row // stride for row in excluded if row % stride == 0]] = -np.inf
+    return kth_floor(warm, min(n, warm.size))

@@ -316,7 +316,9 @@ class Recommender:
         own = [*state.interest_rows, *extras.rows]
         candidates = None if exact else self.candidates.rows(query, n, own, excluded)
         if candidates is None:
-            scores = self._blend(query, state, extras=extras)
+            scores = self._blend(query, state, extras=extras, text=False)
+            if self._text_match:
+                self.content.add_match_to_top(scores, state.session, n, excluded)
             # ``scores`` is a fresh array, so top_n may mask exclusions in place.
             rows, values = top_n(scores, n, exclude=excluded, in_place=True)
             return self._top(user, rows, values, MODEL_NAME, state, query, explain, extras)
@@ -389,8 +391,10 @@ class Recommender:
         state: UserState,
         rows: np.ndarray | None = None,
         extras: Related | None = None,
+        text: bool = True,
     ) -> np.ndarray:
-        """Blended scores of ``rows`` (sorted, unique; None = every item), in that order."""
+        """Blended scores of ``rows`` (sorted, unique; None = every item), in that order;
+        ``text=False`` leaves out the text match (the caller adds it where it counts)."""
         matrix = self.mf.item_matrix()
         scores = matrix @ query if rows is None else matrix[rows] @ query
         if self.popularity_weight:
@@ -401,6 +405,10 @@ class Recommender:
         extras = self._related(state) if extras is None else extras
         add_at(scores, rows, extras.covisit_rows, self.covisit_weight * extras.covisit_scores)
         add_at(scores, rows, extras.again_rows, self.rebuy_weight * extras.again_scores)
-        if self.content.catalogue is not None and self.content.weight:
+        if text and self._text_match:
             self.content.add_match(scores, state.session, rows)
         return scores
+
+    @property
+    def _text_match(self) -> bool:
+        return self.content.catalogue is not None and bool(self.content.weight)

@@ -34,14 +34,15 @@ def top_n(
     k = min(n, scores.size - excluded.size)
     if k <= 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=scores.dtype)
-    candidates = np.flatnonzero(scores >= _threshold(scores, k))
+    candidates = np.flatnonzero(scores >= kth_floor(scores, k))
     order = np.lexsort((candidates, -scores[candidates]))[:k]
     chosen = candidates[order]
     return chosen, scores[chosen]
 
 
-def _threshold(scores: np.ndarray, k: int) -> float:
-    """A value at most the ``k``-th largest non-excluded score (so nothing of the top ``k`` is lost)."""
+def kth_floor(scores: np.ndarray, k: int) -> float:
+    """A value at most the ``k``-th largest score, cheaply (so nothing of the top ``k`` is lost);
+    ``-inf`` entries are excluded ones, and ``-inf`` comes back when fewer than ``k`` are finite."""
     if scores.size >= _SAMPLE_FROM and k * _STRIDE * 4 < scores.size:
         sample = scores[::_STRIDE]
         # The k-th largest of a subset is at most the k-th largest of the whole.

@@ -135,3 +135,74 @@ def test_reasons_when_the_user_touched_items_the_catalogue_never_described() -> 
     top = rec.recommend("cy", 20, explain=True)
     assert "scarf" in top.items and len(top.reasons) == len(top.items)
     assert top.reasons[top.items.index("scarf")] == "new, like red wool hat you bought"
+
+
+def big_shop(n_items: int = 2000, seed: int = 0) -> Recommender:
+    """A catalogue of ``n_items`` titles drawn from a small vocabulary (so texts overlap)."""
+    rng = np.random.default_rng(seed)
+    vocab = ["red", "blue", "wool", "cotton", "hat", "scarf", "glove", "garden", "hose", "rake", "tea", "oat"]
+    ids = [f"i{k}" for k in range(n_items)]
+    titles = [" ".join(rng.choice(vocab, size=3, replace=False)) for _ in ids]
+    rec = Recommender(n_factors=8, seed=1)
+    rec.add_items(ids, titles, [None] * n_items)
+    return rec
+
+
+@pytest.mark.parametrize("n", [10, 50])  # the list's floor from a sample of the rows, or from all
+@pytest.mark.parametrize("band", [0, 100, 1000])
+def test_a_list_matches_text_only_where_it_can_change_its_top(band: int, n: int) -> None:
+    """The bounded text match gives the same top-n as matching every cold item. ``band`` cold
+    items sit within the text weight below the list's warm floor (none, a few: matched one by
+    one, most: one product), the rest far below; the best warm items are excluded."""
+    from online_models.topn import top_n
+
+    rec = big_shop()
+    content, catalogue = rec.content, rec.catalogue
+    assert catalogue is not None
+    rng = np.random.default_rng(1)
+    for row in rng.choice(2000, size=600, replace=False).tolist():
+        catalogue.warm(row)  # the stream touched these
+    content.weight = 1.0
+    cold = catalogue.cold_rows()
+    for trial in range(40):
+        scores = rng.normal(size=2000 + trial % 3).astype(np.float32)  # some rows past the catalogue
+        warm = np.setdiff1d(np.arange(scores.size), cold)
+        ranked = warm[np.argsort(-scores[warm])]
+        excluded = {*ranked[:10].tolist(), *rng.choice(2000, size=20, replace=False).tolist()}
+        listed = [row for row in ranked if row not in excluded][:n]
+        floor = scores[listed[-1]]
+        # The warm items above the floor sit well above it: a floor taken with the excluded
+        # items counted would be the (n-10)-th of them, 0.6 higher.
+        scores[listed[:-1]] = floor + rng.uniform(0.6, 0.7, size=n - 1)
+        scores[cold] = floor - 10.0
+        near = rng.choice(cold, size=band, replace=False)
+        scores[near] = floor - rng.uniform(0.0, 1.0, size=band)
+        session = [int(rng.integers(2000))]  # one item: some cold texts match it closely
+        bounded, every = scores.copy(), scores.copy()
+        content.add_match_to_top(bounded, session, n, excluded)
+        content.add_match(every, session, None)
+        want, got = top_n(every, n, exclude=excluded), top_n(bounded, n, exclude=excluded)
+        assert got[0].tolist() == want[0].tolist()
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+
+
+def test_the_packed_cold_embeddings_follow_warming_and_checkpoints() -> None:
+    rec = big_shop(300)
+    catalogue = rec.catalogue
+    assert catalogue is not None
+    for row in [0, 299, 150, 7, 8, 298]:  # first, last, middle and neighbours leave the pack
+        assert catalogue.warm(row)
+        assert not catalogue.warm(row)
+    profile = catalogue.profile([1, 2, 3])
+    assert profile is not None
+    rows, values = catalogue.match_cold(profile)
+    assert sorted(rows.tolist()) == catalogue.cold_rows().tolist() and catalogue.n_cold == 294
+    np.testing.assert_allclose(values, catalogue.embeddings[rows] @ profile, rtol=1e-5, atol=1e-7)
+    restored = Recommender(n_factors=8, seed=1)
+    restored.restore(*rec.state())
+    again = restored.catalogue
+    assert again is not None
+    rows2, values2 = again.match_cold(profile)
+    assert dict(zip(rows2.tolist(), values2.tolist(), strict=True)) == pytest.approx(
+        dict(zip(rows.tolist(), values.tolist(), strict=True))
+    )
