@@ -16,7 +16,7 @@ from online_models.content import Catalogue, make_encoder
 from online_models.mf import ImplicitMF
 from online_models.sampling import rng_state, set_rng_state
 from online_models.segments import InterestSegments
-from online_models.topn import kth_floor
+from online_models.topn import kth_largest
 
 # Step of the online update of ``weight`` (from the runs in docs/quality.md: 0.1 learned too
 # slowly to help the shop with new arrivals, 3 overshot on the back catalogue).
@@ -130,15 +130,18 @@ class ItemContent:
         assert catalogue is not None
         if not catalogue.n_cold:
             return
+        if rows is not None:
+            where = np.flatnonzero(catalogue.is_cold(rows))
+            if not where.size:  # before the profile: most rows are warm
+                return
         profile = catalogue.profile(session)
         if profile is None:
             return
         w = np.float32(self.weight if weight is None else weight)
-        if rows is None:  # every item: one product, the warm ones masked out
+        if rows is None:  # every item: one product over the cold ones
             cold, match = catalogue.match_cold(profile)
             scores[cold] += w * match
         else:
-            where = np.flatnonzero(catalogue.is_cold(rows))
             scores[where] += w * catalogue.match_rows(profile, rows[where])
 
     def add_match_to_top(
@@ -155,10 +158,11 @@ class ItemContent:
             return
         size = min(scores.size, catalogue.cold.size)
         cold = catalogue.cold[:size]
-        # From every 16th row first: the n-th best of a sample is at most the n-th best of all.
-        floor = _warm_floor(scores, cold, excluded, n, 16) if scores.size >= 64 * n else -np.inf
-        if floor == -np.inf:
-            floor = _warm_floor(scores, cold, excluded, n, 1)
+        warm = np.where(cold, np.float32(-np.inf), scores[:size])
+        if scores.size > size:  # rows the catalogue never described are warm
+            warm = np.concatenate([warm, scores[size:]])
+        warm[np.fromiter(excluded, dtype=np.int64, count=len(excluded))] = -np.inf
+        floor = kth_largest(warm, n)
         reach = self.weight * (1.0 + 1e-5)  # a float cosine may exceed 1 by a rounding error
         lifted = np.flatnonzero(cold & (scores[:size] + reach >= floor))
         if lifted.size > catalogue.n_cold // 4:  # many of them: one product over the cold is cheaper
@@ -227,15 +231,3 @@ class ItemContent:
         # it was indexed (re-inserting a whole catalogue every refresh would cost minutes); the
         # candidates it returns are scored with the fresh prediction.
         self.mf.set_rows(rows, self.catalogue.predict(rows))
-
-
-def _warm_floor(
-    scores: np.ndarray, cold: np.ndarray, excluded: Collection[int], n: int, stride: int
-) -> float:
-    """A value at most the ``n``-th best score of the warm rows (``cold`` False or beyond it) that
-    are not ``excluded``, read from every ``stride``-th row (``-inf``: fewer than ``n`` there)."""
-    warm = scores[::stride].copy()
-    sampled = cold[::stride]
-    warm[: sampled.size][sampled] = -np.inf
-    warm[[row // stride for row in excluded if row % stride == 0]] = -np.inf
-    return kth_floor(warm, min(n, warm.size))

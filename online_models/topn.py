@@ -52,3 +52,13 @@ def kth_floor(scores: np.ndarray, k: int) -> float:
     if k == scores.size:  # nothing excluded, everything wanted
         return -np.inf
     return float(np.partition(scores, scores.size - k)[scores.size - k])
+
+
+def kth_largest(scores: np.ndarray, k: int) -> float:
+    """The ``k``-th largest of ``scores`` (``-inf`` when fewer than ``k`` are finite), without
+    partitioning them all: only those at or above :func:`kth_floor`."""
+    k = min(k, scores.size)
+    if k <= 0:
+        return -np.inf
+    top = scores[scores >= kth_floor(scores, k)]
+    return float(np.partition(top, top.size - k)[top.size - k])

@@ -13,7 +13,7 @@ from online_models.mf import MAX_FACTOR_NORM, ImplicitMF
 from online_models.pipeline import RefreshPipeline
 from online_models.popularity import Popularity
 from online_models.recommender import POPULARITY, Recommender
-from online_models.topn import top_n
+from online_models.topn import kth_largest, top_n
 from tests.test_ranker_contract import checkerboard_log
 
 
@@ -62,6 +62,21 @@ def test_top_n_contract(values: list[float], n: int, data: st.DataObject) -> Non
     assert list(top) == sorted(top, reverse=True)
     kept = sorted((scores[i] for i in range(len(values)) if i not in exclude), reverse=True)
     assert list(top) == kept[: len(idx)]
+
+
+@given(st.lists(st.floats(-1e6, 1e6) | st.just(-np.inf), min_size=1, max_size=50), st.integers(1, 60))
+def test_kth_largest_is_a_full_sorts(values: list[float], k: int) -> None:
+    ordered = sorted(values, reverse=True)
+    assert kth_largest(np.array(values), k) == ordered[min(k, len(values)) - 1]
+
+
+def test_kth_largest_of_a_large_catalogue_takes_the_sampled_floor_and_stays_exact() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        scores = np.round(rng.normal(size=int(rng.integers(4096, 40_000))), 2).astype(np.float32)
+        scores[rng.random(scores.size) < 0.5] = -np.inf  # cold or excluded
+        k = int(rng.integers(1, 40))
+        assert kth_largest(scores, k) == np.sort(scores)[-k]
 
 
 def test_top_n_breaks_ties_by_lower_index() -> None:
