@@ -212,6 +212,7 @@ class PushSender:
         self._reclaim_script = self.client.register_script(_RECLAIM)
         self._claimer = self.consumer.encode() + b"\0"  # prefix of this sender's claims
         self._drops_cursor = "0"
+        self._claim_drops_at = 0.0  # when to look for price drops a crashed sender left
         self._common_hours: dict[int, float] = {}
         self._common_read_at = -math.inf
 
@@ -268,7 +269,7 @@ class PushSender:
             if not entries and cursor == "0":
                 cursor = ">"
             elif not entries:
-                entries = await self._claim_abandoned()
+                entries = await self._claim_abandoned(self.keys.refreshed())
             busy = bool(entries)
             if entries:
                 await self._observe(entries)
@@ -350,8 +351,12 @@ class PushSender:
             self.group, self.consumer, {self.keys.price_drops(): self._drops_cursor}, count=100
         )
         entries = reply[0][1] if reply else []
-        if not entries:
+        if not entries and self._drops_cursor == "0":
             self._drops_cursor = ">"  # after our own pending ones (read before a crash), new ones
+        elif not entries and time.monotonic() >= self._claim_drops_at:
+            entries = await self._claim_abandoned(self.keys.price_drops())
+            self._claim_drops_at = time.monotonic() + min(self.claim_idle_s / 2, RECLAIM_EVERY_S)
+        if not entries:
             return False
         now, policy = self.clock(), self.policy
         drops = [  # fields are empty for an entry read before a crash, then trimmed by the cap
@@ -571,15 +576,19 @@ class PushSender:
             "delivered_at": None,
         }
 
-    async def _claim_abandoned(self) -> list:  # type: ignore[type-arg]
-        """Entries another sender of the group read and never acked (it crashed, or its host is gone)."""
+    async def _claim_abandoned(self, stream: str) -> list:  # type: ignore[type-arg]
+        """Entries of ``stream`` (refreshes or price drops) another sender of the group read and
+        never acked (it crashed, or its host is gone)."""
         _, claimed, deleted = await self.client.xautoclaim(
-            self.keys.refreshed(), self.group, self.consumer, int(self.claim_idle_s * 1000), "0-0", count=100
+            stream, self.group, self.consumer, int(self.claim_idle_s * 1000), "0-0", count=100
         )
         if claimed:
-            log.info("claimed %d entries abandoned by another sender", len(claimed))
+            log.info("claimed %d entries of %s abandoned by another sender", len(claimed), stream)
         if deleted:  # XAUTOCLAIM drops them from the group's pending list
-            self._lost_to_trimming(len(deleted), "read by another sender but not decided")
+            if stream == self.keys.refreshed():
+                self._lost_to_trimming(len(deleted), "read by another sender but not decided")
+            else:
+                log.warning("%d price drops read by a sender that crashed were trimmed: lost", len(deleted))
         return claimed  # type: ignore[no-any-return]
 
     async def _count_trimmed(self) -> None:

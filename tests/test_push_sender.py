@@ -150,6 +150,40 @@ def test_a_second_sender_claims_entries_a_crashed_one_left(hermetic: Hermetic, t
     assert client.xpending(stream, group)["pending"] == 0
 
 
+def test_a_price_drop_a_crashed_sender_read_is_pushed_by_another(hermetic: Hermetic, tmp_path: Path) -> None:
+    from stream.events import Item
+
+    async def prices(*items: Item) -> None:
+        client = connect(hermetic.servers.redis_url)
+        try:
+            await RedisTopNStore(client, Keys(f"{hermetic.prefix}:")).write_items(list(items))
+        finally:
+            await client.aclose()
+
+    outbox = tmp_path / "outbox.jsonl"
+    asyncio.run(prices(Item("seen", price=100.0), Item("new", price=10.0)))
+    listed = TopN(
+        "gina", ["new", "seen"], [50.0, 45.0], "pushrec", reasons=["because you viewed x", "you viewed it"]
+    )
+    asyncio.run(write(hermetic, listed))
+    run_sender(hermetic, outbox)  # she left: "new" is pushed, and she watches "seen" (she viewed it)
+    asyncio.run(prices(Item("seen", price=80.0)))
+    client = redis.Redis.from_url(hermetic.servers.redis_url)
+    drops, group = f"{hermetic.prefix}:price-drops", f"{hermetic.prefix}-sender"
+    assert client.xreadgroup(group, "dead-host", {drops: ">"}, count=10)  # read, then it crashed
+    sender = PushSender(
+        hermetic.settings(PUSHREC_PUSH__CLAIM_IDLE_S="0.1", PUSHREC_PUSH__MAX_PER_WINDOW="9"),
+        hermetic.kafka,
+        hermetic.servers.redis_url,
+        outbox,
+        until_idle_s=1.0,
+        consumer_name="live-host",
+    )
+    asyncio.run(sender.run())
+    assert [(p["item_id"], p["trigger"]) for p in sent(outbox)] == [("new", "away"), ("seen", "price_drop")]
+    assert client.xpending(drops, group)["pending"] == 0
+
+
 def test_entries_trimmed_before_a_sender_decided_them_are_counted(hermetic: Hermetic, tmp_path: Path) -> None:
     """Issue 19, item 5: the refresh stream is capped, so while every sender is down the cap drops
     entries no sender read, and entries one had read before it crashed come back empty: pushes
