@@ -117,7 +117,7 @@ class Ingest:
                 records.append((m.topic, m.partition, m.offset, m.key, event.value, m.timestamp))
             self._last_activity = time.monotonic()
             try:
-                await self._send(RECORDS, records)
+                await self._send(RECORDS, (time.time(), records))  # read at: latency stages
             except Exception:
                 # Faust would restart the agent and this batch would never reach the model while
                 # the offsets move on. Exit instead: the restart re-reads it from Kafka.

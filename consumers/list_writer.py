@@ -17,6 +17,8 @@ import time
 from array import array
 from collections.abc import Callable, Iterable
 
+import numpy as np
+
 from infra.metrics import Metrics
 from infra.store import REDIS_UNAVAILABLE, RedisTopNStore
 from online_models.pipeline import RefreshPipeline
@@ -27,8 +29,13 @@ log = logging.getLogger("pushrec.worker")
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
 
 
+# An event waiting for its list carries its stamps (``infra.latency``): produced, read, taken by
+# this process, learned; once re-ranked, also the round's start and end.
+_LEARNED, _RANKED = 4, 6
+
+
 class ListWriter:
-    """Pending users (and their events' record times, for the latency histogram) until written."""
+    """Pending users (and their events' stamps, for the latency metrics) until written."""
 
     def __init__(
         self,
@@ -46,10 +53,10 @@ class ListWriter:
         self.on_change = on_change
         self.on_bug = on_bug
         self.unwritten: dict[str, None] = {}  # touched users, not re-ranked yet
-        self._sent_at = array("d")
-        # Re-ranked, waiting for the background writer: newest list per user, and event times.
+        self._stamps = array("d")  # _LEARNED per event
+        # Re-ranked, waiting for the background writer: newest list per user, and event stamps.
         self._outgoing: dict[str, TopN] = {}
-        self._outgoing_sent_at = array("d")
+        self._outgoing_stamps = array("d")  # _RANKED per event
         self._in_flight: dict[str, TopN] = {}  # the lists of the write under way
         self._items: dict[str, Item] = {}  # catalogue entries not stored yet, newest per item
         self._items_in_flight: dict[str, Item] = {}
@@ -85,10 +92,19 @@ class ListWriter:
         if self._items and time.monotonic() >= self._retry_at:
             self._start()
 
-    def add(self, users: Iterable[str], sent_at: Iterable[float]) -> None:
-        """These users' lists changed (their events were produced at ``sent_at``)."""
+    def add(
+        self,
+        users: Iterable[str],
+        sent_at: Iterable[float] = (),
+        read_at: float = 0.0,
+        got_at: float = 0.0,
+        learned_at: float = 0.0,
+    ) -> None:
+        """These users' lists changed: their events were produced at ``sent_at``, their batch
+        read at ``read_at``, taken by the model process at ``got_at``, learned at ``learned_at``."""
         self.unwritten.update(dict.fromkeys(users))
-        self._sent_at.extend(sent_at)
+        for ts in sent_at:
+            self._stamps.extend((ts, read_at, got_at, learned_at))
 
     def forget(self, user: str) -> bool:
         """Drop the user's pending list (call with the lock held); whether there was one."""
@@ -102,9 +118,12 @@ class ListWriter:
             return
         if self.unwritten:
             users, self.unwritten = self.unwritten, {}
+            started = time.time()
             self._outgoing.update((top.user_id, top) for top in self.pipeline.refresh(list(users)))
-            self._outgoing_sent_at.extend(self._sent_at)
-            self._sent_at = array("d")
+            ranked = np.frombuffer(self._stamps).reshape(-1, _LEARNED)
+            round_ = np.broadcast_to((started, time.time()), (len(ranked), 2))
+            self._outgoing_stamps.extend(array("d", np.hstack([ranked, round_]).tobytes()))
+            self._stamps = array("d")
         self._start()
 
     def _start(self) -> None:
@@ -130,7 +149,7 @@ class ListWriter:
     async def _write_once(self) -> bool:
         """Write what is outgoing; whether it was written."""
         lists, self._outgoing = list(self._outgoing.values()), {}
-        sent_at, self._outgoing_sent_at = self._outgoing_sent_at, array("d")
+        stamps, self._outgoing_stamps = self._outgoing_stamps, array("d")
         self._in_flight = {top.user_id: top for top in lists}
         self._items_in_flight, self._items = self._items, {}
         try:
@@ -153,16 +172,20 @@ class ListWriter:
             )
             # Back to pending as ids, with what was re-ranked meanwhile: re-ranked again on the
             # next try, so an outage holds no lists in memory.
-            self.add([*self._in_flight, *self._outgoing], [*sent_at, *self._outgoing_sent_at])
-            self._outgoing, self._outgoing_sent_at = {}, array("d")
+            self.unwritten.update(dict.fromkeys([*self._in_flight, *self._outgoing]))
+            for ranked in (stamps, self._outgoing_stamps):  # as they were before the ranking
+                self._stamps.extend(np.frombuffer(ranked).reshape(-1, _RANKED)[:, :_LEARNED].ravel())
+            self._outgoing, self._outgoing_stamps = {}, array("d")
             self._items = {**self._items_in_flight, **self._items}
             return False
         finally:
             self._in_flight, self._items_in_flight = {}, {}
         self._failures, self._retry_at = 0, 0.0
         written = time.time()
-        for ts in sent_at:
+        events = np.frombuffer(stamps).reshape(-1, _RANKED)
+        for ts in events[:, 0].tolist():
             self.metrics.event_to_list.observe(max(0.0, written - ts))
+        self.metrics.slowest_events.add(np.column_stack([events, np.full(len(events), written)]))
         self.metrics.list_refreshes.inc(len(lists))
         return True
 

@@ -50,9 +50,10 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
                 log.error("the Faust process is gone: stopping without a checkpoint")
                 return
             if kind == RECORDS:
+                read_at, batch = payload
                 await _or_exit(
-                    worker.handle_records([Record(*fields) for fields in payload]),
-                    f"a batch of {len(payload)} records",
+                    worker.handle_records([Record(*fields) for fields in batch], read_at=read_at),
+                    f"a batch of {len(batch)} records",
                 )
             elif kind == ASSIGN:
                 partitions, count = payload

@@ -4,7 +4,7 @@
 EXIT_BUG = 70  # EX_SOFTWARE: the worker met an unexpected exception and stopped without a checkpoint
 
 # What the Faust process sends the model process.
-RECORDS = "records"  # payload: [(topic, partition, offset, key, value, timestamp s), ...]
+RECORDS = "records"  # payload: (read at, [(topic, partition, offset, key, value, timestamp s), ...])
 # payload: (partition numbers the group gave this worker, partitions per event topic): take
 # them (restore, catch up), then answer DONE
 ASSIGN = "assign"

@@ -114,14 +114,19 @@ class RefreshWorker:
         """More records are already waiting (read only between messages: no reader is waiting)."""
         return self.inbox is not None and self.inbox.poll(0)
 
-    async def handle_records(self, records: Sequence[Record], dead_letter: bool = True) -> None:
+    async def handle_records(
+        self, records: Sequence[Record], dead_letter: bool = True, read_at: float | None = None
+    ) -> None:
         """Decode, dead-letter the bad, skip what the model already holds, learn the rest.
 
         ``dead_letter=False`` for the catch-up after a restart: those records were fully handled
         before the crash, only the model forgot them. Records of a taken partition whose item
         changes its last owner published already (``exchange.published_ahead``) were handled by
-        it too: learned for their users' sake only, their item changes discarded.
+        it too: learned for their users' sake only, their item changes discarded. ``read_at``:
+        when the Faust process handed the batch over (``infra.latency``; None: read here).
         """
+        got_at = time.time()
+        read_at = got_at if read_at is None else read_at
         unowned = {record.partition for record in records} - self.ownership.owned
         if unowned:  # records came before the assignment did: take the partitions first
             await self.ownership.take(unowned)
@@ -130,12 +135,19 @@ class RefreshWorker:
             handled = [r for r in records if r.offset < ahead.get(r.source, 0)]
             if handled:
                 records = [r for r in records if r.offset >= ahead.get(r.source, 0)]
-                await self._handle(handled, dead_letter=False, item_effects=False)
+                await self._handle(handled, (read_at, got_at), dead_letter=False, item_effects=False)
             self.exchange.passed(self.offsets)
         if records:
-            await self._handle(records, dead_letter)
+            await self._handle(records, (read_at, got_at), dead_letter)
 
-    async def _handle(self, records: Sequence[Record], dead_letter: bool, item_effects: bool = True) -> None:
+    async def _handle(
+        self,
+        records: Sequence[Record],
+        arrived: tuple[float, float],
+        dead_letter: bool,
+        item_effects: bool = True,
+    ) -> None:
+        """``arrived``: when the batch was read and when this process got it (``infra.latency``)."""
         limits = self.settings.events.limits
         decoded: list[tuple[Record, Event | None]] = []
         catalogue = [r for r in records if r.topic == self.names.items]
@@ -201,7 +213,7 @@ class RefreshWorker:
             self.metrics.visit_hit_rate.set(self.pipeline.visit_hit_rate.value)
             if not self.lists.unwritten:
                 self._pending_since = time.monotonic()
-            self.lists.add(users, sent_at)
+            self.lists.add(users, sent_at, *arrived, time.time())
         if not self._behind() or time.monotonic() - self._pending_since >= self._refresh_max_delay_s:
             self.lists.refresh()  # re-ranked now, written to Redis in the background
             self._report_pending()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import urllib.request
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from infra.latency import STAGES, SlowestEvents
 from infra.store import REDIS_ERROR_KINDS, redis_error_kind
 
 # Closed label sets (the product contract, shared/SPEC.md); pre-created so dashboards see zeros.
@@ -76,6 +78,17 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.slowest_events = SlowestEvents()
+        slowest = Gauge(
+            "pushrec_slowest_events_seconds",
+            "Mean event-to-list time of the slowest 1 % of the last 20,000 events (stage=total), and "
+            "where it went: kafka (record timestamp to its micro-batch read), pipe (to the model "
+            "process), learn, wait (deferral before re-ranking), rank, redis (infra/latency.py).",
+            ["stage"],
+            registry=r,
+        )
+        for stage in ("total", *STAGES):
+            slowest.labels(stage).set_function(partial(self._slowest, stage))
         self.model_update = Histogram(
             "pushrec_model_update_seconds",
             "Time to learn one micro-batch of events.",
@@ -250,6 +263,9 @@ class Metrics:
             self.dead_letters.labels(reason)
         for outcome in PUSH_OUTCOMES:
             self.pushes.labels(outcome)
+
+    def _slowest(self, stage: str) -> float:
+        return self.slowest_events.split()[stage]
 
     def redis_error(self, exc: BaseException) -> str:
         """Count a Redis error under its kind; the kind, for the log line."""

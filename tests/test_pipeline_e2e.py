@@ -18,7 +18,8 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 
 from consumers.worker import build_pipeline
-from infra.metrics import metric_sum, scrape
+from infra.latency import STAGES
+from infra.metrics import LATENCY_BUCKETS, metric_sum, scrape
 from infra.stack import free_port
 from pushrec.demo import SAMPLE_EVENTS, stop_process, wait_for
 from stream.deadletter import DeadLetter
@@ -174,6 +175,17 @@ def test_replay_through_real_broker_worker_and_valkey(hermetic: Hermetic) -> Non
             assert metric_sum(samples, "pushrec_dead_letters_total", reason=reason) == count
         assert metric_sum(samples, "pushrec_event_to_list_seconds_count") == len(events)
         assert worker.poll() is None, "the worker must keep running after bad input"
+
+        # Where the slowest 1 % of the events' time went: every stage stamped, adding up to a
+        # total that the latency histogram agrees with (at most 29 of 3,000 events were slower).
+        split = {
+            s: metric_sum(samples, "pushrec_slowest_events_seconds", stage=s) for s in ("total", *STAGES)
+        }
+        assert all(split[stage] > 0 for stage in ("kafka", "learn", "rank", "redis")), split
+        assert sum(split[stage] for stage in STAGES) == pytest.approx(split["total"])
+        edge = min(b for b in LATENCY_BUCKETS if b >= split["total"])
+        at_most = metric_sum(samples, "pushrec_event_to_list_seconds_bucket", le=str(edge))
+        assert at_most >= len(events) - 29, (split, edge, at_most)
 
         # Every user with a positive event (all taobao types are positive) has a non-empty list.
         client = redis.Redis.from_url(hermetic.servers.redis_url)

@@ -1,0 +1,63 @@
+"""Where an event's time to its list goes: its stages, and the split of the slowest events.
+
+An event's list is late for one of six reasons, each the time between two stamps the worker
+takes (wall-clock seconds):
+
+==========  ===========================================================================
+``kafka``   record timestamp -> the Faust process read it (producer, broker, fetch)
+``pipe``    -> the model process took its micro-batch (queued behind earlier batches)
+``learn``   -> its micro-batch was decoded, deduplicated and learned
+``wait``    -> its user's list started re-ranking (deferral while the worker catches up)
+``rank``    -> the re-ranking of that round ended
+``redis``   -> the list was written (the background writer, Redis)
+==========  ===========================================================================
+
+:class:`SlowestEvents` keeps the last events' splits and answers the mean split of the slowest
+share of them: what to fix when the p99 is too high.
+
+>>> slow = SlowestEvents(size=4, share=0.5)
+>>> stamps = np.array([[0.0, 0.01, 0.02, 0.03, 0.03, 0.04, 0.05],   # 50 ms, fast
+...                    [0.0, 0.30, 0.31, 0.32, 0.32, 0.33, 0.34]])  # 340 ms: Kafka
+>>> slow.add(stamps)
+>>> {k: round(v, 2) for k, v in slow.split().items()}
+{'total': 0.34, 'kafka': 0.3, 'pipe': 0.01, 'learn': 0.01, 'wait': 0.0, 'rank': 0.01, 'redis': 0.01}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+STAGES = ("kafka", "pipe", "learn", "wait", "rank", "redis")
+
+
+class SlowestEvents:
+    """The stage split of the last ``size`` events; the mean split of the slowest ``share``."""
+
+    def __init__(self, size: int = 20_000, share: float = 0.01) -> None:
+        self.share = share
+        self._splits = np.zeros((size, 1 + len(STAGES)))  # total, then the stages
+        self._next = 0
+        self._count = 0
+
+    def add(self, stamps: np.ndarray) -> None:
+        """One row per event: its seven stamps in the order of the module's table (record
+        timestamp first, list written last). A stage never counts below zero (clocks of the two
+        processes and the producer's may differ by a little)."""
+        if not len(stamps):
+            return
+        stages = np.maximum(np.diff(stamps, axis=1), 0.0)
+        rows = np.column_stack([stages.sum(axis=1), stages])[-len(self._splits) :]
+        at = (self._next + np.arange(len(rows))) % len(self._splits)
+        self._splits[at] = rows
+        self._next = int(at[-1]) + 1
+        self._count = min(self._count + len(rows), len(self._splits))
+
+    def split(self) -> dict[str, float]:
+        """The mean total and stage times of the slowest ``share`` of the events kept (zeros
+        before the first)."""
+        if not self._count:
+            return dict.fromkeys(("total", *STAGES), 0.0)
+        kept = self._splits[: self._count]
+        slowest = max(1, round(self.share * self._count))
+        rows = kept[np.argpartition(kept[:, 0], self._count - slowest)[self._count - slowest :]]
+        return dict(zip(("total", *STAGES), rows.mean(axis=0).tolist(), strict=True))
