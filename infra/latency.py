@@ -61,3 +61,14 @@ class SlowestEvents:
         slowest = max(1, round(self.share * self._count))
         rows = kept[np.argpartition(kept[:, 0], self._count - slowest)[self._count - slowest :]]
         return dict(zip(("total", *STAGES), rows.mean(axis=0).tolist(), strict=True))
+
+
+def slowest_split(split: dict[str, float]) -> str:
+    """One line for :meth:`SlowestEvents.split`: "412 ms = kafka 20 + pipe 3 + ... ms".
+
+    >>> slowest_split({"total": 0.3, "kafka": 0.1, "pipe": 0, "learn": 0.05, "wait": 0.1,
+    ...                "rank": 0.03, "redis": 0.02})
+    '300 ms = kafka 100 + pipe 0 + learn 50 + wait 100 + rank 30 + redis 20 ms'
+    """
+    stages = " + ".join(f"{stage} {split[stage] * 1000:.0f}" for stage in STAGES)
+    return f"{split['total'] * 1000:.0f} ms = {stages} ms"

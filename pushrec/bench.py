@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.kafka import KafkaAccess
+from infra.latency import STAGES, slowest_split
 from infra.metrics import Samples, metric_sum, scrape
 from infra.settings import Settings
 from infra.stack import EmbeddedStack, free_port
@@ -288,9 +289,14 @@ def run_bench(
             load = {"fraction": share, "rate_events_per_s": round(rate, 1)}
             for key, q in (("p50_s", 0.5), ("p99_s", 0.99), ("p999_s", 0.999)):
                 load[key] = round(quantile(samples, "pushrec_event_to_list_seconds", q), 4)
+            load["slowest_s"] = {  # where the slowest 1 % of the events' time went
+                stage: round(metric_sum(samples, "pushrec_slowest_events_seconds", stage=stage), 4)
+                for stage in ("total", *STAGES)
+            }
             log(
                 f"latency at {share:.0%} ({rate:,.0f} events/s): p50 {load['p50_s'] * 1000:.0f} ms, "
-                f"p99 {load['p99_s'] * 1000:.0f} ms, p99.9 {load['p999_s'] * 1000:.0f} ms"
+                f"p99 {load['p99_s'] * 1000:.0f} ms, p99.9 {load['p999_s'] * 1000:.0f} ms; "
+                f"slowest 1 %: {slowest_split(load['slowest_s'])}"
             )
             return load
 

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from infra.latency import STAGES
 from pushrec.bench import quantile
 from pushrec.demo import SAMPLE_EVENTS
 from tests.conftest import Hermetic
@@ -87,6 +88,10 @@ def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
     assert sorted(loads) == [0.5, 0.6]
     assert all(0 < load["p50_s"] <= load["p99_s"] <= load["p999_s"] for load in loads.values())
     assert loads[0.5]["p99_s"] == report["latency_p99_s"]
+    for load in loads.values():  # where the slowest events' time went, stage by stage
+        split = load["slowest_s"]
+        assert split["total"] >= load["p99_s"] / 2 and split["learn"] > 0 and split["rank"] > 0, split
+        assert sum(split[stage] for stage in STAGES) == pytest.approx(split["total"], abs=1e-3)
     assert report["bytes_per_user"] > 0 and report["bytes_per_item"] > 0
     checkpoint = report["checkpoints"]["3000"]
     assert checkpoint["partitions"] == 3

@@ -7,6 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from infra.latency import slowest_split
 from infra.settings import Settings
 from pushrec.commands._shared import (
     CommandError,
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         *(
             f"  event-to-list at {load['fraction']:>4.0%} ({load['rate_events_per_s']:>6,.0f}/s)  "
             f"p50 {load['p50_s'] * 1000:>4.0f} ms   p99 {load['p99_s'] * 1000:>4.0f} ms   "
-            f"p99.9 {load['p999_s'] * 1000:>5.0f} ms"
+            f"p99.9 {load['p999_s'] * 1000:>5.0f} ms\n"
+            f"    slowest 1 %: {slowest_split(load['slowest_s'])}"
             for load in result["latency_by_load"]
         ),
         f"  evaluate (pushrec model)       {result['evaluate_events_per_s']:>10,.0f} events/s",
