@@ -13,6 +13,7 @@ import redis
 from consumers.push_sender import PushSender
 from infra.store import Keys, RedisTopNStore, connect
 from online_models.recommender import TopN
+from stream.events import Item
 from tests.conftest import Hermetic
 
 pytestmark = pytest.mark.integration
@@ -130,6 +131,19 @@ def test_kill_9_between_delivery_and_ack_neither_duplicates_nor_loses(hermetic: 
     assert pending["pending"] == 0
 
 
+def run_survivor(hermetic: Hermetic, outbox: Path, **env: str) -> None:
+    """A sender on another host that claims what a dead one read after 0.1 s."""
+    sender = PushSender(
+        hermetic.settings(PUSHREC_PUSH__CLAIM_IDLE_S="0.1", **env),
+        hermetic.kafka,
+        hermetic.servers.redis_url,
+        outbox,
+        until_idle_s=1.0,
+        consumer_name="live-host",
+    )
+    asyncio.run(sender.run())
+
+
 def test_a_second_sender_claims_entries_a_crashed_one_left(hermetic: Hermetic, tmp_path: Path) -> None:
     asyncio.run(write(hermetic, TopN("carol", ["a"], [0.9], "pushrec")))
     client = redis.Redis.from_url(hermetic.servers.redis_url)
@@ -137,49 +151,37 @@ def test_a_second_sender_claims_entries_a_crashed_one_left(hermetic: Hermetic, t
     client.xgroup_create(stream, group, id="0", mkstream=True)
     client.xreadgroup(group, "dead-host", {stream: ">"}, count=10)  # read, never acked
     outbox = tmp_path / "outbox.jsonl"
-    sender = PushSender(
-        hermetic.settings(PUSHREC_PUSH__CLAIM_IDLE_S="0.1"),
-        hermetic.kafka,
-        hermetic.servers.redis_url,
-        outbox,
-        until_idle_s=1.0,
-        consumer_name="live-host",
-    )
-    asyncio.run(sender.run())
+    run_survivor(hermetic, outbox)
     assert [orjson.loads(line)["user_id"] for line in outbox.read_bytes().splitlines()] == ["carol"]
     assert client.xpending(stream, group)["pending"] == 0
 
 
-def test_a_price_drop_a_crashed_sender_read_is_pushed_by_another(hermetic: Hermetic, tmp_path: Path) -> None:
-    from stream.events import Item
+def set_prices(hermetic: Hermetic, *items: Item) -> None:
+    """Publish these catalogue entries as the worker would (a lower price is a price drop)."""
 
-    async def prices(*items: Item) -> None:
+    async def write_items() -> None:
         client = connect(hermetic.servers.redis_url)
         try:
             await RedisTopNStore(client, Keys(f"{hermetic.prefix}:")).write_items(list(items))
         finally:
             await client.aclose()
 
+    asyncio.run(write_items())
+
+
+def test_a_price_drop_a_crashed_sender_read_is_pushed_by_another(hermetic: Hermetic, tmp_path: Path) -> None:
     outbox = tmp_path / "outbox.jsonl"
-    asyncio.run(prices(Item("seen", price=100.0), Item("new", price=10.0)))
+    set_prices(hermetic, Item("seen", price=100.0), Item("new", price=10.0))
     listed = TopN(
         "gina", ["new", "seen"], [50.0, 45.0], "pushrec", reasons=["because you viewed x", "you viewed it"]
     )
     asyncio.run(write(hermetic, listed))
     run_sender(hermetic, outbox)  # she left: "new" is pushed, and she watches "seen" (she viewed it)
-    asyncio.run(prices(Item("seen", price=80.0)))
+    set_prices(hermetic, Item("seen", price=80.0))
     client = redis.Redis.from_url(hermetic.servers.redis_url)
     drops, group = f"{hermetic.prefix}:price-drops", f"{hermetic.prefix}-sender"
     assert client.xreadgroup(group, "dead-host", {drops: ">"}, count=10)  # read, then it crashed
-    sender = PushSender(
-        hermetic.settings(PUSHREC_PUSH__CLAIM_IDLE_S="0.1", PUSHREC_PUSH__MAX_PER_WINDOW="9"),
-        hermetic.kafka,
-        hermetic.servers.redis_url,
-        outbox,
-        until_idle_s=1.0,
-        consumer_name="live-host",
-    )
-    asyncio.run(sender.run())
+    run_survivor(hermetic, outbox, PUSHREC_PUSH__MAX_PER_WINDOW="9")
     assert [(p["item_id"], p["trigger"]) for p in sent(outbox)] == [("new", "away"), ("seen", "price_drop")]
     assert client.xpending(drops, group)["pending"] == 0
 
@@ -513,31 +515,22 @@ def test_opens_dismissals_and_conversions_are_counted_live_and_once(
 def test_a_price_drop_on_an_item_the_shopper_looked_at_is_pushed_once(
     hermetic: Hermetic, tmp_path: Path
 ) -> None:
-    from stream.events import Item
-
-    async def prices(*items: Item) -> None:
-        client = connect(hermetic.servers.redis_url)
-        try:
-            await RedisTopNStore(client, Keys(f"{hermetic.prefix}:")).write_items(list(items))
-        finally:
-            await client.aclose()
-
     outbox = tmp_path / "outbox.jsonl"
     listed = TopN(
         "gina", ["new", "seen"], [50.0, 45.0], "pushrec", reasons=["because you viewed x", "you viewed it"]
     )
-    asyncio.run(prices(Item("seen", price=100.0), Item("new", price=10.0)))
+    set_prices(hermetic, Item("seen", price=100.0), Item("new", price=10.0))
     asyncio.run(write(hermetic, listed))
     run_sender(hermetic, outbox)  # she left: the new item is pushed, and she watches "seen"
-    asyncio.run(prices(Item("seen", price=98.0), Item("new", price=5.0), Item("other", price=1.0)))
+    set_prices(hermetic, Item("seen", price=98.0), Item("new", price=5.0), Item("other", price=1.0))
     run_sender(hermetic, outbox)  # 2 % is no news; "new" she never looked at
-    asyncio.run(prices(Item("seen", price=80.0)))
+    set_prices(hermetic, Item("seen", price=80.0))
     clock = Clock(time.time())
     run_at(hermetic, outbox, clock, PUSHREC_PUSH__AWAY_AFTER_S="3600")  # she counts as active
     assert len(outbox.read_bytes().splitlines()) == 1  # never while active: considered when gone
     clock.now += 3601
     sender = run_at(hermetic, outbox, clock, PUSHREC_PUSH__AWAY_AFTER_S="3600")
-    asyncio.run(prices(Item("seen", price=80.0), Item("seen", price=90.0)))  # same, then up: nothing
+    set_prices(hermetic, Item("seen", price=80.0), Item("seen", price=90.0))  # same, then up: nothing
     run_sender(hermetic, outbox, PUSHREC_PUSH__MAX_PER_WINDOW="9")
     pushes = [orjson.loads(line) for line in outbox.read_bytes().splitlines()]
     assert [(p["item_id"], p["trigger"]) for p in pushes] == [("new", "away"), ("seen", "price_drop")]
@@ -546,6 +539,6 @@ def test_a_price_drop_on_an_item_the_shopper_looked_at_is_pushed_once(
     assert sender.metrics.push_decisions.labels("price_drop", "sent")._value.get() == 1
 
     # Switched off, a further drop is not pushed.
-    asyncio.run(prices(Item("seen", price=40.0)))
+    set_prices(hermetic, Item("seen", price=40.0))
     run_sender(hermetic, outbox, PUSHREC_PUSH__TRIGGER_PRICE_DROP="false", PUSHREC_PUSH__MAX_PER_WINDOW="9")
     assert len(outbox.read_bytes().splitlines()) == 2
