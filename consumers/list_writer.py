@@ -4,18 +4,22 @@ in one call per chunk, and catalogue items not stored yet.
 Re-ranking happens in the learning loop (a list reflects the model right after its user's
 events); the Redis writes run in a background task, so learning never waits for them: a Redis
 that is slow, away or hung (the client retries for up to a minute) holds up lists, not the
-model. An outage (Redis unreachable, or answering with an error: over maxmemory, read-only, ...)
-keeps the users pending, as ids, and the catalogue items as they came, instead of losing them,
-and the writes back off meanwhile.
+model. The writes themselves (serialising, the round trips) run on an event loop in a thread of
+their own: on the model's loop, which learns and ranks without yielding, a write progressed only
+between batches (docs/benchmarks.md, the ``redis`` stage). An outage (Redis unreachable, or
+answering with an error: over maxmemory, read-only, ...) keeps the users pending, as ids, and
+the catalogue items as they came, instead of losing them, and the writes back off meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -27,6 +31,23 @@ from stream.events import Item
 
 log = logging.getLogger("pushrec.worker")
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
+T = TypeVar("T")
+
+
+class _WriteLoop:
+    """An asyncio loop in a daemon thread: coroutines handed to :meth:`run` execute there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="pushrec-list-writes", daemon=True)
+        self._thread.start()
+
+    async def run(self, work: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self.loop))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5.0)
 
 
 # An event waiting for its list carries its stamps (``infra.latency``): produced, read, taken by
@@ -45,9 +66,11 @@ class ListWriter:
         on_change: Callable[[], None],
         on_bug: Callable[[BaseException], object],
     ) -> None:
-        """``on_change`` is called when a write round ends (pending may have changed); ``on_bug``
-        with an exception a write raised that is not Redis being unavailable."""
+        """``store``: a client of its own, used only on the writes' loop. ``on_change`` is called
+        when a write round ends (pending may have changed); ``on_bug`` with an exception a write
+        raised that is not Redis being unavailable."""
         self.store = store
+        self._writes = _WriteLoop()
         self.pipeline = pipeline
         self.metrics = metrics
         self.on_change = on_change
@@ -153,10 +176,7 @@ class ListWriter:
         self._in_flight = {top.user_id: top for top in lists}
         self._items_in_flight, self._items = self._items, {}
         try:
-            if self._items_in_flight:
-                await self.store.write_items(list(self._items_in_flight.values()))
-            if lists:
-                await self.store.write_lists(lists, time.time())
+            written = await self._writes.run(self._write(list(self._items_in_flight.values()), lists))
         except REDIS_UNAVAILABLE as exc:
             kind = self.metrics.redis_error(exc)
             backoff = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2**self._failures)
@@ -181,13 +201,25 @@ class ListWriter:
         finally:
             self._in_flight, self._items_in_flight = {}, {}
         self._failures, self._retry_at = 0, 0.0
-        written = time.time()
         events = np.frombuffer(stamps).reshape(-1, _RANKED)
         for ts in events[:, 0].tolist():
             self.metrics.event_to_list.observe(max(0.0, written - ts))
         self.metrics.slowest_events.add(np.column_stack([events, np.full(len(events), written)]))
         self.metrics.list_refreshes.inc(len(lists))
         return True
+
+    async def _write(self, items: list[Item], lists: list[TopN]) -> float:
+        """On the writes' loop: store the items, then the lists; when they were written."""
+        if items:
+            await self.store.write_items(items)
+        if lists:
+            await self.store.write_lists(lists, time.time())
+        return time.time()
+
+    async def close(self) -> None:
+        """Close the writes' client and stop their loop (after the last flush)."""
+        await self._writes.run(self.store.client.aclose())
+        self._writes.stop()
 
     def _check(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and (exc := task.exception()) is not None:
