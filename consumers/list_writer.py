@@ -192,7 +192,7 @@ class ListWriter:
             )
             # Back to pending as ids, with what was re-ranked meanwhile: re-ranked again on the
             # next try, so an outage holds no lists in memory.
-            self.unwritten.update(dict.fromkeys([*self._in_flight, *self._outgoing]))
+            self.add([*self._in_flight, *self._outgoing])
             for ranked in (stamps, self._outgoing_stamps):  # as they were before the ranking
                 self._stamps.extend(np.frombuffer(ranked).reshape(-1, _RANKED)[:, :_LEARNED].ravel())
             self._outgoing, self._outgoing_stamps = {}, array("d")
