@@ -168,9 +168,9 @@ class ItemContent:
         if lifted.size > catalogue.n_cold // 4:  # many of them: one product over the cold is cheaper
             self.add_match(scores, session, None)
         elif lifted.size:
-            profile = catalogue.profile(session)
-            if profile is not None:
-                scores[lifted] += np.float32(self.weight) * catalogue.match_rows(profile, lifted)
+            near = scores[lifted]
+            self.add_match(near, session, lifted)
+            scores[lifted] = near
 
     def segment(self, user: str) -> tuple[int | None, list[str]]:
         """The user's interest segment and its tags (None, [] without a catalogue or factors)."""
