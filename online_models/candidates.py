@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 
 import numpy as np
 
@@ -37,7 +37,8 @@ class Candidates:
     ) -> None:
         """From ``min_items`` rows on (0 = never) lists come from the index; with ``background``
         it is built in a thread (usearch releases the GIL, so the event loop and its heartbeats
-        go on) and lists are scored exactly meanwhile."""
+        go on) and lists are scored exactly meanwhile, and moved rows are re-indexed in a thread
+        too (``online_models.ann``)."""
         self.mf = mf
         self.popularity = popularity
         self.min_items = min_items
@@ -50,6 +51,17 @@ class Candidates:
         self._changed_while_building: set[int] = set()
         self._popular_head = np.empty(0, dtype=np.int64)
 
+    @property
+    def indexed_items(self) -> int:
+        """Items in the index lists come from (0: none yet); one built in the background counts
+        once built (the next list adopts it). Safe to read from another thread."""
+        index, build = self.index, self._build
+        if index is not None:
+            return len(index)
+        if build is not None and not build[0].is_alive():
+            return len(build[1])
+        return 0
+
     def changed(self, rows: Iterable[int]) -> None:
         """These rows' factors moved: re-index them (or remember them while the index builds)."""
         if self.index is not None:
@@ -58,24 +70,31 @@ class Candidates:
             self._changed_while_building.update(rows)
 
     def reset(self) -> None:
-        """Drop the index (restored factors): it is rebuilt on the next list."""
+        """Drop the index (restored factors): the next :meth:`current` starts rebuilding it."""
         self.index = self._build = None
 
     def rows(
-        self, query: np.ndarray, n: int, own: Iterable[int], consumed: Collection[int]
-    ) -> np.ndarray | None:
-        """Sorted, unique candidate rows for a top-``n`` (never a consumed one), or None when
-        every item is to be scored. ``own``: the user's touched rows, always candidates."""
+        self, queries: np.ndarray, n: int, owns: Sequence[Iterable[int]], consumed: Sequence[Collection[int]]
+    ) -> list[np.ndarray] | None:
+        """Sorted, unique candidate rows for each query's top-``n`` (never one of its consumed
+        rows), or None when every item is to be scored. ``owns[i]``: query i's user's touched
+        rows, always candidates. One search of the index for every query."""
         index = self.current()
         if index is None:
             return None
-        found, pending = index.candidates(query, k=2 * n + len(consumed))
-        own_rows = np.fromiter(own, dtype=np.int64)
-        candidates = np.unique(np.concatenate([found, pending, own_rows, self._popular_head]))
-        if consumed:
-            consumed_rows = np.fromiter(consumed, dtype=np.int64, count=len(consumed))
-            candidates = candidates[~np.isin(candidates, consumed_rows, assume_unique=True)]
-        return candidates
+        found, pending = index.candidates_many(queries, [2 * n + len(c) for c in consumed])
+        shared = np.union1d(pending, self._popular_head)  # thousands of rows: sorted once
+        out = []
+        for graph, own, used in zip(found, owns, consumed, strict=True):
+            mine = np.unique(np.concatenate([graph, np.fromiter(own, dtype=np.int64)]))
+            at = np.minimum(np.searchsorted(shared, mine), shared.size - 1)
+            mine = mine[shared[at] != mine] if shared.size else mine
+            candidates = np.insert(shared, np.searchsorted(shared, mine), mine)
+            if used:
+                used_rows = np.fromiter(used, dtype=np.int64, count=len(used))
+                candidates = candidates[~np.isin(candidates, used_rows, assume_unique=True)]
+            out.append(candidates)
+        return out
 
     def current(self) -> ann.FactorIndex | None:
         """The approximate index, brought up to date; None below ``min_items`` rows, without the
@@ -88,8 +107,7 @@ class Candidates:
         assert self.index is not None
         if size > self.index.indexed:
             self.index.changed(range(self.index.indexed, size))
-        if self.index.due():
-            self.index.flush(self.mf.item_matrix())
+        if self.index.due() and self.index.flush(self.mf.item_matrix(), self.background):
             self._popular_head = self._popularity_head()
         return self.index
 

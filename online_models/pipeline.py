@@ -160,7 +160,7 @@ class RefreshPipeline:
 
     def refresh(self, users: Sequence[str]) -> list[TopN]:
         """Re-rank the given users and remember what they were served."""
-        lists = [self.recommender.recommend(user, explain=True) for user in users]
+        lists = self.recommender.recommend_many(users, explain=True)
         row = self.recommender.items.row
         for top in lists:
             self._served[top.user_id] = array("i", map(row, top.items)).tobytes()

@@ -286,10 +286,12 @@ class Recommender:
         self.mf.restore_items(meta["mf"], arrays)
         self.popularity.restore(meta["popularity"], arrays)
         self.negatives.restore(meta)
-        self.candidates.reset()  # rebuilt from the restored factors on the next list
+        self.candidates.reset()  # rebuilt from the restored factors
         self.content.restore(meta, arrays)
         self.covisit.restore(meta.get("covisit"), arrays)
         self.rebuy.restore(arrays)
+        if self.candidates.background:
+            self.candidates.current()  # a large catalogue's index starts building now, not at a list
 
     def forget(self, user: str) -> bool:
         """Erase the user's history and factors; False if the model never saw them."""
@@ -300,30 +302,54 @@ class Recommender:
         (it may bring the approximate index up to date). ``exact=True`` scores every item even
         where the approximate index would be used (to measure its recall); ``explain=True`` adds
         a reason per item and the user's interest segment (what the stored lists carry)."""
+        return self.recommend_many([user], n, exact, explain)[0]
+
+    def recommend_many(
+        self, users: Sequence[str], n: int | None = None, exact: bool = False, explain: bool = False
+    ) -> list[TopN]:
+        """:meth:`recommend` for each user, the same lists; with the approximate index, one
+        search for all of them, on every thread (what a micro-batch's re-ranking costs at a
+        million items is mostly that search)."""
         n = self.n if n is None else n
-        state = self.users.get(user)
-        query = None
-        if state is not None and state.events >= self.min_user_events:
-            query = self._query(user, state)
-        if query is None:
-            scores = self.popularity.scores()
-            consumed = state.consumed if state is not None else ()
-            rows, values = top_n(scores, n, exclude=[r for r in consumed if r < scores.size], in_place=True)
-            return self._top(user, rows, values, POPULARITY, state, None, explain)
-        assert state is not None
-        extras = self._related(state)
-        excluded = extras.excluded(state.consumed)  # bought, and shoppers buy them again: back in
-        own = [*state.interest_rows, *extras.rows]
-        candidates = None if exact else self.candidates.rows(query, n, own, excluded)
-        if candidates is None:
-            scores = self._blend(query, state, extras=extras, text=False)
-            if self._text_match:
-                self.content.add_match_to_top(scores, state.session, n, excluded)
-            # ``scores`` is a fresh array, so top_n may mask exclusions in place.
-            rows, values = top_n(scores, n, exclude=excluded, in_place=True)
-            return self._top(user, rows, values, MODEL_NAME, state, query, explain, extras)
-        picked, values = top_n(self._blend(query, state, candidates, extras), n, in_place=True)
-        return self._top(user, candidates[picked], values, MODEL_NAME, state, query, explain, extras)
+        tops: list[TopN] = []
+        known: list[tuple[int, UserState, np.ndarray, Related]] = []  # list position, ...
+        for user in users:
+            state = self.users.get(user)
+            query = None
+            if state is not None and state.events >= self.min_user_events:
+                query = self._query(user, state)
+            if query is None:
+                scores = self.popularity.scores()
+                consumed = state.consumed if state is not None else ()
+                exclude = [r for r in consumed if r < scores.size]
+                rows, values = top_n(scores, n, exclude=exclude, in_place=True)
+                tops.append(self._top(user, rows, values, POPULARITY, state, None, explain))
+                continue
+            assert state is not None
+            known.append((len(tops), state, query, self._related(state)))
+            tops.append(TopN(user, [], [], MODEL_NAME))  # ranked below
+        if not known:
+            return tops
+        # Bought items shoppers buy again come back: excluded is the rest of the consumed.
+        excluded = [extras.excluded(state.consumed) for _, state, _, extras in known]
+        found = None
+        if not exact and self.candidates.current() is not None:  # (else every item is scored)
+            queries = np.stack([query for _, _, query, _ in known])
+            owns = [[*state.interest_rows, *extras.rows] for _, state, _, extras in known]
+            found = self.candidates.rows(queries, n, owns, excluded)
+        for i, (at, state, query, extras) in enumerate(known):
+            user = tops[at].user_id
+            if found is None:
+                scores = self._blend(query, state, extras=extras, text=False)
+                if self._text_match:
+                    self.content.add_match_to_top(scores, state.session, n, excluded[i])
+                # ``scores`` is a fresh array, so top_n may mask exclusions in place.
+                rows, values = top_n(scores, n, exclude=excluded[i], in_place=True)
+            else:
+                picked, values = top_n(self._blend(query, state, found[i], extras), n, in_place=True)
+                rows = found[i][picked]
+            tops[at] = self._top(user, rows, values, MODEL_NAME, state, query, explain, extras)
+        return tops
 
     def build_index(self) -> ann.FactorIndex | None:
         """Build the approximate index now and wait for it (None when it does not apply)."""
