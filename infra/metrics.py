@@ -201,6 +201,18 @@ class Metrics:
             "engaged with an item of the list served when the visit began (HR@N as a push is read).",
             registry=r,
         )
+        self.index_items = Gauge(
+            "pushrec_approximate_index_items",
+            "Items in the HNSW index lists come from (0: every item is scored, below "
+            "PUSHREC_MODEL__ANN_MIN_ITEMS or while the index is being built).",
+            registry=r,
+        )
+        self.index_pending = Gauge(
+            "pushrec_approximate_index_pending_rows",
+            "Items whose factors moved since they were indexed and wait for a re-index (from "
+            "PUSHREC_MODEL__ANN_PENDING_MAX on, in the background): scored exactly with every list.",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "pushrec_worker_batch_events",
             "Events per micro-batch.",

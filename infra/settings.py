@@ -106,10 +106,15 @@ class ModelSettings(_Section):
         description="from this many items on, lists come from an HNSW index ([ann] extra); 0 = never",
     )
     ann_expansion: int = Field(
-        128, ge=8, description="HNSW search/insert breadth: higher = better recall, slower"
+        128,
+        ge=8,
+        description="HNSW search and build breadth: higher = better recall, slower (re-inserts use 32)",
     )
     ann_pending_max: int = Field(
-        4096, ge=1, description="changed items scored exactly until this many, then re-indexed in one batch"
+        4096,
+        ge=1,
+        description="changed items scored exactly until this many, then re-indexed in one batch "
+        "(in a background thread)",
     )
     content_encoder: Literal["hashed", "minilm", "off"] = Field(
         "hashed", description="item text encoder: hashed (numpy), minilm ([content] extra), off"

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ def quantile(samples: Samples, name: str, q: float) -> float:
     return lower_bound
 
 
-class _Run:
+class Run:
     """Fresh topic names, consumer group and key prefix for one measurement."""
 
     def __init__(self, base_env: dict[str, str], workdir: Path, name: str) -> None:
@@ -130,8 +130,65 @@ def _peak_rss(pid: int) -> int:
     return total
 
 
+def replay(kafka: KafkaAccess, settings: Settings, run: Run, events: Path, pacing: Pacing) -> None:
+    """``events`` (JSON Lines) to ``run``'s topics, created first if need be."""
+    names = TopicNames(run.prefix)
+    ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
+    replayer = Replayer(kafka, names, settings.events.limits)
+    try:
+        replayer.replay(events, pacing=pacing, progress=False)
+    finally:
+        replayer.close()
+
+
+def measure_backlog(
+    run: Run, n: int, prepare: Callable[[int, subprocess.Popen[bytes]], None] | None = None
+) -> tuple[float, int]:
+    """Start ``pushrec worker`` for ``run`` and time how fast it takes in ``n`` events (a backlog
+    on its topics, or one ``prepare(metrics port, worker)`` produces once the worker is ready);
+    returns events/s and the worker's peak RSS. Events/s: counted between the first sighting of
+    a count and the last event's list, from its /metrics polled every 0.25 s (scraping costs the
+    worker CPU: at 50 ms it was 9 % of its samples)."""
+    port = free_port()
+    log_name = f"{run.prefix}-pipeline.log"
+    worker = run.spawn("pushrec.cli", "worker", "--metrics-port", str(port), log=log_name)
+    first: tuple[float, float] | None = None  # (time, events counted) when counting started
+    last = None
+    previous = None  # the sighting before, while nothing was counted yet
+    peak = 0
+    try:
+        if prepare is not None:
+            prepare(port, worker)
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                raise RuntimeError(f"the worker exited: see {run.workdir / log_name}")
+            peak = max(peak, _peak_rss(worker.pid))
+            with contextlib.suppress(OSError):
+                counted, lists_written = _progress(port)
+                now = time.time()
+                if counted > 0 and first is None:
+                    # Everything counted at the first sighting (a short log on a fast machine):
+                    # count from the sighting before, when nothing was.
+                    first = (now, counted) if counted < n or previous is None else previous
+                elif counted == 0:
+                    previous = (now, 0.0)
+                if counted >= n and lists_written:  # the last deferred re-rank included
+                    last = now
+                    break
+            time.sleep(0.25)
+        else:
+            raise RuntimeError("the pipeline did not finish within 30 minutes")
+    finally:
+        peak = max(peak, _peak_rss(worker.pid))
+        stop_process(worker)
+    assert first is not None and last is not None
+    # Only what was counted after the first sighting ran in the measured interval.
+    return (n - first[1]) / max(last - first[0], 1e-9), peak
+
+
 @contextlib.contextmanager
-def _servers(settings: Settings, workdir: Path) -> Iterator[dict[str, str]]:
+def servers(settings: Settings, workdir: Path) -> Iterator[dict[str, str]]:
     """The configured Kafka/Redis, else an embedded stack for the duration of the bench."""
     if settings.kafka_bootstrap and settings.redis_url:
         yield {"PUSHREC_STATE_DIR": str(workdir / "state")}
@@ -168,25 +225,19 @@ def run_bench(
     users = len({e["user_id"] for e in parsed})
     items = len({e["item_id"] for e in parsed})
     n = len(lines)
-    with _servers(settings, workdir) as server_env:
+    with servers(settings, workdir) as server_env:
         base_env = {**os.environ, **server_env}
 
         bootstrap = server_env.get("PUSHREC_KAFKA_BOOTSTRAP") or settings.kafka_bootstrap
         kafka = KafkaAccess.from_settings(settings, str(bootstrap))
 
-        def produce(run: _Run, pacing: Pacing) -> None:
-            names = TopicNames(run.prefix)
-            ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
-            replayer = Replayer(kafka, names, settings.events.limits)
-            try:
-                replayer.replay(log_path, pacing=pacing, progress=False)
-            finally:
-                replayer.close()
+        def produce(run: Run, pacing: Pacing) -> None:
+            replay(kafka, settings, run, log_path, pacing)
 
         log(f"bench: {n:,} events from {events} ({users:,} users, {items:,} items); work dir {workdir}")
 
         def ceiling_rate() -> float:
-            run = _Run(base_env, workdir, "c")
+            run = Run(base_env, workdir, "c")
             produce(run, Pacing())
             out = workdir / f"ceiling-{run.prefix}.json"
             agent = run.spawn("pushrec.bench_agent", str(n), str(out), log=f"{run.prefix}-ceiling.log")
@@ -199,44 +250,9 @@ def run_bench(
 
         def pipeline_rate() -> tuple[float, int]:
             """The worker's rate on a backlog, and its peak RSS."""
-            run = _Run(base_env, workdir, "p")
+            run = Run(base_env, workdir, "p")
             produce(run, Pacing())
-            port = free_port()
-            log_name = f"{run.prefix}-pipeline.log"
-            worker = run.spawn("pushrec.cli", "worker", "--metrics-port", str(port), log=log_name)
-            # (time, events counted) when counting started and when it reached n; polled every
-            # 0.25 s: scraping /metrics costs the worker CPU (at 50 ms it was 9 % of its samples).
-            first: tuple[float, float] | None = None
-            last = None
-            previous = None  # the sighting before, while nothing was counted yet
-            peak = 0
-            try:
-                deadline = time.monotonic() + 1800
-                while time.monotonic() < deadline:
-                    if worker.poll() is not None:
-                        raise RuntimeError(f"the worker exited: see {workdir / log_name}")
-                    peak = max(peak, _peak_rss(worker.pid))
-                    with contextlib.suppress(OSError):
-                        counted, lists_written = _progress(port)
-                        now = time.time()
-                        if counted > 0 and first is None:
-                            # Everything counted at the first sighting (a short log on a fast
-                            # machine): count from the sighting before, when nothing was.
-                            first = (now, counted) if counted < n or previous is None else previous
-                        elif counted == 0:
-                            previous = (now, 0.0)
-                        if counted >= n and lists_written:  # the last deferred re-rank included
-                            last = now
-                            break
-                    time.sleep(0.25)
-                else:
-                    raise RuntimeError("the pipeline did not finish within 30 minutes")
-            finally:
-                peak = max(peak, _peak_rss(worker.pid))
-                stop_process(worker)
-            assert first is not None and last is not None
-            # Only what was counted after the first sighting ran in the measured interval.
-            return (n - first[1]) / max(last - first[0], 1e-9), peak
+            return measure_backlog(run, n)
 
         # 1 and 2, in pairs: this machine's speed drifts between runs, so each pipeline rate is
         # compared with the ceiling measured just before it.
@@ -263,7 +279,7 @@ def run_bench(
 
         # 3. Latency at fractions of that rate (the headline one is ``fraction``).
         def latency_at(share: float) -> dict[str, float]:
-            run = _Run(base_env, workdir, "l")
+            run = Run(base_env, workdir, "l")
             rate = share * pipeline
             port = free_port()
             worker = run.spawn(

@@ -6,13 +6,22 @@ factors (the shops we have hold at most 55k items); then, for a sample of users:
 
 1. exact: every item scored (`Recommender.recommend(exact=True)`), time per user;
 2. approximate: the HNSW index (`online_models.ann`), time per user, recall@n against (1);
-3. live: the second half of the events learned with a list refreshed per event, as the worker
-   does, so the index lags and is re-indexed in batches; events/s, re-index time, and (1)/(2)
-   again afterwards, so recall is also measured on an index that has been kept up to date.
+3. live: events of the second half learned with lists refreshed as the worker refreshes them,
+   so the index lags and is re-indexed (in the background) in batches: first a list per event,
+   then micro-batches of ``WORKER__BATCH_MAX`` events with one list per touched user (one index
+   search for all of them); events/s of each, re-index time, and (1)/(2) again afterwards, so
+   recall is also measured on an index that has been kept up to date.
+4. worker (``worker=True``): the real ``pushrec worker`` (Faust process, model process, Redis
+   writes, checkpoints) restarted on the grown item state of (1), before any live event: it
+   restores it from a checkpoint, builds its index, then takes in the same live events as (3)
+   from Kafka as fast as it can; events/s as ``pushrec bench`` measures the pipeline.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +29,17 @@ from typing import Any
 
 import numpy as np
 
+from consumers.recovery import ITEMS, pack_items
+from infra.kafka import KafkaAccess
+from infra.metrics import metric_sum, scrape
 from infra.settings import Settings
+from online_models.pipeline import RefreshPipeline
 from online_models.recommender import Recommender
 from online_models.topn import top_n
-from pushrec.bench import load_lines
+from pushrec.bench import Run, load_lines, measure_backlog, replay, servers
+from pushrec.demo import wait_for
 from stream.events import decode_event
+from stream.replay import Pacing
 
 
 def _sample_users(rec: Recommender, users: list[str], n: int, seed: int) -> list[str]:
@@ -81,10 +96,12 @@ def run_catalogue_bench(
     log: Callable[[str], Any],
     sample_users: int = 500,
     live_events: int = 10_000,
+    worker: bool = False,
 ) -> dict[str, Any]:
     from consumers.worker import build_recommender
 
-    parsed = [decode_event(line) for line in load_lines(events, limit)]
+    lines = load_lines(events, limit)
+    parsed = [decode_event(line) for line in lines]
     half = len(parsed) // 2
     rec = build_recommender(settings)
     rec.candidates.min_items = 0  # no index while the first half is learned without lists
@@ -102,6 +119,7 @@ def run_catalogue_bench(
     del factors
     log(f"catalogue: grown to {len(rec.items):,} items (factors ~ Gaussian fit of the learned ones)")
 
+    items_blob = pack_items(rec) if worker else b""  # the worker restarts from here
     rec.candidates.min_items = 1
     t0 = time.perf_counter()
     rec.build_index()
@@ -119,36 +137,100 @@ def run_catalogue_bench(
     index = rec.approximate_index
     assert index is not None
     before = index.flushes, index.flushed_rows, index.flush_seconds
-    live = parsed[half : half + live_events]
+    live = parsed[half : half + 2 * live_events]
+    per_event, batched = live[: len(live) // 2], live[len(live) // 2 :]
     t0 = time.perf_counter()
-    for ev in live:
+    for ev in per_event:
         rec.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
         rec.recommend(ev.user_id)
+    index.wait()
+    per_event_rate = len(per_event) / (time.perf_counter() - t0)
+    log(f"catalogue: {len(per_event):,} live events at {per_event_rate:,.0f}/s with a list per event")
+
+    pipeline = RefreshPipeline(rec)
+    size = settings.worker.batch_max
+    t0 = time.perf_counter()
+    for at in range(0, len(batched), size):
+        pipeline.process(batched[at : at + size])
+    index.wait()
     live_s = time.perf_counter() - t0
     flushes, rows, flush_s = (
         now - then
         for now, then in zip((index.flushes, index.flushed_rows, index.flush_seconds), before, strict=True)
     )
     log(
-        f"catalogue: {len(live):,} live events at {len(live) / live_s:,.0f}/s (list per event); "
-        f"{flushes} re-index batches, {rows:,} rows, {flush_s:.1f} s"
+        f"catalogue: {len(batched):,} live events at {len(batched) / live_s:,.0f}/s in micro-batches of "
+        f"{size}; {flushes} re-index batches in all, {rows:,} rows, {flush_s:.1f} s (in the background)"
     )
     after = _compare(rec, users, n)
     log(f"catalogue: after live updates recall@{n} {after[f'recall_at_{n}']}")
+    items = len(rec.items)
+    in_worker = None
+    if worker:
+        del rec, pipeline, index  # its memory, for the worker's
+        in_worker = _worker_rate(settings, items_blob, lines[half : half + len(live)], n_items, log)
     return {
-        "items": len(rec.items),
+        "items": items,
         "users_sampled": len(users),
         "n": n,
         "index_build_s": round(build_s, 1),
         "fresh_index": fresh,
-        "live_events": len(live),
-        "live_events_per_s": round(len(live) / live_s, 1),
+        "live_events": len(batched),
+        "live_events_per_s": round(len(batched) / live_s, 1),
+        "live_batch_max": size,
+        "live_events_per_s_list_per_event": round(per_event_rate, 1),
         "reindex_batches": flushes,
         "reindex_rows": rows,
         "reindex_s": round(flush_s, 2),
-        "reindex_share_of_live_time": round(flush_s / live_s, 3),
         "after_live_updates": after,
-        "ann_expansion": rec.candidates.expansion,
-        "ann_pending_max": rec.candidates.pending_max,
+        "worker": in_worker,
+        "ann_expansion": settings.model.ann_expansion,
+        "ann_pending_max": settings.model.ann_pending_max,
         "source": str(events),
+    }
+
+
+def _worker_rate(
+    settings: Settings, items_blob: bytes, lines: list[bytes], n_items: int, log: Callable[[str], Any]
+) -> dict[str, Any]:
+    """``pushrec worker`` restarted on ``items_blob``, its index built, then ``lines`` from Kafka."""
+    workdir = Path(tempfile.mkdtemp(prefix="pushrec-bench-items-"))
+    events = workdir / "events.jsonl"
+    events.write_bytes(b"\n".join(lines) + b"\n")
+    with servers(settings, workdir) as server_env:
+        run = Run({**os.environ, **server_env}, workdir, "i")
+        run.env |= {  # the checkpoint written here; an index whatever the size, as in (1)-(3)
+            "PUSHREC_CHECKPOINT__STORE": "disk",
+            "PUSHREC_CHECKPOINT__NAME": run.prefix,
+            "PUSHREC_MODEL__ANN_MIN_ITEMS": "1",
+        }
+        checkpoint = Path(server_env["PUSHREC_STATE_DIR"]) / "checkpoints" / run.prefix / f"{ITEMS}.npz"
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(items_blob)
+        kafka = KafkaAccess.from_settings(settings, server_env.get("PUSHREC_KAFKA_BOOTSTRAP") or "")
+        timings: dict[str, float] = {}
+
+        def prepare(port: int, process: subprocess.Popen[bytes]) -> None:
+            started = time.monotonic()
+            wait_for(
+                f"the worker's index over {n_items:,} items",
+                lambda: metric_sum(scrape(port), "pushrec_approximate_index_items") >= n_items,
+                1800,
+                process,
+            )
+            timings["restore_and_index_s"] = time.monotonic() - started
+            log(
+                f"catalogue: the worker restored and indexed {n_items:,} items "
+                f"in {timings['restore_and_index_s']:.0f} s"
+            )
+            replay(kafka, settings, run, events, Pacing())
+
+        rate, peak = measure_backlog(run, len(lines), prepare)
+    log(f"catalogue: the worker took in {len(lines):,} live events at {rate:,.0f}/s (from Kafka, to Redis)")
+    return {
+        "events": len(lines),
+        "events_per_s": round(rate, 1),
+        "restore_and_index_s": round(timings["restore_and_index_s"], 1),
+        "peak_rss_bytes": peak,
+        "logs": str(workdir),
     }

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,16 @@ def test_approximate_lists_recall_the_exact_ones() -> None:
     assert rec.approximate_index is not None and len(rec.approximate_index) == 30_000
 
 
+def test_a_batch_of_users_gets_the_lists_each_would_get_alone() -> None:
+    rec, users = trained(30_000, ann_min_items=10_000)
+    rec.build_index()
+    strangers = ["nobody", users[0]]  # a user without history gets the popularity list
+    batch = rec.recommend_many([*users, *strangers], explain=True)
+    alone = [rec.recommend(user, explain=True) for user in [*users, *strangers]]
+    assert batch == alone
+    assert {top.model for top in batch} == {"pushrec", "popularity"}
+
+
 def test_a_new_item_is_listed_before_it_is_indexed() -> None:
     rec, users = trained(30_000, ann_min_items=10_000, ann_pending_max=10_000)
     user = users[0]
@@ -69,6 +80,59 @@ def test_learning_marks_rows_and_batches_re_index_them() -> None:
         rec.recommend(users[t % len(users)])
     assert index.flushes >= 2 and index.flushed_rows >= 100
     assert recall(rec, users) >= 0.95
+
+
+class _Gate:
+    """A lock the background flush thread cannot take until :attr:`open` is set."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        if threading.current_thread().name == "pushrec-ann-flush":
+            self.open.wait(timeout=60)
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_a_background_re_index_keeps_its_rows_candidates_until_they_are_in_the_graph() -> None:
+    rec, users = trained(30_000, ann_min_items=10_000, ann_pending_max=1)
+    user = users[0]
+    index = rec.build_index()
+    assert index is not None
+    gate = index._lock = _Gate()  # type: ignore[assignment]
+    query = rec.user_query(user)
+    assert query is not None
+    rec.mf.seed_items(["moved"], [10 * query / np.linalg.norm(query)])  # the user's best item
+    # The list starts the re-index of the new row, which waits for the graph: the row is a
+    # candidate all the same.
+    assert rec.recommend(user).items[0] == "moved"
+    assert index.flushing and index.pending == 0 and not index.due()
+    gate.open.set()
+    index.wait()
+    assert not index.flushing and index.flushes == 1 and len(index) == 30_001
+    found, pending = index.candidates(query, k=1)
+    assert found.tolist() == [rec.items.row("moved")] and pending.size == 0
+    assert rec.recommend(user).items[0] == "moved"
+
+
+def test_a_failed_background_re_index_is_raised_by_the_next_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec, _ = trained(12_000, ann_min_items=10_000)
+    index = rec.build_index()
+    assert index is not None
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(index._index, "add", broken)
+    index.changed([3, 4])
+    index.flush(rec.mf.item_matrix(), background=True)
+    with pytest.raises(RuntimeError, match="re-indexing"):
+        index.wait()
+    assert {3, 4} <= set(index.candidates(np.ones(rec.mf.n_factors, dtype=np.float32), k=1)[1].tolist())
 
 
 def test_restore_rebuilds_the_index_from_the_restored_factors() -> None:
@@ -136,5 +200,11 @@ def test_bench_items_reports_time_and_recall() -> None:
     for part in ("fresh_index", "after_live_updates"):
         assert report[part]["recall_at_20"] >= 0.9 and report[part]["index_recall_at_20"] >= 0.9
         assert report[part]["exact_ms_per_user"] > 0 and report[part]["approx_ms_per_user"] > 0
-    assert report["live_events"] == 1500 and report["ann_pending_max"] == 200
+    # The second half of the log, learned half with a list per event, half in micro-batches.
+    assert report["live_events"] == 750 and report["ann_pending_max"] == 200
+    assert report["live_events_per_s"] > 0 and report["live_events_per_s_list_per_event"] > 0
+    # The real worker, restarted on the grown items: it indexed them all, then learned the live
+    # events from Kafka (both halves) and wrote their lists.
+    worker = report["worker"]
+    assert worker["events"] == 1500 and worker["events_per_s"] > 0 and worker["restore_and_index_s"] > 0
     assert report["reindex_batches"] > 0 and report["reindex_rows"] >= 200 * report["reindex_batches"]
