@@ -202,7 +202,8 @@ class FactorIndex:
         with self._lock:
             matches = self._index.search(np.ascontiguousarray(queries), count, threads=threads)
         keys = np.atleast_2d(np.asarray(matches.keys, dtype=np.int64))
-        counts = np.atleast_1d(getattr(matches, "counts", None) or keys.shape[1])  # one query: ``Matches``
+        counts = getattr(matches, "counts", None)  # None for one query (``Matches``)
+        counts = np.atleast_1d(keys.shape[1] if counts is None else counts)
         # Nearest first, so a search for fewer is a prefix (the beam is ``expansion`` wide).
         found = [keys[i, : min(int(counts[i]), k)] for i, k in enumerate(ks)]
         return found, pending
