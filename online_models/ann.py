@@ -133,10 +133,11 @@ class FactorIndex:
         self._count = 0
         old = rows < self.indexed
         self.indexed = max(self.indexed, int(rows[-1]) + 1)
+        self._flushing = rows
         if not background:
             self._reinsert(rows, vectors, old, self._threads)
+            self._raise_failure()
             return int(rows.size)
-        self._flushing = rows
         self._flush = threading.Thread(
             target=self._reinsert, args=(rows, vectors, old, 1), name="pushrec-ann-flush", daemon=True
         )
@@ -164,7 +165,7 @@ class FactorIndex:
                     if old[part].any():
                         self._index.remove(rows[part][old[part]])
                     self._index.add(rows[part], vectors[part], threads=threads)
-        except BaseException as exc:  # the rows stay candidates; the next flush raises it
+        except BaseException as exc:  # the rows stay candidates; raised by the flush or the next
             log.exception("re-indexing %d rows failed", rows.size)
             self._failed = exc
             return

@@ -119,7 +119,10 @@ def test_a_background_re_index_keeps_its_rows_candidates_until_they_are_in_the_g
     assert rec.recommend(user).items[0] == "moved"
 
 
-def test_a_failed_background_re_index_is_raised_by_the_next_one(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("background", [False, True])
+def test_a_failed_re_index_is_raised_and_its_rows_stay_candidates(
+    background: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rec, _ = trained(12_000, ann_min_items=10_000)
     index = rec.build_index()
     assert index is not None
@@ -129,10 +132,12 @@ def test_a_failed_background_re_index_is_raised_by_the_next_one(monkeypatch: pyt
 
     monkeypatch.setattr(index._index, "add", broken)
     index.changed([3, 4])
-    index.flush(rec.mf.item_matrix(), background=True)
-    with pytest.raises(RuntimeError, match="re-indexing"):
+    with pytest.raises(RuntimeError, match="re-indexing"):  # in a thread: by the wait (or next flush)
+        index.flush(rec.mf.item_matrix(), background=background)
         index.wait()
     assert {3, 4} <= set(index.candidates(np.ones(rec.mf.n_factors, dtype=np.float32), k=1)[1].tolist())
+    with pytest.raises(RuntimeError, match="re-indexing"):
+        index.flush(rec.mf.item_matrix())
 
 
 def test_restore_rebuilds_the_index_from_the_restored_factors() -> None:
