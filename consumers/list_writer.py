@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from array import array
@@ -65,10 +66,11 @@ class ListWriter:
         metrics: Metrics,
         on_change: Callable[[], None],
         on_bug: Callable[[BaseException], object],
+        latency_target_s: float = 0.0,
     ) -> None:
         """``store``: a client of its own, used only on the writes' loop. ``on_change`` is called
         when a write round ends (pending may have changed); ``on_bug`` with an exception a write
-        raised that is not Redis being unavailable."""
+        raised that is not Redis being unavailable. ``latency_target_s``: see :attr:`deadline`."""
         self.store = store
         self._writes = _WriteLoop()
         self.pipeline = pipeline
@@ -87,6 +89,12 @@ class ListWriter:
         self.lock = asyncio.Lock()  # held while writing: a write never lands after a forget
         self._failures = 0  # consecutive failed writes
         self._retry_at = 0.0  # monotonic time before which no write is tried
+        self.latency_target_s = latency_target_s
+        # When the pending users must be re-ranked for their events' lists to make the target
+        # (Unix time; inf: no event that can still make it), and what the last round took to
+        # rank and to write (what a re-ranking started at the deadline still needs).
+        self.deadline = math.inf
+        self._rank_s = self._write_s = 0.0
 
     @property
     def pending(self) -> list[str]:
@@ -126,8 +134,16 @@ class ListWriter:
         """These users' lists changed: their events were produced at ``sent_at``, their batch
         read at ``read_at``, taken by the model process at ``got_at``, learned at ``learned_at``."""
         self.unwritten.update(dict.fromkeys(users))
+        oldest = math.inf
         for ts in sent_at:
             self._stamps.extend((ts, read_at, got_at, learned_at))
+            oldest = min(oldest, ts)
+        if self.latency_target_s:
+            # Events already too late when learned do not hurry the re-ranking: a round per
+            # batch would slow the catching up that their lists wait for.
+            due = oldest + self.latency_target_s - self._rank_s - self._write_s
+            if due > learned_at:
+                self.deadline = min(self.deadline, due)
 
     def forget(self, user: str) -> bool:
         """Drop the user's pending list (call with the lock held); whether there was one."""
@@ -141,10 +157,13 @@ class ListWriter:
             return
         if self.unwritten:
             users, self.unwritten = self.unwritten, {}
+            self.deadline = math.inf
             started = time.time()
             self._outgoing.update((top.user_id, top) for top in self.pipeline.refresh(list(users)))
+            ended = time.time()
+            self._rank_s = ended - started
             ranked = np.frombuffer(self._stamps).reshape(-1, _LEARNED)
-            round_ = np.broadcast_to((started, time.time()), (len(ranked), 2))
+            round_ = np.broadcast_to((started, ended), (len(ranked), 2))
             self._outgoing_stamps.extend(array("d", np.hstack([ranked, round_]).tobytes()))
             self._stamps = array("d")
         self._start()
@@ -176,7 +195,9 @@ class ListWriter:
         self._in_flight = {top.user_id: top for top in lists}
         self._items_in_flight, self._items = self._items, {}
         try:
+            started = time.time()
             written = await self._writes.run(self._write(list(self._items_in_flight.values()), lists))
+            self._write_s = written - started
         except REDIS_UNAVAILABLE as exc:
             kind = self.metrics.redis_error(exc)
             backoff = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2**self._failures)

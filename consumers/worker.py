@@ -90,6 +90,7 @@ class RefreshWorker:
             self.metrics,
             self._report_pending,
             partial(exit_on_bug, "a list write"),
+            settings.worker.latency_target_s,
         )
         self.dead_letters = DeadLetters(kafka, self.names.dead_letter, self.metrics)
         self.seen = SeenEventIds(settings.checkpoint.dedupe_ids)
@@ -103,7 +104,8 @@ class RefreshWorker:
         self.outbox: Connection | None = None
         # Behind (more records already waiting), a user touched in consecutive batches is
         # re-ranked once per REFRESH_MAX_DELAY_S instead of once per batch: the backlog drains
-        # sooner and no list waits longer than that (plus one batch).
+        # sooner and no list waits longer than that (plus one batch); sooner when an event's
+        # list would otherwise miss LATENCY_TARGET_S (``ListWriter.deadline``).
         self._pending_since = 0.0
         self._refresh_max_delay_s = settings.worker.refresh_max_delay_s
         self.ownership = Ownership(self)
@@ -219,7 +221,11 @@ class RefreshWorker:
             if not self.lists.unwritten:
                 self._pending_since = time.monotonic()
             self.lists.add(users, sent_at, *arrived, time.time())
-        if not self._behind() or time.monotonic() - self._pending_since >= self._refresh_max_delay_s:
+        if (
+            not self._behind()
+            or time.monotonic() - self._pending_since >= self._refresh_max_delay_s
+            or time.time() >= self.lists.deadline  # else an event would miss the latency target
+        ):
             self.lists.refresh()  # re-ranked now, written to Redis in the background
             self._report_pending()
         if self.exchange.full():

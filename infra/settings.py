@@ -196,6 +196,13 @@ class WorkerSettings(_Section):
         description="when behind (more records already waiting), re-rank touched users at most this "
         "often instead of after every batch; 0 = after every batch",
     )
+    latency_target_s: float = Field(
+        0.25,
+        ge=0,
+        description="when behind, re-rank sooner than REFRESH_MAX_DELAY_S if an event waiting for its "
+        "list would otherwise miss this (record time to list in Redis), unless it had missed it "
+        "already when learned (catching up comes first then); 0 = off",
+    )
     item_sync_s: float = Field(
         1.0,
         ge=0,

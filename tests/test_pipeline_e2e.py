@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -17,9 +18,11 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 
+from consumers.list_writer import ListWriter
 from consumers.worker import build_pipeline
 from infra.latency import STAGES
-from infra.metrics import LATENCY_BUCKETS, metric_sum, scrape
+from infra.metrics import LATENCY_BUCKETS, Metrics, metric_sum, scrape
+from infra.settings import Settings
 from infra.stack import free_port
 from pushrec.demo import SAMPLE_EVENTS, stop_process, wait_for
 from stream.deadletter import DeadLetter
@@ -264,6 +267,38 @@ def test_worker_and_in_process_pipeline_give_the_same_lists(hermetic: Hermetic) 
         assert [i["item_id"] for i in items] == top.items, user
         assert [i["score"] for i in items] == pytest.approx(top.scores, abs=1e-6)
     assert len(expected) >= 30
+
+
+def test_the_latency_target_sets_when_a_worker_behind_must_re_rank() -> None:
+    """Behind, re-ranking waits up to REFRESH_MAX_DELAY_S, but no longer than the oldest waiting
+    event can afford to make LATENCY_TARGET_S, less what the last round took to rank and write;
+    events already too late when learned do not hurry it (the worker checks ``deadline``)."""
+    lists = ListWriter(
+        None,  # type: ignore[arg-type]  # never written: only the bookkeeping is tried here
+        build_pipeline(Settings()),
+        Metrics(("click",), ("bad_json",)),
+        lambda: None,
+        lambda exc: None,
+        latency_target_s=0.25,
+    )
+    try:
+        now = time.time()
+        assert lists.deadline == math.inf
+        lists.add(["late"], [now - 0.3], learned_at=now)  # beyond the target already
+        assert lists.deadline == math.inf
+        lists.add(["u1", "u2"], [now - 0.05, now - 0.1], learned_at=now)
+        assert lists.deadline == pytest.approx(now - 0.1 + 0.25)
+        lists.add(["u3"], [now - 0.02], learned_at=now)  # younger: the older event still rules
+        assert lists.deadline == pytest.approx(now + 0.15)
+        lists._rank_s, lists._write_s = 0.04, 0.01  # what the next round will need
+        lists.add(["u4"], [now - 0.12], learned_at=now)
+        assert lists.deadline == pytest.approx(now - 0.12 + 0.25 - 0.05)
+        off = ListWriter(None, lists.pipeline, lists.metrics, lambda: None, lambda exc: None)  # type: ignore[arg-type]
+        off.add(["u1"], [now - 0.1], learned_at=now)
+        assert off.deadline == math.inf
+        off._writes.stop()
+    finally:
+        lists._writes.stop()
 
 
 def test_a_worker_behind_re_ranks_each_user_once_per_interval_and_loses_no_list(hermetic: Hermetic) -> None:
