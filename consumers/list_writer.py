@@ -138,12 +138,11 @@ class ListWriter:
         for ts in sent_at:
             self._stamps.extend((ts, read_at, got_at, learned_at))
             oldest = min(oldest, ts)
-        if self.latency_target_s:
-            # Events already too late when learned do not hurry the re-ranking: a round per
-            # batch would slow the catching up that their lists wait for.
+        if self.latency_target_s and learned_at - oldest < self.latency_target_s:
+            # (Events past the target already when learned do not hurry the re-ranking: a round
+            # per batch would slow the catching up that their lists wait for.)
             due = oldest + self.latency_target_s - self._rank_s - self._write_s
-            if due > learned_at:
-                self.deadline = min(self.deadline, due)
+            self.deadline = min(self.deadline, due)
 
     def forget(self, user: str) -> bool:
         """Drop the user's pending list (call with the lock held); whether there was one."""

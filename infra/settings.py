@@ -200,7 +200,7 @@ class WorkerSettings(_Section):
         0.25,
         ge=0,
         description="when behind, re-rank sooner than REFRESH_MAX_DELAY_S if an event waiting for its "
-        "list would otherwise miss this (record time to list in Redis), unless it had missed it "
+        "list would otherwise miss this (record time to list in Redis), unless it was this old "
         "already when learned (catching up comes first then); 0 = off",
     )
     item_sync_s: float = Field(

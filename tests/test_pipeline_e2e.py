@@ -293,6 +293,8 @@ def test_the_latency_target_sets_when_a_worker_behind_must_re_rank() -> None:
         lists._rank_s, lists._write_s = 0.04, 0.01  # what the next round will need
         lists.add(["u4"], [now - 0.12], learned_at=now)
         assert lists.deadline == pytest.approx(now - 0.12 + 0.25 - 0.05)
+        lists.add(["u5"], [now - 0.22], learned_at=now)  # can no longer make it: re-rank now
+        assert lists.deadline == pytest.approx(now - 0.22 + 0.25 - 0.05) and lists.deadline < now
         off = ListWriter(None, lists.pipeline, lists.metrics, lambda: None, lambda exc: None)  # type: ignore[arg-type]
         off.add(["u1"], [now - 0.1], learned_at=now)
         assert off.deadline == math.inf
