@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -42,8 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Long-running services with their own orderly stop on SIGTERM (Faust's, the sender's loop).
+SERVICES = frozenset({"worker", "push-sender"})
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in SERVICES:
+        # SIGTERM (``kill``, ``timeout``) stops a command as Ctrl-C does: the embedded servers and
+        # child processes it started (bench, demo) are stopped on the way out, not left running.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         settings = load_settings()
     except ConfigError as exc:

@@ -7,8 +7,11 @@ No timing assertion: the machines are shared and noisy; the benchmark is the mea
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +115,29 @@ def test_histogram_quantile_interpolates_within_buckets() -> None:
     assert quantile(samples, "x", 0.5) == pytest.approx(0.1)
     assert quantile(samples, "x", 0.7) == pytest.approx(0.15)
     assert quantile(samples, "x", 0.95) == pytest.approx(0.35)
+
+
+def test_a_terminated_bench_stops_the_servers_it_started(tmp_path: Path) -> None:
+    """SIGTERM (``timeout``, ``kill``) stops the bench as Ctrl-C does: the embedded broker and
+    Valkey it started go down with it, instead of running on."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHREC_")}  # no servers given
+    env["PUSHREC_STATE_DIR"] = str(tmp_path)
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "pushrec.cli", "bench", "--events", str(SAMPLE_EVENTS), "--repeat", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert bench.stderr is not None
+        started = next(line for line in bench.stderr if "work dir" in line)  # the servers are up
+        workdir = Path(started.rsplit("work dir ", 1)[1].strip())
+        state = json.loads((workdir / "stack" / "stack.json").read_text())
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=120) == 130
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    for pid in (state["broker_pid"], state["valkey_pid"]):
+        assert not Path(f"/proc/{pid}").exists(), f"server {pid} still running"
