@@ -175,8 +175,7 @@ class Ownership:
                 )
                 # Never a partition's checkpoint ahead of the item changes published from it.
                 await worker.exchange.flush()
-                for name, blob in blobs.items():
-                    await store.part(name).save(blob)
+                await store.save_all(blobs)  # items and partitions together (same cut)
         except (OSError, *REDIS_UNAVAILABLE, KafkaError) as exc:
             metrics.checkpoints.labels("failed").inc()
             log.error("checkpoint to %s failed: %s", store.where, exc)
@@ -241,8 +240,7 @@ class Ownership:
         if blob is None:
             return
         parts = split_legacy(blob, self.worker.pipeline.recommender, self.partition_count)
-        for name, part in parts.items():
-            await store.part(name).save(part)
+        await store.save_all(parts)
         await legacy.delete()
         log.warning(
             "split the whole-model checkpoint %s into %d partition checkpoints in %s",

@@ -136,6 +136,7 @@ class CheckpointSet(Protocol):
 
     def part(self, name: str) -> CheckpointStore: ...
     async def parts(self) -> list[str]: ...
+    async def save_all(self, blobs: dict[str, bytes]) -> None: ...
 
 
 class DiskCheckpointSet:
@@ -150,6 +151,26 @@ class DiskCheckpointSet:
 
     async def parts(self) -> list[str]:
         return sorted(path.stem for path in self.directory.glob("*.npz"))
+
+    async def save_all(self, blobs: dict[str, bytes]) -> None:
+        """Replace these parts together: each is written and synced aside first, then all are
+        renamed into place at once, so a crash while writing leaves the old set whole (the
+        item state never ahead of, nor behind, the partitions' offsets)."""
+        await asyncio.to_thread(self._write_all, blobs)
+
+    def _write_all(self, blobs: dict[str, bytes]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        staged = []
+        for name, blob in blobs.items():
+            path = self.directory / f"{name}.npz"
+            partial = path.with_suffix(".partial")
+            with open(partial, "wb") as out:
+                out.write(blob)
+                out.flush()
+                os.fsync(out.fileno())
+            staged.append((partial, path))
+        for partial, path in staged:  # one thread, no wait: the only window is these renames
+            os.replace(partial, path)
 
 
 class RedisCheckpointSet:
@@ -166,6 +187,13 @@ class RedisCheckpointSet:
         prefix = f"{self.key}:"
         found = [k.decode() async for k in self.client.scan_iter(match=f"{prefix}*", count=1000)]
         return sorted(k.removeprefix(prefix) for k in found)
+
+    async def save_all(self, blobs: dict[str, bytes]) -> None:
+        """Replace these parts together, in one MULTI/EXEC transaction."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            for name, blob in blobs.items():
+                pipe.set(f"{self.key}:{name}", blob)
+            await pipe.execute()
 
 
 class CheckpointStore(Protocol):

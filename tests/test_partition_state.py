@@ -4,7 +4,13 @@ edits a partition blob."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
 
 from consumers.recovery import (
     ITEMS,
@@ -15,10 +21,11 @@ from consumers.recovery import (
     unpack_items,
     unpack_partition,
 )
-from infra.checkpoint import pack, unpack
+from infra.checkpoint import DiskCheckpointSet, RedisCheckpointSet, pack, unpack
 from online_models.recommender import Recommender
 from stream.dedupe import SeenEventIds
 from stream.topics import partition_of
+from tests.conftest import Hermetic
 
 EVENTS = [(f"u{n % 7}", f"i{(n * 5) % 11}", "click" if n % 3 else "purchase", float(n)) for n in range(80)]
 
@@ -130,3 +137,45 @@ def test_letting_users_go_drops_their_served_lists_too() -> None:
     assert all(user in pipeline._served for user in moved)
     pipeline.drop_users(moved)
     assert not any(user in pipeline._served or pipeline.recommender.users.holds(user) for user in moved)
+
+
+def test_a_crash_while_a_checkpoint_set_is_written_leaves_the_old_set_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The item state and the partitions are replaced together: a crash part-way leaves every
+    part as it was, so the item state is never ahead of (or behind) the partitions' offsets."""
+    store = DiskCheckpointSet(tmp_path / "group")
+    asyncio.run(store.save_all({"items": b"items at t1", "p0": b"p0 at t1"}))
+    synced = 0
+    real_fsync = os.fsync
+
+    def crash_at_the_second_part(fd: int) -> None:
+        nonlocal synced
+        synced += 1
+        if synced == 2:
+            raise OSError("killed")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", crash_at_the_second_part)
+    with pytest.raises(OSError, match="killed"):
+        asyncio.run(store.save_all({"items": b"items at t2", "p0": b"p0 at t2"}))
+    assert asyncio.run(store.part("items").load()) == b"items at t1"
+    assert asyncio.run(store.part("p0").load()) == b"p0 at t1"
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    asyncio.run(store.save_all({"items": b"items at t3", "p0": b"p0 at t3"}))
+    assert [asyncio.run(store.part(name).load()) for name in ("items", "p0")] == [b"items at t3", b"p0 at t3"]
+    assert asyncio.run(store.parts()) == ["items", "p0"]
+
+
+def test_a_redis_checkpoint_set_is_replaced_in_one_transaction(hermetic: Hermetic) -> None:
+    async def scenario() -> list[bytes | None]:
+        client = aioredis.Redis.from_url(hermetic.servers.redis_url)
+        try:
+            store = RedisCheckpointSet(client, f"{hermetic.prefix}:checkpoint:group")
+            await store.save_all({"items": b"items", "p0": b"p0", "p1": b"p1"})
+            assert await store.parts() == ["items", "p0", "p1"]
+            return [await store.part(name).load() for name in ("items", "p0", "p1")]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(scenario()) == [b"items", b"p0", b"p1"]
