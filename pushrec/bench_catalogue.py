@@ -207,7 +207,8 @@ def _worker_rate(
         checkpoint = Path(server_env["PUSHREC_STATE_DIR"]) / "checkpoints" / run.prefix / f"{ITEMS}.npz"
         checkpoint.parent.mkdir(parents=True)
         checkpoint.write_bytes(items_blob)
-        kafka = KafkaAccess.from_settings(settings, server_env.get("PUSHREC_KAFKA_BOOTSTRAP") or "")
+        bootstrap = server_env.get("PUSHREC_KAFKA_BOOTSTRAP") or settings.kafka_bootstrap
+        kafka = KafkaAccess.from_settings(settings, str(bootstrap))
         timings: dict[str, float] = {}
 
         def prepare(port: int, process: subprocess.Popen[bytes]) -> None:
