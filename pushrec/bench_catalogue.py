@@ -20,6 +20,7 @@ factors (the shops we have hold at most 55k items); then, for a sample of users:
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -226,7 +227,11 @@ def _worker_rate(
             )
             replay(kafka, settings, run, events, Pacing())
 
-        rate, peak = measure_backlog(run, len(lines), prepare)
+        try:
+            rate, peak = measure_backlog(run, len(lines), prepare)
+        finally:  # hundreds of MB at 1M items; the logs stay
+            shutil.rmtree(checkpoint.parent.parent, ignore_errors=True)
+            events.unlink(missing_ok=True)
     log(f"catalogue: the worker took in {len(lines):,} live events at {rate:,.0f}/s (from Kafka, to Redis)")
     return {
         "events": len(lines),
