@@ -159,16 +159,8 @@ class DiskCheckpointSet:
         await asyncio.to_thread(self._write_all, blobs)
 
     def _write_all(self, blobs: dict[str, bytes]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        staged = []
-        for name, blob in blobs.items():
-            path = self.directory / f"{name}.npz"
-            partial = path.with_suffix(".partial")
-            with open(partial, "wb") as out:
-                out.write(blob)
-                out.flush()
-                os.fsync(out.fileno())
-            staged.append((partial, path))
+        paths = {name: self.part(name).path for name in blobs}
+        staged = [(_stage(paths[name], blob), paths[name]) for name, blob in blobs.items()]
         for partial, path in staged:  # one thread, no wait: the only window is these renames
             os.replace(partial, path)
 
@@ -213,19 +205,24 @@ class DiskCheckpoints:
         await asyncio.to_thread(self._write, blob)  # the event loop goes on while the disk works
 
     def _write(self, blob: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        with open(partial, "wb") as out:
-            out.write(blob)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, self.path)
+        os.replace(_stage(self.path, blob), self.path)
 
     async def load(self) -> bytes | None:
         return self.path.read_bytes() if self.path.exists() else None
 
     async def delete(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _stage(path: Path, blob: bytes) -> Path:
+    """``blob`` written and synced beside ``path``, to be renamed into place: the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    with open(partial, "wb") as out:
+        out.write(blob)
+        out.flush()
+        os.fsync(out.fileno())
+    return partial
 
 
 class RedisCheckpoints:
