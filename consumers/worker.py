@@ -80,7 +80,7 @@ class RefreshWorker:
         self.pipeline = build_pipeline(settings)
         candidates = self.pipeline.recommender.candidates  # read at each scrape
         self.metrics.index_items.set_function(lambda: candidates.indexed_items)
-        self.metrics.index_pending.set_function(lambda: candidates.index.pending if candidates.index else 0)
+        self.metrics.index_pending.set_function(lambda: candidates.pending_rows)
         client = connect(redis_url, settings.redis.retries)
         self.store = RedisTopNStore(client, self.keys, settings.redis.stream_maxlen)
         writes = connect(redis_url, settings.redis.retries)  # used on the writes' own loop

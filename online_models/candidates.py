@@ -62,6 +62,13 @@ class Candidates:
             return len(build[1])
         return 0
 
+    @property
+    def pending_rows(self) -> int:
+        """Rows waiting for a re-index, scored exactly meanwhile (0 without an index). Safe to
+        read from another thread."""
+        index = self.index
+        return 0 if index is None else index.pending
+
     def changed(self, rows: Iterable[int]) -> None:
         """These rows' factors moved: re-index them (or remember them while the index builds)."""
         if self.index is not None:
