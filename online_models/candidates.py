@@ -81,14 +81,16 @@ class Candidates:
         self.index = self._build = None
 
     def rows(
-        self, queries: np.ndarray, n: int, owns: Sequence[Iterable[int]], consumed: Sequence[Collection[int]]
-    ) -> list[np.ndarray] | None:
+        self,
+        index: ann.FactorIndex,
+        queries: np.ndarray,
+        n: int,
+        owns: Sequence[Iterable[int]],
+        consumed: Sequence[Collection[int]],
+    ) -> list[np.ndarray]:
         """Sorted, unique candidate rows for each query's top-``n`` (never one of its consumed
-        rows), or None when every item is to be scored. ``owns[i]``: query i's user's touched
-        rows, always candidates. One search of the index for every query."""
-        index = self.current()
-        if index is None:
-            return None
+        rows), from ``index`` (:meth:`current`). ``owns[i]``: query i's user's touched rows,
+        always candidates. One search of the index for every query."""
         found, pending = index.candidates_many(queries, [2 * n + len(c) for c in consumed])
         shared = np.union1d(pending, self._popular_head)  # thousands of rows: sorted once
         out = []

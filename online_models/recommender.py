@@ -333,10 +333,11 @@ class Recommender:
         # Bought items shoppers buy again come back: excluded is the rest of the consumed.
         excluded = [extras.excluded(state.consumed) for _, state, _, extras in known]
         found = None
-        if not exact and self.candidates.current() is not None:  # (else every item is scored)
+        index = None if exact else self.candidates.current()
+        if index is not None:  # (else every item is scored)
             queries = np.stack([query for _, _, query, _ in known])
             owns = [[*state.interest_rows, *extras.rows] for _, state, _, extras in known]
-            found = self.candidates.rows(queries, n, owns, excluded)
+            found = self.candidates.rows(index, queries, n, owns, excluded)
         for i, (at, state, query, extras) in enumerate(known):
             user = tops[at].user_id
             if found is None:
