@@ -28,7 +28,6 @@ from infra.checkpoint import (
     DiskCheckpointSet,
     RedisCheckpoints,
     RedisCheckpointSet,
-    free_gradually,
     pack,
     unpack,
 )
@@ -145,6 +144,24 @@ def _partition_meta(
     }
 
 
+class _Slices:
+    """Yields to the event loop once ``slice_s`` of work has passed since the last yield, so the
+    loop never waits longer than about that (plus one step)."""
+
+    def __init__(self, slice_s: float) -> None:
+        self.slice_s, self._since = slice_s, time.perf_counter()
+
+    async def step_done(self) -> None:
+        if time.perf_counter() - self._since >= self.slice_s:
+            await asyncio.sleep(0)
+            self._since = time.perf_counter()
+
+
+_STEP = 32  # users written between two looks at the clock (~1 ms)
+_LAST_FEW = 64  # changed users few enough to write in the final cut (~2 ms)
+_PASSES = 8  # at most this many passes over the users that changed meanwhile
+
+
 async def checkpoint_live(
     recommender: Recommender,
     seen: SeenEventIds,
@@ -152,48 +169,53 @@ async def checkpoint_live(
     offsets: dict[str, int],
     pending: Callable[[], Iterable[str]],
     unwritten_items: Callable[[], Iterable[Item]] = lambda: (),
-    chunk: int = 1000,
+    slice_s: float = 0.005,
     cut: Callable[[], dict[str, Any] | None] = lambda: None,
     ranked: Callable[[], Iterable[TopN]] = lambda: (),
 ) -> dict[str, bytes]:
     """The item blob and each of ``partitions``' blobs (:func:`pack_items`, :func:`pack_partition`)
-    as of one moment, without stopping learning for more than a chunk of users at a time.
+    as of one moment, without stopping learning for more than ``slice_s`` at a time, but at that
+    moment.
 
-    Users are written ``chunk`` at a time, yielding to the event loop between chunks, while the
-    recommender tracks whose state changes meanwhile; those are written again (in passes, while
-    many). The last ones, the item state, the offsets, the event-id memory and the pending users
-    and items are then taken with no await between them: every blob holds the state of that
-    moment, as one consistent cut (``cut()`` is called at it: what the item blob adds about the
-    group's item state). The blobs are serialised in a thread."""
+    Users are written a few at a time, yielding to the event loop after every ``slice_s`` of
+    work, while the recommender tracks whose state changes meanwhile; those are written again,
+    in passes, while more than a few. The last few, the item state, the offsets, the event-id
+    memory and the pending users and items are then taken with no await between them: every
+    blob holds the state of that moment, as one consistent cut (``cut()`` is called at it: what
+    the item blob adds about the group's item state). The blobs are serialised in a thread."""
     # What the model holds is long-lived: out of the collector's sight, it is not scanned again
     # and again (a full collection over a million users' objects stopped the loop for seconds in
     # all while a checkpoint allocated). Refcounting still frees it; only cycles alive now and
     # garbage later would stay (the model's state has none).
     gc.freeze()
+    slices = _Slices(slice_s)
     by_partition: dict[int, list[str]] = {partition: [] for partition in partitions}
     table = recommender.users
-    users = table.ids()
-    for start in range(0, len(users), 10 * chunk):
-        for user in users[start : start + 10 * chunk]:
-            found = by_partition.get(table.partition_of(user))
-            if found is not None:
-                found.append(user)
-        await asyncio.sleep(0)
-    snapshots = {partition: UserSnapshot() for partition in by_partition}
-    changed = table.track_changes()
+    changed = table.track_changes()  # before the users are listed: a user new meanwhile is in it
     try:
+        users = table.ids()
+        gc.freeze()  # a list of a million users in a young generation: each collection scans it
+        while users:  # taken from the end, so the list shrinks (and is freed) a slice at a time
+            for user in users[-100 * _STEP :]:
+                found = by_partition.get(table.partition_of(user))
+                if found is not None:
+                    found.append(user)
+            del users[-100 * _STEP :]
+            await slices.step_done()
+        gc.freeze()  # the partitions' lists
+        snapshots = {partition: UserSnapshot(len(todo)) for partition, todo in by_partition.items()}
         for partition, todo in by_partition.items():
-            for start in range(0, len(todo), chunk):
-                table.write(todo[start : start + chunk], partition, snapshots[partition])
-                await asyncio.sleep(0)
-        for _ in range(2):  # again, those that changed meanwhile, while they are many
-            if len(changed) <= chunk:
+            for start in range(0, len(todo), _STEP):
+                table.write(todo[start : start + _STEP], partition, snapshots[partition])
+                await slices.step_done()
+        for _ in range(_PASSES):  # again, those that changed meanwhile, while more than a few
+            if len(changed) <= _LAST_FEW:
                 break
             todo, changed = list(changed), table.track_changes()
-            for start in range(0, len(todo), chunk):
+            for start in range(0, len(todo), _STEP):
                 for partition, snapshot in snapshots.items():
-                    table.write(todo[start : start + chunk], partition, snapshot)
-                await asyncio.sleep(0)
+                    table.write(todo[start : start + _STEP], partition, snapshot)
+                await slices.step_done()
         # From here to the blobs' content, no await: one moment for items, users, offsets, memory.
         last = list(changed)
         for partition, snapshot in snapshots.items():
@@ -212,11 +234,9 @@ async def checkpoint_live(
         for partition, snapshot in snapshots.items():
             model_meta, arrays = table.snapshot_state(snapshot)
             meta = _partition_meta(recommender, partition, offsets_now, waiting, model_meta, waiting_ranked)
-            meta["seen"] = SeenEventIds.thaw(memories[partition])
+            meta["seen"] = SeenEventIds.thaw_json(memories[partition])
             blobs[partition_part(partition)] = pack(meta, arrays)
-            # Freed here, gradually (see free_gradually).
-            free_gradually(meta["seen"], model_meta["factor_users"], arrays["user_factors"])
-            free_gradually(snapshot.histories, snapshot.factors)
+            snapshot.clear()  # freed here, a shard at a time, not by the loop's thread at once
         return blobs
 
     return await asyncio.to_thread(serialise)

@@ -85,24 +85,6 @@ def _dumps(value: Any) -> bytes:
     return orjson.dumps(value, option=_OPTIONS)
 
 
-def free_gradually(*values: dict[Any, Any] | list[Any]) -> None:
-    """Empty big dicts and lists (and the dicts and lists they hold) a chunk at a time. Called
-    in the thread that packed them: the last reference to a million objects going in one C call
-    holds the GIL, and so stops the event loop, for 100+ ms."""
-    for value in values:
-        if isinstance(value, dict):
-            for item in value.values() if len(value) <= _CHUNK else ():
-                if isinstance(item, (dict, list)):
-                    free_gradually(item)
-            keys = list(value)
-            for at in range(0, len(keys), _CHUNK):
-                for key in keys[at : at + _CHUNK]:
-                    del value[key]
-        elif isinstance(value, list):
-            while value:
-                del value[-_CHUNK:]
-
-
 def _stacked(value: Any) -> Any:
     """A long list of equal arrays as one array, filled a chunk at a time."""
     if not isinstance(value, list) or len(value) <= _CHUNK:

@@ -339,7 +339,8 @@ def run_bench(
         log(
             f"checkpoint at {size:,} users in {checkpoint_partitions} partitions: longest stall "
             f"{cost['longest_stall_s'] * 1000:,.0f} ms (the whole checkpoint "
-            f"{cost['checkpoint_total_s']:.1f} s), a partition restored "
+            f"{cost['checkpoint_total_s']:.1f} s, {cost['events_learned_meanwhile']:,} events learned "
+            "meanwhile), a partition restored "
             f"in {cost['partition_restore_s'] * 1000:,.0f} ms"
         )
     with contextlib.suppress(OSError):

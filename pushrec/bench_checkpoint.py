@@ -1,10 +1,13 @@
 """`pushrec bench`'s checkpoint figures: how long a checkpoint stops the model process, and how
 long taking a partition takes, at a given number of users.
 
-The worker checkpoints the item state, then its partitions a chunk of users at a time, yielding
-to its event loop between chunks (``consumers.recovery.pack_partitions_live``); the stall is the
-longest the event loop could not run anything else meanwhile, measured by a task that only
-yields. Taking a partition restores its part into a worker that already holds the item state.
+The worker checkpoints its partitions a few users at a time, yielding to its event loop between
+slices while it goes on learning, then takes the users that changed meanwhile and the item
+state in one cut (``consumers.recovery.checkpoint_live``). Here a task learns live events
+meanwhile (``_LIVE_RATE`` clicks per second, in batches as they fall due), so the cut has work
+to do; the stall is the longest the event loop could not run anything but that learning,
+measured by a task that only yields. Taking a partition restores its part into a worker that
+already holds the item state.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from infra.settings import Settings
+
+_LIVE_RATE = 2_000  # events per second learned while the checkpoint runs
 
 
 def checkpoint_costs(
@@ -53,33 +58,46 @@ def checkpoint_costs(
     build_s = time.perf_counter() - started
     offsets = {f"events:{p}": users for p in range(partitions)}
 
-    async def save_all(store: DiskCheckpointSet) -> tuple[float, float]:
-        """(the longest the event loop waited, the whole checkpoint), as the worker checkpoints."""
+    async def save_all(store: DiskCheckpointSet) -> tuple[float, float, int]:
+        """(the longest the event loop waited, the whole checkpoint, events learned meanwhile), as
+        the worker checkpoints while it learns."""
         gaps = [0.0]
         done = asyncio.Event()
+        learned, learning_s = 0, 0.0
 
-        async def ticker() -> None:  # how long the loop could not run anything else
-            last = time.perf_counter()
+        async def traffic() -> None:  # live events meanwhile: the cut has users that changed
+            nonlocal learned, learning_s
+            began = time.perf_counter()
+            while not done.is_set():
+                now = time.perf_counter()
+                while learned < (now - began) * _LIVE_RATE:  # the events due by now, in a batch
+                    u = rng.randrange(users)
+                    recommender.learn_one(f"u{u}", f"i{rng.randrange(items)}", "click", float(items + users))
+                    learned += 1
+                learning_s += time.perf_counter() - now
+                await asyncio.sleep(0)
+
+        async def ticker() -> None:  # how long the loop could not run anything but learning
+            last, learning_then = time.perf_counter(), 0.0
             while not done.is_set():
                 await asyncio.sleep(0)
                 now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
+                gaps.append(now - last - (learning_s - learning_then))
+                last, learning_then = now, learning_s
 
-        watch = asyncio.create_task(ticker())
+        watch, learn = asyncio.create_task(ticker()), asyncio.create_task(traffic())
         await asyncio.sleep(0)
         started = time.perf_counter()
         blobs = await checkpoint_live(recommender, seen, range(partitions), offsets, lambda: ())
-        for name, blob in blobs.items():
-            await store.part(name).save(blob)
+        await store.save_all(blobs)  # as the worker saves them
         total = time.perf_counter() - started
         done.set()
-        await watch
-        return max(gaps), total
+        await asyncio.gather(watch, learn)
+        return max(gaps), total, learned
 
     with tempfile.TemporaryDirectory(prefix="pushrec-bench-checkpoint-") as directory:
         store = DiskCheckpointSet(Path(directory))
-        stall, total = asyncio.run(save_all(store))
+        stall, total, learned = asyncio.run(save_all(store))
         fresh = build_recommender(settings)
         unpack_items((Path(directory) / f"{ITEMS}.npz").read_bytes(), fresh)
         started = time.perf_counter()
@@ -94,6 +112,7 @@ def checkpoint_costs(
         "items": items,
         "longest_stall_s": round(stall, 4),
         "checkpoint_total_s": round(total, 3),
+        "events_learned_meanwhile": learned,
         "partition_restore_s": round(restore_s, 4),
         "partition_bytes": partition_bytes,
         "items_bytes": items_bytes,

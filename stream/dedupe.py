@@ -4,9 +4,13 @@ Kafka redelivers after a crash or a rebalance (at-least-once); a replayed log ca
 ids again. Ids are kept per source partition (a user's events all live in one partition, so a
 partition's owner sees every copy of its events): at least the ``capacity`` most recently seen
 per partition, in two generations of up to ``capacity`` each. New ids go into the current one;
-when it is full it becomes the older one and the previous older one is dropped. A generation
-that is no longer current is never changed in place (forgetting a user replaces it), so a
-checkpoint takes it by reference and only copies the current one (:meth:`freeze`).
+when it is full it becomes the older one and the previous older one is dropped.
+
+A checkpoint must take the memory in an instant (:meth:`freeze`), so a generation is a list of
+segments that are never changed in place once sealed (forgetting a user replaces them), and
+the live segment new ids go into. Freezing copies the live segment while it is small, and seals
+it otherwise, so it never copies more than a sixteenth of the capacity and a generation has at
+most seventeen segments.
 
 >>> seen = SeenEventIds(capacity=2)
 >>> [seen.check_and_add("p0", e, "u1") for e in ["a", "b", "a", "c", "b", "d", "e", "a"]]
@@ -16,10 +20,30 @@ checkpoint takes it by reference and only copies the current one (:meth:`freeze`
 from __future__ import annotations
 
 from collections.abc import Collection
-from itertools import islice
+from itertools import chain, islice
+
+import orjson
 
 # event id -> user id (kept so a user can be forgotten), oldest first
-Generation = dict[str, str]
+Segment = dict[str, str]
+_SEGMENTS = 16  # a live segment of more than capacity / _SEGMENTS ids is sealed, not copied
+
+
+class _Memory:
+    """One partition's ids: the older generation's segments, the current one's sealed segments,
+    and the live segment (the newest ids)."""
+
+    __slots__ = ("older", "sealed", "live", "count")
+
+    def __init__(self) -> None:
+        self.older: list[Segment] = []
+        self.sealed: list[Segment] = []
+        self.live: Segment = {}
+        self.count = 0  # ids in the current generation (sealed and live)
+
+
+# A partition's memory as of a checkpoint: its segments, oldest first, none changed afterwards.
+Frozen = tuple[Segment, ...]
 
 
 class SeenEventIds:
@@ -27,37 +51,63 @@ class SeenEventIds:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        # partition -> [older generation, current generation]
-        self._seen: dict[str, list[Generation]] = {}
+        self._seen: dict[str, _Memory] = {}
 
     def check_and_add(self, partition: str, event_id: str, user: str) -> bool:
         """True if ``event_id`` was already seen on ``partition`` (recently enough); remembers it."""
-        generations = self._seen.get(partition)
-        if generations is None:
-            generations = self._seen[partition] = [{}, {}]
-        older, current = generations
-        if event_id in current or event_id in older:
+        memory = self._seen.get(partition)
+        if memory is None:
+            memory = self._seen[partition] = _Memory()
+        if event_id in memory.live:
             return True
-        current[event_id] = user
-        if len(current) >= self.capacity:
-            generations[0], generations[1] = current, {}
+        for segment in chain(memory.sealed, memory.older):
+            if event_id in segment:
+                return True
+        memory.live[event_id] = user
+        memory.count += 1
+        if memory.count >= self.capacity:
+            memory.older, memory.sealed, memory.live, memory.count = [*memory.sealed, memory.live], [], {}, 0
         return False
 
-    def freeze(self, partitions: Collection[str]) -> dict[str, tuple[Generation, Generation]]:
-        """The memory of those partitions as of now, quickly: the older generation by reference
-        (never changed in place), a copy of the current one. :meth:`thaw` makes it JSON."""
-        return {p: (older, dict(current)) for p, (older, current) in self._seen.items() if p in partitions}
+    def freeze(self, partitions: Collection[str]) -> dict[str, Frozen]:
+        """The memory of those partitions as of now, quickly (at most capacity / 16 ids copied per
+        partition). :meth:`thaw` makes it JSON."""
+        frozen: dict[str, Frozen] = {}
+        for partition, memory in self._seen.items():
+            if partition not in partitions:
+                continue
+            if len(memory.live) * _SEGMENTS > self.capacity:
+                memory.sealed.append(memory.live)
+                memory.live = {}
+                frozen[partition] = (*memory.older, *memory.sealed)
+            else:
+                frozen[partition] = (*memory.older, *memory.sealed, dict(memory.live))
+        return frozen
 
     @staticmethod
-    def thaw(frozen: dict[str, tuple[Generation, Generation]]) -> dict[str, list[tuple[str, str]]]:
+    def thaw(frozen: dict[str, Frozen]) -> dict[str, list[tuple[str, str]]]:
         """:meth:`freeze`'s result as :meth:`state`'s (may run in another thread)."""
         thawed: dict[str, list[tuple[str, str]]] = {}
-        for partition, generations in frozen.items():
+        for partition, segments in frozen.items():
             pairs = thawed[partition] = []
-            for generation in generations:  # a chunk at a time: the GIL passes between chunks
-                items = iter(generation.items())
+            for segment in segments:  # a chunk at a time: the GIL passes between chunks
+                items = iter(segment.items())
                 while chunk := list(islice(items, 4096)):
                     pairs.extend(chunk)
+        return thawed
+
+    @staticmethod
+    def thaw_json(frozen: dict[str, Frozen]) -> dict[str, orjson.Fragment]:
+        """:meth:`thaw`'s result as JSON, built a chunk at a time (no list of every id: a young
+        list of a hundred thousand pairs made each young collection scan them all)."""
+        thawed: dict[str, orjson.Fragment] = {}
+        for partition, segments in frozen.items():
+            parts = []
+            for segment in segments:
+                items = iter(segment.items())
+                while chunk := list(islice(items, 4096)):
+                    parts.append(orjson.dumps(chunk)[1:-1])
+            thawed[partition] = orjson.Fragment(b"[" + b",".join(parts) + b"]")
         return thawed
 
     def state(self) -> dict[str, list[tuple[str, str]]]:
@@ -81,10 +131,17 @@ class SeenEventIds:
     def forget(self, user: str) -> int:
         """Drop every id of the user's events; how many were held."""
         dropped = 0
-        for generations in self._seen.values():
-            for index, ids in enumerate(generations):
-                kept = {event: owner for event, owner in ids.items() if owner != user}
-                if len(kept) < len(ids):
-                    dropped += len(ids) - len(kept)
-                    generations[index] = kept  # a new dict: a frozen view keeps the old one
+        for memory in self._seen.values():
+            kept_count = len(memory.live)
+            for name in ("older", "sealed"):
+                segments = getattr(memory, name)
+                for index, ids in enumerate(segments):
+                    kept = {event: owner for event, owner in ids.items() if owner != user}
+                    if len(kept) < len(ids):
+                        dropped += len(ids) - len(kept)
+                        segments[index] = kept  # a new dict: a frozen view keeps the old one
+            for event in [event for event, owner in memory.live.items() if owner == user]:
+                del memory.live[event]  # the live segment is never part of a frozen view
+            dropped += kept_count - len(memory.live)
+            memory.count = sum(map(len, memory.sealed)) + len(memory.live)
         return dropped

@@ -8,12 +8,14 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from consumers.recovery import (
     ITEMS,
+    checkpoint_live,
     erase_from_partition,
     pack_partition,
     partition_part,
@@ -22,6 +24,7 @@ from consumers.recovery import (
     unpack_partition,
 )
 from infra.checkpoint import DiskCheckpointSet, RedisCheckpointSet, pack, unpack
+from online_models import user_table
 from online_models.recommender import Recommender
 from stream.dedupe import SeenEventIds
 from stream.topics import partition_of
@@ -73,6 +76,93 @@ def test_a_partition_moves_to_a_worker_that_numbers_items_differently() -> None:
         assert history(other, user) == history(owner, user)
         assert other.users.partition_of(user) == 1
         assert (other.mf.user_vector(user) == owner.mf.user_vector(user)).all()
+
+
+def test_a_checkpoint_taken_while_learning_goes_on_holds_every_user_as_of_its_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(user_table, "_SHARD_USERS", 16)  # a snapshot of many dicts
+    rec = Recommender(n_factors=4, seed=1)
+    users = [f"u{n}" for n in range(300)]
+    for n, user in enumerate(users):
+        rec.learn_one(user, f"i{n % 13}", "click", float(n))
+        rec.users.place(user, partition_of(user, 2))
+    seen = SeenEventIds(4)
+    for n in range(9):
+        seen.check_and_add(f"t:{n % 2}", f"e{n}", users[n])
+    at_cut: dict[str, Any] = {}
+
+    def cut() -> None:  # the moment the checkpoint stands for: every user as they are now
+        for user in rec.users.ids():
+            at_cut[user] = (history(rec, user), rec.mf.user_vector(user, copy=True))
+
+    async def checkpoint() -> dict[str, bytes]:
+        learning = True
+
+        async def learn() -> None:  # a few events between every two slices of the checkpoint
+            n = 0
+            while learning:
+                for _ in range(5):
+                    user = users[n * 7 % len(users)] if n % 10 else f"new{n}"
+                    rec.learn_one(user, f"i{n % 17}", "click", 1000.0 + n)
+                    rec.users.place(user, partition_of(user, 2))
+                    n += 1
+                if n % 50 == 0:
+                    rec.users.drop([users[n % len(users)]])  # forgotten meanwhile
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(learn())
+        offsets = {"t:0": 9, "t:1": 9}
+        blobs = await checkpoint_live(rec, seen, [0, 1], offsets, lambda: (), slice_s=0.0, cut=cut)
+        learning = False
+        await task
+        return blobs
+
+    blobs = asyncio.run(checkpoint())
+    fresh = Recommender(n_factors=4, seed=1)
+    unpack_items(blobs[ITEMS], fresh)
+    for partition in (0, 1):
+        received = SeenEventIds(4)
+        assert unpack_partition(blobs[partition_part(partition)], fresh, received, partition)[0] == {
+            f"t:{partition}": 9
+        }
+        assert received.state() == seen.state_of([f"t:{partition}"])
+    assert len(at_cut) > len(users) and sorted(fresh.users) == sorted(at_cut)
+    for user, (then, vector) in at_cut.items():
+        assert history(fresh, user) == then
+        assert (fresh.mf.user_vector(user, copy=True) == vector).all()
+
+
+def test_the_event_id_memory_freezes_at_once_and_stays_as_frozen() -> None:
+    seen = SeenEventIds(capacity=32)
+    owner = ["u2", "u1"]
+    for n in range(10):  # more than capacity / 16 ids: the live segment is sealed, not copied
+        seen.check_and_add("t:0", f"e{n}", owner[n % 2])
+    seen.check_and_add("t:1", "x0", "u1")  # under capacity / 16: copied
+    frozen = seen.freeze(["t:0", "t:1"])
+    seen.check_and_add("t:0", "e10", "u1")
+    seen.check_and_add("t:1", "x1", "u1")
+    assert seen.forget("u1") == 8
+    assert SeenEventIds.thaw(frozen) == {
+        "t:0": [(f"e{n}", owner[n % 2]) for n in range(10)],
+        "t:1": [("x0", "u1")],
+    }
+    assert seen.check_and_add("t:0", "e0", "u2") and not seen.check_and_add("t:0", "e1", "u1")
+
+    many = SeenEventIds(capacity=32)
+    for n in range(100):
+        assert not many.check_and_add("p", f"e{n}", "u")
+        if n % 3 == 0:
+            many.freeze(["p"])
+    assert all(many.check_and_add("p", f"e{n}", "u") for n in range(68, 100))  # the newest 32
+    assert not many.check_and_add("p", "e0", "u")
+    assert many.state()["p"][-33:] == [(f"e{n}", "u") for n in range(68, 100)] + [("e0", "u")]
+    segments = []  # how many sealed segments a duplicate is looked up in: bounded
+    for n in range(100, 200):  # frozen after every id: the live segment is copied, not sealed
+        many.check_and_add("p", f"e{n}", "u")
+        many.freeze(["p"])
+        segments.append(len(many._seen["p"].sealed))
+    assert max(segments) <= 16
 
 
 def test_a_whole_model_checkpoint_splits_into_partitions() -> None:
