@@ -26,6 +26,7 @@ from infra.checkpoint import (
     CheckpointStore,
     DiskCheckpoints,
     DiskCheckpointSet,
+    JsonPieces,
     RedisCheckpoints,
     RedisCheckpointSet,
     pack,
@@ -233,8 +234,11 @@ async def checkpoint_live(
         blobs = {ITEMS: pack(*contents[ITEMS])}
         for partition, snapshot in snapshots.items():
             model_meta, arrays = table.snapshot_state(snapshot)
+            for key in ("users", "factor_users"):
+                model_meta[key] = JsonPieces(model_meta[key])
             meta = _partition_meta(recommender, partition, offsets_now, waiting, model_meta, waiting_ranked)
-            meta["seen"] = SeenEventIds.thaw_json(memories[partition])
+            seen_json = SeenEventIds.thaw_json(memories[partition])
+            meta["seen"] = {source: JsonPieces(pieces) for source, pieces in seen_json.items()}
             blobs[partition_part(partition)] = pack(meta, arrays)
             snapshot.clear()  # freed here, a shard at a time, not by the loop's thread at once
         return blobs

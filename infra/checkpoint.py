@@ -21,8 +21,10 @@ import asyncio
 import io
 import os
 import tempfile
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import IO, Any, Protocol
 
 import numpy as np
 import orjson
@@ -43,46 +45,82 @@ class CheckpointError(Exception):
 # in one orjson call stopped the loop for 100+ ms.
 _CHUNK = 4096
 _LARGE = 4 << 20  # bytes
+_SLICE = 1 << 20  # bytes of an array written at a time
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS  # as json.dumps did with int keys
 
 
+class JsonPieces:
+    """A large JSON value already encoded, in pieces that :func:`pack` writes one after the
+    other and never joins: copying tens of MB into one buffer held the GIL, and so stopped the
+    event loop, for tens of milliseconds (first-touched memory is slow on a virtual machine)."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+
 def pack(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
-    """``meta`` as JSON and ``arrays`` (a list of equal rows is stacked) in one blob; large
-    dicts and lists go a chunk at a time, so the GIL passes between chunks."""
-    header = {"format": FORMAT, "version": VERSION, **meta}
-    encoded = np.frombuffer(_dumps(header), dtype=np.uint8)
-    stacked = {name: _stacked(value) for name, value in arrays.items()}
-    size = encoded.nbytes + sum(np.asarray(value).nbytes for value in stacked.values())
+    """``meta`` as JSON and ``arrays`` (a list of equal rows is stacked) in one blob, as
+    ``np.savez`` writes it; large dicts and lists go a chunk at a time, so the GIL passes between
+    chunks, and :class:`JsonPieces` a piece at a time."""
+    pieces = list(_pieces({"format": FORMAT, "version": VERSION, **meta}))
+    meta_bytes = sum(map(len, pieces))
+    stacked = {name: np.asanyarray(_stacked(value)) for name, value in arrays.items()}
+    size = meta_bytes + sum(value.nbytes for value in stacked.values())
     # A large blob goes through a temporary file: its writes release the GIL, while growing a
     # BytesIO by tens of MB held it (~150 ms for a 40 MB partition).
     with tempfile.TemporaryFile() if size > _LARGE else io.BytesIO() as buffer:
-        np.savez(buffer, meta=encoded, **cast(dict[str, Any], stacked))  # numpy's stub mistakes a kwarg
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("meta.npy", "w", force_zip64=True) as out:
+                header = {"descr": "|u1", "fortran_order": False, "shape": (meta_bytes,)}
+                np.lib.format.write_array_header_1_0(out, header)
+                for piece in pieces:
+                    out.write(piece)
+            for name, value in stacked.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as out:
+                    _write_array(out, value)
         buffer.seek(0)
         return buffer.read()
 
 
-def _dumps(value: Any) -> bytes:
-    """``orjson.dumps(value)``, the same bytes, with no call given more than a chunk of a dict
-    or list."""
-    if isinstance(value, dict):
+def _write_array(out: IO[bytes], value: np.ndarray) -> None:
+    """``np.lib.format.write_array`` without its copy of each 16 MB into new bytes (held the GIL
+    ~50 ms at 1M users): the array's own memory, a slice at a time."""
+    if value.dtype.hasobject:
+        raise ValueError(f"a checkpoint array cannot hold objects ({value.dtype})")
+    if not value.flags.c_contiguous:
+        value = np.ascontiguousarray(value)
+    np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(value))
+    memory = value.reshape(-1).view(np.uint8)
+    for at in range(0, memory.size, _SLICE):
+        out.write(memory[at : at + _SLICE])  # type: ignore[call-overload]  # any buffer
+
+
+def _pieces(value: Any) -> Iterator[bytes]:
+    """``orjson.dumps(value)``'s bytes in pieces, no call given more than a chunk of a dict or
+    list."""
+    if isinstance(value, JsonPieces):
+        yield from value.pieces
+    elif isinstance(value, dict):
+        yield b"{"
         if len(value) > _CHUNK:
             pairs = list(value.items())
-            parts = (
-                orjson.dumps(dict(pairs[at : at + _CHUNK]), option=_OPTIONS)[1:-1]
-                for at in range(0, len(pairs), _CHUNK)
-            )
+            for at in range(0, len(pairs), _CHUNK):
+                chunk = dict(pairs[at : at + _CHUNK])
+                yield (b"," if at else b"") + orjson.dumps(chunk, option=_OPTIONS)[1:-1]
         else:
-            parts = (
-                orjson.dumps({key: None}, option=_OPTIONS)[1:-5] + _dumps(item) for key, item in value.items()
-            )
-        return b"{" + b",".join(parts) + b"}"
-    if isinstance(value, list) and len(value) > _CHUNK:
-        chunks = (
-            orjson.dumps(value[at : at + _CHUNK], option=_OPTIONS)[1:-1]
-            for at in range(0, len(value), _CHUNK)
-        )
-        return b"[" + b",".join(chunks) + b"]"
-    return orjson.dumps(value, option=_OPTIONS)
+            for n, (key, item) in enumerate(value.items()):
+                yield (b"," if n else b"") + orjson.dumps({key: None}, option=_OPTIONS)[1:-5]  # "key":
+                yield from _pieces(item)
+        yield b"}"
+    elif isinstance(value, list) and len(value) > _CHUNK:
+        yield b"["
+        for at in range(0, len(value), _CHUNK):
+            yield (b"," if at else b"") + orjson.dumps(value[at : at + _CHUNK], option=_OPTIONS)[1:-1]
+        yield b"]"
+    else:
+        yield orjson.dumps(value, option=_OPTIONS)
 
 
 def _stacked(value: Any) -> Any:

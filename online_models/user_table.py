@@ -14,7 +14,7 @@ import orjson
 from online_models.mf import ImplicitMF, ItemIndex
 from online_models.user_state import UserState
 
-_SHARD_USERS = 4096  # users per snapshot dict, so that growing one copies at most that many
+_SHARD_USERS = 1024  # users per snapshot dict, so that growing one copies at most that many
 
 
 class UserSnapshot:
@@ -48,15 +48,14 @@ class UserSnapshot:
     # list of a hundred thousand objects made each collection of the young generation scan it
     # (tens of milliseconds, in whichever thread allocated).
 
-    def histories_json(self) -> orjson.Fragment:
-        """Every history, as one JSON object (user -> history)."""
-        parts = [orjson.dumps(shard)[1:-1] for shard in self.histories if shard]
-        return orjson.Fragment(b"{" + b",".join(parts) + b"}")
+    def histories_json(self) -> list[bytes]:
+        """Every history, as one JSON object (user -> history) in pieces, a shard each, to be
+        written one after the other (never joined into one buffer)."""
+        return _pieces(b"{", [orjson.dumps(shard)[1:-1] for shard in self.histories if shard], b"}")
 
-    def factor_users_json(self) -> orjson.Fragment:
-        """The users with factors, as a JSON list, in the order of :meth:`factor_matrix`."""
-        parts = [orjson.dumps(list(shard))[1:-1] for shard in self.factors if shard]
-        return orjson.Fragment(b"[" + b",".join(parts) + b"]")
+    def factor_users_json(self) -> list[bytes]:
+        """The users with factors, as a JSON list in pieces, in the order of :meth:`factor_matrix`."""
+        return _pieces(b"[", [orjson.dumps(list(shard))[1:-1] for shard in self.factors if shard], b"]")
 
     def factor_matrix(self, n_factors: int) -> np.ndarray:
         out = np.empty((sum(map(len, self.factors)), n_factors), dtype=np.float64)
@@ -71,6 +70,15 @@ class UserSnapshot:
         """Let go of what was written, a shard at a time."""
         for shard in (*self.histories, *self.factors):
             shard.clear()
+
+
+def _pieces(opening: bytes, parts: list[bytes], closing: bytes) -> list[bytes]:
+    """A JSON object's or list's ``parts`` (its members, comma-separated), in pieces."""
+    pieces = [opening]
+    for n, part in enumerate(parts):
+        pieces.append(b"," + part if n else part)
+    pieces.append(closing)
+    return pieces
 
 
 class UserTable:
@@ -185,7 +193,8 @@ class UserTable:
             snapshot.put(user, history, self.mf.user_vector(user, copy=True))
 
     def snapshot_state(self, snapshot: UserSnapshot) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """:meth:`state`'s form of a snapshot written by :meth:`write`."""
+        """:meth:`state`'s form of a snapshot written by :meth:`write`; its users and factor
+        users as JSON in pieces (:meth:`UserSnapshot.histories_json`)."""
         meta = {
             "users": snapshot.histories_json(),
             "factor_users": snapshot.factor_users_json(),

@@ -97,17 +97,18 @@ class SeenEventIds:
         return thawed
 
     @staticmethod
-    def thaw_json(frozen: dict[str, Frozen]) -> dict[str, orjson.Fragment]:
-        """:meth:`thaw`'s result as JSON, built a chunk at a time (no list of every id: a young
-        list of a hundred thousand pairs made each young collection scan them all)."""
-        thawed: dict[str, orjson.Fragment] = {}
+    def thaw_json(frozen: dict[str, Frozen]) -> dict[str, list[bytes]]:
+        """:meth:`thaw`'s result as JSON lists, each in pieces of up to 4,096 ids, to be written
+        one after the other (no list of every id: a young list of a hundred thousand pairs made
+        each young collection scan them all)."""
+        thawed: dict[str, list[bytes]] = {}
         for partition, segments in frozen.items():
-            parts = []
+            pieces = thawed[partition] = [b"["]
             for segment in segments:
                 items = iter(segment.items())
                 while chunk := list(islice(items, 4096)):
-                    parts.append(orjson.dumps(chunk)[1:-1])
-            thawed[partition] = orjson.Fragment(b"[" + b",".join(parts) + b"]")
+                    pieces.append((b"," if len(pieces) > 1 else b"") + orjson.dumps(chunk)[1:-1])
+            pieces.append(b"]")
         return thawed
 
     def state(self) -> dict[str, list[tuple[str, str]]]:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
@@ -23,7 +24,7 @@ from consumers.recovery import (
     unpack_items,
     unpack_partition,
 )
-from infra.checkpoint import DiskCheckpointSet, RedisCheckpointSet, pack, unpack
+from infra.checkpoint import DiskCheckpointSet, JsonPieces, RedisCheckpointSet, pack, unpack
 from online_models import user_table
 from online_models.recommender import Recommender
 from stream.dedupe import SeenEventIds
@@ -131,6 +132,29 @@ def test_a_checkpoint_taken_while_learning_goes_on_holds_every_user_as_of_its_cu
     for user, (then, vector) in at_cut.items():
         assert history(fresh, user) == then
         assert (fresh.mf.user_vector(user, copy=True) == vector).all()
+
+
+def test_a_blob_holds_its_arrays_and_json_pieces_as_given() -> None:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "factors": rng.random((300_000, 16)),  # more than one slice written
+        "floats32": rng.random((7, 3)).astype(np.float32),
+        "strided": rng.random((8, 6))[:, ::2],
+        "fortran": np.asfortranarray(rng.random((5, 3))),
+        "scalar": np.float64(3.0),
+        "empty": np.zeros((0, 4)),
+        "ints": np.arange(10, dtype=np.int64),
+        "stacked": [np.ones(2) * n for n in range(5000)],
+    }
+    pieces = JsonPieces([b"{", b'"u1":[1,2]', b',"u2":{"a":null}', b"}"])
+    meta = {"users": pieces, "big": {f"k{n}": n for n in range(5000)}, "ids": list(range(5000)), 7: "x"}
+    got, read = unpack(pack(meta, arrays))  # type: ignore[arg-type]
+    assert got["users"] == {"u1": [1, 2], "u2": {"a": None}} and got["7"] == "x"
+    assert got["big"] == meta["big"] and got["ids"] == meta["ids"]
+    for name, value in arrays.items():
+        expected = np.asarray(value)
+        assert read[name].dtype == expected.dtype and np.array_equal(read[name], expected), name
+        assert read[name].shape == expected.shape, name
 
 
 def test_the_event_id_memory_freezes_at_once_and_stays_as_frozen() -> None:
