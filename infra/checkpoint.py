@@ -198,14 +198,41 @@ class RedisCheckpointSet:
     async def parts(self) -> list[str]:
         prefix = f"{self.key}:"
         found = [k.decode() async for k in self.client.scan_iter(match=f"{prefix}*", count=1000)]
-        return sorted(k.removeprefix(prefix) for k in found)
+        return sorted(k.removeprefix(prefix) for k in found if not k.endswith(_STAGED))
 
     async def save_all(self, blobs: dict[str, bytes]) -> None:
-        """Replace these parts together, in one MULTI/EXEC transaction."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            for name, blob in blobs.items():
-                pipe.set(f"{self.key}:{name}", blob)
-            await pipe.execute()
+        """Replace these parts together: each is written aside a piece at a time, then all are
+        renamed into place in one MULTI/EXEC transaction (a crash before leaves the old set)."""
+        staged = {}
+        for name, blob in blobs.items():
+            key = f"{self.key}:{name}"
+            staged[await _stage_in_redis(self.client, key, blob)] = key
+        await _replace_in_redis(self.client, staged)
+
+
+_STAGED = ".partial"  # suffix of a blob's key while it is written
+_STAGED_TTL_S = 3600  # a staged blob never renamed (its writer died) goes after this
+_PIECE = 1 << 20  # bytes of a blob per Redis command
+
+
+async def _stage_in_redis(client: aioredis.Redis, key: str, blob: bytes) -> str:
+    """``blob`` written beside ``key`` a megabyte per command, to be renamed into place: the
+    staging key. (The client copies a command into one buffer on the event loop: one SET or
+    MULTI of a million users' checkpoint stopped the loop for ~400 ms.)"""
+    staged, view = key + _STAGED, memoryview(blob)
+    await client.set(staged, view[:_PIECE], ex=_STAGED_TTL_S)
+    for at in range(_PIECE, len(view), _PIECE):
+        await client.append(staged, view[at : at + _PIECE])
+    return staged
+
+
+async def _replace_in_redis(client: aioredis.Redis, staged: dict[str, str]) -> None:
+    """Rename each staged key to its key (kept for good), all in one transaction."""
+    async with client.pipeline(transaction=True) as pipe:
+        for partial, key in staged.items():
+            pipe.rename(partial, key)
+            pipe.persist(key)
+        await pipe.execute()
 
 
 class CheckpointStore(Protocol):
@@ -251,7 +278,7 @@ class RedisCheckpoints:
         self.where = f"redis key {key}"
 
     async def save(self, blob: bytes) -> None:
-        await self.client.set(self.key, blob)
+        await _replace_in_redis(self.client, {await _stage_in_redis(self.client, self.key, blob): self.key})
 
     async def load(self) -> bytes | None:
         return reply_bytes(await self.client.get(self.key))

@@ -282,14 +282,36 @@ def test_a_crash_while_a_checkpoint_set_is_written_leaves_the_old_set_whole(
 
 
 def test_a_redis_checkpoint_set_is_replaced_in_one_transaction(hermetic: Hermetic) -> None:
+    large = os.urandom(2_500_000)  # written aside in three pieces
+
     async def scenario() -> list[bytes | None]:
         client = aioredis.Redis.from_url(hermetic.servers.redis_url)
         try:
             store = RedisCheckpointSet(client, f"{hermetic.prefix}:checkpoint:group")
             await store.save_all({"items": b"items", "p0": b"p0", "p1": b"p1"})
             assert await store.parts() == ["items", "p0", "p1"]
+            appended, real_append = 0, client.append
+
+            async def crash_at_the_third_piece(*args: Any) -> Any:
+                nonlocal appended
+                appended += 1
+                if appended == 3:
+                    raise ConnectionError("killed")
+                return await real_append(*args)
+
+            client.append = crash_at_the_third_piece  # type: ignore[method-assign]
+            with pytest.raises(ConnectionError, match="killed"):
+                await store.save_all({"items": large, "p0": large, "p1": b"p1 at t2"})
+            before = [await store.part(name).load() for name in ("items", "p0", "p1")]
+            assert before == [b"items", b"p0", b"p1"]
+            assert await store.parts() == ["items", "p0", "p1"]  # what was written aside is not a part
+            client.append = real_append  # type: ignore[method-assign]
+            await store.save_all({"items": b"items at t3", "p0": large, "p1": b"p1 at t3"})
+            await store.part("p1").save(large)
+            keys = [key async for key in client.scan_iter(match=f"{hermetic.prefix}:checkpoint:group*")]
+            assert len(keys) == 3 and [await client.ttl(key) for key in keys] == [-1] * 3  # kept for good
             return [await store.part(name).load() for name in ("items", "p0", "p1")]
         finally:
             await client.aclose()
 
-    assert asyncio.run(scenario()) == [b"items", b"p0", b"p1"]
+    assert asyncio.run(scenario()) == [b"items at t3", large, large]
