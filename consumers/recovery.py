@@ -175,8 +175,8 @@ async def checkpoint_live(
     ranked: Callable[[], Iterable[TopN]] = lambda: (),
 ) -> dict[str, bytes]:
     """The item blob and each of ``partitions``' blobs (:func:`pack_items`, :func:`pack_partition`)
-    as of one moment, without stopping learning for more than ``slice_s`` at a time, but at that
-    moment.
+    as of one moment, stopping learning for no more than about ``slice_s`` at a time (and for
+    that moment itself: a few users, the item state, the offsets).
 
     Users are written a few at a time, yielding to the event loop after every ``slice_s`` of
     work, while the recommender tracks whose state changes meanwhile; those are written again,

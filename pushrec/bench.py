@@ -333,16 +333,19 @@ def run_bench(
     from pushrec.bench_checkpoint import checkpoint_costs
 
     checkpoints = {}
-    for size in checkpoint_users:
-        cost = checkpoint_costs(settings, size, checkpoint_partitions, log=log)
-        checkpoints[str(size)] = cost
-        log(
-            f"checkpoint at {size:,} users in {checkpoint_partitions} partitions: longest stall "
-            f"{cost['longest_stall_s'] * 1000:,.0f} ms (the whole checkpoint "
-            f"{cost['checkpoint_total_s']:.1f} s, {cost['events_learned_meanwhile']:,} events learned "
-            "meanwhile), a partition restored "
-            f"in {cost['partition_restore_s'] * 1000:,.0f} ms"
-        )
+    with servers(settings, workdir) as server_env:  # Redis, for a checkpoint's save to it
+        redis_url = server_env.get("PUSHREC_REDIS_URL") or settings.redis_url
+        for size in checkpoint_users:
+            cost = checkpoint_costs(settings, size, checkpoint_partitions, log=log, redis_url=redis_url)
+            checkpoints[str(size)] = cost
+            log(
+                f"checkpoint at {size:,} users in {checkpoint_partitions} partitions: longest stall "
+                f"{cost['longest_stall_s'] * 1000:,.0f} ms (the whole checkpoint "
+                f"{cost['checkpoint_total_s']:.1f} s, {cost['events_learned_meanwhile']:,} events "
+                f"learned meanwhile); saved to Redis: longest stall {cost['redis_save_stall_s'] * 1000:,.0f} "
+                f"ms ({cost['redis_save_s']:.1f} s); a partition restored "
+                f"in {cost['partition_restore_s'] * 1000:,.0f} ms"
+            )
     with contextlib.suppress(OSError):
         for child in workdir.iterdir():
             if child.suffix == ".jsonl":

@@ -12,6 +12,8 @@ already holds the item state.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -23,13 +25,16 @@ _LIVE_RATE = 2_000  # events per second learned while the checkpoint runs
 
 
 def checkpoint_costs(
-    settings: Settings, users: int, partitions: int, items: int = 10_000, log: Any = None
+    settings: Settings,
+    users: int,
+    partitions: int,
+    items: int = 10_000,
+    log: Any = None,
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
     """Build a model of ``users`` users (one click each, spread over ``partitions``) on ``items``
-    items; time each checkpoint part and the restore of one partition."""
-    import asyncio
-    import random
-
+    items; time a checkpoint to disk, its save to Redis (``redis_url``: under a bench key, deleted
+    after) and the restore of one partition."""
     from consumers.recovery import (
         ITEMS,
         checkpoint_live,
@@ -106,6 +111,14 @@ def checkpoint_costs(
         restore_s = time.perf_counter() - started
         partition_bytes = len(blob)
         items_bytes = (Path(directory) / f"{ITEMS}.npz").stat().st_size
+        redis_save = {}
+        if redis_url:
+            names = [ITEMS, *(partition_part(p) for p in range(partitions))]
+            written = {name: (Path(directory) / f"{name}.npz").read_bytes() for name in names}
+            stall_s, save_s = asyncio.run(
+                _save_to_redis(redis_url, f"{settings.redis.key_prefix}:bench", written)
+            )
+            redis_save = {"redis_save_stall_s": round(stall_s, 4), "redis_save_s": round(save_s, 3)}
     return {
         "users": users,
         "partitions": partitions,
@@ -117,4 +130,38 @@ def checkpoint_costs(
         "partition_bytes": partition_bytes,
         "items_bytes": items_bytes,
         "model_build_s": round(build_s, 1),
+        **redis_save,
     }
+
+
+async def _save_to_redis(url: str, key: str, blobs: dict[str, bytes]) -> tuple[float, float]:
+    """(the longest the event loop waited, the whole save) for ``blobs`` saved as the worker
+    saves a checkpoint set to Redis; the keys are deleted after."""
+    import redis.asyncio as aioredis
+
+    from infra.checkpoint import RedisCheckpointSet
+
+    client = aioredis.Redis.from_url(url)
+    gaps, done = [0.0], asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    try:
+        store = RedisCheckpointSet(client, key)
+        watch = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        started = time.perf_counter()
+        await store.save_all(blobs)
+        total = time.perf_counter() - started
+        done.set()
+        await watch
+        await client.delete(*(f"{key}:{name}" for name in blobs))
+    finally:
+        await client.aclose()
+    return max(gaps), total

@@ -103,6 +103,7 @@ def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
         and 0 < checkpoint["longest_stall_s"] <= checkpoint["checkpoint_total_s"]
     )
     assert checkpoint["partition_bytes"] > 0
+    assert 0 < checkpoint["redis_save_stall_s"] <= checkpoint["redis_save_s"]
 
 
 def test_histogram_quantile_interpolates_within_buckets() -> None:
