@@ -54,6 +54,10 @@ class ItemContent:
         self._in_stream: set[int] = set()
         self._positives_since_refresh = 0
 
+    def category(self, row: int) -> str | None:
+        """The catalogue's category of ``row`` (None: none named, or no catalogue)."""
+        return self.catalogue.categories.get(row) if self.catalogue is not None else None
+
     def add_items(
         self, items: Sequence[str], titles: Sequence[str | None], categories: Sequence[str | None]
     ) -> int:

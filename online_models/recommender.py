@@ -155,7 +155,7 @@ class Recommender:
         self.covisit_weight = covisit_weight
         self.covisit = CoVisitation(covisit_window, covisit_neighbours, covisit_half_life_s)
         self.rebuy_weight = rebuy_weight
-        self.rebuy = BuyingAgain(rebuy_min_share)
+        self.rebuy = BuyingAgain(rebuy_min_share, lambda row: self.content.category(row))
         self.users = UserTable(self.mf, self.items, session_items, recent_half_life_s)
         self.candidates = Candidates(
             self.mf, self.popularity, ann_min_items, ann_expansion, ann_pending_max, ann_background

@@ -286,6 +286,34 @@ def test_a_bought_item_comes_back_when_shoppers_buy_it_again() -> None:
     assert "coffee" not in rec.recommend("me", 5).items
 
 
+def test_a_new_item_borrows_its_categorys_rebuy_share() -> None:
+    """Coffee is bought again by every shopper, sofas never. A shopper who buys a coffee and a
+    sofa nobody bought before gets the coffee back, not the sofa: each borrows its category's
+    share. Without a catalogue both borrow the shop's and come back. Restored, the same."""
+    rec = Recommender(n_factors=4, seed=0)
+    items = ["coffee", "new coffee", "sofa", "new sofa"] + [f"filler{n}" for n in range(10)]
+    categories = ["coffee", "coffee", "furniture", "furniture"] + [None] * 10
+    rec.add_items(items, [None] * len(items), categories)  # type: ignore[arg-type]
+    without = Recommender(n_factors=4, seed=0)
+    t = 0.0
+    for n in range(10):
+        for item in ("coffee", "sofa", "coffee", f"filler{n}"):
+            t += 60.0
+            for model in (rec, without):
+                model.learn_one(f"s{n}", item, "purchase", ts=t)
+    for model in (rec, without):
+        model.learn_one("me", "new coffee", "purchase", ts=t + 60)
+        model.learn_one("me", "new sofa", "purchase", ts=t + 120)
+        model.learn_one("me", "filler0", "view", ts=t + 180)
+    listed = rec.recommend("me", 8).items
+    assert "new coffee" in listed and "new sofa" not in listed
+    assert {"new coffee", "new sofa"} <= set(without.recommend("me", 8).items)
+    restored = Recommender(n_factors=4, seed=0)
+    restored.restore_items(*rec.item_state())
+    rows = np.array([rec.items.row("new coffee"), rec.items.row("new sofa")])
+    assert restored.rebuy.shares(rows) == pytest.approx(rec.rebuy.shares(rows))
+
+
 def test_items_that_follow_the_last_one_are_listed_with_their_reason() -> None:
     """Shoppers who view the kettle go on to the teapot; a new shopper viewing the kettle gets
     the teapot, "viewed together with kettle"."""
