@@ -184,18 +184,18 @@ async def checkpoint_live(
     memory and the pending users and items are then taken with no await between them: every
     blob holds the state of that moment, as one consistent cut (``cut()`` is called at it: what
     the item blob adds about the group's item state). The blobs are serialised in a thread."""
-    # What the model holds is long-lived: out of the collector's sight, it is not scanned again
-    # and again (a full collection over a million users' objects stopped the loop for seconds in
-    # all while a checkpoint allocated). Refcounting still frees it; only cycles alive now and
-    # garbage later would stay (the model's state has none).
-    gc.freeze()
     slices = _Slices(slice_s)
     by_partition: dict[int, list[str]] = {partition: [] for partition in partitions}
     table = recommender.users
     changed = table.track_changes()  # before the users are listed: a user new meanwhile is in it
     try:
         users = table.ids()
-        gc.freeze()  # a list of a million users in a young generation: each collection scans it
+        # What the model holds is long-lived: out of the collector's sight, it is not scanned
+        # again and again (a full collection over a million users' objects stopped the loop for
+        # seconds in all while a checkpoint allocated), nor is the list of them (in a young
+        # generation, each collection scanned it). Refcounting still frees them; only cycles
+        # alive now and garbage later would stay (the model's state has none).
+        gc.freeze()
         while users:  # taken from the end, so the list shrinks (and is freed) a slice at a time
             for user in users[-100 * _STEP :]:
                 found = by_partition.get(table.partition_of(user))
@@ -234,11 +234,11 @@ async def checkpoint_live(
         blobs = {ITEMS: pack(*contents[ITEMS])}
         for partition, snapshot in snapshots.items():
             model_meta, arrays = table.snapshot_state(snapshot)
-            for key in ("users", "factor_users"):
-                model_meta[key] = JsonPieces(model_meta[key])
+            model_meta["users"] = JsonPieces.object(model_meta["users"])
+            model_meta["factor_users"] = JsonPieces.array(model_meta["factor_users"])
             meta = _partition_meta(recommender, partition, offsets_now, waiting, model_meta, waiting_ranked)
-            seen_json = SeenEventIds.thaw_json(memories[partition])
-            meta["seen"] = {source: JsonPieces(pieces) for source, pieces in seen_json.items()}
+            seen = SeenEventIds.thaw_json(memories[partition])
+            meta["seen"] = {source: JsonPieces.array(members) for source, members in seen.items()}
             blobs[partition_part(partition)] = pack(meta, arrays)
             snapshot.clear()  # freed here, a shard at a time, not by the loop's thread at once
         return blobs

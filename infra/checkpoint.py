@@ -22,7 +22,7 @@ import io
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -50,14 +50,23 @@ _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS  # as json.dumps
 
 
 class JsonPieces:
-    """A large JSON value already encoded, in pieces that :func:`pack` writes one after the
-    other and never joins: copying tens of MB into one buffer held the GIL, and so stopped the
-    event loop, for tens of milliseconds (first-touched memory is slow on a virtual machine)."""
+    """A large JSON object or list already encoded, as runs of its members (each run the
+    comma-separated members between the brackets), that :func:`pack` writes one after the other
+    and never joins: copying tens of MB into one buffer held the GIL, and so stopped the event
+    loop, for tens of milliseconds (first-touched memory is slow on a virtual machine)."""
 
-    __slots__ = ("pieces",)
+    __slots__ = ("opening", "members", "closing")
 
-    def __init__(self, pieces: list[bytes]) -> None:
-        self.pieces = pieces
+    def __init__(self, opening: bytes, members: list[bytes], closing: bytes) -> None:
+        self.opening, self.members, self.closing = opening, members, closing
+
+    @classmethod
+    def object(cls, members: list[bytes]) -> JsonPieces:
+        return cls(b"{", members, b"}")
+
+    @classmethod
+    def array(cls, members: list[bytes]) -> JsonPieces:
+        return cls(b"[", members, b"]")
 
 
 def pack(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
@@ -101,26 +110,38 @@ def _pieces(value: Any) -> Iterator[bytes]:
     """``orjson.dumps(value)``'s bytes in pieces, no call given more than a chunk of a dict or
     list."""
     if isinstance(value, JsonPieces):
-        yield from value.pieces
+        yield from _joined(value.opening, value.members, value.closing)
+    elif isinstance(value, dict) and len(value) > _CHUNK:
+        pairs = list(value.items())
+        runs = (
+            orjson.dumps(dict(pairs[at : at + _CHUNK]), option=_OPTIONS)[1:-1]
+            for at in range(0, len(pairs), _CHUNK)
+        )
+        yield from _joined(b"{", runs, b"}")
     elif isinstance(value, dict):
         yield b"{"
-        if len(value) > _CHUNK:
-            pairs = list(value.items())
-            for at in range(0, len(pairs), _CHUNK):
-                chunk = dict(pairs[at : at + _CHUNK])
-                yield (b"," if at else b"") + orjson.dumps(chunk, option=_OPTIONS)[1:-1]
-        else:
-            for n, (key, item) in enumerate(value.items()):
-                yield (b"," if n else b"") + orjson.dumps({key: None}, option=_OPTIONS)[1:-5]  # "key":
-                yield from _pieces(item)
+        for n, (key, item) in enumerate(value.items()):
+            yield (b"," if n else b"") + orjson.dumps({key: None}, option=_OPTIONS)[1:-5]  # "key":
+            yield from _pieces(item)
         yield b"}"
     elif isinstance(value, list) and len(value) > _CHUNK:
-        yield b"["
-        for at in range(0, len(value), _CHUNK):
-            yield (b"," if at else b"") + orjson.dumps(value[at : at + _CHUNK], option=_OPTIONS)[1:-1]
-        yield b"]"
+        runs = (
+            orjson.dumps(value[at : at + _CHUNK], option=_OPTIONS)[1:-1]
+            for at in range(0, len(value), _CHUNK)
+        )
+        yield from _joined(b"[", runs, b"]")
     else:
         yield orjson.dumps(value, option=_OPTIONS)
+
+
+def _joined(opening: bytes, members: Iterable[bytes], closing: bytes) -> Iterator[bytes]:
+    """A JSON object or list from runs of its members, comma between runs."""
+    yield opening
+    for n, run in enumerate(members):
+        if n:
+            yield b","
+        yield run
+    yield closing
 
 
 def _stacked(value: Any) -> Any:

@@ -46,16 +46,17 @@ class UserSnapshot:
 
     # The checkpoint form is built a shard at a time, never as a list of every user: a young
     # list of a hundred thousand objects made each collection of the young generation scan it
-    # (tens of milliseconds, in whichever thread allocated).
+    # (tens of milliseconds, in whichever thread allocated). It is JSON in runs of members (a
+    # shard each, without brackets), to be written one after the other, never joined.
 
-    def histories_json(self) -> list[bytes]:
-        """Every history, as one JSON object (user -> history) in pieces, a shard each, to be
-        written one after the other (never joined into one buffer)."""
-        return _pieces(b"{", [orjson.dumps(shard)[1:-1] for shard in self.histories if shard], b"}")
+    def history_members(self) -> list[bytes]:
+        """Every history, as runs of the members (user: history) of one JSON object."""
+        return [orjson.dumps(shard)[1:-1] for shard in self.histories if shard]
 
-    def factor_users_json(self) -> list[bytes]:
-        """The users with factors, as a JSON list in pieces, in the order of :meth:`factor_matrix`."""
-        return _pieces(b"[", [orjson.dumps(list(shard))[1:-1] for shard in self.factors if shard], b"]")
+    def factor_user_members(self) -> list[bytes]:
+        """The users with factors, as runs of the members of one JSON list, in the order of
+        :meth:`factor_matrix`."""
+        return [orjson.dumps(list(shard))[1:-1] for shard in self.factors if shard]
 
     def factor_matrix(self, n_factors: int) -> np.ndarray:
         out = np.empty((sum(map(len, self.factors)), n_factors), dtype=np.float64)
@@ -70,15 +71,6 @@ class UserSnapshot:
         """Let go of what was written, a shard at a time."""
         for shard in (*self.histories, *self.factors):
             shard.clear()
-
-
-def _pieces(opening: bytes, parts: list[bytes], closing: bytes) -> list[bytes]:
-    """A JSON object's or list's ``parts`` (its members, comma-separated), in pieces."""
-    pieces = [opening]
-    for n, part in enumerate(parts):
-        pieces.append(b"," + part if n else part)
-    pieces.append(closing)
-    return pieces
 
 
 class UserTable:
@@ -194,10 +186,10 @@ class UserTable:
 
     def snapshot_state(self, snapshot: UserSnapshot) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """:meth:`state`'s form of a snapshot written by :meth:`write`; its users and factor
-        users as JSON in pieces (:meth:`UserSnapshot.histories_json`)."""
+        users as runs of JSON members (:meth:`UserSnapshot.history_members`)."""
         meta = {
-            "users": snapshot.histories_json(),
-            "factor_users": snapshot.factor_users_json(),
+            "users": snapshot.history_members(),
+            "factor_users": snapshot.factor_user_members(),
             **self._item_ids(snapshot.rows),
         }
         return meta, {"user_factors": snapshot.factor_matrix(self.mf.n_factors)}

@@ -16,6 +16,7 @@ import asyncio
 import random
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,6 @@ def checkpoint_costs(
     async def save_all(store: DiskCheckpointSet) -> tuple[float, float, int]:
         """(the longest the event loop waited, the whole checkpoint, events learned meanwhile), as
         the worker checkpoints while it learns."""
-        gaps = [0.0]
         done = asyncio.Event()
         learned, learning_s = 0, 0.0
 
@@ -82,23 +82,15 @@ def checkpoint_costs(
                 learning_s += time.perf_counter() - now
                 await asyncio.sleep(0)
 
-        async def ticker() -> None:  # how long the loop could not run anything but learning
-            last, learning_then = time.perf_counter(), 0.0
-            while not done.is_set():
-                await asyncio.sleep(0)
-                now = time.perf_counter()
-                gaps.append(now - last - (learning_s - learning_then))
-                last, learning_then = now, learning_s
+        async def checkpoint() -> None:
+            blobs = await checkpoint_live(recommender, seen, range(partitions), offsets, lambda: ())
+            await store.save_all(blobs)  # as the worker saves them
 
-        watch, learn = asyncio.create_task(ticker()), asyncio.create_task(traffic())
-        await asyncio.sleep(0)
-        started = time.perf_counter()
-        blobs = await checkpoint_live(recommender, seen, range(partitions), offsets, lambda: ())
-        await store.save_all(blobs)  # as the worker saves them
-        total = time.perf_counter() - started
+        learn = asyncio.create_task(traffic())
+        stall, total = await _longest_stall(checkpoint(), excluded=lambda: learning_s)
         done.set()
-        await asyncio.gather(watch, learn)
-        return max(gaps), total, learned
+        await learn
+        return stall, total, learned
 
     with tempfile.TemporaryDirectory(prefix="pushrec-bench-checkpoint-") as directory:
         store = DiskCheckpointSet(Path(directory))
@@ -142,26 +134,34 @@ async def _save_to_redis(url: str, key: str, blobs: dict[str, bytes]) -> tuple[f
     from infra.checkpoint import RedisCheckpointSet
 
     client = aioredis.Redis.from_url(url)
-    gaps, done = [0.0], asyncio.Event()
-
-    async def ticker() -> None:
-        last = time.perf_counter()
-        while not done.is_set():
-            await asyncio.sleep(0)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
     try:
-        store = RedisCheckpointSet(client, key)
-        watch = asyncio.create_task(ticker())
-        await asyncio.sleep(0)
-        started = time.perf_counter()
-        await store.save_all(blobs)
-        total = time.perf_counter() - started
-        done.set()
-        await watch
+        stall_total = await _longest_stall(RedisCheckpointSet(client, key).save_all(blobs))
         await client.delete(*(f"{key}:{name}" for name in blobs))
     finally:
         await client.aclose()
+    return stall_total
+
+
+async def _longest_stall(
+    work: Awaitable[None], excluded: Callable[[], float] = lambda: 0.0
+) -> tuple[float, float]:
+    """(the longest the event loop could not run anything else, the time ``work`` took), from a
+    task that only yields; ``excluded()``: the seconds spent so far on other work not to count."""
+    gaps, done = [0.0], asyncio.Event()
+
+    async def ticker() -> None:
+        last, excluded_then = time.perf_counter(), excluded()
+        while not done.is_set():
+            await asyncio.sleep(0)
+            now, excluded_now = time.perf_counter(), excluded()
+            gaps.append(now - last - (excluded_now - excluded_then))
+            last, excluded_then = now, excluded_now
+
+    watch = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    started = time.perf_counter()
+    await work
+    total = time.perf_counter() - started
+    done.set()
+    await watch
     return max(gaps), total

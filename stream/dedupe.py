@@ -19,7 +19,7 @@ most seventeen segments.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from itertools import chain, islice
 
 import orjson
@@ -87,29 +87,20 @@ class SeenEventIds:
     @staticmethod
     def thaw(frozen: dict[str, Frozen]) -> dict[str, list[tuple[str, str]]]:
         """:meth:`freeze`'s result as :meth:`state`'s (may run in another thread)."""
-        thawed: dict[str, list[tuple[str, str]]] = {}
-        for partition, segments in frozen.items():
-            pairs = thawed[partition] = []
-            for segment in segments:  # a chunk at a time: the GIL passes between chunks
-                items = iter(segment.items())
-                while chunk := list(islice(items, 4096)):
-                    pairs.extend(chunk)
-        return thawed
+        return {
+            partition: [pair for chunk in _chunks(segments) for pair in chunk]
+            for partition, segments in frozen.items()
+        }
 
     @staticmethod
     def thaw_json(frozen: dict[str, Frozen]) -> dict[str, list[bytes]]:
-        """:meth:`thaw`'s result as JSON lists, each in pieces of up to 4,096 ids, to be written
-        one after the other (no list of every id: a young list of a hundred thousand pairs made
-        each young collection scan them all)."""
-        thawed: dict[str, list[bytes]] = {}
-        for partition, segments in frozen.items():
-            pieces = thawed[partition] = [b"["]
-            for segment in segments:
-                items = iter(segment.items())
-                while chunk := list(islice(items, 4096)):
-                    pieces.append((b"," if len(pieces) > 1 else b"") + orjson.dumps(chunk)[1:-1])
-            pieces.append(b"]")
-        return thawed
+        """:meth:`thaw`'s result as runs of the members of JSON lists, up to 4,096 ids each, to
+        be written one after the other (no list of every id: a young list of a hundred thousand
+        pairs made each young collection scan them all)."""
+        return {
+            partition: [orjson.dumps(chunk)[1:-1] for chunk in _chunks(segments)]
+            for partition, segments in frozen.items()
+        }
 
     def state(self) -> dict[str, list[tuple[str, str]]]:
         """Every partition's ids, oldest first, as (event id, user id) pairs."""
@@ -146,3 +137,12 @@ class SeenEventIds:
             dropped += kept_count - len(memory.live)
             memory.count = sum(map(len, memory.sealed)) + len(memory.live)
         return dropped
+
+
+def _chunks(segments: Frozen) -> Iterator[list[tuple[str, str]]]:
+    """The (event id, user id) pairs of ``segments``, oldest first, up to 4,096 at a time (the
+    GIL passes between chunks)."""
+    for segment in segments:
+        items = iter(segment.items())
+        while chunk := list(islice(items, 4096)):
+            yield chunk

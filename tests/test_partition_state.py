@@ -146,7 +146,7 @@ def test_a_blob_holds_its_arrays_and_json_pieces_as_given() -> None:
         "ints": np.arange(10, dtype=np.int64),
         "stacked": [np.ones(2) * n for n in range(5000)],
     }
-    pieces = JsonPieces([b"{", b'"u1":[1,2]', b',"u2":{"a":null}', b"}"])
+    pieces = JsonPieces.object([b'"u1":[1,2]', b'"u2":{"a":null}'])
     meta = {"users": pieces, "big": {f"k{n}": n for n in range(5000)}, "ids": list(range(5000)), 7: "x"}
     got, read = unpack(pack(meta, arrays))  # type: ignore[arg-type]
     assert got["users"] == {"u1": [1, 2], "u2": {"a": None}} and got["7"] == "x"
