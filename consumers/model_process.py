@@ -35,7 +35,7 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
     loop = asyncio.get_running_loop()
     reader = ThreadPoolExecutor(1, thread_name_prefix="pushrec-inbox")
     timers = [
-        asyncio.create_task(_every(1.0, worker.write_unwritten)),
+        asyncio.create_task(_every(1.0, worker.refresh_lists)),
         asyncio.create_task(_every(1.0, worker.apply_forget_requests)),
         asyncio.create_task(_every(worker.settings.checkpoint.every_s, worker.ownership.save)),
     ]

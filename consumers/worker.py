@@ -283,6 +283,14 @@ class RefreshWorker:
             "catalogue: %d item(s), %d embedded in %.2fs", len(items), embedded, time.perf_counter() - started
         )
 
+    async def refresh_lists(self) -> None:
+        """Re-rank every user whose list waits (deferred, or held by an outage whose back-off is
+        over) and hand the lists to the background writer, without waiting for the write (the
+        timer's job: a wait, re-ranking again after each write, would re-rank once per batch on a
+        backlog and undo the deferral)."""
+        self.lists.refresh()
+        self._report_pending()
+
     async def write_unwritten(self) -> None:
         """Re-rank and store every user whose list has not reached Redis yet, and wait for it
         (an outage keeps them pending)."""
