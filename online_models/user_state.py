@@ -126,15 +126,16 @@ class UserState:
         """Remove ``row`` from the interest; its level, or None if it had none."""
         if not self.interest:
             return None
-        entries = self.interest[::2]
-        for code in range(len(_KINDS)):  # an entry is row << 3 | a type code: C-level searches
-            entry = row << _SHIFT | code
-            if entry in entries:
-                at = 2 * entries.index(entry)
-                level = self.interest[at + 1]
-                del self.interest[at : at + 2]
-                return level
-        return None
+        low = row << _SHIFT  # an entry is row << 3 | a type code: one vectorised search
+        entries = np.frombuffer(self.interest)[::2]
+        found = np.flatnonzero((entries >= low) & (entries < low + (1 << _SHIFT)))
+        del entries  # a view of the array, which cannot shrink while one exists
+        if not found.size:
+            return None
+        at = 2 * int(found[0])
+        level = self.interest[at + 1]
+        del self.interest[at : at + 2]
+        return level
 
     def interest_scores(self, weight: float, half_life_s: float) -> tuple[np.ndarray, np.ndarray]:
         """The touched rows and ``weight`` x their interest decayed to the user's last event."""
@@ -146,11 +147,15 @@ class UserState:
 
     def history(self, listed: np.ndarray) -> History:
         """What an explanation of the rows ``listed`` reads of this user."""
-        own_kinds = {entry >> _SHIFT: _kind(entry) for entry in self.interest_entries}
+        wanted = set(listed.tolist())
+        own = {}  # the type of each listed row's last event, among the interest's
+        for entry in self.interest_entries:
+            if entry >> _SHIFT in wanted:
+                own[entry >> _SHIFT] = _kind(entry)
         return History(
             rows=np.array(list(dict.fromkeys(reversed(self.session))), dtype=np.int64),
             kinds=self.kinds,
-            own={row: own_kinds[row] for row in listed.tolist() if row in own_kinds},
+            own=own,
         )
 
     def to_json(self) -> list[Any]:
