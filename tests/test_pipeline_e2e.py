@@ -303,6 +303,70 @@ def test_the_latency_target_sets_when_a_worker_behind_must_re_rank() -> None:
         lists._writes.stop()
 
 
+def test_the_pipe_to_the_model_process_takes_a_whole_batch_without_a_reader() -> None:
+    """The Faust agent hands a micro-batch (~150 kB of taobao records at 500) to the model
+    process and goes on to gather the next while the model learns, instead of waiting until the
+    model has read most of it (Linux's default pipe holds 64 kB)."""
+    import fcntl
+    import multiprocessing
+    import os
+
+    from consumers.ingest import PIPE_BYTES, _widen
+
+    reader, writer = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    try:
+        _widen(writer)
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+        assert fcntl.fcntl(writer.fileno(), fcntl.F_GETPIPE_SZ) >= min(PIPE_BYTES, limit)
+        os.set_blocking(writer.fileno(), False)
+        batch = b"r" * 500_000
+        assert os.write(writer.fileno(), batch) == len(batch)  # all of it, nobody reading
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_the_periodic_refresh_hands_lists_over_without_waiting_for_their_write(hermetic: Hermetic) -> None:
+    """The model process's one-second job re-ranks the users whose lists wait and returns while
+    their write is under way. Waiting for it (and re-ranking whatever was learned meanwhile, after
+    every write) re-ranked a backlog's users once per batch and undid the deferral."""
+    import asyncio
+
+    from consumers.worker import RefreshWorker
+    from infra.kafka import KafkaAccess
+    from stream.records import Record
+
+    settings = hermetic.settings()
+    topic = TopicNames(hermetic.prefix).events("click")
+    event = orjson.dumps({"event_id": "e1", "type": "click", "user_id": "ann", "item_id": "i1", "ts": 1.0})
+
+    async def scenario() -> None:
+        worker = RefreshWorker(
+            settings, KafkaAccess(hermetic.servers.kafka_bootstrap), hermetic.servers.redis_url
+        )
+        writing = worker.lists._write
+
+        async def slow_write(*args: object) -> float:  # a Redis that takes its time
+            await asyncio.sleep(3.0)
+            return await writing(*args)  # type: ignore[arg-type]
+
+        try:
+            await worker.handle_records([Record(topic, 0, 0, b"ann", event, 1.0)])
+            await worker.write_unwritten()
+            worker.lists._write = slow_write  # type: ignore[method-assign]
+            worker.lists.add(["ann"], [time.time()])
+            started = time.monotonic()
+            await worker.refresh_lists()
+            assert time.monotonic() - started < 1.0, "the periodic job waited for the write"
+            assert not worker.lists.unwritten and worker.lists.pending == ["ann"]  # ranked, in flight
+            await worker.write_unwritten()
+            assert not worker.lists.pending
+        finally:
+            await worker.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_worker_behind_re_ranks_each_user_once_per_interval_and_loses_no_list(hermetic: Hermetic) -> None:
     """On a backlog (records already waiting), touched users are re-ranked at most every
     REFRESH_MAX_DELAY_S instead of after every batch; every user still ends with a list that
