@@ -23,14 +23,27 @@ import os
 import pickle
 import signal
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
 
 from consumers.model_process import model_process
-from consumers.protocol import ASSIGN, DONE, EXIT_BUG, HIGHWATER, PENDING, READY, RECORDS, REVOKE, STOP
+from consumers.protocol import (
+    ASSIGN,
+    DONE,
+    EXIT_BUG,
+    HIGHWATER,
+    LOOP_LAG,
+    PENDING,
+    READY,
+    RECORDS,
+    REVOKE,
+    STOP,
+)
 from infra.kafka import KafkaAccess
+from infra.loop_watch import LoopWatch
 from infra.settings import Settings
 from stream.app import make_app, raw_topic
 from stream.topics import TopicNames, ensure_topics
@@ -73,6 +86,10 @@ class Ingest:
         self.app.timer(0.25)(self._watch_model)
         self.app.timer(0.5)(self._watch_idle)
         self.app.timer(2.0)(self._send_highwater)
+        # The lags are observed in the model process, which serves /metrics (sent with the highwater).
+        self._loop_lags: deque[float] = deque(maxlen=1000)  # ~20 s of them, if the pipe is full
+        self._loop_watch = LoopWatch("faust", self._loop_lags.append, settings.worker.loop_block_s)
+        self.app.task(self._loop_watch.run)
         self.app.on_partitions_assigned.connect(self._on_assigned)
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.app.on_before_shutdown.connect(self._on_shutdown)
@@ -195,6 +212,10 @@ class Ingest:
                 if end is not None and end >= 0:
                     ends[f"{tp.topic}:{tp.partition}"] = end
         await self._send(HIGHWATER, ends)
+        lags = list(self._loop_lags)
+        self._loop_lags.clear()
+        if lags:
+            await self._send(LOOP_LAG, lags)
 
     def _partitions(self, tps: set) -> list[int]:
         """The partition numbers among ``tps`` of the topics pushrec consumes."""

@@ -17,9 +17,10 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
-from consumers.protocol import ASSIGN, DONE, HIGHWATER, READY, RECORDS, REVOKE, STOP
+from consumers.protocol import ASSIGN, DONE, HIGHWATER, LOOP_LAG, READY, RECORDS, REVOKE, STOP
 from consumers.worker import RefreshWorker, exit_on_bug
 from infra.kafka import KafkaAccess
+from infra.loop_watch import LoopWatch
 from infra.settings import Settings
 from stream.records import Record
 
@@ -38,6 +39,11 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
         asyncio.create_task(_every(1.0, worker.refresh_lists)),
         asyncio.create_task(_every(1.0, worker.apply_forget_requests)),
         asyncio.create_task(_every(worker.settings.checkpoint.every_s, worker.ownership.save)),
+        asyncio.create_task(
+            LoopWatch(
+                "model", worker.metrics.loop_lag.labels("model").observe, worker.settings.worker.loop_block_s
+            ).run()
+        ),
     ]
     if worker.exchange.on:  # the group's item state: publish this worker's changes, apply others'
         timers.append(asyncio.create_task(_every(worker.exchange.sync_s, worker.exchange.publish)))
@@ -68,6 +74,10 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
                 outbox.send((DONE, None))
             elif kind == HIGHWATER:
                 worker.export_lag(payload)
+            elif kind == LOOP_LAG:
+                faust_lag = worker.metrics.loop_lag.labels("faust")
+                for lag in payload:
+                    faust_lag.observe(lag)
             elif kind == STOP:
                 await worker.write_unwritten()
                 await worker.ownership.save()

@@ -110,6 +110,14 @@ class Metrics:
         for outcome in ("embedded", "unchanged", "dead_letter"):
             self.catalogue_items.labels(outcome)
         self.list_refreshes = Counter("pushrec_list_refreshes", "Top-N lists written to Redis.", registry=r)
+        self.loop_lag = Histogram(
+            "pushrec_event_loop_lag_seconds",
+            "How late a 20 ms timer of each worker process's event loop ran: how long the loop could "
+            "run nothing else (the model process learns and ranks a micro-batch without yielding).",
+            ["process"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
         self.redis_errors = Counter(
             "pushrec_redis_errors",
             "Redis commands that failed after the client's retries, by kind: connection, timeout, "

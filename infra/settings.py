@@ -203,6 +203,13 @@ class WorkerSettings(_Section):
         "list would otherwise miss this (record time to list in Redis), unless it was this old "
         "already when learned (catching up comes first then); 0 = off",
     )
+    loop_block_s: float = Field(
+        0.1,
+        ge=0,
+        description="log when a worker process's event loop could run nothing else for at least this "
+        "long (a minute's count and the longest; every lag is in pushrec_event_loop_lag_seconds; the "
+        "model process learns and ranks a micro-batch without yielding, tens of ms); 0 = never",
+    )
     item_sync_s: float = Field(
         1.0,
         ge=0,

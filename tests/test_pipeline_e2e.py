@@ -168,6 +168,15 @@ def test_replay_through_real_broker_worker_and_valkey(hermetic: Hermetic) -> Non
             120,
             worker,
         )
+        wait_for(  # each process times its event loop; the Faust process's lags come every 2 s
+            "both processes' event-loop lags",
+            lambda: all(
+                metric_sum(scrape(port), "pushrec_event_loop_lag_seconds_count", process=p) > 0
+                for p in ("faust", "model")
+            ),
+            30,
+            worker,
+        )
         samples = scrape(port)
         by_type = Counter(e.type for e in events)
         for kind, count in by_type.items():

@@ -5,6 +5,7 @@ and every PromQL expression of the dashboard and the alert rules returns data.""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import urllib.request
 import pytest
 import yaml
 
+from infra.loop_watch import LoopWatch
 from infra.settings import env_example
 from infra.stack import free_port
 from pushrec.demo import stop_process, wait_for
@@ -54,6 +56,26 @@ def queries() -> dict[str, str]:
             if "pushrec_" in text or "time()" in text:
                 found[f"alert {rule['alert']} {side}"] = text
     return found
+
+
+def test_a_blocked_event_loop_is_logged_with_how_often_and_longest(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 18: the worker's processes log when their event loop could run nothing else for
+    LOOP_BLOCK_S or more, summed per report interval (the lags themselves go to a histogram)."""
+    lags: list[float] = []
+    watch = LoopWatch("model", lags.append, block_s=0.1, report_s=3600.0)
+    with caplog.at_level(logging.WARNING, logger="pushrec.loop"):
+        for lag in (0.002, 0.15, 0.01, 0.4):
+            watch.note(lag)
+        assert not caplog.records  # summed until the report interval has passed
+        watch.report_s = 0.0
+        watch.note(0.003)
+    assert lags == [0.002, 0.15, 0.01, 0.4, 0.003]
+    (record,) = caplog.records
+    assert "model process's event loop was blocked 2 time(s) for 100 ms or more" in record.getMessage()
+    assert "the longest 400 ms" in record.getMessage()
+    caplog.clear()
+    watch.note(0.01)  # nothing since: nothing to say
+    assert not caplog.records and watch.blocks == 0
 
 
 def test_promtool_accepts_config_and_rules() -> None:
