@@ -10,7 +10,7 @@ RECORDS = "records"  # payload: (read at, [(topic, partition, offset, key, value
 ASSIGN = "assign"
 REVOKE = "revoke"  # payload: partition numbers taken away: checkpoint and drop them, answer DONE
 HIGHWATER = "highwater"  # payload: {"topic:partition": next offset the broker will write}
-LOOP_LAG = "loop_lag"  # payload: [seconds, ...] the Faust process's event-loop lags since the last
+LOOP_LAG = "loop_lag"  # payload: [seconds, ...] the Faust process's event-loop lags since its last
 STOP = "stop"  # write pending lists, checkpoint, answer DONE and exit
 # What the model process answers.
 READY = "ready"  # restored and caught up: Faust may start
