@@ -86,8 +86,8 @@ class Ingest:
         self.app.agent(events, name="pushrec.refresh")(self._agent)
         self.app.timer(0.25)(self._watch_model)
         self.app.timer(0.5)(self._watch_idle)
-        self.app.timer(2.0)(self._send_highwater)
-        # The lags are observed in the model process, which serves /metrics (sent with the highwater).
+        self.app.timer(2.0)(self._report_to_model)
+        # The lags are observed in the model process, which serves /metrics (_report_to_model).
         self._loop_lags: deque[float] = deque(maxlen=1000)  # ~20 s of them, if the pipe is full
         self._loop_watch = LoopWatch("faust", self._loop_lags.append, settings.worker.loop_block_s)
         self.app.task(self._loop_watch.run)
@@ -204,7 +204,8 @@ class Ingest:
         self._read_answers()
         self._exit_if_model_ended()
 
-    async def _send_highwater(self) -> None:
+    async def _report_to_model(self) -> None:
+        """The partitions' high watermarks (the model's consumer lag) and this loop's lags."""
         consumer = self.app.consumer
         ends = {}
         for tp in consumer.assignment():

@@ -103,7 +103,8 @@ class BuyingAgain:
     def shares(self, rows: np.ndarray) -> np.ndarray:
         """The smoothed repeat share of each of ``rows`` (0 for an item never bought)."""
         out = np.zeros(len(rows), dtype=np.float64)
-        known = rows[rows < self._purchases.size]
+        counted = rows < self._purchases.size
+        known = rows[counted]
         shop = self._total[1] / self._total[0] if self._total[0] > 0 else 0.0
         # What an item bought a few times borrows: its category's share, else the shop's.
         prior = np.full(len(known), shop)
@@ -112,7 +113,7 @@ class BuyingAgain:
         counts = self._by_category[category[named]]
         prior[named] = (counts[:, 1] + shop) / (counts[:, 0] + 1.0)
         share = (self._repeats[known] + prior) / (self._purchases[known] + 1.0)
-        out[rows < self._purchases.size] = np.where(self._purchases[known] > 0, share, 0.0)
+        out[counted] = np.where(self._purchases[known] > 0, share, 0.0)
         return out
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

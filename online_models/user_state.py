@@ -150,8 +150,9 @@ class UserState:
         wanted = set(listed.tolist())
         own = {}  # the type of each listed row's last event, among the interest's
         for entry in self.interest_entries:
-            if entry >> _SHIFT in wanted:
-                own[entry >> _SHIFT] = _kind(entry)
+            row = entry >> _SHIFT
+            if row in wanted:
+                own[row] = _kind(entry)
         return History(
             rows=np.array(list(dict.fromkeys(reversed(self.session))), dtype=np.int64),
             kinds=self.kinds,

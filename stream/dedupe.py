@@ -124,7 +124,7 @@ class SeenEventIds:
         """Drop every id of the user's events; how many were held."""
         dropped = 0
         for memory in self._seen.values():
-            kept_count = len(memory.live)
+            live_before = len(memory.live)
             for name in ("older", "sealed"):
                 segments = getattr(memory, name)
                 for index, ids in enumerate(segments):
@@ -134,7 +134,7 @@ class SeenEventIds:
                         segments[index] = kept  # a new dict: a frozen view keeps the old one
             for event in [event for event, owner in memory.live.items() if owner == user]:
                 del memory.live[event]  # the live segment is never part of a frozen view
-            dropped += kept_count - len(memory.live)
+            dropped += live_before - len(memory.live)
             memory.count = sum(map(len, memory.sealed)) + len(memory.live)
         return dropped
 
