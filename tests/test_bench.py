@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from infra.latency import STAGES
+from infra.metrics import LATENCY_BUCKETS
 from pushrec.bench import quantile
 from pushrec.demo import SAMPLE_EVENTS
 from tests.conftest import Hermetic
@@ -93,7 +94,11 @@ def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
     assert loads[0.5]["p99_s"] == report["latency_p99_s"]
     for load in loads.values():  # where the slowest events' time went, stage by stage
         split = load["slowest_s"]
-        assert split["total"] >= load["p99_s"] / 2 and split["learn"] > 0 and split["rank"] > 0, split
+        # The slowest 1 %'s mean is at least the true p99, which is at least the lower edge of the
+        # histogram bucket the reported (interpolated) p99 falls in: between 1 and 2.5 s the
+        # interpolation alone can put it at twice the true value.
+        p99_floor = max(edge for edge in (0.0, *LATENCY_BUCKETS) if edge < load["p99_s"])
+        assert split["total"] >= p99_floor and split["learn"] > 0 and split["rank"] > 0, (split, load)
         assert sum(split[stage] for stage in STAGES) == pytest.approx(split["total"], abs=1e-3)
     assert report["bytes_per_user"] > 0 and report["bytes_per_item"] > 0
     checkpoint = report["checkpoints"]["3000"]
