@@ -280,6 +280,11 @@ class Catalogue:
         """The cold rows, sorted."""
         return np.flatnonzero(self.cold)
 
+    @property
+    def packed_cold(self) -> np.ndarray:
+        """The cold rows, unordered (a view: read it before the catalogue changes)."""
+        return self._cold_rows[: self.n_cold]
+
     def is_cold(self, rows: np.ndarray) -> np.ndarray:
         """Whether each of ``rows`` is cold (a row beyond the catalogue is not)."""
         return _flags(self.cold, rows)

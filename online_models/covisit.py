@@ -13,10 +13,10 @@ a reference time, so old rules fade against new ones without touching them.
 >>> for user, items in [("a", [1, 2, 3]), ("b", [1, 2]), ("c", [1, 3])]:
 ...     for n, item in enumerate(items):
 ...         rules.learn_one(items[:n], item, weight=1.0, ts=0.0)
->>> rows, scores, sources = rules.scores([1])
+>>> rows, scores = rules.scores([1])
 >>> dict(zip(rows.tolist(), scores.tolist()))    # 1 -> 2: 1 + 1; 1 -> 3: 1/2 + 1
 {2: 1.0, 3: 0.75}
->>> sources.tolist()
+>>> rules.sources([1], rows.tolist())
 [1, 1]
 """
 
@@ -131,29 +131,39 @@ class CoVisitation:
                 if not rules:
                     del self._rules[source]
 
-    def scores(self, last: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Candidates from the shopper's ``last`` rows (oldest first): their rows, scores in
-        (0, 1] and, for each, the last row that contributed most (for the reason)."""
-        totals: dict[int, float] = {}
-        best: dict[int, tuple[float, int]] = {}
+    def scores(self, last: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates from the shopper's ``last`` rows (oldest first): their rows and scores in
+        (0, 1]."""
+        totals: dict[float, float] = {}  # keyed by the rules' float rows (equal to the ints)
+        get = totals.get
         for distance, source in enumerate(reversed(last), start=1):
             rules = self._rules.get(source)
             if rules is None:
                 continue
-            for target, value in zip(rules[::2], rules[1::2], strict=True):
-                row = int(target)
-                share = value / distance
-                totals[row] = totals.get(row, 0.0) + share
-                if share > best.get(row, (0.0, -1))[0]:
-                    best[row] = (share, source)
+            pairs = rules.tolist()
+            for target, value in zip(pairs[::2], pairs[1::2], strict=True):
+                totals[target] = get(target, 0.0) + value / distance
         for row in last:  # the last items themselves are the recent-interest part's job
             totals.pop(row, None)
         if not totals:
-            return _EMPTY_ROWS, np.empty(0, dtype=np.float64), _EMPTY_ROWS
+            return _EMPTY_ROWS, np.empty(0, dtype=np.float64)
         rows = np.fromiter(totals, dtype=np.int64, count=len(totals))
         values = np.fromiter(totals.values(), dtype=np.float64, count=len(totals))
-        sources = np.fromiter((best[row][1] for row in totals), dtype=np.int64, count=len(totals))
-        return rows, values / values.max(), sources
+        return rows, values / values.max()
+
+    def sources(self, last: Sequence[int], rows: Sequence[int]) -> list[int]:
+        """For each of ``rows`` (candidates of :meth:`scores`), the one of ``last`` whose rule
+        added most to its score (the nearest on a tie): what its reason names."""
+        out = []
+        for row in rows:
+            best, source = 0.0, -1
+            for distance, earlier in enumerate(reversed(last), start=1):
+                rules = self._rules.get(earlier)
+                at = None if rules is None else _value_at(rules, row)
+                if at is not None and (share := rules[at] / distance) > best:  # type: ignore[index]
+                    best, source = share, earlier
+            out.append(source)
+        return out
 
     def _rescale(self, factor: float) -> None:
         for source, rules in self._rules.items():

@@ -86,7 +86,8 @@ class ItemContent:
         self, target: int, session: Collection[int], consumed: Collection[int], score: Callable
     ) -> None:
         """One pairwise (BPR) step on ``weight`` before a positive event is learned: the target
-        against a random item, both scored by ``score(rows)`` (the blend). Text similarity earns
+        against a random item, both scored by ``score(rows)`` (the blend without the text match,
+        which this adds: it has the match already). Text similarity earns
         weight where untouched items do get picked (a shop's new arrivals) and loses it where it
         only pushes ignored items up (a back catalogue nobody rated yet)."""
         other = self._rng.randrange(len(self.mf.items))
@@ -97,7 +98,7 @@ class ItemContent:
         self.add_match(match, session, rows, weight=1.0)
         if match[0] == match[1]:  # neither is cold (or the session has no text): no step
             return
-        scores = score(rows)
+        scores = score(rows) + np.float32(self.weight) * match  # the text term as the blend adds it
         t = int(rows[1] == target)
         margin = float(scores[t] - scores[1 - t])
         step = _WEIGHT_STEP * (match[t] - match[1 - t]) / (1.0 + math.exp(min(margin, 50.0)))
@@ -160,15 +161,13 @@ class ItemContent:
         assert catalogue is not None
         if not catalogue.n_cold or not self.weight:
             return
-        size = min(scores.size, catalogue.cold.size)
-        cold = catalogue.cold[:size]
-        warm = np.where(cold, np.float32(-np.inf), scores[:size])
-        if scores.size > size:  # rows the catalogue never described are warm
-            warm = np.concatenate([warm, scores[size:]])
+        cold = catalogue.packed_cold
+        warm = scores.copy()
+        warm[cold] = -np.inf
         warm[np.fromiter(excluded, dtype=np.int64, count=len(excluded))] = -np.inf
         floor = kth_largest(warm, n)
         reach = self.weight * (1.0 + 1e-5)  # a float cosine may exceed 1 by a rounding error
-        lifted = np.flatnonzero(cold & (scores[:size] + reach >= floor))
+        lifted = np.sort(cold[scores[cold] + reach >= floor])
         if lifted.size > catalogue.n_cold // 4:  # many of them: one product over the cold is cheaper
             self.add_match(scores, session, None)
         elif lifted.size:

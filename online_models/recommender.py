@@ -39,6 +39,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 from types import MappingProxyType
 from typing import Any
@@ -205,9 +206,8 @@ class Recommender:
         if known is not None and content is not None and is_positive(kind, rating):
             query = self._query(user, known)
             if query is not None and len(self.items) >= 2:
-                content.tune_weight(
-                    row, known.session, known.consumed, lambda rows: self._blend(query, known, rows)
-                )
+                blend = partial(self._blend, query, known, text=False)
+                content.tune_weight(row, known.session, known.consumed, blend)
         state = self.users.touch(user)
         previous = state.session
         state.touch(row, kind, ts, kind in CONSUMING_TYPES, self.session_items)
@@ -395,7 +395,8 @@ class Recommender:
         history = state.history(rows)
         out = reasons(rows, history, self.mf.item_matrix(), text, cold, self.content.title)
         if extras is not None:
-            extras.explain(rows.tolist(), out, history, self.content.title)
+            sources = partial(self.covisit.sources, state.session)
+            extras.explain(rows.tolist(), out, history, self.content.title, sources)
         return out
 
     def _related(self, state: UserState) -> Related:

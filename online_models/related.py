@@ -24,7 +24,6 @@ class Related:
 
     covisit_rows: np.ndarray
     covisit_scores: np.ndarray  # (0, 1]
-    covisit_sources: np.ndarray  # the last item each rule came from most
     again_rows: np.ndarray
     again_scores: np.ndarray  # repeat share x (0.5-1 by how often this shopper bought it)
 
@@ -38,33 +37,39 @@ class Related:
         return consumed - set(self.again_rows.tolist()) if len(self.again_rows) else consumed
 
     def explain(
-        self, listed: list[int], out: list[str], history: History, name: Callable[[int], str]
+        self,
+        listed: list[int],
+        out: list[str],
+        history: History,
+        name: Callable[[int], str],
+        sources: Callable[[list[int]], list[int]],
     ) -> None:
-        """Replace the reasons (``out``, one per ``listed`` row) of the rows this put there."""
+        """Replace the reasons (``out``, one per ``listed`` row) of the rows this put there;
+        ``sources(rows)`` names the last item each strong rule came from most."""
         again = set(self.again_rows.tolist())
-        strong = self.covisit_scores >= 0.5
-        targets, sources = self.covisit_rows[strong].tolist(), self.covisit_sources[strong].tolist()
-        after = dict(zip(targets, sources, strict=True))
+        strong = set(self.covisit_rows[self.covisit_scores >= 0.5].tolist())
+        ruled = []
         for k, row in enumerate(listed):
             if row in again:
                 out[k] = RESTOCK.format(name(row))
-            elif row in after and row not in history.own:
-                source = after[row]
-                bought = history.kinds.get(source) == "purchase"
-                out[k] = f"{'often bought after' if bought else 'viewed together with'} {name(source)}"
+            elif row in strong and row not in history.own:
+                ruled.append(k)
+        for k, source in zip(ruled, sources([listed[k] for k in ruled]), strict=True):
+            bought = history.kinds.get(source) == "purchase"
+            out[k] = f"{'often bought after' if bought else 'viewed together with'} {name(source)}"
 
 
 def related(state: UserState, covisit: CoVisitation | None, rebuy: BuyingAgain | None) -> Related:
     """``state``'s rule candidates (``covisit`` None: off) and returning purchases (``rebuy``
     None: off)."""
-    rows, scores, sources = covisit.scores(state.session) if covisit else (_EMPTY_ROWS, _EMPTY, _EMPTY_ROWS)
+    rows, scores = covisit.scores(state.session) if covisit else (_EMPTY_ROWS, _EMPTY)
     again_rows, again = _EMPTY_ROWS, _EMPTY
     if rebuy is not None and state.bought:
         bought, counts = state.purchases()
         shares = rebuy.shares(bought)
         keep = shares >= rebuy.min_share
         again_rows, again = bought[keep], shares[keep] * (0.5 + 0.5 * counts[keep] / counts.max())
-    return Related(rows, scores, sources, again_rows, again)
+    return Related(rows, scores, again_rows, again)
 
 
 def add_at(scores: np.ndarray, rows: np.ndarray | None, touched: np.ndarray, values: np.ndarray) -> None:

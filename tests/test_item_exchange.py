@@ -104,8 +104,8 @@ def test_an_item_only_one_workers_users_touched_reaches_the_other(hermetic: Herm
     # touched, B proposes what A proposes.
     compared = 0
     for item in only_a:
-        rows_a, scores_a, _ = a.covisit.scores([a.items.row(item)])
-        rows_b, scores_b, _ = b.covisit.scores([b.items.row(item)])
+        rows_a, scores_a = a.covisit.scores([a.items.row(item)])
+        rows_b, scores_b = b.covisit.scores([b.items.row(item)])
         got_a = {a.items.ids[r]: v for r, v in zip(rows_a.tolist(), scores_a.tolist(), strict=True)}
         got_b = {b.items.ids[r]: v for r, v in zip(rows_b.tolist(), scores_b.tolist(), strict=True)}
         assert got_a.keys() == got_b.keys()

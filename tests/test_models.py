@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from online_models.covisit import CoVisitation
 from online_models.mf import MAX_FACTOR_NORM, ImplicitMF
 from online_models.pipeline import RefreshPipeline
 from online_models.popularity import Popularity
@@ -312,6 +313,16 @@ def test_a_new_item_borrows_its_categorys_rebuy_share() -> None:
     restored.restore_items(*rec.item_state())
     rows = np.array([rec.items.row("new coffee"), rec.items.row("new sofa")])
     assert restored.rebuy.shares(rows) == pytest.approx(rec.rebuy.shares(rows))
+
+
+def test_a_rules_reason_names_the_last_item_that_added_most_the_nearest_on_a_tie() -> None:
+    rules = CoVisitation(window=3, neighbours=10, half_life_s=1e9)
+    for previous in ([1], [2], [2]):  # 1 -> 3 once, 2 -> 3 twice
+        rules.learn_one(previous, 3, weight=1.0, ts=0.0)
+    rules.learn_one([1], 4, weight=1.0, ts=0.0)
+    assert rules.sources([1, 2], [3, 4]) == [2, 1]  # 3: 2/1 from 2 against 1/2 from 1
+    assert rules.sources([2, 1], [3]) == [1]  # 2/2 from 2 and 1/1 from 1: the nearest, 1
+    assert rules.sources([5], [3]) == [-1]  # no rule from the last items
 
 
 def test_items_that_follow_the_last_one_are_listed_with_their_reason() -> None:
