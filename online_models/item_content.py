@@ -16,7 +16,7 @@ from online_models.content import Catalogue, make_encoder
 from online_models.mf import ImplicitMF
 from online_models.sampling import rng_state, set_rng_state
 from online_models.segments import InterestSegments
-from online_models.topn import kth_largest
+from online_models.topn import kth_largest, top_n
 
 # Step of the online update of ``weight`` (from the runs in docs/quality.md: 0.1 learned too
 # slowly to help the shop with new arrivals, 3 overshot on the back catalogue).
@@ -149,31 +149,37 @@ class ItemContent:
         else:
             scores[where] += w * catalogue.match_rows(profile, rows[where])
 
-    def add_match_to_top(
+    def top_n_with_match(
         self, scores: np.ndarray, session: Collection[int], n: int, excluded: Collection[int]
-    ) -> None:
-        """:meth:`add_match` over every item, for the top ``n`` of ``scores`` but ``excluded``:
-        the same top ``n``, with the text matched only for the cold items it could lift into it.
-        Warm items keep their scores, so the ``n``-th best score after the match is at least the
-        ``n``-th best warm one; a match is a cosine (at most 1), so a cold item more than
-        ``weight`` below that cannot get in. Usually none is close enough."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``top_n`` of ``scores`` after :meth:`add_match` over every item, never an ``excluded``
+        row (``scores`` is the caller's to overwrite), with the text matched only for the cold
+        items it could lift into the top ``n``. Warm items keep their scores, so the ``n``-th
+        best score after the match is at least the ``n``-th best warm one; a match is a cosine
+        (at most 1), so a cold item more than ``weight`` below that cannot get in. Usually none
+        is close enough; the top ``n`` is then among the warm items at or above that floor."""
         catalogue = self.catalogue
         assert catalogue is not None
         if not catalogue.n_cold or not self.weight:
-            return
+            return top_n(scores, n, exclude=excluded, in_place=True)
+        scores[np.fromiter(excluded, dtype=np.int64, count=len(excluded))] = -np.inf
         cold = catalogue.packed_cold
         warm = scores.copy()
         warm[cold] = -np.inf
-        warm[np.fromiter(excluded, dtype=np.int64, count=len(excluded))] = -np.inf
-        floor = kth_largest(warm, n)
+        floor, above = kth_largest(warm, n)
         reach = self.weight * (1.0 + 1e-5)  # a float cosine may exceed 1 by a rounding error
         lifted = np.sort(cold[scores[cold] + reach >= floor])
-        if lifted.size > catalogue.n_cold // 4:  # many of them: one product over the cold is cheaper
+        if floor == -np.inf or lifted.size > catalogue.n_cold // 4:  # one product over the cold
             self.add_match(scores, session, None)
-        elif lifted.size:
+            return top_n(scores, n, exclude=excluded, in_place=True)
+        if lifted.size:
             near = scores[lifted]
             self.add_match(near, session, lifted)
             scores[lifted] = near
+        # As top_n: best first, ties towards the lower row.
+        candidates = np.concatenate([above, lifted])
+        chosen = candidates[np.lexsort((candidates, -scores[candidates]))[:n]]
+        return chosen, scores[chosen]
 
     def segment(self, user: str) -> tuple[int | None, list[str]]:
         """The user's interest segment and its tags (None, [] without a catalogue or factors)."""

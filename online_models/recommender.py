@@ -342,10 +342,11 @@ class Recommender:
             user = tops[at].user_id
             if found is None:
                 scores = self._blend(query, state, extras=extras, text=False)
+                # ``scores`` is a fresh array, so exclusions may be masked in place.
                 if self._text_match:
-                    self.content.add_match_to_top(scores, state.session, n, excluded[i])
-                # ``scores`` is a fresh array, so top_n may mask exclusions in place.
-                rows, values = top_n(scores, n, exclude=excluded[i], in_place=True)
+                    rows, values = self.content.top_n_with_match(scores, state.session, n, excluded[i])
+                else:
+                    rows, values = top_n(scores, n, exclude=excluded[i], in_place=True)
             else:
                 picked, values = top_n(self._blend(query, state, found[i], extras), n, in_place=True)
                 rows = found[i][picked]

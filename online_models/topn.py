@@ -54,11 +54,14 @@ def kth_floor(scores: np.ndarray, k: int) -> float:
     return float(np.partition(scores, scores.size - k)[scores.size - k])
 
 
-def kth_largest(scores: np.ndarray, k: int) -> float:
-    """The ``k``-th largest of ``scores`` (``-inf`` when fewer than ``k`` are finite), without
-    partitioning them all: only those at or above :func:`kth_floor`."""
+def kth_largest(scores: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    """The ``k``-th largest of ``scores`` (``-inf`` when fewer than ``k`` are finite) and the
+    indices of the scores at or above it (ascending), without partitioning them all: only those
+    at or above :func:`kth_floor`."""
     k = min(k, scores.size)
     if k <= 0:
-        return -np.inf
-    top = scores[scores >= kth_floor(scores, k)]
-    return float(np.partition(top, top.size - k)[top.size - k])
+        return -np.inf, np.arange(scores.size)
+    rows = np.flatnonzero(scores >= kth_floor(scores, k))
+    top = scores[rows]
+    kth = float(np.partition(top, top.size - k)[top.size - k])
+    return kth, rows[top >= kth]

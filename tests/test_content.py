@@ -178,10 +178,10 @@ def test_a_list_matches_text_only_where_it_can_change_its_top(band: int, n: int)
         near = rng.choice(cold, size=band, replace=False)
         scores[near] = floor - rng.uniform(0.0, 1.0, size=band)
         session = [int(rng.integers(2000))]  # one item: some cold texts match it closely
-        bounded, every = scores.copy(), scores.copy()
-        content.add_match_to_top(bounded, session, n, excluded)
+        every = scores.copy()
+        got = content.top_n_with_match(scores.copy(), session, n, excluded)
         content.add_match(every, session, None)
-        want, got = top_n(every, n, exclude=excluded), top_n(bounded, n, exclude=excluded)
+        want = top_n(every, n, exclude=excluded)
         assert got[0].tolist() == want[0].tolist()
         np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
 

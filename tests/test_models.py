@@ -68,7 +68,9 @@ def test_top_n_contract(values: list[float], n: int, data: st.DataObject) -> Non
 @given(st.lists(st.floats(-1e6, 1e6) | st.just(-np.inf), min_size=1, max_size=50), st.integers(1, 60))
 def test_kth_largest_is_a_full_sorts(values: list[float], k: int) -> None:
     ordered = sorted(values, reverse=True)
-    assert kth_largest(np.array(values), k) == ordered[min(k, len(values)) - 1]
+    kth, rows = kth_largest(np.array(values), k)
+    assert kth == ordered[min(k, len(values)) - 1]
+    assert rows.tolist() == [i for i, v in enumerate(values) if v >= kth]
 
 
 def test_kth_largest_of_a_large_catalogue_takes_the_sampled_floor_and_stays_exact() -> None:
@@ -77,7 +79,9 @@ def test_kth_largest_of_a_large_catalogue_takes_the_sampled_floor_and_stays_exac
         scores = np.round(rng.normal(size=int(rng.integers(4096, 40_000))), 2).astype(np.float32)
         scores[rng.random(scores.size) < 0.5] = -np.inf  # cold or excluded
         k = int(rng.integers(1, 40))
-        assert kth_largest(scores, k) == np.sort(scores)[-k]
+        kth, rows = kth_largest(scores, k)
+        assert kth == np.sort(scores)[-k]
+        assert rows.tolist() == np.flatnonzero(scores >= kth).tolist()
 
 
 def test_top_n_breaks_ties_by_lower_index() -> None:
