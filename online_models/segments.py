@@ -36,18 +36,26 @@ class InterestSegments:
         self._kmeans = cluster.KMeans(n_clusters=n_segments, halflife=0.02, sigma=0.1, seed=seed)
         self._terms: dict[int, dict[str, float]] = {}
         self._scale: dict[int, float] = {}
-        self._centres: np.ndarray | None = None  # the centres as an array, until the next learn
+        self._centres: np.ndarray | None = None  # the centres as an array (_centre_array)
         self.n_tags = n_tags
 
     def learn_one(self, vector: np.ndarray, terms: Sequence[str]) -> int:
         """Move the nearest centre towards ``vector``; credit ``terms`` to that segment; return it."""
         # The nearest centre before the move is still the nearest after it (it only got closer).
-        segment = self._kmeans.learn_predict_one(dict(enumerate(vector.tolist())))
         centres = self._kmeans.centers
-        if self._centres is not None and all(len(c) == vector.size for c in centres.values()):
-            self._centres[segment] = [centres[segment][i] for i in range(vector.size)]  # only it moved
-        else:  # River draws a centre's coordinates on first use: read them all again
+        if not all(len(c) == vector.size for c in centres.values()):
+            # River draws a centre's coordinates on first use: let it, and read them all again.
+            segment = self._kmeans.learn_predict_one(dict(enumerate(vector.tolist())))
             self._centres = None
+        else:
+            # River's step, in numpy (~7x faster): the same distances summed in the same order
+            # (so the same nearest centre, the first on a tie) and the same move.
+            array = self._centre_array(vector.size)
+            distances = ((array - vector) ** 2).cumsum(axis=1)[:, -1]
+            segment = int(np.argmin(distances))
+            centre = array[segment]
+            centre += self._kmeans.halflife * (vector - centre)
+            centres[segment].update(enumerate(centre.tolist()))
         counts = self._terms.setdefault(segment, {})
         # Decay without touching every term: newer credit is worth 1/_DECAY times more; rescale
         # (and drop terms that faded out) before the numbers grow large.
@@ -65,12 +73,15 @@ class InterestSegments:
 
     def predict_one(self, vector: np.ndarray) -> int:
         """The nearest centre (River's k-means holds them; the distances are taken in numpy)."""
+        return int(np.argmin(((self._centre_array(vector.size) - vector) ** 2).sum(axis=1)))
+
+    def _centre_array(self, dim: int) -> np.ndarray:
+        """The centres as an array (read from River's once, then kept in step with them)."""
         if self._centres is None:
             centres = self._kmeans.centers
-            self._centres = np.array(
-                [[centres[c].get(i, 0.0) for i in range(vector.size)] for c in range(len(centres))]
-            )
-        return int(np.argmin(((self._centres - vector) ** 2).sum(axis=1)))
+            rows = [[centres[c].get(i, 0.0) for i in range(dim)] for c in range(len(centres))]
+            self._centres = np.array(rows)
+        return self._centres
 
     def name(self, vector: np.ndarray) -> tuple[int | None, list[str]]:
         """The nearest segment that has a name, and its tags ((None, []) before any has one).

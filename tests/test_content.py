@@ -206,3 +206,20 @@ def test_the_packed_cold_embeddings_follow_warming_and_checkpoints() -> None:
     assert dict(zip(rows2.tolist(), values2.tolist(), strict=True)) == pytest.approx(
         dict(zip(rows.tolist(), values.tolist(), strict=True))
     )
+
+
+def test_the_segments_learn_exactly_as_rivers_k_means() -> None:
+    """The segments take River's k-means step in numpy: the same nearest centre at every step
+    and the same centres after 3,000 taste vectors, to the last bit."""
+    from river import cluster
+
+    segments = InterestSegments(n_segments=8, seed=5)
+    river = cluster.KMeans(n_clusters=8, halflife=0.02, sigma=0.1, seed=5)
+    rng = np.random.default_rng(2)
+    for _ in range(3000):
+        vector = rng.normal(size=16) * rng.uniform(0.05, 1.0)
+        nearest = river.learn_predict_one(dict(enumerate(vector.tolist())))
+        assert segments.learn_one(vector, ["tea"]) == nearest
+    assert segments.state()["centers"] == {
+        str(c): [[k, v] for k, v in centre.items()] for c, centre in river.centers.items()
+    }
