@@ -102,19 +102,19 @@ class BuyingAgain:
 
     def shares(self, rows: np.ndarray) -> np.ndarray:
         """The smoothed repeat share of each of ``rows`` (0 for an item never bought)."""
-        out = np.zeros(len(rows), dtype=np.float64)
-        counted = rows < self._purchases.size
-        known = rows[counted]
+        if rows.size and rows.max() >= self._purchases.size:  # rows never bought: past the arrays
+            out = np.zeros(len(rows), dtype=np.float64)
+            counted = rows < self._purchases.size
+            out[counted] = self.shares(rows[counted])
+            return out
         shop = self._total[1] / self._total[0] if self._total[0] > 0 else 0.0
         # What an item bought a few times borrows: its category's share, else the shop's.
-        prior = np.full(len(known), shop)
-        category = self._category[known]
-        named = category >= 0
-        counts = self._by_category[category[named]]
-        prior[named] = (counts[:, 1] + shop) / (counts[:, 0] + 1.0)
-        share = (self._repeats[known] + prior) / (self._purchases[known] + 1.0)
-        out[counted] = np.where(self._purchases[known] > 0, share, 0.0)
-        return out
+        category = self._category[rows]
+        counts = self._by_category[category]  # (row -1 reads the last category: not used)
+        prior = np.where(category >= 0, (counts[:, 1] + shop) / (counts[:, 0] + 1.0), shop)
+        purchases = self._purchases[rows]
+        share = (self._repeats[rows] + prior) / (purchases + 1.0)
+        return np.where(purchases > 0, share, 0.0)
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return {}, {"rebuy_purchases": self._purchases.copy(), "rebuy_repeats": self._repeats.copy()}
