@@ -294,8 +294,8 @@ class Catalogue:
         reading only the dimensions ``profile`` has."""
         n, dims = self.n_cold, np.flatnonzero(profile)
         if dims.size > profile.size // 2:  # a dense encoder's profile: every dimension
-            return self._cold_rows[:n], profile @ self._cold_by_dim[:, :n]
-        return self._cold_rows[:n], profile[dims] @ self._cold_by_dim[dims, :n]
+            return self.packed_cold, profile @ self._cold_by_dim[:, :n]
+        return self.packed_cold, profile[dims] @ self._cold_by_dim[dims, :n]
 
     def match_rows(self, profile: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """The dot product of ``rows``' embeddings with ``profile`` (as :meth:`match_cold`)."""

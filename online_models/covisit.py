@@ -159,8 +159,9 @@ class CoVisitation:
             best, source = 0.0, -1
             for distance, earlier in enumerate(reversed(last), start=1):
                 rules = self._rules.get(earlier)
-                at = None if rules is None else _value_at(rules, row)
-                if at is not None and (share := rules[at] / distance) > best:  # type: ignore[index]
+                if rules is None or (at := _value_at(rules, row)) is None:
+                    continue
+                if (share := rules[at] / distance) > best:
                     best, source = share, earlier
             out.append(source)
         return out

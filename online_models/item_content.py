@@ -162,7 +162,8 @@ class ItemContent:
         assert catalogue is not None
         if not catalogue.n_cold or not self.weight:
             return top_n(scores, n, exclude=excluded, in_place=True)
-        scores[np.fromiter(excluded, dtype=np.int64, count=len(excluded))] = -np.inf
+        out = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
+        scores[out] = -np.inf
         cold = catalogue.packed_cold
         warm = scores.copy()
         warm[cold] = -np.inf
@@ -171,7 +172,7 @@ class ItemContent:
         lifted = np.sort(cold[scores[cold] + reach >= floor])
         if floor == -np.inf or lifted.size > catalogue.n_cold // 4:  # one product over the cold
             self.add_match(scores, session, None)
-            return top_n(scores, n, exclude=excluded, in_place=True)
+            return top_n(scores, n, exclude=out, in_place=True)
         if lifted.size:
             near = scores[lifted]
             self.add_match(near, session, lifted)
