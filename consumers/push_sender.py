@@ -62,6 +62,7 @@ from online_models.push_policy import (
     Candidate,
     Decision,
     PushPolicy,
+    RecentScores,
     hour_of_week,
     in_holdout,
 )
@@ -156,6 +157,8 @@ def build_push_policy(settings: Settings) -> PushPolicy:
         quiet_start_hour=push.quiet_start_hour,
         quiet_end_hour=push.quiet_end_hour,
         min_score=push.min_score,
+        min_score_quantile=push.min_score_quantile,
+        score_window=push.score_window,
         visits_per_push=push.visits_per_push,
         away_after_s=push.away_after_s,
         cart_after_s=push.cart_after_s,
@@ -215,6 +218,8 @@ class PushSender:
         self._claim_drops_at = 0.0  # when to look for price drops a crashed sender left
         self._common_hours: dict[int, float] = {}
         self._common_read_at = -math.inf
+        self._recent = RecentScores(self.policy.score_window)  # the group's, read once a minute
+        self._recent_read_at = -math.inf
 
     async def _ensure_group(self) -> None:
         for stream in (self.keys.refreshed(), self.keys.price_drops()):
@@ -452,7 +457,10 @@ class PushSender:
             [t for _, t in recent],
             {item.decode(): t for item, t in pushed},
             self.policy.budget(activity.recent_visits(now)),
+            await self._bar(),
         )
+        if decision.cleared_min_score and decision.score is not None:
+            await self._remember_score(decision.score)
         trigger = decision.trigger or (AWAY if when_away else PRICE_DROP if drop else CART)
         self.metrics.push_decisions.labels(trigger, decision.outcome).inc()
         if decision.outcome != SENT or decision.item is None:
@@ -501,6 +509,25 @@ class PushSender:
             self._common_hours = _hours(await self.client.hgetall(self.keys.push_hours()))
             self._common_read_at = time.monotonic()
         return self._common_hours
+
+    async def _bar(self) -> float:
+        """The recent bar a push must clear: the group's last pushes' scores, read at most once a
+        minute, and this sender's own since."""
+        quantile = self.policy.min_score_quantile
+        if quantile > 0 and time.monotonic() - self._recent_read_at > 60:
+            newest_first = await self.client.lrange(self.keys.push_scores(), 0, self.policy.score_window - 1)
+            self._recent.replace(float(score) for score in reversed(newest_first))
+            self._recent_read_at = time.monotonic()
+        return self._recent.bar(quantile)
+
+    async def _remember_score(self, score: float) -> None:
+        """A push cleared ``min_score``: its score counts in the recent bar, the group's too."""
+        self._recent.add(score)
+        if self.policy.min_score_quantile > 0:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.lpush(self.keys.push_scores(), score)
+                pipe.ltrim(self.keys.push_scores(), 0, self.policy.score_window - 1)
+                await pipe.execute()
 
     async def _deliver_held(self) -> bool:
         """Deliver every held push whose send time has come; whether there was any."""

@@ -18,6 +18,7 @@ PUSH_OUTCOMES = (
     "capped",
     "deduped",
     "below_threshold",
+    "below_recent",
     "quiet_hours",
     "active",
     "holdout",
@@ -26,7 +27,7 @@ PUSH_OUTCOMES = (
 )
 PUSH_ENTRY_RESULTS = ("observed", "already_sent", "outside_segment", "trimmed")
 PUSH_TRIGGERS = ("away", "browse", "cart", "replenishment", "price_drop")
-PUSH_DECISIONS = ("sent", "capped", "deduped", "below_threshold")
+PUSH_DECISIONS = ("sent", "capped", "deduped", "below_threshold", "below_recent")
 LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -130,6 +131,7 @@ class Metrics:
         self.pushes = Counter(
             "pushrec_pushes",
             "What became of pushes: sent (delivered), capped (budget), deduped, below_threshold, "
+            "below_recent (under the recent pushes' bar), "
             "quiet_hours (held to their end), active (shopper back before the send), holdout (the "
             "control group's would-be push, not sent), failed, dead_letter.",
             ["outcome"],

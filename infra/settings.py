@@ -248,6 +248,14 @@ class PushSettings(_Section):
     min_score: float = Field(
         40.0, description="relevance threshold: no push unless an item scores this much (docs/quality.md)"
     )
+    min_score_quantile: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="recent bar: no push unless it scores this quantile of the last score_window pushes "
+        "that cleared min_score (0 = off; docs/quality.md)",
+    )
+    score_window: int = Field(1000, ge=20, description="recent bar: over this many of the last pushes")
     visits_per_push: float = Field(
         7.0, gt=0, description="budget: one more push per cap window per this many recent visits"
     )

@@ -69,6 +69,11 @@ class Keys:
         """Hash: when the user was last active, their recent visits, the hours their visits began."""
         return f"{self.prefix}push:activity:{user}"
 
+    def push_scores(self) -> str:
+        """List: the scores of the last pushes that cleared the relevance threshold, newest first
+        (the recent bar, shared by the senders)."""
+        return f"{self.prefix}push:scores"
+
     def push_hours(self) -> str:
         """Hash: hour of week -> visits begun in it, every user's (the send hour's fallback)."""
         return f"{self.prefix}push:hours"

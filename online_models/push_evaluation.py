@@ -3,8 +3,9 @@
 One model learns the log in time order; two policies push from its lists as they stand:
 
 - ``product``: the push policy (``online_models.push_policy``): a shopper is considered when they
-  have left, their abandoned cart once it is abandoned; a decided push is held until its send
-  time and not sent if the shopper comes back first; a budget that follows their activity.
+  have left, their abandoned cart once it is abandoned; a push must clear ``min_score`` and the
+  recent bar; a decided push is held until its send time and not sent if the shopper comes back
+  first; a budget that follows their activity.
 - ``naive``: the top item of the list at every refresh (every event), as soon as it is ranked,
   under the same cap and dedupe window.
 
@@ -43,6 +44,7 @@ from online_models.push_policy import (
     Activity,
     Candidate,
     PushPolicy,
+    RecentScores,
     hour_of_week,
 )
 from online_models.recommender import POPULAR_REASON, is_positive
@@ -96,6 +98,7 @@ def evaluate_push(
             engaged[ev.user_id, ev.item_id].append(ev.ts)
     product, naive = _Tally(), _Tally()
     naive_policy = replace(policy, min_score=-math.inf)
+    recent = RecentScores(policy.score_window)  # the product policy's recent bar
     activity: dict[str, Activity] = {}
     common: dict[int, float] = defaultdict(float)  # every shopper's visit-start hours
     timers: list[tuple[float, int, int, str, Any]] = []  # (due, kind, seq, user, payload)
@@ -122,7 +125,10 @@ def evaluate_push(
             product.times[user],
             product.last_pushed[user],
             policy.budget(state.recent_visits(now)),
+            recent.bar(policy.min_score_quantile),
         )
+        if decision.cleared_min_score and decision.score is not None:
+            recent.add(decision.score)
         product.outcomes[decision.outcome] += 1
         if decision.outcome != SENT or decision.item is None or decision.trigger is None:
             return

@@ -5,7 +5,9 @@ trigger with an item new to them, ``browse`` with one they looked at, ``replenis
 they buy again), or when an item has sat in their cart ``cart_after_s`` since they left
 (``cart``); never while they are active. The policy
 picks the best-scored item of the trigger's candidates that was not pushed to them within the
-dedupe window and whose score clears ``min_score``, within a budget of pushes per window that
+dedupe window and whose score clears ``min_score`` and the recent bar (``min_score_quantile``
+of the scores of the last ``score_window`` pushes that cleared ``min_score``:
+:class:`RecentScores`), within a budget of pushes per window that
 follows the shopper's activity (``budget``: one a window for a rare visitor, more for a frequent
 one, never more than ``max_per_window``). A decided push is held until the hour of the next day
 the shopper is usually active (``send_time``) and out of the quiet hours. A catalogue price that
@@ -30,8 +32,11 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+
+import numpy as np
 
 from online_models.explain import CART as CART_KIND
 from online_models.explain import NEW, OWN, RESTOCK_KIND, reason_kind
@@ -39,6 +44,7 @@ from online_models.explain import NEW, OWN, RESTOCK_KIND, reason_kind
 # Outcomes of a decision (labels of pushrec_pushes_total); the sender adds delivery outcomes.
 SENT, CAPPED, DEDUPED, QUIET_HOURS = "sent", "capped", "deduped", "quiet_hours"
 BELOW_THRESHOLD = "below_threshold"  # nothing new to the shopper scored min_score or more
+BELOW_RECENT = "below_recent"  # cleared min_score, but under the recent pushes' bar (RecentScores)
 ACTIVE = "active"  # the shopper came back before the held push was due: not sent
 HOLDOUT = "holdout"  # would have been sent, to a shopper of the control group: never sent
 # Triggers (label values, and the notification's "trigger").
@@ -81,6 +87,12 @@ class Decision:
     score: float | None = None
     trigger: str | None = None
 
+    @property
+    def cleared_min_score(self) -> bool:
+        """Whether its best candidate cleared ``min_score`` (sent or not): a score that sets the
+        recent bar (:class:`RecentScores`)."""
+        return self.outcome in (SENT, BELOW_RECENT)
+
 
 @dataclass(frozen=True, slots=True)
 class PushPolicy:
@@ -92,6 +104,10 @@ class PushPolicy:
     quiet_start_hour: int | None = None
     quiet_end_hour: int | None = None
     min_score: float = -math.inf  # relevance threshold (in the model's blended score)
+    # and the recent bar: a push must score at least this quantile of the last score_window
+    # pushes that cleared min_score (0: no bar)
+    min_score_quantile: float = 0.0
+    score_window: int = 1000
     visits_per_push: float = 7.0  # a shopper's budget: one more push a window per this many recent visits
     send_hour_min_visits: int = 3  # fewer visits known: the shoppers' common hour instead
     away_after_s: float = 1800.0  # a shopper this long without an event has left
@@ -146,10 +162,16 @@ class PushPolicy:
         recent_pushes: Sequence[float],
         last_pushed: Mapping[str, float],
         budget: int | None = None,
+        bar: float = -math.inf,
     ) -> Decision:
         """The push for these candidates (best first), or why none: ``recent_pushes`` are the
         shopper's push times, ``last_pushed`` item -> last push time, ``budget`` the pushes
-        allowed per cap window (default ``max_per_window``)."""
+        allowed per cap window (default ``max_per_window``), ``bar`` the recent pushes' bar
+        (:meth:`RecentScores.bar`).
+
+        >>> PushPolicy(min_score=40).choose([Candidate("a", 50.0)], 0.0, [], {}, bar=60.0)
+        Decision(outcome='below_recent', item=None, score=50.0, trigger='away')
+        """
         if self.capped(now, recent_pushes, budget):
             return Decision(CAPPED, None)
         fresh = [c for c in candidates if now - last_pushed.get(c.item, -math.inf) >= self.dedupe_window_s]
@@ -158,6 +180,8 @@ class PushPolicy:
         best = max(fresh, key=lambda c: c.score)
         if best.score < self.min_score:
             return Decision(BELOW_THRESHOLD, None)
+        if best.score < bar:
+            return Decision(BELOW_RECENT, None, best.score, best.trigger)
         return Decision(SENT, best.item, best.score, best.trigger)
 
     @property
@@ -205,6 +229,44 @@ class PushPolicy:
                 best, best_count = ahead, count
         at = now if best == 0 else (now // HOUR_S + best) * HOUR_S
         return self.after_quiet_hours(at)
+
+
+class RecentScores:
+    """The scores of the last ``size`` pushes that cleared ``min_score`` (sent or not), and the
+    bar a push must clear among them: a threshold that follows the shop's own scores, so the
+    policy sends the better share of its chances whatever the scale of the model's scores.
+
+    >>> recent = RecentScores(size=4, min_count=2)
+    >>> recent.bar(0.5)  # too few scores known: no bar
+    -inf
+    >>> for score in (10.0, 20.0, 30.0, 40.0, 50.0):
+    ...     recent.add(score)
+    >>> recent.bar(0.5), recent.bar(0.0)  # the last four: 20, 30, 40, 50
+    (35.0, -inf)
+    """
+
+    def __init__(self, size: int = 1000, min_count: int | None = None) -> None:
+        self.scores: deque[float] = deque(maxlen=size)
+        self.min_count = max(1, size // 20) if min_count is None else min_count
+        self._bar: tuple[float, float] | None = None  # (quantile, bar) until the next change
+
+    def add(self, score: float) -> None:
+        self.scores.append(score)
+        self._bar = None
+
+    def replace(self, scores: Iterable[float]) -> None:
+        """Start again from these scores, oldest first (a sender reading the group's)."""
+        self.scores.clear()
+        self.scores.extend(scores)
+        self._bar = None
+
+    def bar(self, quantile: float) -> float:
+        """The ``quantile`` of the scores kept (-inf when off or fewer than ``min_count``)."""
+        if quantile <= 0 or len(self.scores) < self.min_count:
+            return -math.inf
+        if self._bar is None or self._bar[0] != quantile:
+            self._bar = (quantile, float(np.quantile(np.fromiter(self.scores, float), quantile)))
+        return self._bar[1]
 
 
 @dataclass(slots=True)

@@ -4,7 +4,7 @@ user; and reading it back with the events it is judged against (``pushrec push-r
 A record (JSON; ``online_models.push_report`` reads it):
 ``push_id, user_id, item_id (None when no item was chosen), rank, score, trigger, reason,
 list_version, policy_version, decision (sent, holdout, or why not: capped, below_threshold,
-active, failed, dead_letter), group (treated | holdout), segment, decided_at, delivered_at``
+below_recent, active, failed, dead_letter), group (treated | holdout), segment, decided_at, delivered_at``
 (None unless sent, or, for the holdout, when it would have been sent).
 
 The sender waits for the broker's acknowledgement of a record before it records the push as done

@@ -9,6 +9,7 @@ from types import SimpleNamespace as Ev
 from online_models.push_evaluation import evaluate_push
 from online_models.push_policy import (
     AWAY,
+    BELOW_RECENT,
     BROWSE,
     CAPPED,
     CART,
@@ -18,6 +19,7 @@ from online_models.push_policy import (
     Activity,
     Candidate,
     PushPolicy,
+    RecentScores,
     hour_of_week,
 )
 from online_models.recommender import TopN
@@ -62,6 +64,52 @@ def test_the_send_time_is_the_shoppers_hour_within_a_day_and_never_in_quiet_hour
     quiet = PushPolicy(quiet_start_hour=22, quiet_end_hour=7)
     late = float(calendar.timegm((2027, 3, 1, 23, 30, 0)))
     assert quiet.send_time(late, {}, {}) == float(calendar.timegm((2027, 3, 2, 7, 0, 0)))
+
+
+def test_the_recent_bar_is_a_quantile_of_the_last_scores_that_cleared_the_threshold() -> None:
+    recent = RecentScores(size=5, min_count=3)
+    policy = PushPolicy(min_score=10.0, min_score_quantile=0.5)
+    assert recent.bar(0.5) == float("-inf")
+    for score in (11.0, 12.0, 13.0, 14.0, 15.0, 16.0):
+        recent.add(score)
+    assert recent.bar(0.5) == 14.0  # the last five: 12..16
+    [weak, strong] = [Candidate("w", 13.0), Candidate("s", 14.0)]
+    assert policy.choose([weak], 0.0, [], {}, bar=recent.bar(0.5)).outcome == BELOW_RECENT
+    assert policy.choose([weak, strong], 0.0, [], {}, bar=recent.bar(0.5)).item == "s"
+    recent.replace([1.0, 2.0, 3.0])
+    assert recent.bar(0.5) == 2.0 and recent.bar(0.0) == float("-inf")
+
+
+class PerShopper:
+    """One item per shopper, at a score of the test's choosing."""
+
+    def __init__(self, scores: dict[str, float]) -> None:
+        self.scores = scores
+
+    def learn_one(self, user: str, item: str, kind: str, ts: float, rating: float | None = None) -> None:
+        pass
+
+    def recommend(self, user: str, n: int, explain: bool = False) -> TopN:
+        return TopN(user, [f"for-{user}"], [self.scores[user]], "scripted", ["popular right now"])
+
+
+def test_the_recent_bar_pushes_the_better_share_of_the_chances_at_any_scale() -> None:
+    """40 shoppers, one visit each, an hour apart; their best items score 1..10, shuffled."""
+    users = [f"u{k}" for k in range(40)]
+    log = [Ev(user_id=u, item_id="x", type="click", ts=k * HOUR_S, rating=None) for k, u in enumerate(users)]
+    pushed = {}
+    for scale in (1.0, 1000.0):
+        for quantile in (0.0, 0.5):
+            model = PerShopper({u: scale * (1 + 7 * k % 10) for k, u in enumerate(users)})
+            policy = PushPolicy(learn_send_time=False, min_score_quantile=quantile, score_window=20)
+            report = evaluate_push(log, model, policy)["policies"]["product"]
+            pushed[scale, quantile] = report["pushes"], report["outcomes"].get(BELOW_RECENT, 0)
+    # Every shopper but the last (who leaves after the log's end) has a chance; the bar takes
+    # about half of them whatever the scale of the scores.
+    assert pushed[1.0, 0.0] == pushed[1000.0, 0.0] == (39, 0)
+    assert pushed[1.0, 0.5] == pushed[1000.0, 0.5]
+    sent, below = pushed[1.0, 0.5]
+    assert sent + below == 39 and 15 <= sent <= 25
 
 
 class Scripted:
