@@ -518,7 +518,9 @@ class PushSender:
             newest_first = await self.client.lrange(self.keys.push_scores(), 0, self.policy.score_window - 1)
             self._recent.replace(float(score) for score in reversed(newest_first))
             self._recent_read_at = time.monotonic()
-        return self._recent.bar(quantile)
+        bar = self._recent.bar(quantile)
+        self.metrics.push_score_bar.set(bar)
+        return bar
 
     async def _remember_score(self, score: float) -> None:
         """A push cleared ``min_score``: its score counts in the recent bar, the group's too."""

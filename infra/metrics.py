@@ -191,6 +191,11 @@ class Metrics:
             registry=r,
         )
         self.push_held = Gauge("pushrec_push_held", "Decided pushes waiting for their send time.", registry=r)
+        self.push_score_bar = Gauge(
+            "pushrec_push_score_bar",
+            "The recent bar: the score a push must reach besides min_score (-Inf: none yet, or off).",
+            registry=r,
+        )
         self.push_retries = Counter(
             "pushrec_push_retries",
             "Deliveries to the push gateway tried again (timeout, connection error, 408, 429, 5xx).",

@@ -333,15 +333,17 @@ def test_the_recent_bar_is_shared_by_the_senders_through_redis(hermetic: Hermeti
     Redis: a push must score the median of the last pushes' scores."""
     outbox = tmp_path / "outbox.jsonl"
     bar = {"PUSHREC_PUSH__MIN_SCORE_QUANTILE": "0.5", "PUSHREC_PUSH__SCORE_WINDOW": "20"}
-    outcomes = []
+    outcomes, bars = [], []
     for user, score in (("a", 10.0), ("b", 20.0), ("c", 30.0), ("low", 12.0), ("high", 25.0)):
         asyncio.run(write(hermetic, TopN(user, [f"for-{user}"], [score], "pushrec")))
         sender = run_sender(hermetic, outbox, **bar)
         outcomes.append(sender.metrics.pushes.labels("below_recent")._value.get())
+        bars.append(sender.metrics.push_score_bar._value.get())
     # low: under the median of 10, 20 and 30; high: above that of 10, 20, 30 and 12
     pushed = [orjson.loads(line)["user_id"] for line in outbox.read_bytes().splitlines()]
     assert pushed == ["a", "b", "c", "high"]
     assert outcomes == [0, 0, 0, 1, 0]
+    assert bars == [float("-inf"), 10.0, 15.0, 20.0, 16.0]  # the bar each decision met
     scores = redis.Redis.from_url(hermetic.servers.redis_url).lrange(f"{hermetic.prefix}:push:scores", 0, -1)
     assert [float(s) for s in scores] == [25.0, 12.0, 30.0, 20.0, 10.0]  # newest first, sent or not
 
