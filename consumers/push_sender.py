@@ -595,6 +595,7 @@ class PushSender:
             **dict.fromkeys(_EXPOSED_FIELDS),  # no item, rank, score, reason
             "push_id": push_id,
             "user_id": stored.user_id,
+            "score": decision.score,  # below_recent: the best candidate's, under the bar
             "trigger": trigger,
             "list_version": stored.version,
             "policy_version": self.policy.version,

@@ -2,10 +2,11 @@
 user; and reading it back with the events it is judged against (``pushrec push-report``).
 
 A record (JSON; ``online_models.push_report`` reads it):
-``push_id, user_id, item_id (None when no item was chosen), rank, score, trigger, reason,
-list_version, policy_version, decision (sent, holdout, or why not: capped, below_threshold,
-below_recent, active, failed, dead_letter), group (treated | holdout), segment, decided_at, delivered_at``
-(None unless sent, or, for the holdout, when it would have been sent).
+``push_id, user_id, item_id (None when no item was chosen), rank, score (for below_recent
+the best candidate's, under the bar), trigger, reason, list_version, policy_version, decision
+(sent, holdout, or why not: capped, below_threshold, below_recent, active, failed,
+dead_letter), group (treated | holdout), segment, decided_at, delivered_at`` (None unless sent,
+or, for the holdout, when it would have been sent).
 
 The sender waits for the broker's acknowledgement of a record before it records the push as done
 in Redis, so a crash can repeat a record but not lose one: readers keep the last per push id.

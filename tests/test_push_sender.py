@@ -346,6 +346,8 @@ def test_the_recent_bar_is_shared_by_the_senders_through_redis(hermetic: Hermeti
     assert bars == [float("-inf"), 10.0, 15.0, 20.0, 16.0]  # the bar each decision met
     scores = redis.Redis.from_url(hermetic.servers.redis_url).lrange(f"{hermetic.prefix}:push:scores", 0, -1)
     assert [float(s) for s in scores] == [25.0, 12.0, 30.0, 20.0, 10.0]  # newest first, sent or not
+    [under] = [r for r in exposures(hermetic) if r["decision"] == "below_recent"]
+    assert (under["user_id"], under["item_id"], under["score"]) == ("low", None, 12.0)
 
 
 def test_an_abandoned_cart_gets_its_push_with_its_reason(hermetic: Hermetic, tmp_path: Path) -> None:
