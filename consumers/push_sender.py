@@ -457,9 +457,9 @@ class PushSender:
             [t for _, t in recent],
             {item.decode(): t for item, t in pushed},
             self.policy.budget(activity.recent_visits(now)),
-            await self._bar(),
+            -math.inf if drop is not None else await self._bar(),  # a price drop is news: no bar
         )
-        if decision.cleared_min_score and decision.score is not None:
+        if decision.cleared_min_score and decision.score is not None and drop is None:
             await self._remember_score(decision.score)
         trigger = decision.trigger or (AWAY if when_away else PRICE_DROP if drop else CART)
         self.metrics.push_decisions.labels(trigger, decision.outcome).inc()

@@ -350,6 +350,26 @@ def test_the_recent_bar_is_shared_by_the_senders_through_redis(hermetic: Hermeti
     assert (under["user_id"], under["item_id"], under["score"]) == ("low", None, 12.0)
 
 
+def test_a_price_drop_is_news_that_the_recent_bar_does_not_hold_back(
+    hermetic: Hermetic, tmp_path: Path
+) -> None:
+    outbox = tmp_path / "outbox.jsonl"
+    bar = {"PUSHREC_PUSH__MIN_SCORE_QUANTILE": "0.5", "PUSHREC_PUSH__SCORE_WINDOW": "20"}
+    redis.Redis.from_url(hermetic.servers.redis_url).lpush(f"{hermetic.prefix}:push:scores", *[100.0] * 20)
+    listed = TopN(
+        "gina", ["new", "seen"], [50.0, 45.0], "pushrec", reasons=["because you viewed x", "you viewed it"]
+    )
+    set_prices(hermetic, Item("seen", price=100.0), Item("new", price=10.0))
+    asyncio.run(write(hermetic, listed))
+    left = run_sender(hermetic, outbox, **bar)  # she left: nothing reaches the bar of 100
+    assert left.metrics.pushes.labels("below_recent")._value.get() == 1 and sent(outbox) == []
+    set_prices(hermetic, Item("seen", price=80.0))  # but she watches "seen", which she viewed
+    run_sender(hermetic, outbox, **bar)
+    assert [(p["item_id"], p["trigger"]) for p in sent(outbox)] == [("seen", "price_drop")]
+    scores = redis.Redis.from_url(hermetic.servers.redis_url).lrange(f"{hermetic.prefix}:push:scores", 0, 0)
+    assert scores == [b"50.0"]  # the away decision's score counts in the bar; the drop's does not
+
+
 def test_an_abandoned_cart_gets_its_push_with_its_reason(hermetic: Hermetic, tmp_path: Path) -> None:
     outbox, clock = tmp_path / "outbox.jsonl", Clock(1_800_000_000.0)
     env = {**AWAY_HALF_AN_HOUR, "PUSHREC_PUSH__TRIGGER_CART": "true", "PUSHREC_PUSH__CART_AFTER_S": "14400"}
