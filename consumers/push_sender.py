@@ -457,10 +457,10 @@ class PushSender:
             [t for _, t in recent],
             {item.decode(): t for item, t in pushed},
             self.policy.budget(activity.recent_visits(now)),
-            -math.inf if drop is not None else await self._bar(),  # a price drop is news: no bar
+            await self._bar(),
         )
-        if decision.cleared_min_score and decision.score is not None and drop is None:
-            await self._remember_score(decision.score)
+        if (score := self._recent.note(decision)) is not None:
+            await self._share_score(score)
         trigger = decision.trigger or (AWAY if when_away else PRICE_DROP if drop else CART)
         self.metrics.push_decisions.labels(trigger, decision.outcome).inc()
         if decision.outcome != SENT or decision.item is None:
@@ -522,9 +522,8 @@ class PushSender:
         self.metrics.push_score_bar.set(bar)
         return bar
 
-    async def _remember_score(self, score: float) -> None:
-        """A push cleared ``min_score``: its score counts in the recent bar, the group's too."""
-        self._recent.add(score)
+    async def _share_score(self, score: float) -> None:
+        """A score this sender counted in its recent bar goes to the group's too."""
         if self.policy.min_score_quantile > 0:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.lpush(self.keys.push_scores(), score)

@@ -127,8 +127,7 @@ def evaluate_push(
             policy.budget(state.recent_visits(now)),
             recent.bar(policy.min_score_quantile),
         )
-        if decision.cleared_min_score and decision.score is not None:
-            recent.add(decision.score)
+        recent.note(decision)
         product.outcomes[decision.outcome] += 1
         if decision.outcome != SENT or decision.item is None or decision.trigger is None:
             return

@@ -12,7 +12,8 @@ follows the shopper's activity (``budget``: one a window for a rare visitor, mor
 one, never more than ``max_per_window``). A decided push is held until the hour of the next day
 the shopper is usually active (``send_time``) and out of the quiet hours. A catalogue price that
 falls by ``price_drop_min_share`` or more is pushed (``price_drop``) to the shoppers who looked
-at or carted the item and have it on their list, once they are not active.
+at or carted the item and have it on their list, once they are not active (it is news: it meets
+``min_score`` only, not the recent bar).
 
 The same pure code decides in the push sender (state in Redis) and in ``pushrec evaluate --push``
 (state in memory, on the log's clock).
@@ -86,12 +87,6 @@ class Decision:
     item: str | None
     score: float | None = None
     trigger: str | None = None
-
-    @property
-    def cleared_min_score(self) -> bool:
-        """Whether its best candidate cleared ``min_score`` (sent or not): a score that sets the
-        recent bar (:class:`RecentScores`)."""
-        return self.outcome in (SENT, BELOW_RECENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +162,7 @@ class PushPolicy:
         """The push for these candidates (best first), or why none: ``recent_pushes`` are the
         shopper's push times, ``last_pushed`` item -> last push time, ``budget`` the pushes
         allowed per cap window (default ``max_per_window``), ``bar`` the recent pushes' bar
-        (:meth:`RecentScores.bar`).
+        (:meth:`RecentScores.bar`; a price drop is news and meets ``min_score`` only).
 
         >>> PushPolicy(min_score=40).choose([Candidate("a", 50.0)], 0.0, [], {}, bar=60.0)
         Decision(outcome='below_recent', item=None, score=50.0, trigger='away')
@@ -180,7 +175,7 @@ class PushPolicy:
         best = max(fresh, key=lambda c: c.score)
         if best.score < self.min_score:
             return Decision(BELOW_THRESHOLD, None)
-        if best.score < bar:
+        if best.score < bar and best.trigger != PRICE_DROP:
             return Decision(BELOW_RECENT, None, best.score, best.trigger)
         return Decision(SENT, best.item, best.score, best.trigger)
 
@@ -253,6 +248,15 @@ class RecentScores:
     def add(self, score: float) -> None:
         self.scores.append(score)
         self._bar = None
+
+    def note(self, decision: Decision) -> float | None:
+        """Count ``decision``'s score if its best candidate cleared ``min_score`` (sent or held
+        back by the bar; a price drop's never counts). The score counted, or None."""
+        if decision.outcome not in (SENT, BELOW_RECENT) or decision.trigger == PRICE_DROP:
+            return None
+        assert decision.score is not None  # both outcomes carry it
+        self.add(decision.score)
+        return decision.score
 
     def replace(self, scores: Iterable[float]) -> None:
         """Start again from these scores, oldest first (a sender reading the group's)."""
