@@ -173,6 +173,22 @@ def test_blend_puts_the_users_own_unconsumed_items_first() -> None:
     assert "x" not in top
 
 
+def test_a_round_of_users_ranked_together_gets_the_lists_each_gets_alone() -> None:
+    """A round's users are scored in one matrix product (from 8 of them on); each list is the
+    one ranking that user alone gives (a score may differ in its last bit: BLAS sums the two
+    products in different orders from 20k items on, so the catalogue here is that large)."""
+    rng = np.random.default_rng(7)
+    rec = Recommender(n_factors=16, seed=1, top_n=10)
+    for t in range(24_000):
+        rec.learn_one(f"u{rng.integers(60)}", f"i{t}", "click", float(t))
+    users = [f"u{k}" for k in range(60)] + ["stranger"]
+    together = rec.recommend_many(users, explain=True)
+    for top in together:
+        alone = rec.recommend(top.user_id, explain=True)
+        assert (top.items, top.reasons) == (alone.items, alone.reasons)
+        assert top.scores == pytest.approx(alone.scores, rel=1e-6)
+
+
 def test_settings_defaults_are_the_recommenders_defaults() -> None:
     import inspect
 
