@@ -120,3 +120,32 @@ def test_any_json_object_parses_or_raises_bad_event(obj: dict) -> None:
         assert bad.reason in set(Reason)
     else:
         assert decode_event(encode_event(event)) == event
+
+
+def test_a_paced_replay_keeps_its_rate_and_sleeps_once_per_tick_not_per_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 10,000 events a second for 1,000 events (a fake clock: sending one takes 20 µs), the
+    replay ends on time and sleeps about once per 2 ms, not once per event."""
+    from stream import replay
+
+    clock = {"now": 0.0, "sleeps": 0}
+
+    def monotonic() -> float:
+        clock["now"] += 20e-6
+        return clock["now"]
+
+    def sleep(seconds: float) -> None:
+        clock["now"] += seconds
+        clock["sleeps"] += 1
+
+    monkeypatch.setattr(replay.time, "monotonic", monotonic)
+    monkeypatch.setattr(replay.time, "sleep", sleep)
+    pacing = replay.Pacing(rate=10_000)
+    sent_at = []
+    for _ in range(1000):
+        pacing.wait(0.0)
+        sent_at.append(clock["now"])
+    assert sent_at[-1] >= 999 / 10_000 - replay._TICK_S  # not ahead of its rate by more than a tick
+    assert sent_at[-1] <= 0.1 + 0.01
+    assert 25 <= clock["sleeps"] <= 0.1 / replay._TICK_S + 1
