@@ -189,9 +189,14 @@ class WorkerSettings(_Section):
     """Micro-batching of the Faust agent, re-ranking, the group's item state."""
 
     batch_max: int = Field(500, ge=1, description="events per micro-batch at most")
-    batch_within_s: float = Field(0.05, gt=0, description="wait at most this for a batch to fill")
+    batch_within_s: float = Field(
+        0.02,
+        gt=0,
+        description="wait at most this for a batch to fill (a backlog fills them at once; at a steady "
+        "rate, half of it is every event's wait)",
+    )
     refresh_max_delay_s: float = Field(
-        0.5,
+        0.25,
         ge=0,
         description="when behind (more records already waiting), re-rank touched users at most this "
         "often instead of after every batch; 0 = after every batch",
