@@ -450,11 +450,10 @@ class Recommender:
         return scores
 
     def _base_scores(self, queries: np.ndarray) -> np.ndarray:
-        """The part of the blend every user shares the form of, for every item: factors and
-        popularity, one row per query, in one matrix product (it reads the item matrix once,
-        instead of once per user: at 35k items 15-28 µs a user instead of 50). BLAS sums it in
-        another order than a single user's product, so a score may differ in its last bit
-        (1e-7 relative) from the one :meth:`_blend` gives."""
+        """The factor and popularity parts of the blend for every item, one row per query, in
+        one matrix product: it reads the item matrix once instead of once per user (at 35k
+        items 15-28 µs a user instead of 50). BLAS sums it in another order than one user's
+        product, so a score may differ in its last bit (1e-7 relative) from :meth:`_blend`'s."""
         scores = queries @ self.mf.item_matrix().T
         if self.popularity_weight:
             for row in scores:
