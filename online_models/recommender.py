@@ -78,17 +78,24 @@ MODEL_NAME = "pushrec"
 POPULARITY = "popularity"
 
 log = logging.getLogger(__name__)
-# A round of this many users or more scores every item for up to 32 of them at a time in one
-# matrix product (below 8, BLAS's packing of the item matrix costs more than it saves; 32 rows
-# of 100k items, the most the exact path scores, are 12.8 MB).
-_ONE_PRODUCT_FROM, _ONE_PRODUCT_MAX = 8, 32
+# A round of this many users or more scores every item in one matrix product per up to 32 of
+# them (below 8, BLAS's packing of the item matrix costs more than it saves), while their scores
+# fit in _ONE_PRODUCT_BYTES: the exact path also runs over a million items while the index is
+# being built, or without the [ann] extra.
+_ONE_PRODUCT_FROM, _ONE_PRODUCT_MAX, _ONE_PRODUCT_BYTES = 8, 32, 16 * 2**20
 
 
-def _together(users: int) -> int:
-    """How many of a round's ``users`` share a product (even chunks); 0: each on their own."""
-    if users < _ONE_PRODUCT_FROM:
+def _together(users: int, items: int) -> int:
+    """How many of a round's ``users`` share a product over ``items`` (even chunks); 0: each on
+    their own.
+
+    >>> _together(7, 35_000), _together(33, 35_000), _together(100, 100_000), _together(100, 1_000_000)
+    (0, 17, 25, 0)
+    """
+    most = min(_ONE_PRODUCT_MAX, _ONE_PRODUCT_BYTES // (4 * max(items, 1)))
+    if users < _ONE_PRODUCT_FROM or most < _ONE_PRODUCT_FROM:
         return 0
-    return math.ceil(users / math.ceil(users / _ONE_PRODUCT_MAX))
+    return math.ceil(users / math.ceil(users / most))
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +356,7 @@ class Recommender:
             queries = np.stack([query for _, _, query, _ in known])
             owns = [[*state.interest_rows, *extras.rows] for _, state, _, extras in known]
             found = self.candidates.rows(index, queries, n, owns, excluded)
-        together = _together(len(known)) if found is None else 0
+        together = _together(len(known), len(self.items)) if found is None else 0
         for i, (at, state, query, extras) in enumerate(known):
             user = tops[at].user_id
             if found is None:
