@@ -47,6 +47,7 @@ class CoVisitation:
         # What learning added since tracking started or the last take, as (source, target, value)
         # triples at this model's scale (see take_changes); None: not tracking.
         self._tracked: array[float] | None = None
+        self.version = 0  # counts changes of the rules: what a memo of their scores keys on
 
     def __len__(self) -> int:
         return len(self._rules)
@@ -70,6 +71,7 @@ class CoVisitation:
                     tracked.extend((earlier, row, scaled / distance))
 
     def _add(self, source: int, target: int, value: float) -> None:
+        self.version += 1
         rules = self._rules.get(source)
         if rules is None:
             self._rules[source] = array("d", (target, value))
@@ -119,6 +121,7 @@ class CoVisitation:
         """Take back what learning added since the last take (the group holds it already)."""
         if not self._tracked:
             return
+        self.version += 1
         pairs, values = _summed(self._tracked)
         self._tracked = array("d")
         for (source, target), value in zip(pairs.tolist(), values.tolist(), strict=True):
@@ -167,6 +170,7 @@ class CoVisitation:
         return out
 
     def _rescale(self, factor: float) -> None:
+        self.version += 1
         for source, rules in self._rules.items():
             self._rules[source] = array("d", (np.array(rules).reshape(-1, 2) * (1.0, factor)).tobytes())
         if self._tracked:
@@ -185,6 +189,7 @@ class CoVisitation:
 
     def restore(self, meta: dict[str, Any] | None, arrays: dict[str, np.ndarray]) -> None:
         """Load :meth:`state` (rows as the item index restored with it numbers them)."""
+        self.version += 1
         self._rules, self._t_ref = {}, (meta or {}).get("t_ref")
         if meta and "rules" in meta:  # a checkpoint of pushrec 2026-12-01 (rules as JSON lists)
             for source, rows, values in meta["rules"]:

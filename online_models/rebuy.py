@@ -52,6 +52,7 @@ class BuyingAgain:
         self._category = np.full(1024, -1, dtype=np.int64)
         self._category_ids: dict[str, int] = {}
         self._by_category = np.zeros((16, 2), dtype=np.float64)
+        self.version = 0  # counts changes of the counts: what a memo of shares keys on
 
     def track_changes(self) -> None:
         """From now on remember every purchase learned (take_changes)."""
@@ -63,6 +64,8 @@ class BuyingAgain:
 
     def discard_changes(self) -> None:
         """Take back the purchases learned since the last take (the group holds them already)."""
+        if self._tracked:
+            self.version += 1
         for row, again in self._tracked or []:
             self._purchases[row] -= 1.0
             self._repeats[row] -= float(again)
@@ -74,6 +77,7 @@ class BuyingAgain:
     def learn_one(self, row: int, again: bool, share: bool = True) -> None:
         """A purchase of ``row``; ``again``: the shopper had bought it before; ``share=False``
         for one another worker learned."""
+        self.version += 1
         if share and self._tracked is not None:
             self._tracked.append((row, again))
         if row >= self._purchases.size:
@@ -120,6 +124,7 @@ class BuyingAgain:
         return {}, {"rebuy_purchases": self._purchases.copy(), "rebuy_repeats": self._repeats.copy()}
 
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.version += 1
         if "rebuy_purchases" in arrays:
             self._purchases = np.array(arrays["rebuy_purchases"], dtype=np.float64)
             self._repeats = np.array(arrays["rebuy_repeats"], dtype=np.float64)

@@ -175,6 +175,7 @@ class Recommender:
         self.covisit = CoVisitation(covisit_window, covisit_neighbours, covisit_half_life_s)
         self.rebuy_weight = rebuy_weight
         self.rebuy = BuyingAgain(rebuy_min_share, lambda row: self.content.category(row))
+        self._last_related: tuple[tuple[bytes, bytes, int, int], Related] | None = None
         self.users = UserTable(self.mf, self.items, session_items, recent_half_life_s)
         self.candidates = Candidates(
             self.mf, self.popularity, ann_min_items, ann_expansion, ann_pending_max, ann_background
@@ -426,9 +427,23 @@ class Recommender:
         return out
 
     def _related(self, state: UserState) -> Related:
-        return related(
+        """``state``'s rule candidates and returning purchases. The last answer is kept while the
+        shopper's last items and purchases, the rules and the repeat counts stay the same: a
+        replay (``evaluate``) ranks a shopper and then learns their event, whose text weight
+        step (with a catalogue) needs them again."""
+        key = (
+            state.entries.tobytes(),
+            state.bought.tobytes() if state.bought else b"",
+            self.covisit.version if self.covisit_weight else -1,
+            self.rebuy.version if self.rebuy_weight else -1,
+        )
+        if self._last_related is not None and self._last_related[0] == key:
+            return self._last_related[1]
+        extras = related(
             state, self.covisit if self.covisit_weight else None, self.rebuy if self.rebuy_weight else None
         )
+        self._last_related = key, extras
+        return extras
 
     def _query(self, user: str, state: UserState) -> np.ndarray | None:
         """The user's vector plus the session part, or None for a user without factors."""

@@ -358,3 +358,35 @@ def test_items_that_follow_the_last_one_are_listed_with_their_reason() -> None:
     top = rec.recommend("me", 3, explain=True)
     assert top.items[:2] == ["kettle", "teapot"]  # own interest first, then what follows it
     assert top.reasons[1] == "viewed together with kettle"
+
+
+def test_a_list_reads_the_rules_and_repeat_counts_learned_since_the_last_one() -> None:
+    """A shopper's rule candidates and returning purchases are kept from one list to the next
+    (a replay ranks a shopper, then learns their event), never past a change: rules other
+    shoppers teach, repeat purchases, and a restored item state all show in the next list."""
+
+    def me() -> Recommender:
+        rec = Recommender(n_factors=4, seed=0, popularity_weight=0.0)
+        rec.learn_one("me", "coffee", "purchase", ts=60.0)
+        rec.learn_one("me", "kettle", "view", ts=120.0)
+        return rec
+
+    def reason(rec: Recommender, item: str) -> str | None:
+        top = rec.recommend("me", 5, explain=True)
+        return top.reasons[top.items.index(item)] if item in top.items else None
+
+    rec, stale = me(), me()
+    assert reason(rec, "teapot") is None and reason(rec, "coffee") is None
+    for n in range(3):  # rules only (views): kettle -> teapot
+        rec.learn_one(f"s{n}", "kettle", "view", ts=200.0 + n)
+        rec.learn_one(f"s{n}", "teapot", "view", ts=210.0 + n)
+    assert reason(rec, "teapot") == "viewed together with kettle"
+    assert reason(rec, "coffee") is None
+    for n in range(3):  # repeat purchases only: no rule from an item to itself
+        rec.learn_one(f"t{n}", "coffee", "purchase", ts=300.0 + n)
+        rec.learn_one(f"t{n}", "coffee", "purchase", ts=310.0 + n)
+    assert reason(rec, "coffee") == "time to restock coffee?"
+    assert reason(stale, "teapot") is None and reason(stale, "coffee") is None
+    stale.restore_items(*rec.item_state())
+    assert reason(stale, "teapot") == "viewed together with kettle"
+    assert reason(stale, "coffee") == "time to restock coffee?"
