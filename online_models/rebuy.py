@@ -2,12 +2,13 @@
 
 Per item, how many purchases there were and how many of them repeated an earlier purchase by
 the same shopper; the same per category, for items whose category the catalogue names. An item
-a shopper bought comes back into their list when its repeat share is at least ``min_share``
-(coffee, milk); otherwise it stays out once bought (a sofa). Its score grows with the share and
-with how often this shopper bought it. An item bought a few times borrows its category's share,
-or the shop's: its share is (repeats + s) / (purchases + 1), where s is the category's share
-(repeats + shop's) / (purchases + 1), or without a category the share of all purchases that
-repeat one (a grocer's once-bought milk may come back; its once-bought sofa not).
+a shopper bought once comes back into their list when its repeat share is at least ``min_share``
+(coffee, milk); otherwise it stays out (a sofa). One they bought n times comes back with their
+own chance, (n - 1 + share) / n (``online_models.related``). An item bought a few times borrows
+its category's share, or the shop's: its share is (repeats + s) / (purchases + 1), where s is
+the category's share (repeats + shop's) / (purchases + 1), or without a category the share of
+all purchases that repeat one (a grocer's once-bought milk may come back; its once-bought sofa
+not).
 
 >>> again = BuyingAgain(min_share=0.3)
 >>> for shopper_bought_before in [False, True, False, True, True]:

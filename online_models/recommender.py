@@ -12,9 +12,10 @@ For a known user ``u``, every item ``i`` of the catalogue is scored
 ``own(u, i)`` is the user's decayed, type-weighted interest in an item they touched (viewed,
 clicked, put in the cart) and did not consume. ``rules`` are the items shoppers engaged with
 after the user's last items (``online_models.covisit``, scaled to at most 1); ``again`` is, for
-an item the user bought that shoppers often buy again, its repeat share (``online_models.rebuy``)
-times how often this user bought it relative to their most bought item (from 0.5 to 1). A
-consumed item is never listed, but for such repeat-bought ones.
+an item the user bought, their chance of buying it again: of their n purchases of it, the n - 1
+that repeated one, with the item's repeat share among all shoppers (``online_models.rebuy``)
+counted as one more, (n - 1 + share) / n. A consumed item is never listed, but for those whose
+chance is at least ``rebuy_min_share``.
 
 With a catalogue (:meth:`Recommender.add_items`), items nobody touched yet get factors
 predicted from their text and a learned text-match term

@@ -25,7 +25,7 @@ class Related:
     covisit_rows: np.ndarray
     covisit_scores: np.ndarray  # (0, 1]
     again_rows: np.ndarray
-    again_scores: np.ndarray  # repeat share x (0.5-1 by how often this shopper bought it)
+    again_scores: np.ndarray  # this shopper's chance of buying it again, (0, 1]
 
     @property
     def rows(self) -> list[int]:
@@ -66,9 +66,12 @@ def related(state: UserState, covisit: CoVisitation | None, rebuy: BuyingAgain |
     again_rows, again = _EMPTY_ROWS, _EMPTY
     if rebuy is not None and state.bought:
         bought, counts = state.purchases()
-        shares = rebuy.shares(bought)
-        keep = shares >= rebuy.min_share
-        again_rows, again = bought[keep], shares[keep] * (0.5 + 0.5 * counts[keep] / counts.max())
+        # This shopper's chance of buying each again: of their purchases of it, all but the first
+        # repeated one; the item's repeat share counts as one more purchase (their first
+        # purchase of an item scores its share; a second, at least one half).
+        chance = (counts - 1 + rebuy.shares(bought)) / counts
+        keep = chance >= rebuy.min_share
+        again_rows, again = bought[keep], chance[keep]
     return Related(rows, scores, again_rows, again)
 
 

@@ -307,6 +307,28 @@ def test_a_bought_item_comes_back_when_shoppers_buy_it_again() -> None:
     assert "coffee" not in rec.recommend("me", 5).items
 
 
+def test_a_shopper_who_rebuys_an_item_gets_it_back_though_most_buy_it_once() -> None:
+    """Sixty shoppers buy tea once; tea's repeat share (~0.03) is under the 0.05 floor. A shopper
+    who bought it three times has their own chance, (2 + share) / 3, of buying it again: it
+    comes back for them, and not for a shopper who bought it once."""
+    rec = Recommender(n_factors=4, seed=0)
+    t = 0.0
+    for n in range(60):
+        for item in ("tea", f"filler{n}"):
+            t += 60.0
+            rec.learn_one(f"s{n}", item, "purchase", ts=t)
+    for shopper, times in (("loyal", 3), ("once", 1)):
+        for _ in range(times):
+            t += 60.0
+            rec.learn_one(shopper, "tea", "purchase", ts=t)
+        rec.learn_one(shopper, "filler0", "view", ts=t + 30.0)
+    assert rec.rebuy.shares(np.array([rec.items.row("tea")]))[0] < rec.rebuy.min_share
+    loyal = rec.recommend("loyal", 5, explain=True)
+    assert "tea" in loyal.items
+    assert loyal.reasons[loyal.items.index("tea")] == "time to restock tea?"
+    assert "tea" not in rec.recommend("once", 5).items
+
+
 def test_a_new_item_borrows_its_categorys_rebuy_share() -> None:
     """Coffee is bought again by every shopper, sofas never. A shopper who buys a coffee and a
     sofa nobody bought before gets the coffee back, not the sofa: each borrows its category's
