@@ -62,10 +62,11 @@ def test_a_new_item_is_listed_before_it_is_indexed() -> None:
     rec.build_index()
     index = rec.approximate_index
     assert index is not None and index.pending == 0
-    # An item arrives with factors right on the user's direction (as a cold-start prediction would).
+    # An item arrives with factors right on the user's direction (as a cold-start prediction
+    # would), long enough to outscore the rest of their list (what they re-buy scores up to 50).
     query = rec.user_query(user)
     assert query is not None
-    rec.mf.seed_items(["moved"], [10 * query / np.linalg.norm(query)])
+    rec.mf.seed_items(["moved"], [30 * query / np.linalg.norm(query)])
     assert rec.recommend(user).items[0] == rec.recommend(user, exact=True).items[0] == "moved"
     assert len(index) == 30_000 and index.pending == 1  # found among the pending rows, not the graph
 
@@ -106,7 +107,7 @@ def test_a_background_re_index_keeps_its_rows_candidates_until_they_are_in_the_g
     gate = index._lock = _Gate()  # type: ignore[assignment]
     query = rec.user_query(user)
     assert query is not None
-    rec.mf.seed_items(["moved"], [10 * query / np.linalg.norm(query)])  # the user's best item
+    rec.mf.seed_items(["moved"], [30 * query / np.linalg.norm(query)])  # the user's best item
     # The list starts the re-index of the new row, which waits for the graph: the row is a
     # candidate all the same.
     assert rec.recommend(user).items[0] == "moved"
