@@ -315,6 +315,7 @@ class Recommender:
 
     def forget(self, user: str) -> bool:
         """Erase the user's history and factors; False if the model never saw them."""
+        self._last_related = None  # it may hold their last items and purchases
         return self.users.drop([user])
 
     def recommend(self, user: str, n: int | None = None, exact: bool = False, explain: bool = False) -> TopN:
