@@ -20,6 +20,7 @@ and ``minilm`` (the pretrained sentence-transformer all-MiniLM-L6-v2, shipped of
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from collections.abc import Iterable, Sequence
@@ -200,23 +201,18 @@ class Catalogue:
     def __init__(self, encoder: TextEncoder, n_factors: int, learning_rate: float = 0.1) -> None:
         self.encoder = encoder
         self.projection = ContentProjection(encoder.dim, n_factors, learning_rate)
-        # Stored dimension by dimension (dim x rows): a list's text match reads, for every item,
-        # only the dimensions the user's profile has (a hashed title has ~12 of 256).
-        self._by_dim = np.zeros((encoder.dim, 1024), dtype=np.float32)
+        self.embeddings = np.zeros((1024, encoder.dim), dtype=np.float32)  # rows x dim
         self.has = np.zeros(1024, dtype=bool)
         self.cold = np.zeros(1024, dtype=bool)  # by row: content, and no factors learned yet
         # The cold rows' embeddings again, packed (dim x n_cold, in ``_cold_rows`` order) so that a
-        # list matches only them: a catalogue warms up as the stream touches it.
+        # list matches only them (a catalogue warms up as the stream touches it), and stored
+        # dimension by dimension: the match reads only the dimensions the user's profile has (a
+        # hashed title has ~12 of 256).
         self._cold_by_dim = np.zeros((encoder.dim, 1024), dtype=np.float32)
         self._cold_rows = np.zeros(1024, dtype=np.int64)
         self._cold_at: dict[int, int] = {}  # row -> its column in _cold_by_dim
         self.titles: dict[int, str] = {}
         self.categories: dict[int, str] = {}
-
-    @property
-    def embeddings(self) -> np.ndarray:
-        """Rows x dim (a view: writes go to the store)."""
-        return self._by_dim.T
 
     def add(
         self, rows: Sequence[int], titles: Sequence[str | None], categories: Sequence[str | None]
@@ -260,7 +256,7 @@ class Catalogue:
                     grown = np.zeros_like(self._cold_by_dim)
                     self._cold_by_dim = np.concatenate([self._cold_by_dim, grown], axis=1)
                 self._cold_rows[at] = row
-            self._cold_by_dim[:, at] = self._by_dim[:, row]
+            self._cold_by_dim[:, at] = self.embeddings[row]
 
     def warm(self, row: int) -> bool:
         """The row is about to get learned factors; True if it was cold."""
@@ -297,21 +293,29 @@ class Catalogue:
             return self.packed_cold, profile @ self._cold_by_dim[:, :n]
         return self.packed_cold, profile[dims] @ self._cold_by_dim[dims, :n]
 
+    def is_cold_row(self, row: int) -> bool:
+        return row in self._cold_at
+
+    def match_one(self, profile: np.ndarray, row: int) -> float:
+        """The text match of one row: ``profile`` · its embedding if it is cold, else 0."""
+        return float(self.embeddings[row] @ profile) if row in self._cold_at else 0.0
+
     def match_rows(self, profile: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """The dot product of ``rows``' embeddings with ``profile`` (as :meth:`match_cold`)."""
         dims = np.flatnonzero(profile)
         if dims.size > profile.size // 2:
             return self.embeddings[rows] @ profile  # type: ignore[no-any-return]
-        return profile[dims] @ self._by_dim[np.ix_(dims, rows)]  # type: ignore[no-any-return]
+        return profile[dims] @ self.embeddings[np.ix_(rows, dims)].T  # type: ignore[no-any-return]
 
     def profile(self, rows: Iterable[int]) -> np.ndarray | None:
         """The normalised mean embedding of those rows that have content (None if none has)."""
-        known = [row for row in rows if self.knows(row)]
+        has = self.has
+        known = [row for row in rows if row < has.size and has[row]]
         if not known:
             return None
-        mean = self.embeddings[known].mean(axis=0)
-        norm = float(np.linalg.norm(mean))
-        return mean / norm if norm > 0 else None
+        total = self.embeddings[known].sum(axis=0)  # the mean's direction
+        norm = math.sqrt(float(total @ total))
+        return total / np.float32(norm) if norm > 0 else None
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """Embeddings of ``rows``; a zero vector for a row without content (an item the stream
@@ -374,8 +378,8 @@ class Catalogue:
         size = self.has.size
         if rows > size:
             grown = max(rows, 2 * size)
-            self._by_dim = np.concatenate(
-                [self._by_dim, np.zeros((self.encoder.dim, grown - size), dtype=np.float32)], axis=1
+            self.embeddings = np.concatenate(
+                [self.embeddings, np.zeros((grown - size, self.encoder.dim), dtype=np.float32)]
             )
             self.has = np.concatenate([self.has, np.zeros(grown - size, dtype=bool)])
             self.cold = np.concatenate([self.cold, np.zeros(grown - size, dtype=bool)])

@@ -93,16 +93,22 @@ class ItemContent:
         other = self._rng.randrange(len(self.mf.items))
         if other == target or other in consumed:
             return
-        rows = np.array(sorted((target, other)), dtype=np.int64)
-        match = np.zeros(2, dtype=np.float32)
-        self.add_match(match, session, rows, weight=1.0)
-        if match[0] == match[1]:  # neither is cold (or the session has no text): no step
+        catalogue = self.catalogue
+        assert catalogue is not None
+        if not (catalogue.is_cold_row(target) or catalogue.is_cold_row(other)):
+            return  # neither has a text match: no step
+        profile = catalogue.profile(session)
+        if profile is None:
             return
-        scores = score(rows) + np.float32(self.weight) * match  # the text term as the blend adds it
-        t = int(rows[1] == target)
-        margin = float(scores[t] - scores[1 - t])
-        step = _WEIGHT_STEP * (match[t] - match[1 - t]) / (1.0 + math.exp(min(margin, 50.0)))
-        self.weight = max(0.0, self.weight + float(step))
+        match_target, match_other = catalogue.match_one(profile, target), catalogue.match_one(profile, other)
+        if match_target == match_other:
+            return
+        first, second = score(np.array(sorted((target, other)), dtype=np.int64)).tolist()
+        score_target, score_other = (first, second) if target < other else (second, first)
+        # The text term as the blend adds it.
+        margin = score_target - score_other + self.weight * (match_target - match_other)
+        step = _WEIGHT_STEP * (match_target - match_other) / (1.0 + math.exp(min(margin, 50.0)))
+        self.weight = max(0.0, self.weight + step)
 
     def warm_start(self, names: Sequence[str]) -> None:
         """A cold item about to be learned starts from its predicted factors, not random ones."""
@@ -164,19 +170,21 @@ class ItemContent:
             return top_n(scores, n, exclude=excluded, in_place=True)
         out = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
         scores[out] = -np.inf
-        cold = catalogue.packed_cold
-        warm = scores.copy()
-        warm[cold] = -np.inf
-        floor, above = kth_largest(warm, n)
+        floor, above = kth_largest(scores, n)
+        if catalogue.is_cold(above).any():  # usually the best n before the match are all warm
+            warm = scores.copy()
+            warm[catalogue.packed_cold] = -np.inf
+            floor, above = kth_largest(warm, n)
         reach = self.weight * (1.0 + 1e-5)  # a float cosine may exceed 1 by a rounding error
-        lifted = np.sort(cold[scores[cold] + reach >= floor])
+        near = np.flatnonzero(scores >= floor - reach)
+        lifted = near[catalogue.is_cold(near)]
         if floor == -np.inf or lifted.size > catalogue.n_cold // 4:  # one product over the cold
             self.add_match(scores, session, None)
             return top_n(scores, n, exclude=out, in_place=True)
         if lifted.size:
-            near = scores[lifted]
-            self.add_match(near, session, lifted)
-            scores[lifted] = near
+            matched = scores[lifted]
+            self.add_match(matched, session, lifted)
+            scores[lifted] = matched
         # As top_n: best first, ties towards the lower row.
         candidates = np.concatenate([above, lifted])
         chosen = candidates[np.lexsort((candidates, -scores[candidates]))[:n]]

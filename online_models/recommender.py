@@ -223,17 +223,15 @@ class Recommender:
         if content is not None:
             content.observe(row)
         known = self.users.get(user)
-        if known is not None and content is not None and is_positive(kind, rating):
-            query = self._query(user, known)
-            if query is not None and len(self.items) >= 2:
-                blend = partial(self._blend, query, known, text=False)
-                content.tune_weight(row, known.session, known.consumed, blend)
+        positive = is_positive(kind, rating)
+        if content is not None and positive and known is not None and user in self.mf:  # (has a query)
+            content.tune_weight(row, known.session, known.consumed, partial(self._blend_of, user, known))
         state = self.users.touch(user)
         previous = state.session
         state.touch(row, kind, ts, kind in CONSUMING_TYPES, self.session_items)
         if kind == "purchase" and self.rebuy_weight:  # weight 0: not listed, so not learned
             self.rebuy.learn_one(row, state.buy(row))
-        if not is_positive(kind, rating):
+        if not positive:
             return
         weight = self.type_weights.get(kind, 1.0)
         if kind == "rating" and rating is not None:  # 0-5 stars (the codec refuses the rest)
@@ -472,6 +470,12 @@ class Recommender:
             self.popularity.add_normalised(scores, self.popularity_weight, rows)
         self._add_own(scores, state, rows, extras, text)
         return scores
+
+    def _blend_of(self, user: str, state: UserState, rows: np.ndarray) -> np.ndarray:
+        """:meth:`_blend` of ``rows`` without the text match, for a user with factors."""
+        query = self._query(user, state)
+        assert query is not None
+        return self._blend(query, state, rows, text=False)
 
     def _base_scores(self, queries: np.ndarray) -> np.ndarray:
         """The factor and popularity parts of the blend for every item, one row per query, in

@@ -148,12 +148,14 @@ def big_shop(n_items: int = 2000, seed: int = 0) -> Recommender:
     return rec
 
 
+@pytest.mark.parametrize("on_top", [0, 3])
 @pytest.mark.parametrize("n", [10, 50])  # the list's floor from a sample of the rows, or from all
 @pytest.mark.parametrize("band", [0, 100, 1000])
-def test_a_list_matches_text_only_where_it_can_change_its_top(band: int, n: int) -> None:
+def test_a_list_matches_text_only_where_it_can_change_its_top(band: int, n: int, on_top: int) -> None:
     """The bounded text match gives the same top-n as matching every cold item. ``band`` cold
     items sit within the text weight below the list's warm floor (none, a few: matched one by
-    one, most: one product), the rest far below; the best warm items are excluded."""
+    one, most: one product), the rest far below; ``on_top`` cold items score above the floor
+    before the match; the best warm items are excluded."""
     from online_models.topn import top_n
 
     rec = big_shop()
@@ -177,6 +179,7 @@ def test_a_list_matches_text_only_where_it_can_change_its_top(band: int, n: int)
         scores[cold] = floor - 10.0
         near = rng.choice(cold, size=band, replace=False)
         scores[near] = floor - rng.uniform(0.0, 1.0, size=band)
+        scores[rng.choice(np.setdiff1d(cold, near), size=on_top, replace=False)] = floor + 0.65
         session = [int(rng.integers(2000))]  # one item: some cold texts match it closely
         every = scores.copy()
         got = content.top_n_with_match(scores.copy(), session, n, excluded)
