@@ -15,11 +15,12 @@ and ``minilm`` (the pretrained sentence-transformer all-MiniLM-L6-v2, shipped of
 >>> bool(a @ b > a @ c), round(float(a @ a), 3)
 (True, 1.0)
 >>> terms("Toy Story (1995)", "Adventure|Animation")
-['Adventure', 'Animation', 'toy', 'story']
+('Adventure', 'Animation', 'toy', 'story')
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import zlib
@@ -65,10 +66,11 @@ def words(text: str) -> list[str]:
     return [w for w in _WORD.findall(text.lower()) if w not in _STOP]
 
 
-def terms(title: str | None, category: str | None) -> list[str]:
+@functools.lru_cache(maxsize=2**16)  # the segments read an item's terms at every positive event on it
+def terms(title: str | None, category: str | None) -> tuple[str, ...]:
     """What an item is about, for interest tags: its categories (``|``-separated) then title words."""
     cats = [c.strip() for c in (category or "").split("|") if c.strip()]
-    return cats + words(title or "")
+    return (*cats, *words(title or ""))
 
 
 def item_text(title: str | None, category: str | None) -> str:
@@ -336,7 +338,7 @@ class Catalogue:
     def predict(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         return self.projection.predict(self.embeddings[np.asarray(rows, dtype=np.int64)])
 
-    def terms(self, row: int) -> list[str]:
+    def terms(self, row: int) -> tuple[str, ...]:
         return terms(self.titles.get(row), self.categories.get(row))
 
     def state(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:

@@ -37,14 +37,17 @@ class InterestSegments:
         self._terms: dict[int, dict[str, float]] = {}
         self._scale: dict[int, float] = {}
         self._centres: np.ndarray | None = None  # the centres as an array (_centre_array)
+        self._drawn = False
         self.n_tags = n_tags
 
     def learn_one(self, vector: np.ndarray, terms: Sequence[str]) -> int:
         """Move the nearest centre towards ``vector``; credit ``terms`` to that segment; return it."""
         # The nearest centre before the move is still the nearest after it (it only got closer).
         centres = self._kmeans.centers
-        if not all(len(c) == vector.size for c in centres.values()):
-            # River draws a centre's coordinates on first use: let it, and read them all again.
+        # River draws a centre's coordinates on first use; once all are drawn, they stay.
+        self._drawn = self._drawn or all(len(c) == vector.size for c in centres.values())
+        if not self._drawn:
+            # Let River draw them, and read them all again.
             segment = self._kmeans.learn_predict_one(dict(enumerate(vector.tolist())))
             self._centres = None
         else:
@@ -52,7 +55,7 @@ class InterestSegments:
             # (so the same nearest centre, the first on a tie) and the same move.
             array = self._centre_array(vector.size)
             distances = ((array - vector) ** 2).cumsum(axis=1)[:, -1]
-            segment = int(np.argmin(distances))
+            segment = int(distances.argmin())
             centre = array[segment]
             centre += self._kmeans.halflife * (vector - centre)
             centres[segment].update(enumerate(centre.tolist()))
@@ -116,7 +119,7 @@ class InterestSegments:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        self._centres = None
+        self._centres, self._drawn = None, False
         for c, pairs in state["centers"].items():
             centre = self._kmeans.centers[int(c)]
             centre.clear()
