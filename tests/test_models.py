@@ -329,6 +329,23 @@ def test_a_shopper_who_rebuys_an_item_gets_it_back_though_most_buy_it_once() -> 
     assert "tea" not in rec.recommend("once", 5).items
 
 
+@given(st.lists(st.integers(0, 300), max_size=700))
+def test_a_shoppers_purchases_are_counted_per_item_short_or_long(rows: list[int]) -> None:
+    """``buy`` tells a repeat from a first purchase and counts up to 255, whether the shopper's
+    items are few (scanned) or hundreds (searched in numpy)."""
+    from collections import Counter
+
+    from online_models.user_state import UserState
+
+    state, seen = UserState(), Counter[int]()
+    for row in [*rows, *range(150), *rows, *[7] * 300]:  # past 100 items, and 255 buys of one
+        assert state.buy(row) == (row in seen)
+        seen[row] += 1
+    bought, counts = state.purchases()
+    want = {row: min(count, 255) for row, count in seen.items()}
+    assert dict(zip(bought.tolist(), counts.tolist(), strict=True)) == want
+
+
 def test_a_new_item_borrows_its_categorys_rebuy_share() -> None:
     """Coffee is bought again by every shopper, sofas never. A shopper who buys a coffee and a
     sofa nobody bought before gets the coffee back, not the sofa: each borrows its category's
