@@ -19,7 +19,6 @@ from online_models.explain import History
 
 _NOTHING: frozenset[int] = frozenset()
 _TINY = 1e-300  # the interest of a zero-weight event (its log must stay finite)
-_SCAN_MAX = 100  # purchases looked up by a Python scan up to this many items, in numpy beyond
 # Event types a session entry records (3 bits); another type reads back as "view".
 _KINDS = ("view", "click", "add_to_cart", "purchase", "rating", "push_open")
 _CODE = {kind: code for code, kind in enumerate(_KINDS)}
@@ -93,18 +92,12 @@ class UserState:
         """Count a purchase of ``row``; whether the user had bought it before."""
         if self.bought is None:
             self.bought = array("i")
-        bought = self.bought
-        if len(bought) > _SCAN_MAX:  # a grocer's regular: hundreds of items, searched in numpy
-            found = np.flatnonzero(np.frombuffer(bought, dtype=np.int32) >> 8 == row)
-            at = int(found[0]) if found.size else -1
-        else:
-            at = next((at for at, entry in enumerate(bought) if entry >> 8 == row), -1)
-        if at < 0:
-            bought.append(row << 8 | 1)
-            return False
-        if bought[at] & 0xFF != 0xFF:
-            bought[at] += 1
-        return True
+        for at, entry in enumerate(self.bought):
+            if entry >> 8 == row:
+                self.bought[at] = entry if entry & 0xFF == 0xFF else entry + 1
+                return True
+        self.bought.append(row << 8 | 1)
+        return False
 
     def purchases(self) -> tuple[np.ndarray, np.ndarray]:
         """The rows the user bought and how often."""

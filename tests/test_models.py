@@ -331,8 +331,8 @@ def test_a_shopper_who_rebuys_an_item_gets_it_back_though_most_buy_it_once() -> 
 
 @given(st.lists(st.integers(0, 300), max_size=700))
 def test_a_shoppers_purchases_are_counted_per_item_short_or_long(rows: list[int]) -> None:
-    """``buy`` tells a repeat from a first purchase and counts up to 255, whether the shopper's
-    items are few (scanned) or hundreds (searched in numpy)."""
+    """``buy`` tells a repeat from a first purchase and counts up to 255, for a shopper of a few
+    items or of hundreds."""
     from collections import Counter
 
     from online_models.user_state import UserState
