@@ -128,13 +128,7 @@ class ItemContent:
         if self._positives_since_refresh >= self.refresh_every:
             self._predict_cold()
 
-    def add_match(
-        self,
-        scores: np.ndarray,
-        session: Collection[int],
-        rows: np.ndarray | None,
-        weight: float | None = None,
-    ) -> None:
+    def add_match(self, scores: np.ndarray, session: Collection[int], rows: np.ndarray | None) -> None:
         """Items nobody touched yet also score by how close their text is to the user's last items'
         (cosine of content embeddings, times ``weight``); ``rows`` as in the blend."""
         catalogue = self.catalogue
@@ -148,7 +142,7 @@ class ItemContent:
         profile = catalogue.profile(session)
         if profile is None:
             return
-        w = np.float32(self.weight if weight is None else weight)
+        w = np.float32(self.weight)
         if rows is None:  # every item: one product over the cold ones
             cold, match = catalogue.match_cold(profile)
             scores[cold] += w * match
