@@ -311,8 +311,7 @@ class Catalogue:
 
     def profile(self, rows: Iterable[int]) -> np.ndarray | None:
         """The normalised mean embedding of those rows that have content (None if none has)."""
-        has = self.has
-        known = [row for row in rows if row < has.size and has[row]]
+        known = [row for row in rows if self.knows(row)]
         if not known:
             return None
         total = self.embeddings[known].sum(axis=0)  # the mean's direction
