@@ -338,7 +338,7 @@ def test_a_shoppers_purchases_are_counted_per_item_short_or_long(rows: list[int]
     from online_models.user_state import UserState
 
     state, seen = UserState(), Counter[int]()
-    for row in [*rows, *range(150), *rows, *[7] * 300]:  # past 100 items, and 255 buys of one
+    for row in [*rows, *range(150), *rows, *[7] * 300]:  # at least 150 items, and 255 buys of one
         assert state.buy(row) == (row in seen)
         seen[row] += 1
     bought, counts = state.purchases()
