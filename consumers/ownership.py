@@ -108,6 +108,9 @@ class Ownership:
                     worker.lists.add_ranked(ranked)
         worker.offsets.update(restored)
         users = recommender.n_users - users_before
+        worker.pipeline.resume(
+            user for partition in new for user in recommender.users.in_partition(partition)
+        )
         # What the last owner published is in the item state already: re-learned for the users
         # only (see consumers.item_exchange), whether from the catch-up or from Faust.
         await worker.exchange.read_to_end()

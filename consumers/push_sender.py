@@ -80,6 +80,9 @@ TREATED = "treated"  # the exposure record's group of a shopper outside the hold
 POLL_MS = 200  # longest wait on the refresh stream between looks at the due and held pushes
 CLAIM_BATCH = 100
 RECLAIM_EVERY_S = 5.0
+# The worker re-ranks a shopper once they have left, on its stream's clock (a list flagged away):
+# the away decision waits up to this long past its due time for that list, looking again this often.
+AWAY_LIST_WAIT_S, AWAY_LIST_POLL_S = 10.0, 1.0
 ACTIVITY_TTL_S = 35 * 86_400  # a shopper's activity is forgotten after five quiet weeks
 
 # Members of KEYS[1] (a sorted set) scored ARGV[1] or less, at most ARGV[2], moved to KEYS[2] as
@@ -208,6 +211,8 @@ class PushSender:
         self.attribution = PushAttribution(settings, kafka, self.client, self.keys, self.metrics)
         self.until_idle_s = until_idle_s
         self.claim_idle_s = push.claim_idle_s
+        # (A worker's visit gap longer than the push's: its away list comes too late to wait for.)
+        self.away_list_wait_s = AWAY_LIST_WAIT_S if push.away_after_s >= settings.model.visit_gap_s else 0.0
         self.segment = segment
         self.clock = clock
         self._count_trimmed_script = self.client.register_script(_COUNT_TRIMMED)
@@ -290,9 +295,14 @@ class PushSender:
 
     async def _observe(self, entries: list) -> None:  # type: ignore[type-arg]
         """Refresh entries are shoppers' activity: each moves their push consideration later, and
-        a first one after ``away_after_s`` counts a visit (the budget, the send hour)."""
+        a first one after ``away_after_s`` counts a visit (the budget, the send hour). An entry
+        flagged away (the list re-ranked because the shopper left) is not."""
         now = self.clock()
-        names = list(dict.fromkeys(fields[b"user_id"].decode() for _, fields in entries if fields))
+        names = list(
+            dict.fromkeys(
+                fields[b"user_id"].decode() for _, fields in entries if fields and fields.get(b"away") != b"1"
+            )
+        )
         empty = sum(1 for _, fields in entries if not fields)
         if empty:  # read before a crash, then trimmed by the cap before it was decided
             self._lost_to_trimming(empty, "read but not decided")
@@ -415,6 +425,15 @@ class PushSender:
         if stored is None:  # forgotten meanwhile
             await self.client.zrem(claims, member)
             return
+        if queue == AWAY_QUEUE and not stored.away and self.away_list_wait_s:
+            activity = _activity(await self.client.hgetall(self.keys.push_activity(user)))
+            if now < activity.last + self.policy.away_after_s + self.away_list_wait_s:
+                async with self.client.pipeline(transaction=True) as pipe:  # wait for the away list
+                    again = {member.removeprefix(self._claimer): now + AWAY_LIST_POLL_S}
+                    pipe.zadd(self.keys.push_due(), again, gt=True)  # (back since: a later one stays)
+                    pipe.zrem(claims, member)
+                    await pipe.execute()
+                return
         sent_key, items_key = self.keys.pushes(user), self.keys.pushed_items(user)
         push_id = f"{user}:{stored.version}:{queue}"  # one push per list and queue (and dropped item)
         if drop is not None:

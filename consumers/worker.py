@@ -52,13 +52,13 @@ log = logging.getLogger("pushrec.worker")
 
 def build_recommender(settings: Settings) -> Recommender:
     """The product model as configured (the worker's and `pushrec evaluate`'s ``pushrec``)."""
-    return Recommender(**settings.model.model_dump(exclude={"hit_rate_window", "visit_gap_s"}))
+    return Recommender(**settings.model.model_dump(exclude={"hit_rate_window"}))
 
 
 def build_pipeline(settings: Settings) -> RefreshPipeline:
     """The pure core the worker drives (also used by in-process replays)."""
     model = settings.model
-    return RefreshPipeline(build_recommender(settings), model.hit_rate_window, model.visit_gap_s)
+    return RefreshPipeline(build_recommender(settings), model.hit_rate_window)
 
 
 class RefreshWorker:
@@ -198,6 +198,7 @@ class RefreshWorker:
             fail_point("worker.learn")
             refused_before = self.pipeline.recommender.refused_updates
             users = self.pipeline.learn(good)
+            leaving = self.pipeline.leaving()  # shoppers who left meanwhile: re-ranked as away
             if item_effects:
                 self.exchange.learned()
             else:
@@ -221,6 +222,7 @@ class RefreshWorker:
             if not self.lists.unwritten:
                 self._pending_since = time.monotonic()
             self.lists.add(users, sent_at, *arrived, time.time())
+            self.lists.add(leaving)
         if (
             not self._behind()
             or time.monotonic() - self._pending_since >= self._refresh_max_delay_s

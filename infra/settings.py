@@ -136,6 +136,11 @@ class ModelSettings(_Section):
     covisit_window: int = Field(5, ge=1, description="earlier items each positive event links to")
     covisit_neighbours: int = Field(30, ge=1, description="strongest rules kept per item")
     covisit_half_life_s: float = Field(30 * 86_400.0, gt=0, description="event-time decay of the rules")
+    covisit_away_share: float = Field(
+        0.25,
+        ge=0,
+        description="share of covisit_weight the rules keep in the list of a shopper who has left",
+    )
     rebuy_weight: float = Field(
         50.0, ge=0, description="blend weight of bought items shoppers often buy again (0: never listed)"
     )
@@ -146,7 +151,7 @@ class ModelSettings(_Section):
     visit_gap_s: float = Field(
         1800.0,
         gt=0,
-        description="quiet time after which a shopper's next event begins a new visit (live visit HR)",
+        description="stream time without an event after which a shopper has left (list re-ranked; new visit)",
     )
 
     @field_validator("type_weights")

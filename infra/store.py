@@ -169,6 +169,7 @@ class StoredList:
     refreshed_at: float
     model: str
     tags: list[str]  # the user's interest segment's name (empty without a catalogue)
+    away: bool = False  # ranked for a shopper who had left (the list a push carries)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -178,6 +179,7 @@ class StoredList:
             "refreshed_at": self.refreshed_at,
             "model": self.model,
             "tags": self.tags,
+            "away": self.away,
         }
 
 
@@ -196,6 +198,8 @@ class RankedList(Protocol):
     def reasons(self) -> list[str]: ...
     @property
     def tags(self) -> list[str]: ...
+    @property
+    def away(self) -> bool: ...
 
 
 class CatalogueItem(Protocol):
@@ -213,7 +217,8 @@ class CatalogueItem(Protocol):
 
 # Lists in one script call, each atomic (scripts run whole): give it a new version, store it, tell
 # the sender. KEYS: the refresh stream, then one hash per list; ARGV: time, stream MAXLEN, then per
-# list: items, model, user id, tags. One call per chunk instead of one per list: redis-py's
+# list: items, model, user id, tags, away ('1': ranked for a shopper who has left; its stream entry
+# says so, for it is no activity of theirs). One call per chunk instead of one per list: redis-py's
 # command packing and reply parsing were ~11 % of the model process's CPU (py-spy).
 # A version never goes backwards, even when the hash is gone (forget, an eviction, an embedded
 # Valkey restarted without persistence): the server's time in microseconds, or the previous
@@ -223,13 +228,18 @@ local now = redis.call('TIME')
 local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local versions = {}
 for i = 2, #KEYS do
-  local a = 3 + (i - 2) * 4
+  local a = 3 + (i - 2) * 5
   local previous = tonumber(redis.call('HGET', KEYS[i], 'version') or 0)
   local version = math.max(previous + 1, now_us)
   redis.call('HSET', KEYS[i], 'version', string.format('%d', version), 'items', ARGV[a],
-             'refreshed_at', ARGV[1], 'model', ARGV[a + 1], 'tags', ARGV[a + 3])
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'user_id', ARGV[a + 2], 'version',
-             string.format('%d', version))
+             'refreshed_at', ARGV[1], 'model', ARGV[a + 1], 'tags', ARGV[a + 3], 'away', ARGV[a + 4])
+  if ARGV[a + 4] == '1' then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'user_id', ARGV[a + 2], 'version',
+               string.format('%d', version), 'away', '1')
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'user_id', ARGV[a + 2], 'version',
+               string.format('%d', version))
+  end
   versions[#versions + 1] = version
 end
 return versions
@@ -293,7 +303,13 @@ class RedisTopNStore:
                     ]
                     for item, reason in zip(items, top.reasons, strict=False):
                         item["reason"] = reason
-                    args += (orjson.dumps(items), top.model, top.user_id, orjson.dumps(top.tags))
+                    args += (
+                        orjson.dumps(items),
+                        top.model,
+                        top.user_id,
+                        orjson.dumps(top.tags),
+                        "1" if top.away else "0",
+                    )
                 keys = [stream, *(self.keys.recs(top.user_id) for top in chunk)]
                 await self._write(keys=keys, args=args, client=pipe)
             return [int(v) for versions in await pipe.execute() for v in versions]
@@ -322,4 +338,5 @@ class RedisTopNStore:
             refreshed_at=float(raw[b"refreshed_at"]),
             model=raw[b"model"].decode(),
             tags=orjson.loads(raw.get(b"tags", b"[]")),
+            away=raw.get(b"away") == b"1",
         )

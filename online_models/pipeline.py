@@ -1,4 +1,6 @@
-"""Apply a micro-batch of events: learn each, then re-rank every touched user once.
+"""Apply a micro-batch of events: learn each, then re-rank every touched user once, and every
+shopper who has left since (quiet for the model's ``visit_gap_s`` of stream time: their list is
+re-ranked once more, as the list of a shopper away, ``TopN.away``).
 
 The Faust worker and the in-process replay both drive this one class, so the transport cannot
 change the answer.
@@ -122,15 +124,16 @@ class VisitHitRate(HitRate):
 class RefreshPipeline:
     """Recommender + the lists it last served; one ``process`` call per micro-batch."""
 
-    def __init__(
-        self, recommender: Recommender, hit_rate_window: int = 1000, visit_gap_s: float = 1800.0
-    ) -> None:
+    def __init__(self, recommender: Recommender, hit_rate_window: int = 1000) -> None:
         self.recommender = recommender
         self.hit_rate = HitRate(hit_rate_window)
-        self.visit_hit_rate = VisitHitRate(hit_rate_window, visit_gap_s)
+        self.visit_hit_rate = VisitHitRate(hit_rate_window, recommender.visit_gap_s)
         # The item rows of each user's last list, as int32 bytes (113 bytes for 20 items; a tuple of
         # ids took 216, a frozenset ~2.2 kB).
         self._served: dict[str, bytes] = {}
+        # Shoppers whose last list was ranked while they were in a visit -> their last event
+        # time, least recently active first (events come in about time order: see leaving).
+        self._visiting: dict[str, float] = {}
 
     def learn(self, events: Iterable[Interaction]) -> list[str]:
         """Test-then-train each event; return the touched users, first-touched first."""
@@ -156,7 +159,41 @@ class RefreshPipeline:
                 visits.observe_event(ev.user_id, ev.type, positive, ev.ts, previous, served, row)
             self.recommender.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
             touched[ev.user_id] = None
+        self._follow(touched)
         return list(touched)
+
+    def leaving(self) -> list[str]:
+        """The shoppers who have left since the last call (quiet for ``visit_gap_s`` on the
+        stream's clock), whose list must be ranked again as theirs away. Taken in order of their
+        last event; an event older than the latest of another shopper's can hold this shopper
+        back until that one leaves too.
+        """
+        recommender, left = self.recommender, []
+        users = recommender.users
+        while self._visiting:
+            user, last = next(iter(self._visiting.items()))
+            state = users.get(user)
+            if state is not None and state.last_ts == last:  # (else dropped, forgotten, or newer)
+                if not recommender.is_away(state):
+                    break
+                left.append(user)
+            del self._visiting[user]
+        return left
+
+    def resume(self, users: Iterable[str]) -> None:
+        """Follow these restored users (a checkpoint's) as :meth:`learn` does: those not gone yet
+        on the model's clock are re-ranked when they leave."""
+        self._follow(users)
+        self._visiting = dict(sorted(self._visiting.items(), key=lambda pair: pair[1]))
+
+    def _follow(self, users: Iterable[str]) -> None:
+        """Move these users to the end of :attr:`_visiting`, if they are in a visit."""
+        recommender, visiting = self.recommender, self._visiting
+        for user in users:
+            state = recommender.users.get(user)
+            visiting.pop(user, None)
+            if state is not None and not recommender.is_away(state):
+                visiting[user] = state.last_ts
 
     def refresh(self, users: Sequence[str]) -> list[TopN]:
         """Re-rank the given users and remember what they were served."""
@@ -167,17 +204,21 @@ class RefreshPipeline:
         return lists
 
     def process(self, events: Iterable[Interaction]) -> list[TopN]:
-        return self.refresh(self.learn(events))
+        """Learn ``events``, then re-rank the touched users and those who have left meanwhile."""
+        touched = self.learn(events)
+        return self.refresh(list(dict.fromkeys([*touched, *self.leaving()])))
 
     def drop_users(self, users: Sequence[str]) -> None:
         """Let these users go (their partition moved to another worker): model and served lists."""
         for user in users:
             self._served.pop(user, None)
+            self._visiting.pop(user, None)
             self.visit_hit_rate.drop(user)
         self.recommender.users.drop(users)
 
     def forget(self, user: str) -> bool:
         """Erase the user from the model and the served lists; False if they were unknown."""
         served = self._served.pop(user, None) is not None
+        self._visiting.pop(user, None)
         self.visit_hit_rate.drop(user)
         return self.recommender.forget(user) or served

@@ -105,16 +105,22 @@ def evaluate_push(
     seq = 0
     latest: dict[tuple[str, int], int] = {}  # (user, away or cart) -> the timer that counts
 
-    explains = _explains(model)
+    explains = _takes(model, "explain")
+    timed = _takes(model, "now")
 
-    def ranked(user: str) -> tuple[list[str], list[float], list[str]]:
-        top = model.recommend(user, n, explain=True) if explains else model.recommend(user, n)  # type: ignore[call-arg]
+    def ranked(user: str, now: float) -> tuple[list[str], list[float], list[str]]:
+        """The list the sender reads at ``now`` (the product model's: ranked as the worker ranks it
+        once the shopper has left, which the sender waits for)."""
+        options: dict[str, Any] = {"explain": True} if explains else {}
+        if timed:
+            options["now"] = now
+        top = model.recommend(user, n, **options)
         reasons = top.reasons or [POPULAR_REASON] * len(top.items)
         return top.items, top.scores, reasons
 
     def consider(user: str, now: float, when_away: bool) -> None:
         nonlocal seq
-        items, scores, reasons = ranked(user)
+        items, scores, reasons = ranked(user, now)
         candidates = policy.candidates(when_away, items, scores, reasons)
         if not when_away and not candidates:
             return  # no abandoned cart: nothing to decide
@@ -235,8 +241,8 @@ def _summary(
     }
 
 
-def _explains(model: object) -> bool:
-    """Whether ``model.recommend`` takes ``explain`` (the product model's reasons)."""
+def _takes(model: object, option: str) -> bool:
+    """Whether ``model.recommend`` takes ``option`` (the product model's ``explain``, ``now``)."""
     import inspect
 
-    return "explain" in inspect.signature(model.recommend).parameters  # type: ignore[attr-defined]
+    return option in inspect.signature(model.recommend).parameters  # type: ignore[attr-defined]

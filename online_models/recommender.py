@@ -110,6 +110,7 @@ class TopN:
     reasons: list[str] = field(default_factory=list)  # one short "why" per item (or none)
     tags: list[str] = field(default_factory=list)  # the user's interest segment's name
     segment: int | None = None
+    away: bool = False  # ranked for a shopper who has left (see ``Recommender.visit_gap_s``)
 
 
 def is_positive(kind: str, rating: float | None) -> bool:
@@ -156,9 +157,16 @@ class Recommender:
         covisit_half_life_s: float = 30 * 86_400.0,
         rebuy_weight: float = 50.0,
         rebuy_min_share: float = 0.05,
+        visit_gap_s: float = 1800.0,
+        covisit_away_share: float = 0.25,
     ) -> None:
         """``ann_*``: see :class:`online_models.candidates.Candidates`; ``content_*`` and
-        ``n_segments``: see :class:`online_models.item_content.ItemContent`."""
+        ``n_segments``: see :class:`online_models.item_content.ItemContent`.
+
+        A shopper without an event for ``visit_gap_s`` of stream time (:attr:`clock`) has left:
+        their list is the one a push carries and their next visit opens, so the rules from
+        their last items weigh ``covisit_away_share`` of ``covisit_weight`` in it (docs/quality.md,
+        "The list of a shopper who has left")."""
         self.items = ItemIndex()
         self.mf = ImplicitMF(n_factors, learning_rate, l2, seed, items=self.items)
         self.popularity = Popularity(popularity_half_life_s)
@@ -175,6 +183,9 @@ class Recommender:
         self.covisit_weight = covisit_weight
         self.covisit = CoVisitation(covisit_window, covisit_neighbours, covisit_half_life_s)
         self.rebuy_weight = rebuy_weight
+        self.visit_gap_s = visit_gap_s
+        self.covisit_away_share = covisit_away_share
+        self.clock = -math.inf  # the stream's time: the latest event time learned
         self.rebuy = BuyingAgain(rebuy_min_share, lambda row: self.content.category(row))
         self._last_related: tuple[tuple[bytes, bytes, int, int], Related] | None = None
         self.users = UserTable(self.mf, self.items, session_items, recent_half_life_s)
@@ -215,6 +226,7 @@ class Recommender:
         """Update popularity, the user's history and (for positive events) the factors."""
         if not math.isfinite(ts):
             raise ValueError(f"event time {ts!r} is not finite")
+        self.clock = max(self.clock, ts)
         if kind == DISMISS:
             self._dismiss(user, item)
             return
@@ -295,6 +307,7 @@ class Recommender:
             **self.negatives.state(),
             **content_meta,
             "covisit": covisit_meta,
+            "clock": self.clock if math.isfinite(self.clock) else None,
         }
         return meta, {**arrays, **content_arrays, **pop_arrays, **covisit_arrays, **self.rebuy.state()[1]}
 
@@ -307,6 +320,8 @@ class Recommender:
         self.candidates.reset()  # rebuilt from the restored factors
         self.content.restore(meta, arrays)
         self.covisit.restore(meta.get("covisit"), arrays)
+        if meta.get("clock") is not None:  # (a state saved before the clock was kept: none)
+            self.clock = max(self.clock, meta["clock"])
         self.rebuy.restore(arrays)
         if self.candidates.background:
             self.candidates.current()  # a large catalogue's index starts building now, not at a list
@@ -316,15 +331,35 @@ class Recommender:
         self._last_related = None  # it may hold their last items and purchases
         return self.users.drop([user])
 
-    def recommend(self, user: str, n: int | None = None, exact: bool = False, explain: bool = False) -> TopN:
+    def recommend(
+        self,
+        user: str,
+        n: int | None = None,
+        exact: bool = False,
+        explain: bool = False,
+        now: float | None = None,
+    ) -> TopN:
         """The user's top-``n``; never an item they consumed. Leaves what was learned unchanged
         (it may bring the approximate index up to date). ``exact=True`` scores every item even
         where the approximate index would be used (to measure its recall); ``explain=True`` adds
-        a reason per item and the user's interest segment (what the stored lists carry)."""
-        return self.recommend_many([user], n, exact, explain)[0]
+        a reason per item and the user's interest segment (what the stored lists carry).
+        ``now``: the time ranked at (default: the stream's, :attr:`clock`), which says whether
+        the shopper has left (:meth:`is_away`)."""
+        return self.recommend_many([user], n, exact, explain, now)[0]
+
+    def is_away(self, state: UserState | None, now: float | None = None) -> bool:
+        """Whether the shopper of ``state`` has been quiet for ``visit_gap_s`` at ``now``
+        (default: :attr:`clock`)."""
+        now = self.clock if now is None else now
+        return state is not None and now - state.last_ts >= self.visit_gap_s
 
     def recommend_many(
-        self, users: Sequence[str], n: int | None = None, exact: bool = False, explain: bool = False
+        self,
+        users: Sequence[str],
+        n: int | None = None,
+        exact: bool = False,
+        explain: bool = False,
+        now: float | None = None,
     ) -> list[TopN]:
         """:meth:`recommend` for each user, the same lists; with the approximate index, one
         search for all of them, on every thread (what a micro-batch's re-ranking costs at a
@@ -332,8 +367,10 @@ class Recommender:
         n = self.n if n is None else n
         tops: list[TopN] = []
         known: list[tuple[int, UserState, np.ndarray, Related]] = []  # list position, ...
+        away: list[bool] = []
         for user in users:
             state = self.users.get(user)
+            away.append(self.is_away(state, now))
             query = None
             if state is not None and state.events >= self.min_user_events:
                 query = self._query(user, state)
@@ -342,7 +379,7 @@ class Recommender:
                 consumed = state.consumed if state is not None else ()
                 exclude = [r for r in consumed if r < scores.size]
                 rows, values = top_n(scores, n, exclude=exclude, in_place=True)
-                tops.append(self._top(user, rows, values, POPULARITY, state, None, explain))
+                tops.append(self._top(user, rows, values, POPULARITY, state, None, explain, away=away[-1]))
                 continue
             assert state is not None
             known.append((len(tops), state, query, self._related(state)))
@@ -360,23 +397,26 @@ class Recommender:
         together = _together(len(known), len(self.items)) if found is None else 0
         for i, (at, state, query, extras) in enumerate(known):
             user = tops[at].user_id
+            rules = self.covisit_weight * (self.covisit_away_share if away[at] else 1.0)
             if found is None:
                 if not together:
-                    scores = self._blend(query, state, extras=extras, text=False)
+                    scores = self._blend(query, state, extras=extras, text=False, rules=rules)
                 else:
                     if i % together == 0:  # the next users' shared part, in one product
                         base = self._base_scores(np.stack([q for _, _, q, _ in known[i : i + together]]))
                     scores = base[i % together]
-                    self._add_own(scores, state, None, extras, text=False)
+                    self._add_own(scores, state, None, extras, text=False, rules=rules)
                 # ``scores`` is a fresh array, so exclusions may be masked in place.
                 if self._text_match:
                     rows, values = self.content.top_n_with_match(scores, state.session, n, excluded[i])
                 else:
                     rows, values = top_n(scores, n, exclude=excluded[i], in_place=True)
             else:
-                picked, values = top_n(self._blend(query, state, found[i], extras), n, in_place=True)
+                picked, values = top_n(
+                    self._blend(query, state, found[i], extras, rules=rules), n, in_place=True
+                )
                 rows = found[i][picked]
-            tops[at] = self._top(user, rows, values, MODEL_NAME, state, query, explain, extras)
+            tops[at] = self._top(user, rows, values, MODEL_NAME, state, query, explain, extras, away[at])
         return tops
 
     def build_index(self) -> ann.FactorIndex | None:
@@ -398,10 +438,11 @@ class Recommender:
         query: np.ndarray | None,
         explain: bool,
         extras: Related | None = None,
+        away: bool = False,
     ) -> TopN:
         ids = self.items.ids
         if not explain:
-            return TopN(user, [ids[r] for r in rows.tolist()], values.tolist(), model)
+            return TopN(user, [ids[r] for r in rows.tolist()], values.tolist(), model, away=away)
         segment, tags = self.content.segment(user) if query is not None else (None, [])
         return TopN(
             user,
@@ -411,6 +452,7 @@ class Recommender:
             self._explain(rows, state if model == MODEL_NAME else None, extras),
             tags,
             segment,
+            away,
         )
 
     def _explain(self, rows: np.ndarray, state: UserState | None, extras: Related | None) -> list[str]:
@@ -461,14 +503,16 @@ class Recommender:
         rows: np.ndarray | None = None,
         extras: Related | None = None,
         text: bool = True,
+        rules: float | None = None,
     ) -> np.ndarray:
         """Blended scores of ``rows`` (sorted, unique; None = every item), in that order;
-        ``text=False`` leaves out the text match (the caller adds it where it counts)."""
+        ``text=False`` leaves out the text match (the caller adds it where it counts); ``rules``:
+        the rules' weight (None: ``covisit_weight``, a shopper in a visit)."""
         matrix = self.mf.item_matrix()
         scores = matrix @ query if rows is None else matrix[rows] @ query
         if self.popularity_weight:
             self.popularity.add_normalised(scores, self.popularity_weight, rows)
-        self._add_own(scores, state, rows, extras, text)
+        self._add_own(scores, state, rows, extras, text, rules)
         return scores
 
     def _blend_of(self, user: str, state: UserState, rows: np.ndarray) -> np.ndarray:
@@ -495,13 +539,15 @@ class Recommender:
         rows: np.ndarray | None,
         extras: Related | None,
         text: bool,
+        rules: float | None = None,
     ) -> None:
         """Add the user's own parts of the blend to ``scores`` (of ``rows``, as in :meth:`_blend`)."""
         if self.recent_weight and state.interest:
             touched, own = state.interest_scores(self.recent_weight, self.recent_half_life_s)
             add_at(scores, rows, touched, own)
         extras = self._related(state) if extras is None else extras
-        add_at(scores, rows, extras.covisit_rows, self.covisit_weight * extras.covisit_scores)
+        rules = self.covisit_weight if rules is None else rules
+        add_at(scores, rows, extras.covisit_rows, rules * extras.covisit_scores)
         add_at(scores, rows, extras.again_rows, self.rebuy_weight * extras.again_scores)
         if text and self._text_match:
             self.content.add_match(scores, state.session, rows)

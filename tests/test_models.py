@@ -124,15 +124,16 @@ def test_visit_hit_rate_judges_the_list_served_when_a_visit_began(monkeypatch: p
     import online_models.pipeline as pipeline_module
 
     monkeypatch.setattr(pipeline_module, "_SWEEP_EVERY", 3)
-    pipe = RefreshPipeline(Recommender(n_factors=4, seed=0, top_n=5), hit_rate_window=10, visit_gap_s=100.0)
+    pipe = RefreshPipeline(Recommender(n_factors=4, seed=0, top_n=5, visit_gap_s=100.0), hit_rate_window=10)
 
     def event(user: str, item: str, ts: float, kind: str = "click") -> Ev:
         return Ev(user_id=user, item_id=item, type=kind, ts=ts, rating=None)
 
     first = [event(user, f"{user}{k}", float(k)) for user in "abcde" for k in range(4)]
     pipe.process(first)  # every first visit: not judged
-    served_a, served_c = (pipe.recommender.recommend(user).items for user in "ac")  # as served
+    served_a = pipe.recommender.recommend("a").items  # as served
     pipe.process([event("a", "new-1", 500.0, "view"), event("a", served_a[0], 501.0)])  # hit
+    served_c = pipe.recommender.recommend("c").items  # as served once the clock said c had left
     pipe.process([event("c", served_c[0], 500.0)])  # a hit with the visit's first event
     pipe.process([event("b", "new-2", 500.0)])  # engaged, nothing served: a miss once it ends
     pipe.process([event("d", "new-3", 500.0, "view")])  # a view on a log with clicks: not judged
@@ -143,6 +144,36 @@ def test_visit_hit_rate_judges_the_list_served_when_a_visit_began(monkeypatch: p
     # e, and b in their second visit, stay quiet past the gap: swept as misses.
     pipe.process([event("c", "c0", 2000.0, "view") for _ in range(3)])
     assert pipe.visit_hit_rate.value == pytest.approx(2 / 5)
+
+
+def test_a_shopper_who_left_is_ranked_once_more_with_the_rules_at_their_away_share() -> None:
+    """Once a shopper has been quiet for the visit gap on the stream's clock, the pipeline ranks
+    them once more, flagged away, with the rules at ``covisit_away_share`` of their weight: at a
+    share of 0, the list of the same model without rules. In a visit the rules weigh in full."""
+    from pushrec.demo import SAMPLE_EVENTS
+    from stream.events import decode_event
+    from stream.replay import read_lines
+
+    log = [decode_event(line) for _, line in read_lines(SAMPLE_EVENTS)][:1500]
+    pipe = RefreshPipeline(Recommender(seed=0, covisit_away_share=0.0))
+    plain = Recommender(seed=0, covisit_weight=0.0)  # learns the same factors, no rules
+    away: dict[str, int] = {}
+    events: dict[str, int] = {}
+    differ = 0
+    for ev in log:
+        plain.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
+        events[ev.user_id] = events.get(ev.user_id, 0) + 1
+        for top in pipe.process([ev]):
+            state = pipe.recommender.users.get(top.user_id)
+            assert state is not None
+            assert top.away == (pipe.recommender.clock - state.last_ts >= pipe.recommender.visit_gap_s)
+            if top.away:
+                assert top.items == plain.recommend(top.user_id).items, top.user_id
+                assert away.get(top.user_id) != events[top.user_id]  # once per time they leave
+                away[top.user_id] = events[top.user_id]
+            else:
+                differ += top.items != plain.recommend(top.user_id).items
+    assert len(away) >= 20 and differ >= 50
 
 
 def test_top_n_sampled_threshold_matches_a_full_sort() -> None:
@@ -195,7 +226,7 @@ def test_settings_defaults_are_the_recommenders_defaults() -> None:
     from infra.settings import ModelSettings
 
     signature = inspect.signature(Recommender).parameters
-    for name, value in ModelSettings().model_dump(exclude={"hit_rate_window", "visit_gap_s"}).items():
+    for name, value in ModelSettings().model_dump(exclude={"hit_rate_window"}).items():
         assert value == signature[name].default or dict(signature[name].default) == value, name
 
 

@@ -10,7 +10,7 @@ import orjson
 import pytest
 import redis
 
-from consumers.push_sender import PushSender
+from consumers.push_sender import AWAY_LIST_POLL_S, AWAY_LIST_WAIT_S, PushSender
 from infra.store import Keys, RedisTopNStore, connect
 from online_models.recommender import TopN
 from stream.events import Item
@@ -291,7 +291,13 @@ def sent(outbox: Path) -> list[dict]:  # type: ignore[type-arg]
     return [orjson.loads(line) for line in outbox.read_bytes().splitlines()] if outbox.exists() else []
 
 
-AWAY_HALF_AN_HOUR = {"PUSHREC_PUSH__AWAY_AFTER_S": "1800", "PUSHREC_PUSH__MIN_SCORE": "0.5"}
+# (With the worker's visit gap longer than that, no list re-ranked as away is waited for: see
+# test_the_decision_for_a_shopper_who_left_waits_for_their_away_list_which_is_no_activity.)
+AWAY_HALF_AN_HOUR = {
+    "PUSHREC_PUSH__AWAY_AFTER_S": "1800",
+    "PUSHREC_PUSH__MIN_SCORE": "0.5",
+    "PUSHREC_MODEL__VISIT_GAP_S": "3600",
+}
 
 
 def test_a_shopper_who_is_active_gets_no_push_and_one_who_left_gets_the_best_new_item(
@@ -326,6 +332,35 @@ def test_a_shopper_who_is_active_gets_no_push_and_one_who_left_gets_the_best_new
     sender = run_at(hermetic, outbox, clock, **AWAY_HALF_AN_HOUR)
     assert len(sent(outbox)) == 1
     assert sender.metrics.pushes.labels("below_threshold")._value.get() == 1
+
+
+def test_the_decision_for_a_shopper_who_left_waits_for_their_away_list_which_is_no_activity(
+    hermetic: Hermetic, tmp_path: Path
+) -> None:
+    """The worker ranks a shopper once more when they have left (a list flagged away): the
+    sender decides on that list, waiting for it up to AWAY_LIST_WAIT_S past the due time, and
+    does not take it for the shopper's activity. Without it, the list they have is used."""
+    outbox, clock = tmp_path / "outbox.jsonl", Clock(1_800_000_000.0)
+    env = {**AWAY_HALF_AN_HOUR, "PUSHREC_MODEL__VISIT_GAP_S": "1800", "PUSHREC_PUSH__TRIGGER_BROWSE": "false"}
+    asyncio.run(write(hermetic, TopN("gina", ["in_visit"], [3.0], "pushrec", ["popular right now"])))
+    asyncio.run(write(hermetic, TopN("hank", ["in_visit"], [3.0], "pushrec", ["popular right now"])))
+    run_at(hermetic, outbox, clock, **env)
+    clock.now += 1801
+    run_at(hermetic, outbox, clock, **env)  # due, and no list of them away yet: waiting
+    assert sent(outbox) == []
+    gina = TopN("gina", ["for_later"], [3.0], "pushrec", ["popular right now"], away=True)
+    asyncio.run(write(hermetic, gina))
+    clock.now += AWAY_LIST_POLL_S
+    run_at(hermetic, outbox, clock, **env)
+    assert [(p["user_id"], p["item_id"]) for p in sent(outbox)] == [("gina", "for_later")]
+    client = redis.Redis.from_url(hermetic.servers.redis_url)
+    assert client.zscore(f"{hermetic.prefix}:push:due", "away:gina") is None  # not seen as back
+    clock.now += AWAY_LIST_WAIT_S
+    run_at(hermetic, outbox, clock, **env)  # hank's never came: decided on the list he has
+    assert [(p["user_id"], p["item_id"]) for p in sent(outbox)] == [
+        ("gina", "for_later"),
+        ("hank", "in_visit"),
+    ]
 
 
 def test_the_recent_bar_is_shared_by_the_senders_through_redis(hermetic: Hermetic, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from online_models.recommender import Recommender  # noqa: E402
 from stream.events import decode_event  # noqa: E402
 from stream.replay import read_lines  # noqa: E402
 
-BASE = ModelSettings().model_dump(exclude={"hit_rate_window", "visit_gap_s"})
+BASE = ModelSettings().model_dump(exclude={"hit_rate_window"})
 SPACE = {
     "covisit_weight": [0.0, 2.0, 5.0, 10.0, 20.0],
     "covisit_window": [3, 5, 10],
