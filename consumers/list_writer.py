@@ -226,6 +226,7 @@ class ListWriter:
             self.metrics.event_to_list.observe(max(0.0, written - ts))
         self.metrics.slowest_events.add(np.column_stack([events, np.full(len(events), written)]))
         self.metrics.list_refreshes.inc(len(lists))
+        self.metrics.away_lists.inc(sum(top.away for top in lists))
         return True
 
     async def _write(self, items: list[Item], lists: list[TopN]) -> float:

@@ -118,6 +118,12 @@ class Metrics:
         for outcome in ("embedded", "unchanged", "dead_letter"):
             self.catalogue_items.labels(outcome)
         self.list_refreshes = Counter("pushrec_list_refreshes", "Top-N lists written to Redis.", registry=r)
+        self.away_lists = Counter(
+            "pushrec_away_lists",
+            "Of those, lists of shoppers who had left (ranked once more when their visit gap passed on "
+            "the stream's clock, for the push sender).",
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "pushrec_event_loop_lag_seconds",
             "How late a 20 ms timer of each worker process's event loop ran: how long the loop could "

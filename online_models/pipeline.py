@@ -15,6 +15,7 @@ change the answer.
 
 from __future__ import annotations
 
+import heapq
 import math
 from array import array
 from collections import deque
@@ -132,8 +133,10 @@ class RefreshPipeline:
         # ids took 216, a frozenset ~2.2 kB).
         self._served: dict[str, bytes] = {}
         # Shoppers whose last list was ranked while they were in a visit -> their last event
-        # time, least recently active first (events come in about time order: see leaving).
+        # time; and a heap of (a time at or before it, shopper), one entry per shopper followed,
+        # moved on when it comes up and they have had an event since.
         self._visiting: dict[str, float] = {}
+        self._by_last: list[tuple[float, str]] = []
 
     def learn(self, events: Iterable[Interaction]) -> list[str]:
         """Test-then-train each event; return the touched users, first-touched first."""
@@ -164,36 +167,37 @@ class RefreshPipeline:
 
     def leaving(self) -> list[str]:
         """The shoppers who have left since the last call (quiet for ``visit_gap_s`` on the
-        stream's clock), whose list must be ranked again as theirs away. Taken in order of their
-        last event; an event older than the latest of another shopper's can hold this shopper
-        back until that one leaves too.
-        """
-        recommender, left = self.recommender, []
-        users = recommender.users
-        while self._visiting:
-            user, last = next(iter(self._visiting.items()))
-            state = users.get(user)
-            if state is not None and state.last_ts == last:  # (else dropped, forgotten, or newer)
-                if not recommender.is_away(state):
-                    break
-                left.append(user)
-            del self._visiting[user]
+        stream's clock), whose list must be ranked again as theirs away."""
+        recommender, heap, visiting, left = self.recommender, self._by_last, self._visiting, []
+        horizon = recommender.clock - recommender.visit_gap_s  # (is_away: last_ts <= horizon)
+        while heap and heap[0][0] <= horizon:
+            _, user = heapq.heappop(heap)
+            last = visiting.get(user)
+            if last is None:  # dropped or forgotten
+                continue
+            if last > horizon:  # an event since: not gone yet
+                heapq.heappush(heap, (last, user))
+                continue
+            del visiting[user]
+            left.append(user)
         return left
 
     def resume(self, users: Iterable[str]) -> None:
         """Follow these restored users (a checkpoint's) as :meth:`learn` does: those not gone yet
         on the model's clock are re-ranked when they leave."""
         self._follow(users)
-        self._visiting = dict(sorted(self._visiting.items(), key=lambda pair: pair[1]))
 
     def _follow(self, users: Iterable[str]) -> None:
-        """Move these users to the end of :attr:`_visiting`, if they are in a visit."""
-        recommender, visiting = self.recommender, self._visiting
+        """Follow these users until they leave, if they are in a visit."""
+        recommender = self.recommender
         for user in users:
             state = recommender.users.get(user)
-            visiting.pop(user, None)
             if state is not None and not recommender.is_away(state):
-                visiting[user] = state.last_ts
+                if user not in self._visiting:
+                    heapq.heappush(self._by_last, (state.last_ts, user))
+                self._visiting[user] = state.last_ts
+            else:
+                self._visiting.pop(user, None)
 
     def refresh(self, users: Sequence[str]) -> list[TopN]:
         """Re-rank the given users and remember what they were served."""

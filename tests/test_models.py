@@ -174,6 +174,8 @@ def test_a_shopper_who_left_is_ranked_once_more_with_the_rules_at_their_away_sha
             else:
                 differ += top.items != plain.recommend(top.user_id).items
     assert len(away) >= 20 and differ >= 50
+    # One entry per shopper followed, not one per event: what it holds stays within the shoppers.
+    assert len(pipe._by_last) == len(pipe._visiting) <= len(events)
 
 
 def test_top_n_sampled_threshold_matches_a_full_sort() -> None:

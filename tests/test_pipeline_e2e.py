@@ -206,6 +206,13 @@ def test_replay_through_real_broker_worker_and_valkey(hermetic: Hermetic) -> Non
             u for u in users if not orjson.loads(client.hget(f"{hermetic.prefix}:recs:{u}", "items") or b"[]")
         ]
         assert missing == []
+        # Shoppers quiet for the visit gap on the stream's clock were ranked once more, as away
+        # (each when the clock passed their gap; events read out of time order may hold some back).
+        last = {e.user_id: e.ts for e in sorted(events, key=lambda e: e.ts)}
+        left = {u for u, ts in last.items() if max(last.values()) - ts >= Settings().model.visit_gap_s}
+        flagged = {u for u in users if client.hget(f"{hermetic.prefix}:recs:{u}", "away") == b"1"}
+        assert flagged and flagged <= left, (len(flagged), len(left))
+        assert metric_sum(scrape(port), "pushrec_away_lists_total") >= len(flagged)
         shown = run_cli(hermetic, "recs", events[0].user_id, "--json")
         assert shown.returncode == 0, shown.stderr
         assert len(json.loads(shown.stdout)["items"]) == 20
