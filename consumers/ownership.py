@@ -108,7 +108,7 @@ class Ownership:
                     worker.lists.add_ranked(ranked)
         worker.offsets.update(restored)
         users = recommender.n_users - users_before
-        worker.pipeline.resume(
+        worker.pipeline.follow(
             user for partition in new for user in recommender.users.in_partition(partition)
         )
         # What the last owner published is in the item state already: re-learned for the users

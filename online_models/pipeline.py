@@ -132,10 +132,10 @@ class RefreshPipeline:
         # The item rows of each user's last list, as int32 bytes (113 bytes for 20 items; a tuple of
         # ids took 216, a frozenset ~2.2 kB).
         self._served: dict[str, bytes] = {}
-        # Shoppers whose last list was ranked while they were in a visit -> their last event
-        # time; and a heap of (a time at or before it, shopper), one entry per shopper followed,
-        # moved on when it comes up and they have had an event since.
-        self._visiting: dict[str, float] = {}
+        # Shoppers whose last list was ranked while they were in a visit; and a heap of (a time
+        # at or before their last event, shopper), one entry per shopper followed, moved on when
+        # it comes up and they have had an event since.
+        self._visiting: set[str] = set()
         self._by_last: list[tuple[float, str]] = []
 
     def learn(self, events: Iterable[Interaction]) -> list[str]:
@@ -162,7 +162,7 @@ class RefreshPipeline:
                 visits.observe_event(ev.user_id, ev.type, positive, ev.ts, previous, served, row)
             self.recommender.learn_one(ev.user_id, ev.item_id, ev.type, ev.ts, ev.rating)
             touched[ev.user_id] = None
-        self._follow(touched)
+        self.follow(touched)
         return list(touched)
 
     def leaving(self) -> list[str]:
@@ -172,32 +172,29 @@ class RefreshPipeline:
         horizon = recommender.clock - recommender.visit_gap_s  # (is_away: last_ts <= horizon)
         while heap and heap[0][0] <= horizon:
             _, user = heapq.heappop(heap)
-            last = visiting.get(user)
-            if last is None:  # dropped or forgotten
+            state = recommender.users.get(user) if user in visiting else None
+            if state is None:  # left already, dropped or forgotten
+                visiting.discard(user)
                 continue
-            if last > horizon:  # an event since: not gone yet
-                heapq.heappush(heap, (last, user))
+            if state.last_ts > horizon:  # an event since: not gone yet
+                heapq.heappush(heap, (state.last_ts, user))
                 continue
-            del visiting[user]
+            visiting.remove(user)
             left.append(user)
         return left
 
-    def resume(self, users: Iterable[str]) -> None:
-        """Follow these restored users (a checkpoint's) as :meth:`learn` does: those not gone yet
-        on the model's clock are re-ranked when they leave."""
-        self._follow(users)
-
-    def _follow(self, users: Iterable[str]) -> None:
-        """Follow these users until they leave, if they are in a visit."""
+    def follow(self, users: Iterable[str]) -> None:
+        """Follow these users (touched by :meth:`learn`, or restored from a checkpoint) until they
+        leave, if they are in a visit on the model's clock."""
         recommender = self.recommender
         for user in users:
             state = recommender.users.get(user)
             if state is not None and not recommender.is_away(state):
                 if user not in self._visiting:
+                    self._visiting.add(user)
                     heapq.heappush(self._by_last, (state.last_ts, user))
-                self._visiting[user] = state.last_ts
             else:
-                self._visiting.pop(user, None)
+                self._visiting.discard(user)
 
     def refresh(self, users: Sequence[str]) -> list[TopN]:
         """Re-rank the given users and remember what they were served."""
@@ -216,13 +213,13 @@ class RefreshPipeline:
         """Let these users go (their partition moved to another worker): model and served lists."""
         for user in users:
             self._served.pop(user, None)
-            self._visiting.pop(user, None)
+            self._visiting.discard(user)
             self.visit_hit_rate.drop(user)
         self.recommender.users.drop(users)
 
     def forget(self, user: str) -> bool:
         """Erase the user from the model and the served lists; False if they were unknown."""
         served = self._served.pop(user, None) is not None
-        self._visiting.pop(user, None)
+        self._visiting.discard(user)
         self.visit_hit_rate.drop(user)
         return self.recommender.forget(user) or served
