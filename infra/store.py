@@ -233,13 +233,11 @@ for i = 2, #KEYS do
   local version = math.max(previous + 1, now_us)
   redis.call('HSET', KEYS[i], 'version', string.format('%d', version), 'items', ARGV[a],
              'refreshed_at', ARGV[1], 'model', ARGV[a + 1], 'tags', ARGV[a + 3], 'away', ARGV[a + 4])
+  local entry = {'user_id', ARGV[a + 2], 'version', string.format('%d', version)}
   if ARGV[a + 4] == '1' then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'user_id', ARGV[a + 2], 'version',
-               string.format('%d', version), 'away', '1')
-  else
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'user_id', ARGV[a + 2], 'version',
-               string.format('%d', version))
+    entry[5], entry[6] = 'away', '1'
   end
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(entry))
   versions[#versions + 1] = version
 end
 return versions
