@@ -19,6 +19,7 @@ by ``consumers/list_writer.py``, dead letters sent by ``consumers/dead_letters.p
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -108,6 +109,10 @@ class RefreshWorker:
         # list would otherwise miss LATENCY_TARGET_S (``ListWriter.deadline``).
         self._pending_since = 0.0
         self._refresh_max_delay_s = settings.worker.refresh_max_delay_s
+        # When the model last learned (monotonic) and its clock then: with no event for
+        # IDLE_CLOCK_S, the clock moves on from there with the wall clock (``_move_idle_clock``).
+        self._learned: tuple[float, float] | None = None
+        self._idle = False
         self.ownership = Ownership(self)
         self.exchange = ItemExchange(self)
 
@@ -223,6 +228,7 @@ class RefreshWorker:
                 self._pending_since = time.monotonic()
             self.lists.add(users, sent_at, *arrived, time.time())
             self.lists.add(leaving)
+            self._learned, self._idle = (time.monotonic(), self.pipeline.recommender.clock), False
         if (
             not self._behind()
             or time.monotonic() - self._pending_since >= self._refresh_max_delay_s
@@ -290,8 +296,30 @@ class RefreshWorker:
         over) and hand the lists to the background writer, without waiting for the write (the
         timer's job: a wait, re-ranking again after each write, would re-rank once per batch on a
         backlog and undo the deferral)."""
+        self._move_idle_clock()
         self.lists.refresh()
         self._report_pending()
+
+    def _move_idle_clock(self) -> None:
+        """With no event learned for IDLE_CLOCK_S, move the stream's clock on by the wall time
+        since the last one, and rank the shoppers who have left by then as away: in a quiet hour
+        no event would tell the model that time passed, and the push sender waits for those lists."""
+        idle_s, clock = self.settings.worker.idle_clock_s, self.pipeline.recommender.clock
+        if not idle_s or not math.isfinite(clock):
+            return
+        now = time.monotonic()
+        if self._learned is None:  # restored from a checkpoint, nothing learned since: from now
+            self._learned = (now, clock)
+        learned_at, clock_then = self._learned
+        if now - learned_at < idle_s:
+            return
+        if not self._idle:
+            self._idle = True
+            log.info("no event for %.0f s: the stream's clock moves on with the wall clock", now - learned_at)
+        left = self.pipeline.advance(clock_then + (now - learned_at))
+        if left:
+            log.info("%d shoppers left during the quiet spell: ranked again as away", len(left))
+            self.lists.add(left)
 
     async def write_unwritten(self) -> None:
         """Re-rank and store every user whose list has not reached Redis yet, and wait for it

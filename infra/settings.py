@@ -213,6 +213,13 @@ class WorkerSettings(_Section):
         "list would otherwise miss this (record time to list in Redis), unless it was this old "
         "already when learned (catching up comes first then); 0 = off",
     )
+    idle_clock_s: float = Field(
+        60.0,
+        ge=0,
+        description="with no event learned for this long, the stream's clock (which says who has left, "
+        "MODEL__VISIT_GAP_S) moves on with the wall clock from the last event time learned, so shoppers "
+        "who leave in a quiet hour still get their away list; 0 = the clock waits for the next event",
+    )
     loop_block_s: float = Field(
         0.1,
         ge=0,

@@ -183,6 +183,12 @@ class RefreshPipeline:
             left.append(user)
         return left
 
+    def advance(self, clock: float) -> list[str]:
+        """Move the stream's clock on to ``clock`` (time passed without an event to say so) and
+        name the shoppers who have left by then, as :meth:`leaving`."""
+        self.recommender.clock = max(self.recommender.clock, clock)
+        return self.leaving()
+
     def follow(self, users: Iterable[str]) -> None:
         """Follow these users (touched by :meth:`learn`, or restored from a checkpoint) until they
         leave, if they are in a visit on the model's clock."""

@@ -93,6 +93,10 @@ class Hermetic:
             # Pushes decided as soon as a list is written, and sent at once: the tests of delivery
             # and of the pipeline do not wait half an hour. Tests of the policy set their own.
             **PUSH_AT_ONCE,
+            # The stream's clock moves with events only: a worker left idle while a slow machine
+            # reads Redis must not rank its shoppers as away meanwhile (lists compared with the
+            # in-process pipeline's). The test of a quiet spell sets its own.
+            PUSHREC_WORKER__IDLE_CLOCK_S="0",
         )
         env.update(extra)
         return env

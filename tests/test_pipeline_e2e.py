@@ -383,6 +383,47 @@ def test_the_periodic_refresh_hands_lists_over_without_waiting_for_their_write(h
     asyncio.run(scenario())
 
 
+def test_in_a_quiet_spell_the_clock_moves_on_and_a_shopper_who_left_gets_their_away_list(
+    hermetic: Hermetic,
+) -> None:
+    """No event tells the model that time passes in a quiet hour, yet the push sender waits for the
+    list of a shopper who has left. With no event learned for IDLE_CLOCK_S, the one-second job
+    moves the stream's clock on with the wall clock and ranks the shoppers who left as away; with
+    it off, the clock waits for the next event and the visit list stays."""
+    import asyncio
+
+    from consumers.worker import RefreshWorker
+    from infra.kafka import KafkaAccess
+    from stream.records import Record
+
+    topic = TopicNames(hermetic.prefix).events("click")
+    event = orjson.dumps({"event_id": "e1", "type": "click", "user_id": "ann", "item_id": "i1", "ts": 1.0})
+    client = redis.Redis.from_url(hermetic.servers.redis_url)
+
+    async def quiet_spell(idle_clock_s: str) -> tuple[float, bytes | None]:
+        settings = hermetic.settings(
+            PUSHREC_MODEL__VISIT_GAP_S="2", PUSHREC_WORKER__IDLE_CLOCK_S=idle_clock_s
+        )
+        worker = RefreshWorker(
+            settings, KafkaAccess(hermetic.servers.kafka_bootstrap), hermetic.servers.redis_url
+        )
+        try:
+            await worker.handle_records([Record(topic, 0, 0, b"ann", event, 1.0)])
+            await worker.write_unwritten()
+            assert client.hget(f"{hermetic.prefix}:recs:ann", "away") == b"0"  # in a visit
+            for _ in range(5):  # the model process's timer, every second; the gap is 2 s
+                await asyncio.sleep(1.0)
+                await worker.refresh_lists()
+            await worker.write_unwritten()
+            return worker.pipeline.recommender.clock, client.hget(f"{hermetic.prefix}:recs:ann", "away")
+        finally:
+            await worker.close()
+
+    assert asyncio.run(quiet_spell("0")) == (1.0, b"0")  # the clock stays at the event's time
+    clock, away = asyncio.run(quiet_spell("0.5"))
+    assert away == b"1" and 1.0 + 2.0 <= clock <= 1.0 + 6.0
+
+
 def test_a_worker_behind_re_ranks_each_user_once_per_interval_and_loses_no_list(hermetic: Hermetic) -> None:
     """On a backlog (records already waiting), touched users are re-ranked at most every
     REFRESH_MAX_DELAY_S instead of after every batch; every user still ends with a list that
