@@ -80,17 +80,17 @@ def reasons(
     ``text(rows)`` gives their embeddings); ``title(row)`` names an item (None: its row is shown)."""
     rows = listed.tolist()
     # Only the rows that are not the user's own need their nearest history item (on a log of
-    # views, three in four listed rows are the user's own).
+    # views, three in four listed rows are the user's own); the untouched ones, by their text.
     others = np.array([k for k, row in enumerate(rows) if row not in history.own], dtype=np.int64)
+    by_text = cold[others] if text is not None else np.zeros(others.size, dtype=bool)
     nearest = np.zeros(len(rows), dtype=np.int64)
-    if others.size:
-        by_text = others[cold[others]] if text is not None else others[:0]
-        by_factors = others[~cold[others]] if text is not None else others
-        if by_factors.size:
-            nearest[by_factors] = _nearest(factors[listed[by_factors]], factors[history.rows])
-        if by_text.size:
-            assert text is not None
-            nearest[by_text] = _nearest(text(listed[by_text]), text(history.rows))
+    if not by_text.all():
+        at = others[~by_text]
+        nearest[at] = _nearest(factors[listed[at]], factors[history.rows])
+    if by_text.any():
+        assert text is not None
+        at = others[by_text]
+        nearest[at] = _nearest(text(listed[at]), text(history.rows))
     out = []
     for k, row in enumerate(rows):
         if row in history.own:
