@@ -132,10 +132,11 @@ class RefreshPipeline:
         # The item rows of each user's last list, as int32 bytes (113 bytes for 20 items; a tuple of
         # ids took 216, a frozenset ~2.2 kB).
         self._served: dict[str, bytes] = {}
-        # Shoppers whose last list was ranked while they were in a visit; and a heap of (a time
-        # at or before their last event, shopper), one entry per shopper followed, moved on when
-        # it comes up and they have had an event since.
-        self._visiting: set[str] = set()
+        # Shoppers whose last list was ranked while they were in a visit -> the key of their entry
+        # in a heap of (a time at or before their last event, shopper), moved on when it comes up
+        # and they have had an event since. An entry whose key is not its shopper's here is left
+        # over (they were let go, then followed again) and is dropped when it comes up.
+        self._visiting: dict[str, float] = {}
         self._by_last: list[tuple[float, str]] = []
 
     def learn(self, events: Iterable[Interaction]) -> list[str]:
@@ -171,15 +172,18 @@ class RefreshPipeline:
         recommender, heap, visiting, left = self.recommender, self._by_last, self._visiting, []
         horizon = recommender.clock - recommender.visit_gap_s  # (is_away: last_ts <= horizon)
         while heap and heap[0][0] <= horizon:
-            _, user = heapq.heappop(heap)
-            state = recommender.users.get(user) if user in visiting else None
-            if state is None:  # left already, dropped or forgotten
-                visiting.discard(user)
+            key, user = heapq.heappop(heap)
+            if visiting.get(user) != key:  # left over, or they left already
+                continue
+            state = recommender.users.get(user)
+            if state is None:  # dropped or forgotten
+                del visiting[user]
                 continue
             if state.last_ts > horizon:  # an event since: not gone yet
+                visiting[user] = state.last_ts
                 heapq.heappush(heap, (state.last_ts, user))
                 continue
-            visiting.remove(user)
+            del visiting[user]
             left.append(user)
         return left
 
@@ -197,10 +201,10 @@ class RefreshPipeline:
             state = recommender.users.get(user)
             if state is not None and not recommender.is_away(state):
                 if user not in self._visiting:
-                    self._visiting.add(user)
+                    self._visiting[user] = state.last_ts
                     heapq.heappush(self._by_last, (state.last_ts, user))
             else:
-                self._visiting.discard(user)
+                self._visiting.pop(user, None)
 
     def refresh(self, users: Sequence[str]) -> list[TopN]:
         """Re-rank the given users and remember what they were served."""
@@ -219,13 +223,13 @@ class RefreshPipeline:
         """Let these users go (their partition moved to another worker): model and served lists."""
         for user in users:
             self._served.pop(user, None)
-            self._visiting.discard(user)
+            self._visiting.pop(user, None)
             self.visit_hit_rate.drop(user)
         self.recommender.users.drop(users)
 
     def forget(self, user: str) -> bool:
         """Erase the user from the model and the served lists; False if they were unknown."""
         served = self._served.pop(user, None) is not None
-        self._visiting.discard(user)
+        self._visiting.pop(user, None)
         self.visit_hit_rate.drop(user)
         return self.recommender.forget(user) or served

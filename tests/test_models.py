@@ -178,6 +178,26 @@ def test_a_shopper_who_left_is_ranked_once_more_with_the_rules_at_their_away_sha
     assert len(pipe._by_last) == len(pipe._visiting) <= len(events)
 
 
+def test_a_shopper_let_go_and_followed_again_keeps_one_entry_and_leaves_once() -> None:
+    """A shopper whose partition went away (or who was forgotten) and came back within the gap is
+    followed again; the entry they had before is dropped when it comes up, not moved on beside
+    the new one, and they leave once."""
+    from types import SimpleNamespace as Ev
+
+    def click(user: str, item: str, ts: float) -> Ev:
+        return Ev(user_id=user, item_id=item, type="click", ts=ts, rating=None)
+
+    pipe = RefreshPipeline(Recommender(seed=0, visit_gap_s=10.0))
+    pipe.learn([click("a", "i1", 100.0)])
+    pipe.drop_users(["a"])  # the partition moved to another worker ...
+    pipe.learn([click("a", "i2", 105.0)])  # ... and back, with a's next event
+    pipe.learn([click("b", "i3", 112.0)])  # a's first entry (100) comes up; a was at 105
+    assert pipe.leaving() == []
+    assert len(pipe._by_last) == len(pipe._visiting) == 2  # a and b, once each
+    pipe.learn([click("c", "i4", 130.0)])
+    assert pipe.leaving() == ["a", "b"]
+
+
 def test_top_n_sampled_threshold_matches_a_full_sort() -> None:
     """Large catalogues take the sampled-threshold path; the answer must equal a full sort's."""
     rng = np.random.default_rng(0)
