@@ -148,10 +148,13 @@ def big_shop(n_items: int = 2000, seed: int = 0) -> Recommender:
     return rec
 
 
+@pytest.mark.parametrize("warmed", [600, 1750])  # most items cold / few: only theirs are read
 @pytest.mark.parametrize("on_top", [0, 3])
 @pytest.mark.parametrize("n", [10, 50])  # the list's floor from a sample of the rows, or from all
 @pytest.mark.parametrize("band", [0, 100, 1000])
-def test_a_list_matches_text_only_where_it_can_change_its_top(band: int, n: int, on_top: int) -> None:
+def test_a_list_matches_text_only_where_it_can_change_its_top(
+    band: int, n: int, on_top: int, warmed: int
+) -> None:
     """The bounded text match gives the same top-n as matching every cold item. ``band`` cold
     items sit within the text weight below the list's warm floor (none, a few: matched one by
     one, most: one product), the rest far below; ``on_top`` cold items score above the floor
@@ -162,10 +165,11 @@ def test_a_list_matches_text_only_where_it_can_change_its_top(band: int, n: int,
     content, catalogue = rec.content, rec.catalogue
     assert catalogue is not None
     rng = np.random.default_rng(1)
-    for row in rng.choice(2000, size=600, replace=False).tolist():
+    for row in rng.choice(2000, size=warmed, replace=False).tolist():
         catalogue.warm(row)  # the stream touched these
     content.weight = 1.0
     cold = catalogue.cold_rows()
+    band = min(band, cold.size - on_top)
     for trial in range(40):
         scores = rng.normal(size=2000 + trial % 3).astype(np.float32)  # some rows past the catalogue
         warm = np.setdiff1d(np.arange(scores.size), cold)
