@@ -174,8 +174,10 @@ class ContentProjection:
 
     def learn_one(self, embedding: np.ndarray, factors: np.ndarray) -> None:
         error = factors - self.weights @ embedding
+        step = np.outer(error, embedding).astype(np.float32, copy=False)
+        step *= np.float32(self.learning_rate)
         self.weights *= np.float32(1.0 - self.learning_rate * self.l2)
-        self.weights += np.float32(self.learning_rate) * np.outer(error, embedding).astype(np.float32)
+        self.weights += step
         self.updates += 1
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
