@@ -52,13 +52,13 @@ class InterestSegments:
             self._centres = None
         else:
             # River's step, in numpy (~7x faster): the same distances summed in the same order
-            # (so the same nearest centre, the first on a tie) and the same move.
+            # (so the same nearest centre, the first on a tie) and the same move. The array is
+            # the centres from now on; River's are written at the next state().
             array = self._centre_array(vector.size)
             distances = ((array - vector) ** 2).cumsum(axis=1)[:, -1]
             segment = int(distances.argmin())
             centre = array[segment]
             centre += self._kmeans.halflife * (vector - centre)
-            centres[segment].update(enumerate(centre.tolist()))
         counts = self._terms.setdefault(segment, {})
         # Decay without touching every term: newer credit is worth 1/_DECAY times more; rescale
         # (and drop terms that faded out) before the numbers grow large.
@@ -110,6 +110,9 @@ class InterestSegments:
         return heapq.nlargest(self.n_tags, counts, key=counts.__getitem__) if counts else []
 
     def state(self) -> dict[str, Any]:
+        if self._drawn and self._centres is not None:  # the array moved them since
+            for c, centre in enumerate(self._centres.tolist()):
+                self._kmeans.centers[c].update(enumerate(centre))
         return {
             "centers": {
                 str(c): [[k, v] for k, v in centre.items()] for c, centre in self._kmeans.centers.items()
