@@ -15,6 +15,10 @@ measured in one run on the same machine, broker and events.
    timestamp to Redis write), interpolated within the worker's histogram buckets.
 4. evaluate: `pushrec evaluate`'s speed for the product model alone on the same events.
 
+With a catalogue (``items``), a shop's case: before step 2 a worker takes the catalogue in from
+the items topic and stops, and the backlog's worker restores it from that worker's checkpoint;
+before the paced events of step 3, the latency worker takes it in; step 4 announces it.
+
 With ``repeat`` > 1, steps 1 and 2 run as that many (ceiling, pipeline) pairs and the pair with
 the median ratio is reported (every pair is in ``pairs``): on a shared machine the speed drifts
 between runs, and a ceiling measured minutes away from its pipeline says little about it.
@@ -40,7 +44,7 @@ from infra.metrics import Samples, metric_sum, scrape
 from infra.settings import Settings
 from infra.stack import EmbeddedStack, free_port
 from pushrec.demo import SAMPLE_EVENTS, stop_process, wait_for
-from stream.replay import Pacing, Replayer, read_lines
+from stream.replay import Pacing, Replayer, ReplaySummary, read_lines
 from stream.topics import TopicNames, ensure_topics
 
 SHARED_TAOBAO = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "taobao" / "events.jsonl.gz"
@@ -141,6 +145,35 @@ def replay(kafka: KafkaAccess, settings: Settings, run: Run, events: Path, pacin
         replayer.close()
 
 
+def take_in_catalogue(
+    kafka: KafkaAccess,
+    settings: Settings,
+    run: Run,
+    items: Path,
+    port: int,
+    worker: subprocess.Popen[bytes],
+) -> int:
+    """Publish the catalogue ``items`` to ``run``'s items topic and wait until the worker
+    serving /metrics on ``port`` has taken in every item (embedded, unchanged or dead-lettered);
+    returns how many were published."""
+    names = TopicNames(run.prefix)
+    ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
+    replayer = Replayer(kafka, names, settings.events.limits)
+    summary = ReplaySummary()
+    try:
+        replayer.replay_items(items, summary)
+        replayer.flush()
+    finally:
+        replayer.close()
+    wait_for(
+        f"the worker to take in the {summary.items_sent:,} catalogue items",
+        lambda: metric_sum(scrape(port), "pushrec_catalogue_items_total") >= summary.items_sent,
+        600,
+        worker,
+    )
+    return summary.items_sent
+
+
 def measure_backlog(
     run: Run, n: int, prepare: Callable[[int, subprocess.Popen[bytes]], None] | None = None
 ) -> tuple[float, int]:
@@ -216,14 +249,17 @@ def run_bench(
     checkpoint_users: tuple[int, ...] = (100_000, 1_000_000),
     checkpoint_partitions: int = 6,
     loads: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9),
+    items: Path | None = None,
 ) -> dict[str, Any]:
+    """The figures above; with ``items`` (a catalogue, JSON Lines), every worker has taken it in
+    before the events come, and ``evaluate`` is given it."""
     workdir = Path(tempfile.mkdtemp(prefix="pushrec-bench-"))
     lines = load_lines(events, limit)
     log_path = workdir / "events.jsonl"
     log_path.write_bytes(b"\n".join(lines) + b"\n")
     parsed = [json.loads(line) for line in lines]
     users = len({e["user_id"] for e in parsed})
-    items = len({e["item_id"] for e in parsed})
+    n_items = len({e["item_id"] for e in parsed})
     n = len(lines)
     with servers(settings, workdir) as server_env:
         base_env = {**os.environ, **server_env}
@@ -234,7 +270,27 @@ def run_bench(
         def produce(run: Run, pacing: Pacing) -> None:
             replay(kafka, settings, run, log_path, pacing)
 
-        log(f"bench: {n:,} events from {events} ({users:,} users, {items:,} items); work dir {workdir}")
+        catalogue = 0  # items published to each run (with ``items``)
+
+        def catalogue_first(run: Run) -> None:
+            """A worker takes in the catalogue and stops: the next one restores it from the
+            checkpoint written at the stop, as a shop's worker does after a restart."""
+            nonlocal catalogue
+            assert items is not None
+            port = free_port()
+            worker = run.spawn(
+                "pushrec.cli", "worker", "--metrics-port", str(port), log=f"{run.prefix}-catalogue.log"
+            )
+            try:
+                catalogue = take_in_catalogue(kafka, settings, run, items, port, worker)
+            finally:
+                stop_process(worker, timeout_s=120)
+
+        log(
+            f"bench: {n:,} events from {events} ({users:,} users, {n_items:,} items"
+            + (f"; the catalogue {items} published first" if items is not None else "")
+            + f"); work dir {workdir}"
+        )
 
         def ceiling_rate() -> float:
             run = Run(base_env, workdir, "c")
@@ -251,6 +307,8 @@ def run_bench(
         def pipeline_rate() -> tuple[float, int]:
             """The worker's rate on a backlog, and its peak RSS."""
             run = Run(base_env, workdir, "p")
+            if items is not None:
+                catalogue_first(run)
             produce(run, Pacing())
             return measure_backlog(run, n)
 
@@ -292,6 +350,8 @@ def run_bench(
                     120,
                     worker,
                 )
+                if items is not None:
+                    take_in_catalogue(kafka, settings, run, items, port, worker)
                 produce(run, Pacing(rate=rate))
                 wait_for(  # and every list written: the histogram then holds every event's latency
                     "every paced event's list",
@@ -326,7 +386,12 @@ def run_bench(
     from pushrec.bench_memory import model_memory
     from stream.events import decode_event
 
-    report = evaluate([decode_event(line) for line in lines], {"pushrec": build_recommender(settings)})
+    model = build_recommender(settings)
+    if items is not None:
+        from pushrec.commands.evaluate import announce_items
+
+        announce_items(items, [model], settings)
+    report = evaluate([decode_event(line) for line in lines], {"pushrec": model})
     evaluate_rate = report.models["pushrec"]["events_per_s"]
     memory = model_memory(settings, memory_users)
     log(f"model memory: {memory['bytes_per_user']:,} B/user, {memory['bytes_per_item']:,} B/item")
@@ -363,7 +428,9 @@ def run_bench(
         "evaluate_events_per_s": round(evaluate_rate, 1),
         "worker_peak_rss_bytes": peak,
         "users": users,
-        "items": items,
+        "items": n_items,
+        "catalogue": str(items) if items is not None else None,
+        "catalogue_items": catalogue,
         **memory,
         "checkpoints": checkpoints,
         "source": str(events),

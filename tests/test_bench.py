@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from infra.latency import STAGES
 from infra.metrics import LATENCY_BUCKETS
 from pushrec.bench import quantile
-from pushrec.demo import SAMPLE_EVENTS
+from pushrec.demo import SAMPLE_EVENTS, SAMPLE_ITEMS
 from tests.conftest import Hermetic
 
 pytestmark = pytest.mark.integration
@@ -109,6 +110,55 @@ def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
     )
     assert checkpoint["partition_bytes"] > 0
     assert 0 < checkpoint["redis_save_stall_s"] <= checkpoint["redis_save_s"]
+
+
+def test_with_a_catalogue_every_worker_takes_it_in_before_the_events(hermetic: Hermetic) -> None:
+    """``--items-file``: the backlog's worker restores the catalogue a first worker took in (from
+    its checkpoint, not from the items topic again), and the latency worker takes it in before
+    the paced events."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pushrec.cli",
+            "bench",
+            "--events",
+            str(SAMPLE_EVENTS),
+            "--items-file",
+            str(SAMPLE_ITEMS),
+            "--events-max",
+            "3000",
+            "--memory-users",
+            "500",
+            "1000",
+            "--repeat",
+            "1",
+            "--loads",
+            "0.5",
+            "--checkpoint-users",
+            "1000",
+            "--checkpoint-partitions",
+            "2",
+            "--json",
+        ],
+        env=hermetic.env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["catalogue"] == str(SAMPLE_ITEMS) and report["catalogue_items"] == 1179
+    assert report["pipeline_events_per_s"] > 0 and report["evaluate_events_per_s"] > 0
+    logs = Path(report["logs"])
+    (backlog,) = logs.glob("*-pipeline.log")
+    text = backlog.read_text()
+    assert "restored the item state" in text and ": 1179 items" in text, text[-2000:]
+    assert "catalogue:" not in text  # not taken in again
+    latency = (logs / "latency-0.5.log").read_text()
+    embedded = sum(int(n) for n in re.findall(r"catalogue: \d+ item\(s\), (\d+) embedded", latency))
+    assert embedded == 1179, latency[-2000:]
 
 
 def test_histogram_quantile_interpolates_within_buckets() -> None:

@@ -1,5 +1,6 @@
-"""`pushrec bench`: the real pipeline's rate and latency against Faust's own ceiling, in one run;
-with ``--items N``, top-N over a large catalogue (HNSW index against exact search)."""
+"""`pushrec bench`: the real pipeline's rate and latency against Faust's own ceiling, in one run
+(with ``--items-file``, with the shop's catalogue taken in first); with ``--items N``, top-N over
+a large catalogue (HNSW index against exact search)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,13 @@ def add_parser(sub: Subcommands) -> None:
         "--checkpoint-partitions", type=positive_int, default=6, metavar="P", help="(default: %(default)s)"
     )
     bench.add_argument(
+        "--items-file",
+        type=existing_file,
+        metavar="ITEMS",
+        help="a catalogue (JSON Lines, as for replay --items) every worker takes in before the events "
+        "come; evaluate is given it too",
+    )
+    bench.add_argument(
         "--items",
         type=positive_int,
         metavar="N",
@@ -94,6 +102,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     events = args.events or default_events()
     if args.items:
+        if args.items_file:
+            raise UsageError("--items N and --items-file are two different benchmarks: give one")
         return _run_catalogue(args, settings, events)
     small, large = args.memory_users
     if not small < large:
@@ -109,9 +119,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         tuple(args.checkpoint_users),
         args.checkpoint_partitions,
         tuple(args.loads),
+        args.items_file,
+    )
+    catalogue = (
+        f"; the catalogue's {result['catalogue_items']:,} items taken in first" if args.items_file else ""
     )
     lines = [
-        f"pushrec bench: {result['events']:,} events ({result['users']:,} users, {result['items']:,} items)",
+        f"pushrec bench: {result['events']:,} events ({result['users']:,} users, "
+        f"{result['items']:,} items{catalogue})",
         f"  ceiling (trivial Faust agent)  {result['ceiling_events_per_s']:>10,.0f} events/s",
         f"  pipeline (worker, backlog)     {result['pipeline_events_per_s']:>10,.0f} events/s"
         f"   ratio {result['ratio']:.2f}"

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for protocol in protocols:
             models = {name: _make_model(name, settings, args) for name in names}
             if args.items:
-                announced = _announce_items(args.items[number], models.values(), settings)
+                announced = announce_items(args.items[number], models.values(), settings)
                 log.info(
                     "catalogue: %d items from %s (%s encoder)",
                     announced,
@@ -178,7 +178,7 @@ def _run_push(args: argparse.Namespace, settings: Settings) -> int:
         dataset = _dataset(path)
         model = build_recommender(settings)
         if args.items:
-            _announce_items(args.items[number], [model], settings)
+            announce_items(args.items[number], [model], settings)
         with tqdm(
             desc=f"evaluate --push {dataset}", unit=" ev", disable=not sys.stderr.isatty(), file=sys.stderr
         ) as bar:
@@ -291,7 +291,7 @@ def _als_available() -> bool:
     return True
 
 
-def _announce_items(path: Path, models: Iterable[object], settings: Settings) -> int:
+def announce_items(path: Path, models: Iterable[object], settings: Settings) -> int:
     """Tell every model that takes a catalogue (the product model) about the items in ``path``."""
     items = []
     for number, line in read_lines(path):
