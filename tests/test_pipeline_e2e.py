@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import math
@@ -24,9 +25,10 @@ from infra.latency import STAGES
 from infra.metrics import LATENCY_BUCKETS, Metrics, metric_sum, scrape
 from infra.settings import Settings
 from infra.stack import free_port
+from online_models.recommender import TopN
 from pushrec.demo import SAMPLE_EVENTS, stop_process, wait_for
 from stream.deadletter import DeadLetter
-from stream.events import Reason, decode_event
+from stream.events import Item, Reason, decode_event
 from stream.topics import TopicNames
 from tests.conftest import Hermetic, dataset
 
@@ -317,6 +319,45 @@ def test_the_latency_target_sets_when_a_worker_behind_must_re_rank() -> None:
         off._writes.stop()
     finally:
         lists._writes.stop()
+
+
+def test_a_catalogue_published_at_once_is_stored_a_chunk_per_round_beside_the_lists() -> None:
+    """Tens of thousands of new items do not hold the lists for seconds: each write round
+    stores at most a chunk of them, with that round's lists (a fake store: the bookkeeping)."""
+
+    class Store:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, int, tuple[str, ...]]] = []  # what, how many items, users
+
+        async def write_items(self, items: list[Item]) -> None:
+            self.calls.append(("items", len(items), ()))
+
+        async def write_lists(self, lists: list[TopN], now: float) -> None:
+            self.calls.append(("lists", 0, tuple(top.user_id for top in lists)))
+
+    store = Store()
+    lists = ListWriter(
+        store,  # type: ignore[arg-type]
+        build_pipeline(Settings()),
+        Metrics(("click",), ("bad_json",)),
+        lambda: None,
+        lambda exc: None,
+    )
+
+    async def publish_then_rank() -> None:
+        lists.add_items(Item(f"i{k}", title=f"item {k}") for k in range(2500))
+        lists.add(["u1"], [time.time()], learned_at=time.time())
+        await lists.flush()
+
+    try:
+        asyncio.run(publish_then_rank())
+    finally:
+        lists._writes.stop()
+    chunks = [n for kind, n, _ in store.calls if kind == "items"]
+    assert sum(chunks) == 2500 and max(chunks) <= 1000, store.calls
+    last_items = max(at for at, (kind, _, _) in enumerate(store.calls) if kind == "items")
+    assert store.calls.index(("lists", 0, ("u1",))) < last_items, store.calls  # not behind them all
+    assert not lists.pending_items
 
 
 def test_the_pipe_to_the_model_process_takes_a_whole_batch_without_a_reader() -> None:
