@@ -38,6 +38,7 @@ class InterestSegments:
         self._scale: dict[int, float] = {}
         self._centres: np.ndarray | None = None  # the centres as an array (_centre_array)
         self._drawn = False
+        self._tags: dict[int, list[str]] = {}  # each segment's name, until its terms change
         self.n_tags = n_tags
 
     def learn_one(self, vector: np.ndarray, terms: Sequence[str]) -> int:
@@ -60,6 +61,7 @@ class InterestSegments:
             centre = array[segment]
             centre += self._kmeans.halflife * (vector - centre)
         counts = self._terms.setdefault(segment, {})
+        self._tags.pop(segment, None)
         # Decay without touching every term: newer credit is worth 1/_DECAY times more; rescale
         # (and drop terms that faded out) before the numbers grow large.
         scale = self._scale[segment] = self._scale.get(segment, 1.0) / _DECAY
@@ -105,9 +107,16 @@ class InterestSegments:
         return segment, self.tags(segment)
 
     def tags(self, segment: int) -> list[str]:
-        """The segment's name: its ``n_tags`` heaviest terms (none before it learned any)."""
-        counts = self._terms.get(segment)
-        return heapq.nlargest(self.n_tags, counts, key=counts.__getitem__) if counts else []
+        """The segment's name: its ``n_tags`` heaviest terms (none before it learned any). Kept
+        until the segment learns again: every list a round ranks carries its segment's name, and
+        a shop with thousands of categories gives a segment thousands of terms."""
+        tags = self._tags.get(segment)
+        if tags is None:
+            counts = self._terms.get(segment)
+            tags = self._tags[segment] = (
+                heapq.nlargest(self.n_tags, counts, key=counts.__getitem__) if counts else []
+            )
+        return list(tags)
 
     def state(self) -> dict[str, Any]:
         if self._drawn and self._centres is not None:  # the array moved them since
@@ -122,7 +131,7 @@ class InterestSegments:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        self._centres, self._drawn = None, False
+        self._centres, self._drawn, self._tags = None, False, {}
         for c, pairs in state["centers"].items():
             centre = self._kmeans.centers[int(c)]
             centre.clear()

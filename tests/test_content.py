@@ -83,6 +83,17 @@ def test_segments_are_named_by_what_their_members_touch() -> None:
     assert all("Garden" in tags or "garden" in tags for tags in gardeners)
 
 
+def test_a_segments_name_follows_what_it_learns_after_it_was_read() -> None:
+    segments = InterestSegments(n_segments=1, seed=0)
+    taste = np.array([1.0, 0.0])
+    for _ in range(5):
+        segments.learn_one(taste, ["Tea"])
+    assert segments.name(taste)[1] == ["Tea"]  # read (and kept) for every list of the round
+    for _ in range(10):
+        segments.learn_one(taste, ["Coffee"])
+    assert segments.name(taste)[1] == ["Coffee", "Tea"]
+
+
 def test_a_shopper_nearest_an_unnamed_segment_gets_the_nearest_named_one() -> None:
     segments = InterestSegments(n_segments=2, seed=0)
     for _ in range(30):
