@@ -123,8 +123,12 @@ class ListWriter:
     def add_items(self, items: Iterable[Item]) -> None:
         """Store these catalogue items (now, or after the current back-off)."""
         self._items.update((item.item_id, item) for item in items)
+        self._count_unstored()
         if self._items and time.monotonic() >= self._retry_at:
             self._start()
+
+    def _count_unstored(self) -> None:
+        self.metrics.catalogue_items_unstored.set(len(self._items) + len(self._items_in_flight))
 
     def add(
         self,
@@ -229,6 +233,7 @@ class ListWriter:
             return False
         finally:
             self._in_flight, self._items_in_flight = {}, {}
+            self._count_unstored()
         self._failures, self._retry_at = 0, 0.0
         events = np.frombuffer(stamps).reshape(-1, _RANKED)
         for ts in events[:, 0].tolist():

@@ -117,6 +117,12 @@ class Metrics:
         )
         for outcome in ("embedded", "unchanged", "dead_letter"):
             self.catalogue_items.labels(outcome)
+        self.catalogue_items_unstored = Gauge(
+            "pushrec_catalogue_items_unstored",
+            "Catalogue items taken in but not stored in Redis yet (a large publish is stored a chunk "
+            "per list write; lists written meanwhile may name items whose title is not stored yet).",
+            registry=r,
+        )
         self.list_refreshes = Counter("pushrec_list_refreshes", "Top-N lists written to Redis.", registry=r)
         self.away_lists = Counter(
             "pushrec_away_lists",

@@ -344,8 +344,11 @@ def test_a_catalogue_published_at_once_is_stored_a_chunk_per_round_beside_the_li
         lambda exc: None,
     )
 
+    unstored = lists.metrics.catalogue_items_unstored
+
     async def publish_then_rank() -> None:
         lists.add_items(Item(f"i{k}", title=f"item {k}") for k in range(2500))
+        assert unstored._value.get() == 2500
         lists.add(["u1"], [time.time()], learned_at=time.time())
         await lists.flush()
 
@@ -357,7 +360,7 @@ def test_a_catalogue_published_at_once_is_stored_a_chunk_per_round_beside_the_li
     assert sum(chunks) == 2500 and max(chunks) <= 1000, store.calls
     last_items = max(at for at, (kind, _, _) in enumerate(store.calls) if kind == "items")
     assert store.calls.index(("lists", 0, ("u1",))) < last_items, store.calls  # not behind them all
-    assert not lists.pending_items
+    assert not lists.pending_items and unstored._value.get() == 0
 
 
 def test_the_pipe_to_the_model_process_takes_a_whole_batch_without_a_reader() -> None:
