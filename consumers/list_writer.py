@@ -206,6 +206,7 @@ class ListWriter:
         else:
             chunk = list(islice(self._items, _ITEMS_PER_WRITE))
             self._items_in_flight = {item_id: self._items.pop(item_id) for item_id in chunk}
+        stored = len(self._items_in_flight)
         try:
             started = time.time()
             written = await self._writes.run(self._write(list(self._items_in_flight.values()), lists))
@@ -235,6 +236,7 @@ class ListWriter:
             self._in_flight, self._items_in_flight = {}, {}
             self._count_unstored()
         self._failures, self._retry_at = 0, 0.0
+        self.metrics.catalogue_items_stored.inc(stored)
         events = np.frombuffer(stamps).reshape(-1, _RANKED)
         for ts in events[:, 0].tolist():
             self.metrics.event_to_list.observe(max(0.0, written - ts))

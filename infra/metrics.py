@@ -117,6 +117,11 @@ class Metrics:
         )
         for outcome in ("embedded", "unchanged", "dead_letter"):
             self.catalogue_items.labels(outcome)
+        self.catalogue_items_stored = Counter(
+            "pushrec_catalogue_items_stored",
+            "Catalogue items stored in Redis (title, category, price: what a push names).",
+            registry=r,
+        )
         self.catalogue_items_unstored = Gauge(
             "pushrec_catalogue_items_unstored",
             "Catalogue items taken in but not stored in Redis yet (a large publish is stored a chunk "

@@ -166,10 +166,11 @@ def take_in_catalogue(
     finally:
         replayer.close()
 
-    def taken_in() -> bool:
+    def taken_in() -> bool:  # (embedded and stored: two paths, in either order)
         samples = scrape(port)
         counted = metric_sum(samples, "pushrec_catalogue_items_total") >= summary.items_sent
-        return counted and not metric_sum(samples, "pushrec_catalogue_items_unstored")
+        stored = metric_sum(samples, "pushrec_catalogue_items_stored_total") >= summary.items_sent
+        return counted and stored and not metric_sum(samples, "pushrec_catalogue_items_unstored")
 
     # Stored in Redis too: storing tens of thousands of items slows the worker for seconds, a
     # one-off of the publish that a steady rate's latency would otherwise take in.

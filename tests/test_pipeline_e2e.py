@@ -361,6 +361,7 @@ def test_a_catalogue_published_at_once_is_stored_a_chunk_per_round_beside_the_li
     last_items = max(at for at, (kind, _, _) in enumerate(store.calls) if kind == "items")
     assert store.calls.index(("lists", 0, ("u1",))) < last_items, store.calls  # not behind them all
     assert not lists.pending_items and unstored._value.get() == 0
+    assert lists.metrics.catalogue_items_stored._value.get() == 2500
 
 
 def test_the_pipe_to_the_model_process_takes_a_whole_batch_without_a_reader() -> None:
