@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,30 +39,10 @@ SPEC_KEYS = {
 }
 
 
-def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
+def bench(hermetic: Hermetic, *args: str) -> dict[str, Any]:
+    """``pushrec bench --events SAMPLE_EVENTS *args --json`` on the test's servers: its report."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pushrec.cli",
-            "bench",
-            "--events",
-            str(SAMPLE_EVENTS),
-            "--events-max",
-            "4000",
-            "--memory-users",
-            "500",
-            "1500",
-            "--repeat",
-            "2",
-            "--loads",
-            "0.6",
-            "--checkpoint-users",
-            "3000",
-            "--checkpoint-partitions",
-            "3",
-            "--json",
-        ],
+        [sys.executable, "-m", "pushrec.cli", "bench", "--events", str(SAMPLE_EVENTS), *args, "--json"],
         env=hermetic.env(),
         capture_output=True,
         text=True,
@@ -69,7 +50,16 @@ def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout)
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
+    report = bench(
+        hermetic,
+        *("--events-max", "4000", "--memory-users", "500", "1500", "--repeat", "2", "--loads", "0.6"),
+        *("--checkpoint-users", "3000", "--checkpoint-partitions", "3"),
+    )
     assert set(report) >= SPEC_KEYS
     assert report["events"] == 4000  # the 3,000-line sample, scaled up with fresh ids
     assert report["users"] > 0 and report["items"] > 0
@@ -116,39 +106,11 @@ def test_with_a_catalogue_every_worker_takes_it_in_before_the_events(hermetic: H
     """``--items-file``: the backlog's worker restores the catalogue a first worker took in (from
     its checkpoint, not from the items topic again), and the latency worker takes it in before
     the paced events."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pushrec.cli",
-            "bench",
-            "--events",
-            str(SAMPLE_EVENTS),
-            "--items-file",
-            str(SAMPLE_ITEMS),
-            "--events-max",
-            "3000",
-            "--memory-users",
-            "500",
-            "1000",
-            "--repeat",
-            "1",
-            "--loads",
-            "0.5",
-            "--checkpoint-users",
-            "1000",
-            "--checkpoint-partitions",
-            "2",
-            "--json",
-        ],
-        env=hermetic.env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    report = bench(
+        hermetic,
+        *("--items-file", str(SAMPLE_ITEMS), "--events-max", "3000", "--memory-users", "500", "1000"),
+        *("--repeat", "1", "--loads", "0.5", "--checkpoint-users", "1000", "--checkpoint-partitions", "2"),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout)
     assert report["catalogue"] == str(SAMPLE_ITEMS) and report["catalogue_items"] == 1179
     assert report["pipeline_events_per_s"] > 0 and report["evaluate_events_per_s"] > 0
     logs = Path(report["logs"])
