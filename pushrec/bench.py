@@ -16,8 +16,9 @@ measured in one run on the same machine, broker and events.
 4. evaluate: `pushrec evaluate`'s speed for the product model alone on the same events.
 
 With a catalogue (``items``), a shop's case: before step 2 a worker takes the catalogue in from
-the items topic and stops, and the backlog's worker restores it from that worker's checkpoint;
-before the paced events of step 3, the latency worker takes it in; step 4 announces it.
+the items topic, stores it in Redis and stops, and the backlog's worker restores it from that
+worker's checkpoint; before the paced events of step 3, the latency worker takes it in and
+stores it (a one-off of the publish that costs seconds at 55k items); step 4 announces it.
 
 With ``repeat`` > 1, steps 1 and 2 run as that many (ceiling, pipeline) pairs and the pair with
 the median ratio is reported (every pair is in ``pairs``): on a shared machine the speed drifts
