@@ -135,15 +135,22 @@ def _peak_rss(pid: int) -> int:
     return total
 
 
-def replay(kafka: KafkaAccess, settings: Settings, run: Run, events: Path, pacing: Pacing) -> None:
-    """``events`` (JSON Lines) to ``run``'s topics, created first if need be."""
+@contextlib.contextmanager
+def producer(kafka: KafkaAccess, settings: Settings, run: Run) -> Iterator[Replayer]:
+    """A replayer to ``run``'s topics, created first if need be."""
     names = TopicNames(run.prefix)
     ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
     replayer = Replayer(kafka, names, settings.events.limits)
     try:
-        replayer.replay(events, pacing=pacing, progress=False)
+        yield replayer
     finally:
         replayer.close()
+
+
+def replay(kafka: KafkaAccess, settings: Settings, run: Run, events: Path, pacing: Pacing) -> None:
+    """``events`` (JSON Lines) to ``run``'s topics."""
+    with producer(kafka, settings, run) as replayer:
+        replayer.replay(events, pacing=pacing, progress=False)
 
 
 def take_in_catalogue(
@@ -157,15 +164,10 @@ def take_in_catalogue(
     """Publish the catalogue ``items`` to ``run``'s items topic and wait until the worker
     serving /metrics on ``port`` has taken in every item (embedded, unchanged or dead-lettered)
     and stored them in Redis; returns how many were published."""
-    names = TopicNames(run.prefix)
-    ensure_topics(kafka, names.all, settings.kafka.partitions, settings.kafka.replication_factor)
-    replayer = Replayer(kafka, names, settings.events.limits)
     summary = ReplaySummary()
-    try:
+    with producer(kafka, settings, run) as replayer:
         replayer.replay_items(items, summary)
         replayer.flush()
-    finally:
-        replayer.close()
 
     def taken_in() -> bool:  # (embedded and stored: two paths, in either order)
         samples = scrape(port)
