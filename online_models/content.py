@@ -187,6 +187,8 @@ class ContentProjection:
 def _flags(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``mask`` at each of ``rows``; False for a row past its end (an item the catalogue never
     described, or one that came after)."""
+    if not rows.size or rows.max() < mask.size:  # (the usual case: one gather)
+        return mask[rows]
     inside = rows < mask.size
     out = np.zeros(rows.size, dtype=bool)
     out[inside] = mask[rows[inside]]
@@ -284,6 +286,14 @@ class Catalogue:
     def packed_cold(self) -> np.ndarray:
         """The cold rows, unordered (a view: read it before the catalogue changes)."""
         return self._cold_rows[: self.n_cold]
+
+    def cold_at_least(self, scores: np.ndarray, threshold: float) -> np.ndarray:
+        """The cold rows whose ``scores`` (one per row) are at least ``threshold``, sorted: two
+        passes over the scores, whatever the share of cold items or of scores near it."""
+        n = min(scores.size, self.cold.size)  # rows past the catalogue are not cold
+        found = scores[:n] >= threshold
+        found &= self.cold[:n]
+        return np.flatnonzero(found)
 
     def is_cold(self, rows: np.ndarray) -> np.ndarray:
         """Whether each of ``rows`` is cold (a row beyond the catalogue is not)."""

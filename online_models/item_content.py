@@ -170,12 +170,7 @@ class ItemContent:
             warm[catalogue.packed_cold] = -np.inf
             floor, above = kth_largest(warm, n)
         reach = self.weight * (1.0 + 1e-5)  # a float cosine may exceed 1 by a rounding error
-        if 4 * catalogue.n_cold <= scores.size:  # few cold items left: read only theirs
-            cold = catalogue.packed_cold
-            lifted = np.sort(cold[scores[cold] >= floor - reach])  # (in row order, as below)
-        else:
-            near = np.flatnonzero(scores >= floor - reach)
-            lifted = near[catalogue.is_cold(near)]
+        lifted = catalogue.cold_at_least(scores, floor - reach)
         if floor == -np.inf or lifted.size > catalogue.n_cold // 4:  # one product over the cold
             self.add_match(scores, session, None)
             return top_n(scores, n, exclude=out, in_place=True)
