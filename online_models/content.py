@@ -386,6 +386,7 @@ class Catalogue:
         }
         if isinstance(self.encoder, HashedTfidf):
             meta["df_docs"] = self.encoder._docs
+            meta["codes"] = True  # (see restore)
             arrays["content_df"] = self.encoder._df.copy()
         return meta, arrays
 
@@ -404,6 +405,21 @@ class Catalogue:
         if isinstance(self.encoder, HashedTfidf):
             self.encoder._df[:] = arrays["content_df"]
             self.encoder._docs = int(meta["df_docs"])  # type: ignore[call-overload]
+            if not meta.get("codes"):  # written before codes were tokens: embed those items again
+                self._embed_codes_again()
+
+    def _embed_codes_again(self) -> None:
+        """Re-embed the items whose text holds a code (a category id): a checkpoint of the hashed
+        encoder from before :func:`codes` has them without it (all zero on taobao). They count as
+        documents again in the tf-idf weights, a small drift for the sake of the features."""
+        texts = {row: item_text(self.titles.get(row), self.categories.get(row)) for row in self.titles}
+        texts.update(
+            (row, item_text(None, category)) for row, category in self.categories.items() if row not in texts
+        )
+        rows = sorted(row for row, text in texts.items() if codes(text))
+        if rows:
+            self.embeddings[rows] = self.encoder.encode([texts[row] for row in rows])
+            self.mark_cold(row for row in rows if row in self._cold_at)  # their packed copies too
 
     def _reserve(self, rows: int) -> None:
         size = self.has.size

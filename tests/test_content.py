@@ -149,6 +149,29 @@ def test_a_category_named_by_number_is_a_feature_of_the_hashed_encoder() -> None
     assert np.array_equal(year, words_only)
 
 
+def test_a_checkpoint_from_before_codes_gets_its_coded_items_embedded_on_restore() -> None:
+    rec = Recommender(n_factors=8, seed=1)
+    rec.add_items(["a", "b", "c", "hat"], [None, None, None, "red wool hat"], ["111", "111", "222", "Winter"])
+    rec.learn_one("ann", "c", "purchase", 0.0)  # "c" warm, "a" and "b" cold
+    meta, arrays = rec.state()
+    rows = [rec.items.row(item) for item in "abc"]
+    hat = rec.items.row("hat")
+    fresh = arrays["content_embeddings"].copy()
+    old = fresh.copy()
+    old[rows] = 0.0  # what the encoder made of a category id before codes were tokens
+    del meta["content"]["codes"]
+    restored = Recommender(n_factors=8, seed=1)
+    restored.restore(meta, {**arrays, "content_embeddings": old})
+    catalogue = restored.catalogue
+    assert catalogue is not None
+    a, b, c = catalogue.embeddings[rows]
+    assert np.isclose(a @ b, 1.0) and abs(float(a @ c)) < 0.5  # the same category, another
+    assert np.array_equal(catalogue.embeddings[hat], fresh[hat])  # words only: untouched
+    packed, match = catalogue.match_cold(a)  # the cold items' packed copies follow
+    matched = dict(zip(packed.tolist(), match.round(5).tolist(), strict=True))
+    assert matched == {rows[0]: 1.0, rows[1]: 1.0, hat: 0.0}
+
+
 def test_reasons_when_the_user_touched_items_the_catalogue_never_described() -> None:
     rec = shop(content_weight=5.0)
     for k in range(1100):  # the stream brings items beyond the catalogue's rows
