@@ -169,12 +169,15 @@ class ItemContent:
             warm = scores.copy()
             warm[catalogue.packed_cold] = -np.inf
             floor, above = kth_largest(warm, n)
-        reach = self.weight * (1.0 + 1e-5)  # a float cosine may exceed 1 by a rounding error
-        lifted = catalogue.cold_at_least(scores, floor - reach)
-        if floor == -np.inf or lifted.size > catalogue.n_cold // 4:  # one product over the cold
+        if floor == -np.inf:  # fewer than n warm items to list
             self.add_match(scores, session, None)
             return top_n(scores, n, exclude=out, in_place=True)
-        if lifted.size:
+        reach = self.weight * (1.0 + 1e-5)  # a float cosine may exceed 1 by a rounding error
+        lifted = catalogue.cold_at_least(scores, floor - reach)
+        if lifted.size > catalogue.n_cold // 4:  # one product over the cold, then what it lifted
+            self.add_match(scores, session, None)
+            lifted = catalogue.cold_at_least(scores, floor)
+        elif lifted.size:
             matched = scores[lifted]
             self.add_match(matched, session, lifted)
             scores[lifted] = matched
