@@ -412,10 +412,8 @@ class Catalogue:
         """Re-embed the items whose text holds a code (a category id): a checkpoint of the hashed
         encoder from before :func:`codes` has them without it (all zero on taobao). They count as
         documents again in the tf-idf weights, a small drift for the sake of the features."""
-        texts = {row: item_text(self.titles.get(row), self.categories.get(row)) for row in self.titles}
-        texts.update(
-            (row, item_text(None, category)) for row, category in self.categories.items() if row not in texts
-        )
+        described = self.titles.keys() | self.categories.keys()
+        texts = {row: item_text(self.titles.get(row), self.categories.get(row)) for row in described}
         rows = sorted(row for row, text in texts.items() if codes(text))
         if rows:
             self.embeddings[rows] = self.encoder.encode([texts[row] for row in rows])
