@@ -70,7 +70,8 @@ class ItemContent:
             self._set_stream_rows(list(range(len(self.mf.items))))  # every row so far came from events
         rows = [self.mf.items.add(item) for item in items]
         embedded = self.catalogue.add(rows, titles, categories)
-        cold = np.array([row for row in embedded if self.mf.items.ids[row] not in self.mf], dtype=np.int64)
+        ids, learned = self.mf.items.ids, self.mf.has_factors
+        cold = np.array([row for row in embedded if not learned(ids[row])], dtype=np.int64)
         self.catalogue.mark_cold(cold.tolist())
         if cold.size:  # the others keep theirs until the next refresh (see _predict_cold)
             self.mf.set_rows(cold, self.catalogue.predict(cold))

@@ -114,6 +114,11 @@ class ImplicitMF:
     def __contains__(self, user: object) -> bool:
         return user in self._mf.u_latents
 
+    def has_factors(self, item: str) -> bool:
+        """Whether the item has factors of its own (learned here or from the group, or seeded
+        before its first event), not only a scoring row."""
+        return item in self._mf.i_latents
+
     def learn_one(
         self, user: str, item: str, weight: float, negatives: Iterable[str] = (), liked: bool = True
     ) -> bool:

@@ -61,6 +61,23 @@ def test_a_cold_item_starts_learning_from_its_predicted_factors() -> None:
     assert np.linalg.norm(moved - predicted) < np.linalg.norm(predicted)  # one step from, not a restart
 
 
+def test_an_item_learned_before_the_catalogue_arrived_keeps_its_factors() -> None:
+    """Only untouched items are cold: a catalogue published (or a title changed) after events
+    must not replace learned factors with a text prediction."""
+    rec = Recommender(n_factors=8, seed=1)
+    for t in range(40):
+        rec.learn_one(f"u{t % 5}", ["hat", "rake"][t % 2], "click", float(t))
+    learned = rec.mf.item_matrix()[rec.items.row("hat")].copy()
+    for title in ("red wool hat", "blue wool hat"):  # published, then its text changed
+        ids = list(CATALOGUE)
+        rec.add_items(ids, [title if i == "hat" else CATALOGUE[i][0] for i in ids], [None] * len(ids))
+        catalogue = rec.catalogue
+        assert catalogue is not None
+        assert not catalogue.is_cold_row(rec.items.row("hat"))
+        assert catalogue.is_cold_row(rec.items.row("scarf"))
+        np.testing.assert_array_equal(rec.mf.item_matrix()[rec.items.row("hat")], learned)
+
+
 def test_explanations_name_the_users_own_items_and_popularity() -> None:
     rec = shop()
     rec.learn_one("dee", "gloves", "add_to_cart", 0.0)
