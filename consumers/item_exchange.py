@@ -49,8 +49,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pushrec.worker")
 
 # So that a record stays below the broker's default limit (1 MiB), it is published as soon as
-# this many items changed (~90 bytes each: float32 deltas, the id) or this many rule additions
-# were learned (at most 12 bytes each once summed) instead of waiting for the interval.
+# this many item vectors are to share (~90 bytes each: an item's float32 delta, or the start of
+# one seeded from its text, and its id) or this many rule additions were learned (at most 12
+# bytes each once summed) instead of waiting for the interval.
 MAX_ITEMS_PER_RECORD = 4096
 MAX_RULES_PER_RECORD = 32768
 # How long taking a partition waits for the item-delta topic to be read to its end.
@@ -139,8 +140,9 @@ class ItemExchange:
         # positions in ``ids`` as int32.
         arrays = change.arrays()
         arrays["deltas"] = arrays["deltas"].astype(np.float32)
+        arrays["starts"] = arrays["starts"].astype(np.float32)  # float32 predictions already
         arrays["rule_values"] = arrays["rule_values"].astype(np.float32)
-        for name in ("deltas_at", "counts_at", "rules_at", "purchases_at"):
+        for name in ("deltas_at", "starts_at", "counts_at", "rules_at", "purchases_at"):
             arrays[name] = arrays[name].astype(np.int32)
         self._unsent.append((self.seq, pack(meta, arrays)))
         self.own_unread.add((self.instance, self.seq))
@@ -149,7 +151,7 @@ class ItemExchange:
         """So much changed that the record should go now rather than at the interval."""
         recommender = self.worker.pipeline.recommender
         return self.on and (
-            recommender.mf.changed_items >= MAX_ITEMS_PER_RECORD
+            recommender.mf.changed_vectors >= MAX_ITEMS_PER_RECORD
             or recommender.covisit.changed_rules >= MAX_RULES_PER_RECORD
         )
 

@@ -119,6 +119,12 @@ class ItemContent:
             if self.catalogue.warm(row):
                 self.mf.seed_items([name], self.mf.item_matrix()[row : row + 1].copy())
 
+    def learned(self, rows: Sequence[int]) -> None:
+        """``rows`` got factors learned elsewhere (another worker's): they are cold no more."""
+        if self.catalogue is not None:
+            for row in rows:
+                self.catalogue.warm(row)
+
     def learn_positive(self, user: str, row: int) -> None:
         """After the factors learned a positive: the text-to-factors map and the segments learn
         from it, and every ``refresh_every`` positives the cold items are re-predicted."""

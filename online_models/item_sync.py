@@ -35,13 +35,16 @@ _ROWS = np.empty(0, dtype=np.int64)
 class ItemChanges:
     """What one shard's learning changed in the item state since the last take. Items are named
     once, in ``ids``; every ``*_at`` array holds positions in it (so the changes travel as a few
-    arrays whatever their size): factor deltas, popularity counts (weight, event time), the
+    arrays whatever their size): factor deltas, the first factors of items seeded from their
+    text (see ``ImplicitMF.add_item_deltas``), popularity counts (weight, event time), the
     sequential rules' additions (source, target; scaled to ``rules_t_ref``, see
     ``online_models.covisit``) and purchases (and whether that shopper had bought it before)."""
 
     ids: list[str] = field(default_factory=list)
     deltas_at: np.ndarray = field(default_factory=lambda: _ROWS)
     deltas: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
+    starts_at: np.ndarray = field(default_factory=lambda: _ROWS)
+    starts: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
     counts_at: np.ndarray = field(default_factory=lambda: _ROWS)
     count_weights: np.ndarray = field(default_factory=lambda: np.empty(0))
     count_times: np.ndarray = field(default_factory=lambda: np.empty(0))
@@ -60,6 +63,11 @@ class ItemChanges:
         """Each changed item's factor delta, by item."""
         ids = self.ids
         return {ids[k]: delta for k, delta in zip(self.deltas_at.tolist(), self.deltas, strict=True)}
+
+    def factor_starts(self) -> dict[str, np.ndarray]:
+        """The first factors of each item seeded in this interval, by item."""
+        ids = self.ids
+        return {ids[k]: start for k, start in zip(self.starts_at.tolist(), self.starts, strict=True)}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every array, by field name (``infra.checkpoint.pack``)."""
@@ -104,21 +112,30 @@ class ShardedRecommender:
     def recommend(self, user: str, n: int | None = None) -> TopN:
         return self.shards[self.shard_of(user)].recommend(user, n)
 
+    def add_items(
+        self, items: Sequence[str], titles: Sequence[str | None], categories: Sequence[str | None]
+    ) -> int:
+        """Announce catalogue items to every shard (every worker reads the whole catalogue)."""
+        return [shard.add_items(items, titles, categories) for shard in self.shards][0]
+
     def merge(self) -> None:
         """Sum every shard's item changes into the merged state and give it to every shard."""
         changes = [take_changes(shard) for shard in self.shards]
         merged: dict[str, np.ndarray] = {}
         for shard, change in zip(self.shards, changes, strict=True):
+            starts = change.factor_starts()
             for item, delta in change.factor_deltas().items():
                 start = merged.get(item)
                 if start is None:
                     start = self._merged.get(item)
                     if start is None:
-                        start = shard.mf.initial_vector(item)
+                        start = starts[item] if item in starts else shard.mf.initial_vector(item)
                 merged[item] = start + delta
         self._merged.update(merged)
         for index, shard in enumerate(self.shards):
-            shard.candidates.changed(shard.mf.set_items(merged))
+            rows = shard.mf.set_items(merged)
+            shard.content.learned(rows)
+            shard.candidates.changed(rows)
             for k, change in enumerate(changes):
                 if k != index:
                     _add_others(shard, change)
@@ -145,34 +162,41 @@ def track_changes(shard: Recommender) -> None:
 def take_changes(shard: Recommender) -> ItemChanges:
     """What the shard's learning changed in the item state since the last call."""
     items = shard.items
-    deltas = shard.mf.take_item_deltas()
+    deltas, starts = shard.mf.take_item_changes()
     counts = shard.popularity.take_counts()
     pairs, rule_values, t_ref = shard.covisit.take_changes()
     purchases = shard.rebuy.take_changes()
     count_rows = np.fromiter((row for row, _, _ in counts), dtype=np.int64, count=len(counts))
     bought = np.fromiter((row for row, _ in purchases), dtype=np.int64, count=len(purchases))
     delta_rows = np.fromiter(map(items.row, deltas), dtype=np.int64, count=len(deltas))
-    rows, at = np.unique(np.concatenate([delta_rows, count_rows, pairs.ravel(), bought]), return_inverse=True)
-    ends = np.cumsum([len(delta_rows), len(count_rows), pairs.size])
+    start_rows = np.fromiter(map(items.row, starts), dtype=np.int64, count=len(starts))
+    rows, at = np.unique(
+        np.concatenate([delta_rows, start_rows, count_rows, pairs.ravel(), bought]), return_inverse=True
+    )
+    ends = np.cumsum([len(delta_rows), len(start_rows), len(count_rows), pairs.size])
     ids = items.ids
     return ItemChanges(
         ids=[ids[row] for row in rows.tolist()],
         deltas_at=at[: ends[0]],
         deltas=np.stack(list(deltas.values())) if deltas else np.empty((0, 0)),
-        counts_at=at[ends[0] : ends[1]],
+        starts_at=at[ends[0] : ends[1]],
+        starts=np.stack(list(starts.values())) if starts else np.empty((0, 0)),
+        counts_at=at[ends[1] : ends[2]],
         count_weights=np.fromiter((weight for _, weight, _ in counts), dtype=np.float64, count=len(counts)),
         count_times=np.fromiter((ts for _, _, ts in counts), dtype=np.float64, count=len(counts)),
-        rules_at=at[ends[1] : ends[2]].reshape(-1, 2),
+        rules_at=at[ends[2] : ends[3]].reshape(-1, 2),
         rule_values=rule_values,
         rules_t_ref=t_ref,
-        purchases_at=at[ends[2] :],
+        purchases_at=at[ends[3] :],
         purchases_again=np.fromiter((again for _, again in purchases), dtype=bool, count=len(purchases)),
     )
 
 
 def add_changes(shard: Recommender, change: ItemChanges) -> None:
     """Add another worker's item changes (the live protocol, ``consumers.item_exchange``)."""
-    shard.candidates.changed(shard.mf.add_item_deltas(change.factor_deltas()))
+    rows = shard.mf.add_item_deltas(change.factor_deltas(), change.factor_starts())
+    shard.content.learned(rows)
+    shard.candidates.changed(rows)
     _add_others(shard, change)
 
 

@@ -104,6 +104,9 @@ class ImplicitMF:
         # Item factors as they were when change tracking last started (see take_item_deltas);
         # None while not tracking.
         self._base: dict[str, np.ndarray] | None = None
+        # Items seeded (seed_items) since then: their first factors, which the group cannot derive
+        # from the id as it does initial_vector's (a text prediction is this worker's own).
+        self._starts: dict[str, np.ndarray] = {}
         # One positive loss whose weight is set per event (a cache per weight would let a
         # producer grow the worker's memory one distinct rating at a time).
         self._weighted_log = optim.losses.Log()
@@ -180,31 +183,40 @@ class ImplicitMF:
         self._initializer_rng().seed([self.seed, shard])
 
     def track_item_changes(self) -> None:
-        """From now on remember each item's factors before its first change (take_item_deltas)."""
+        """From now on remember each item's factors before its first change (take_item_changes)."""
         self._base = {}
+        self._starts = {}
 
     @property
-    def changed_items(self) -> int:
-        """Items changed since tracking started or the last take."""
-        return len(self._base) if self._base is not None else 0
+    def changed_vectors(self) -> int:
+        """Vectors :meth:`take_item_changes` would return: a delta per item changed since tracking
+        started or the last take, and a start per item seeded since."""
+        return len(self._base) + len(self._starts) if self._base is not None else 0
 
-    def take_item_deltas(self) -> dict[str, np.ndarray]:
-        """What learning added to each item's factors since tracking started or the last call."""
+    def take_item_changes(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """What learning added to each item's factors since tracking started or the last call,
+        and the first factors of the items seeded since (see :meth:`add_item_deltas`)."""
         if self._base is None:
-            return {}
+            return {}, {}
         items = self._mf.i_latents
         deltas = {name: items[name] - base for name, base in self._base.items()}
-        self._base = {}
-        return deltas
+        starts, self._base, self._starts = self._starts, {}, {}
+        return deltas, starts
 
-    def add_item_deltas(self, deltas: Mapping[str, np.ndarray]) -> list[int]:
-        """Add what another worker's learning changed (an item new here starts from
-        :meth:`initial_vector`, as it did there); their rows. Items whose own changes are
-        tracked keep them: the addition moves their base too, so it is not taken as one's own."""
-        items, base = self._mf.i_latents, self._base
+    def add_item_deltas(
+        self, deltas: Mapping[str, np.ndarray], starts: Mapping[str, np.ndarray] | None = None
+    ) -> list[int]:
+        """Add what another worker's learning changed (an item new here starts where it started
+        there: its seeded factors in ``starts``, else :meth:`initial_vector`); their rows. Items
+        whose own changes are tracked keep them: the addition moves their base too, so it is not
+        taken as one's own."""
+        items, base, starts = self._mf.i_latents, self._base, starts or {}
         rows = []
         for name, delta in deltas.items():
-            start = items[name] if name in items else self.initial_vector(name)
+            if name in items:
+                start = items[name]
+            else:
+                start = starts[name] if name in starts else self.initial_vector(name)
             items[name] = start + delta
             if base is not None and name in base:
                 base[name] = base[name] + delta
@@ -219,7 +231,7 @@ class ImplicitMF:
         for name, before in self._base.items():
             items[name] = before
             rows.append(self._sync(name))
-        self._base = {}
+        self._base, self._starts = {}, {}
         return rows
 
     def set_items(self, vectors: Mapping[str, np.ndarray]) -> list[int]:
@@ -304,9 +316,9 @@ class ImplicitMF:
         rows = np.fromiter((self.items.add(item) for item, _ in new), dtype=np.int64, count=len(new))
         vectors = np.array([vector for _, vector in new], dtype=np.float64)
         latents.update(zip((item for item, _ in new), vectors, strict=True))
-        if self._base is not None:  # a prediction, not learning: not a change to share
+        if self._base is not None:  # a prediction, not learning: its change to share is from here
             for (item, _), vector in zip(new, vectors, strict=True):
-                self._base[item] = vector.copy()
+                self._base[item] = self._starts[item] = vector.copy()
         self._reserve(int(rows.max()) + 1)
         self._matrix[:, rows] = vectors.T
         return len(new)

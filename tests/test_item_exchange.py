@@ -60,7 +60,21 @@ def popularity(recommender: Recommender) -> dict[str, float]:
     return {item: float(scores[row]) for row, item in enumerate(recommender.items.ids) if row < scores.size}
 
 
-def test_an_item_only_one_workers_users_touched_reaches_the_other(hermetic: Hermetic) -> None:
+def taobao_catalogue(items: set[str]) -> tuple[list[str], list[str | None], list[str | None]]:
+    """The taobao catalogue's rows for ``items`` (a category id each, no title)."""
+    import gzip
+
+    with gzip.open(dataset("taobao/items.jsonl.gz")) as lines:
+        rows = [row for row in map(orjson.loads, lines) if row["item_id"] in items]
+    return [row["item_id"] for row in rows], [None] * len(rows), [row["category"] for row in rows]
+
+
+@pytest.mark.parametrize("with_catalogue", [False, True])
+def test_an_item_only_one_workers_users_touched_reaches_the_other(
+    hermetic: Hermetic, with_catalogue: bool
+) -> None:
+    """With a catalogue, A starts a cold item from its text prediction: B, where the item is
+    still cold, starts it there too (the record carries the start) and counts it as learned."""
     names = TopicNames(hermetic.prefix)
     lines = real_events(hermetic, 400)
     by_partition: dict[int, list[bytes]] = {0: [], 1: []}
@@ -69,14 +83,18 @@ def test_an_item_only_one_workers_users_touched_reaches_the_other(hermetic: Herm
     items_of = {p: {decode_event(line).item_id for line in chunk} for p, chunk in by_partition.items()}
     only_a = items_of[0] - items_of[1]
     assert only_a and by_partition[1]
+    catalogue = taobao_catalogue(items_of[0] | items_of[1]) if with_catalogue else None
 
     async def scenario() -> tuple[Recommender, Recommender, float]:
         a, b = worker(hermetic), worker(hermetic)
         try:
             a.ownership.owned, b.ownership.owned = {0}, {1}
+            if catalogue is not None:
+                a.pipeline.recommender.add_items(*catalogue)
+                b.pipeline.recommender.add_items(*catalogue)
             await a.handle_records(records(names, by_partition[0], 0))
             await b.handle_records(records(names, by_partition[1], 1))
-            assert not only_a & set(b.pipeline.recommender.items.ids)
+            assert not any(map(b.pipeline.recommender.mf.has_factors, only_a))
             await a.exchange.publish()
             await b.exchange.publish()
             await a.exchange.read_to_end()
@@ -91,6 +109,11 @@ def test_an_item_only_one_workers_users_touched_reaches_the_other(hermetic: Herm
     factors_a, factors_b = item_factors(a), item_factors(b)
     pop_a, pop_b = popularity(a), popularity(b)
     assert only_a <= set(factors_b)
+    if catalogue is not None:  # learned in A from their text, learned in B: none cold
+        assert a.catalogue is not None and b.catalogue is not None
+        started = [item for item in only_a if a.catalogue.knows(a.items.row(item))]
+        assert len(started) > len(only_a) // 2
+        assert not b.catalogue.is_cold(np.array([b.items.row(item) for item in only_a])).any()
     for item in only_a:  # A's factors and counts, in B
         np.testing.assert_allclose(factors_b[item], factors_a[item], rtol=1e-5, atol=1e-7)
         assert pop_b[item] == pytest.approx(pop_a[item], rel=1e-5) and pop_b[item] > 0

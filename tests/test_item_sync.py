@@ -122,7 +122,7 @@ def test_discarded_changes_leave_the_item_state_as_before() -> None:
     learn(only, kept)
     learn(both, kept)
     track_changes(both)
-    both.mf.take_item_deltas(), both.popularity.take_counts(), both.covisit.take_changes()
+    both.mf.take_item_changes(), both.popularity.take_counts(), both.covisit.take_changes()
     both.rebuy.take_changes()
     learn(both, again)
     discard_changes(both)
@@ -168,3 +168,65 @@ def test_rules_and_interest_survive_a_checkpoint_round_trip() -> None:
         want = learned.users.get(user).interest_scores(1.0, 86_400.0)
         assert [a.tolist() for a in got] == [a.tolist() for a in want]
     assert restored.recommend("a").items == learned.recommend("a").items
+
+
+SHOP = {
+    "hat": "red wool hat",
+    "scarf": "red wool scarf",
+    "gloves": "wool gloves",
+    "rake": "garden rake",
+    "hose": "garden hose",
+}
+
+
+def _with_catalogue(rec: Recommender) -> Recommender:
+    rec.add_items(list(SHOP), list(SHOP.values()), [None] * len(SHOP))
+    return rec
+
+
+def _cold(rec: Recommender, item: str) -> bool:
+    catalogue = rec.catalogue
+    assert catalogue is not None
+    return catalogue.is_cold_row(rec.items.row(item))
+
+
+def test_an_item_learned_from_its_text_elsewhere_starts_here_where_it_started_there() -> None:
+    """The live protocol with a catalogue: a worker learns a cold item from its own prediction;
+    another worker, where the item is still cold, holds the same factors after the record and
+    counts it as learned (no text match, no re-prediction over it)."""
+    from online_models.item_sync import add_changes, take_changes, track_changes
+
+    a = _with_catalogue(Recommender(n_factors=4, seed=0, content_refresh_every=5))
+    b = _with_catalogue(Recommender(n_factors=4, seed=0, content_refresh_every=5))
+    for t in range(30):  # a's text-to-factors map learns; b's does not
+        a.learn_one(f"u{t % 3}", ["hat", "rake"][t % 2], "click", float(t))
+    track_changes(a), track_changes(b)
+    assert _cold(a, "scarf") and _cold(b, "scarf")
+    a.learn_one("u0", "scarf", "click", 40.0)  # starts from a's prediction
+    change = take_changes(a)
+    add_changes(b, change)
+    assert not _cold(b, "scarf")
+    mine, theirs = a.mf._mf.i_latents["scarf"], b.mf._mf.i_latents["scarf"]
+    np.testing.assert_allclose(theirs, mine)
+    b.content._predict_cold()  # a refresh re-predicts cold rows only
+    np.testing.assert_allclose(b.mf.item_matrix()[b.items.row("scarf")], mine.astype(np.float32))
+
+
+def test_a_merge_starts_an_item_learned_from_its_text_where_its_shard_started_it() -> None:
+    sharded = ShardedRecommender(
+        [Recommender(n_factors=4, seed=0, content_refresh_every=5) for _ in range(2)],
+        USERS.__getitem__,
+        sync_s=10.0,
+    )
+    assert sharded.add_items(list(SHOP), list(SHOP.values()), [None] * len(SHOP)) == len(SHOP)
+    a, b = sharded.shards
+    for t in range(30):
+        sharded.learn_one("alice", ["hat", "rake"][t % 2], "click", t / 10)
+    sharded.learn_one("alice", "scarf", "click", 5.0)  # cold in both: a starts it from its text
+    predicted = a.mf._base["scarf"].copy()  # type: ignore[index]
+    learned = a.mf._mf.i_latents["scarf"].copy()
+    sharded.learn_one("bob", "hose", "view", 20.0)  # past the interval: merge first
+    assert sharded.merges >= 1 and not np.allclose(predicted, a.mf.initial_vector("scarf"))
+    for shard in (a, b):
+        np.testing.assert_allclose(shard.mf._mf.i_latents["scarf"], learned)
+        assert not _cold(shard, "scarf")

@@ -3,6 +3,7 @@ worker against N workers (users split by Kafka's partitioner, item state merged 
 of event time, ``online_models.item_sync``), on each log, for several merge intervals and seeds.
 
     python tools/scale_out_table.py ../shared/datasets/*/events.jsonl.gz --workers 4 --jobs 2
+    python tools/scale_out_table.py ... --items     # each log's catalogue (items.jsonl.gz beside it)
 
 Prints one JSON line per run, then Markdown tables (HR@10 and NDCG@10, and the ratio to one
 worker). Same models and defaults as `pushrec evaluate --workers N --sync-s S`.
@@ -25,6 +26,7 @@ from consumers.worker import build_recommender  # noqa: E402
 from infra.settings import load_settings  # noqa: E402
 from online_models.evaluation import evaluate  # noqa: E402
 from online_models.item_sync import ShardedRecommender  # noqa: E402
+from pushrec.commands.evaluate import announce_items  # noqa: E402
 from stream.events import decode_event  # noqa: E402
 from stream.replay import read_lines  # noqa: E402
 from stream.topics import partition_of  # noqa: E402
@@ -32,12 +34,14 @@ from stream.topics import partition_of  # noqa: E402
 SYNCS: list[float | None] = [0.1, 1.0, 10.0, 60.0, None]
 
 
-def run(path: str, workers: int, sync_s: float | None, seed: int) -> dict[str, object]:
+def run(path: str, workers: int, sync_s: float | None, seed: int, items: bool) -> dict[str, object]:
     settings = load_settings(model={"seed": seed})
     events = [decode_event(line, settings.events.limits) for _, line in read_lines(Path(path))]
     shards = [build_recommender(settings) for _ in range(workers)]
     sharded = ShardedRecommender(shards, lambda user: partition_of(user, workers), sync_s)
     models = {"one": build_recommender(settings), "sharded": sharded}
+    if items:
+        announce_items(Path(path).parent / "items.jsonl.gz", models.values(), settings)
     report = evaluate(events, models, k=10)
     one, many = report.models["one"], report.models["sharded"]
     return {
@@ -49,6 +53,8 @@ def run(path: str, workers: int, sync_s: float | None, seed: int) -> dict[str, o
         "ndcg_one": one["ndcg"],
         "hr": many["hr"],
         "ndcg": many["ndcg"],
+        "cold_item_hr_one": one["cold_item_hr"],
+        "cold_item_hr": many["cold_item_hr"],
         "merges": sharded.merges,
     }
 
@@ -59,13 +65,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], help="seeds at S = 1 s")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--items", action="store_true", help="announce items.jsonl.gz beside each log first")
     parser.add_argument(
         "--syncs", type=float, nargs="+", help="merge intervals (s) instead of 0.1 1 10 60 and never"
     )
     args = parser.parse_args()
     syncs = args.syncs or SYNCS
-    runs = [(p, args.workers, s, 42) for p in args.events for s in syncs]
-    runs += [(p, args.workers, 1.0, seed) for p in args.events for seed in args.seeds if seed != 42]
+    runs = [(p, args.workers, s, 42, args.items) for p in args.events for s in syncs]
+    seeds = [seed for seed in args.seeds if seed != 42]
+    runs += [(p, args.workers, 1.0, seed, args.items) for p in args.events for seed in seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run, *zip(*runs, strict=True)))
     for result in results:
