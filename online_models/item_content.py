@@ -53,6 +53,10 @@ class ItemContent:
         self.stream_rows: list[int] | None = None
         self._in_stream: set[int] = set()
         self._positives_since_refresh = 0
+        # The text-to-factors map and the text weight as of the last take of changes (see
+        # take_changes); None while changes are not tracked or before the first items.
+        self._base: tuple[np.ndarray, float] | None = None
+        self._tracking = False
 
     def category(self, row: int) -> str | None:
         """The catalogue's category of ``row`` (None: none named, or no catalogue)."""
@@ -68,6 +72,7 @@ class ItemContent:
         if self.catalogue is None:
             self.catalogue = self._new_catalogue()
             self._set_stream_rows(list(range(len(self.mf.items))))  # every row so far came from events
+            self._mark()
         rows = [self.mf.items.add(item) for item in items]
         embedded = self.catalogue.add(rows, titles, categories)
         ids, learned = self.mf.items.ids, self.mf.has_factors
@@ -124,6 +129,46 @@ class ItemContent:
         if self.catalogue is not None:
             for row in rows:
                 self.catalogue.warm(row)
+
+    # --- one text model for several workers (online_models.item_sync) ---------------------------
+
+    def track_changes(self) -> None:
+        """From now on remember what learning changes in the text-to-factors map and the text
+        weight (take_changes): the group learns them together, like the item factors."""
+        self._tracking = True
+        self._mark()
+
+    def take_changes(self) -> tuple[np.ndarray, float]:
+        """What learning added to the map's weights and to the text weight since tracking started
+        or the last call (an empty map without a catalogue)."""
+        if self._base is None or self.catalogue is None:
+            return np.empty((0, 0), dtype=np.float32), 0.0
+        weights, weight = self._base
+        delta = self.catalogue.projection.weights - weights, self.weight - weight
+        self._mark()
+        return delta
+
+    def add_changes(self, projection: np.ndarray, weight: float) -> None:
+        """Add another worker's :meth:`take_changes` (not taken as this one's own). A map of
+        another shape (a worker with another encoder) is passed over."""
+        catalogue = self.catalogue
+        if catalogue is None or projection.shape != catalogue.projection.weights.shape:
+            return
+        before = self.weight
+        catalogue.projection.weights += projection
+        self.weight = max(0.0, before + weight)
+        if self._base is not None:
+            self._base = self._base[0] + projection, self._base[1] + self.weight - before
+
+    def discard_changes(self) -> None:
+        """Undo what learning changed since the last take (the group holds it already)."""
+        if self._base is not None and self.catalogue is not None:
+            self.catalogue.projection.weights[:] = self._base[0]
+            self.weight = self._base[1]
+
+    def _mark(self) -> None:
+        if self._tracking and self.catalogue is not None:
+            self._base = self.catalogue.projection.weights.copy(), self.weight
 
     def learn_positive(self, user: str, row: int) -> None:
         """After the factors learned a positive: the text-to-factors map and the segments learn
@@ -220,7 +265,7 @@ class ItemContent:
         return meta, {**arrays, "content_cold_factors": self.mf.item_matrix()[cold].copy()}
 
     def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        self.catalogue = None
+        self.catalogue, self._base = None, None
         self._set_stream_rows(None)
         if "content" not in meta:
             return
@@ -233,6 +278,7 @@ class ItemContent:
         self.segments.restore(meta["segments"])
         self.weight = meta["content_weight"]
         set_rng_state(self._rng, meta["content_rng"])
+        self._mark()
 
     def _new_catalogue(self) -> Catalogue:
         return Catalogue(make_encoder(self.encoder, self.dim), self.mf.n_factors, self.learning_rate)

@@ -38,7 +38,9 @@ class ItemChanges:
     arrays whatever their size): factor deltas, the first factors of items seeded from their
     text (see ``ImplicitMF.add_item_deltas``), popularity counts (weight, event time), the
     sequential rules' additions (source, target; scaled to ``rules_t_ref``, see
-    ``online_models.covisit``) and purchases (and whether that shopper had bought it before)."""
+    ``online_models.covisit``), purchases (and whether that shopper had bought it before), and
+    what learning changed in the catalogue's text-to-factors map and text weight (empty without
+    a catalogue)."""
 
     ids: list[str] = field(default_factory=list)
     deltas_at: np.ndarray = field(default_factory=lambda: _ROWS)
@@ -53,10 +55,17 @@ class ItemChanges:
     rules_t_ref: float | None = None
     purchases_at: np.ndarray = field(default_factory=lambda: _ROWS)
     purchases_again: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
+    projection: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
+    content_weight: np.ndarray = field(default_factory=lambda: np.zeros(1))
 
     def __bool__(self) -> bool:
         return bool(
-            len(self.deltas_at) or len(self.counts_at) or len(self.rules_at) or len(self.purchases_at)
+            len(self.deltas_at)
+            or len(self.counts_at)
+            or len(self.rules_at)
+            or len(self.purchases_at)
+            or self.projection.any()
+            or self.content_weight.any()
         )
 
     def factor_deltas(self) -> dict[str, np.ndarray]:
@@ -157,6 +166,7 @@ def track_changes(shard: Recommender) -> None:
     shard.popularity.track_counts()
     shard.covisit.track_changes()
     shard.rebuy.track_changes()
+    shard.content.track_changes()
 
 
 def take_changes(shard: Recommender) -> ItemChanges:
@@ -166,6 +176,7 @@ def take_changes(shard: Recommender) -> ItemChanges:
     counts = shard.popularity.take_counts()
     pairs, rule_values, t_ref = shard.covisit.take_changes()
     purchases = shard.rebuy.take_changes()
+    projection, content_weight = shard.content.take_changes()
     count_rows = np.fromiter((row for row, _, _ in counts), dtype=np.int64, count=len(counts))
     bought = np.fromiter((row for row, _ in purchases), dtype=np.int64, count=len(purchases))
     delta_rows = np.fromiter(map(items.row, deltas), dtype=np.int64, count=len(deltas))
@@ -189,6 +200,8 @@ def take_changes(shard: Recommender) -> ItemChanges:
         rules_t_ref=t_ref,
         purchases_at=at[ends[3] :],
         purchases_again=np.fromiter((again for _, again in purchases), dtype=bool, count=len(purchases)),
+        projection=projection,
+        content_weight=np.array([content_weight]),
     )
 
 
@@ -207,11 +220,12 @@ def discard_changes(shard: Recommender) -> None:
         shard.popularity.learn_one(row, -weight, ts, share=False)
     shard.covisit.discard_changes()
     shard.rebuy.discard_changes()
+    shard.content.discard_changes()
 
 
 def _add_others(shard: Recommender, change: ItemChanges) -> None:
-    """Another shard's counts, rules and purchases (not shared again); its factors are the
-    caller's (summed or added)."""
+    """Another shard's counts, rules, purchases and text model (not shared again); its factors
+    are the caller's (summed or added)."""
     add = shard.items.add
     rows = np.fromiter(map(add, change.ids), dtype=np.int64, count=len(change.ids))
     learn, positives = shard.popularity.learn_one, shard.negatives.positives
@@ -226,3 +240,5 @@ def _add_others(shard: Recommender, change: ItemChanges) -> None:
     shard.covisit.add_changes(rows[change.rules_at], change.rule_values, change.rules_t_ref)
     for row, again in zip(rows[change.purchases_at].tolist(), change.purchases_again.tolist(), strict=True):
         shard.rebuy.learn_one(row, again, share=False)
+    if change.projection.size:
+        shard.content.add_changes(change.projection, float(change.content_weight.sum()))

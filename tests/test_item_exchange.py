@@ -114,6 +114,10 @@ def test_an_item_only_one_workers_users_touched_reaches_the_other(
         started = [item for item in only_a if a.catalogue.knows(a.items.row(item))]
         assert len(started) > len(only_a) // 2
         assert not b.catalogue.is_cold(np.array([b.items.row(item) for item in only_a])).any()
+        # One text model: each worker's map and weight hold both workers' learning.
+        assert a.catalogue.projection.weights.any()
+        np.testing.assert_allclose(b.catalogue.projection.weights, a.catalogue.projection.weights, atol=1e-6)
+        assert b.content.weight == pytest.approx(a.content.weight)
     for item in only_a:  # A's factors and counts, in B
         np.testing.assert_allclose(factors_b[item], factors_a[item], rtol=1e-5, atol=1e-7)
         assert pop_b[item] == pytest.approx(pop_a[item], rel=1e-5) and pop_b[item] > 0

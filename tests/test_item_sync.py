@@ -176,6 +176,10 @@ SHOP = {
     "gloves": "wool gloves",
     "rake": "garden rake",
     "hose": "garden hose",
+    "beanie": "red wool beanie",  # (nobody touches these four: cold throughout)
+    "mittens": "wool mittens",
+    "socks": "wool socks",
+    "trowel": "garden trowel",
 }
 
 
@@ -230,3 +234,32 @@ def test_a_merge_starts_an_item_learned_from_its_text_where_its_shard_started_it
     for shard in (a, b):
         np.testing.assert_allclose(shard.mf._mf.i_latents["scarf"], learned)
         assert not _cold(shard, "scarf")
+
+
+def test_the_text_model_is_learned_by_the_group() -> None:
+    """The catalogue's text-to-factors map and text weight are item-side too: another worker's
+    changes add to them (live protocol), and discarded changes leave them as before."""
+    from online_models.item_sync import add_changes, discard_changes, take_changes, track_changes
+
+    a = _with_catalogue(Recommender(n_factors=4, seed=0, content_weight=1.0))
+    b = _with_catalogue(Recommender(n_factors=4, seed=0, content_weight=1.0))
+    track_changes(a), track_changes(b)
+    for t in range(60):  # each shopper new to the items (else the text weight has no step)
+        a.learn_one(f"u{t // 3}", ["hat", "rake", "scarf"][t % 3], "click", float(t))
+        b.learn_one(f"v{t // 2}", ["gloves", "hose"][t % 2], "click", float(t))
+    text_a, text_b = (rec.catalogue.projection.weights.copy() for rec in (a, b))  # type: ignore[union-attr]
+    start = np.zeros_like(text_a)  # both maps start at zero
+    assert (text_a != start).any() and a.content.weight != 1.0
+    weight_a, weight_b = a.content.weight, b.content.weight
+    from_a, from_b = take_changes(a), take_changes(b)
+    add_changes(b, from_a)
+    add_changes(a, from_b)
+    for rec in (a, b):  # one map: each holds both workers' learning
+        np.testing.assert_allclose(rec.catalogue.projection.weights, text_a + text_b - start, atol=1e-6)  # type: ignore[union-attr]
+        assert rec.content.weight == pytest.approx(weight_a + weight_b - 1.0)
+    held = b.catalogue.projection.weights.copy()  # type: ignore[union-attr]
+    for t in range(10):  # learned again after a crash: the group holds these already
+        b.learn_one(f"v{t % 3}", "gloves", "click", 100.0 + t)
+    discard_changes(b)
+    np.testing.assert_array_equal(b.catalogue.projection.weights, held)  # type: ignore[union-attr]
+    assert not take_changes(b)  # nothing of its own left to publish
