@@ -140,25 +140,30 @@ class ItemContent:
 
     def take_changes(self) -> tuple[np.ndarray, float]:
         """What learning added to the map's weights and to the text weight since tracking started
-        or the last call (an empty map without a catalogue)."""
+        or the last call (an empty map without a catalogue or when the map did not change)."""
         if self._base is None or self.catalogue is None:
             return np.empty((0, 0), dtype=np.float32), 0.0
         weights, weight = self._base
-        delta = self.catalogue.projection.weights - weights, self.weight - weight
+        projection, step = self.catalogue.projection.weights - weights, self.weight - weight
         self._mark()
-        return delta
+        return projection if projection.any() else np.empty((0, 0), dtype=np.float32), step
 
     def add_changes(self, projection: np.ndarray, weight: float) -> None:
         """Add another worker's :meth:`take_changes` (not taken as this one's own). A map of
-        another shape (a worker with another encoder) is passed over."""
+        another shape (a worker with another encoder) is passed over; an empty one is no change."""
         catalogue = self.catalogue
-        if catalogue is None or projection.shape != catalogue.projection.weights.shape:
+        if catalogue is None:
+            return
+        weights = catalogue.projection.weights
+        if projection.size and projection.shape != weights.shape:
             return
         before = self.weight
-        catalogue.projection.weights += projection
         self.weight = max(0.0, before + weight)
+        if projection.size:
+            weights += projection
         if self._base is not None:
-            self._base = self._base[0] + projection, self._base[1] + self.weight - before
+            base = self._base[0] + projection if projection.size else self._base[0]
+            self._base = base, self._base[1] + self.weight - before
 
     def discard_changes(self) -> None:
         """Undo what learning changed since the last take (the group holds it already)."""

@@ -240,5 +240,5 @@ def _add_others(shard: Recommender, change: ItemChanges) -> None:
     shard.covisit.add_changes(rows[change.rules_at], change.rule_values, change.rules_t_ref)
     for row, again in zip(rows[change.purchases_at].tolist(), change.purchases_again.tolist(), strict=True):
         shard.rebuy.learn_one(row, again, share=False)
-    if change.projection.size:
+    if change.projection.size or change.content_weight.any():
         shard.content.add_changes(change.projection, float(change.content_weight.sum()))
