@@ -124,8 +124,11 @@ class ShardedRecommender:
     def add_items(
         self, items: Sequence[str], titles: Sequence[str | None], categories: Sequence[str | None]
     ) -> int:
-        """Announce catalogue items to every shard (every worker reads the whole catalogue)."""
-        return [shard.add_items(items, titles, categories) for shard in self.shards][0]
+        """Announce catalogue items to every shard (every worker reads the whole catalogue); how
+        many each embedded."""
+        for shard in self.shards:
+            embedded = shard.add_items(items, titles, categories)
+        return embedded
 
     def merge(self) -> None:
         """Sum every shard's item changes into the merged state and give it to every shard."""

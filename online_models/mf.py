@@ -101,7 +101,7 @@ class ImplicitMF:
         self._initial_tables = np.random.default_rng([seed, 0x17E4]).normal(
             0.0, 0.1 / math.sqrt(3), (3, 1024, n_factors)
         )
-        # Item factors as they were when change tracking last started (see take_item_deltas);
+        # Item factors as they were when change tracking last started (see take_item_changes);
         # None while not tracking.
         self._base: dict[str, np.ndarray] | None = None
         # Items seeded (seed_items) since then: their first factors, which the group cannot derive
