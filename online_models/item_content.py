@@ -45,7 +45,7 @@ class ItemContent:
         self.dim = dim
         self.learning_rate = learning_rate
         self.refresh_every = refresh_every
-        self.weight = weight
+        self.weight = self._first_weight = weight
         self._rng = random.Random(seed + 1)
         self.catalogue: Catalogue | None = None  # made when the first items are announced
         self.segments = InterestSegments(n_segments, seed)  # learned once there is a catalogue
@@ -57,6 +57,9 @@ class ItemContent:
         # take_changes); None while changes are not tracked or before the first items.
         self._base: tuple[np.ndarray, float] | None = None
         self._tracking = False
+        # Other workers' changes to the map that came before this worker's first items (summed;
+        # added to the map when it is made).
+        self._early: np.ndarray | None = None
 
     def category(self, row: int) -> str | None:
         """The catalogue's category of ``row`` (None: none named, or no catalogue)."""
@@ -72,6 +75,9 @@ class ItemContent:
         if self.catalogue is None:
             self.catalogue = self._new_catalogue()
             self._set_stream_rows(list(range(len(self.mf.items))))  # every row so far came from events
+            early, self._early = self._early, None
+            if early is not None and early.shape == self.catalogue.projection.weights.shape:
+                self.catalogue.projection.weights += early
             self._mark()
         rows = [self.mf.items.add(item) for item in items]
         embedded = self.catalogue.add(rows, titles, categories)
@@ -150,9 +156,13 @@ class ItemContent:
 
     def add_changes(self, projection: np.ndarray, weight: float) -> None:
         """Add another worker's :meth:`take_changes` (not taken as this one's own). A map of
-        another shape (a worker with another encoder) is passed over; an empty one is no change."""
+        another shape (a worker with another encoder) is passed over; an empty one is no change.
+        Before this worker's first items, the map's changes wait for its map."""
         catalogue = self.catalogue
         if catalogue is None:
+            if projection.size and (self._early is None or self._early.shape == projection.shape):
+                self._early = projection.copy() if self._early is None else self._early + projection
+            self.weight = max(0.0, self.weight + weight)
             return
         weights = catalogue.projection.weights
         if projection.size and projection.shape != weights.shape:
@@ -270,9 +280,10 @@ class ItemContent:
         return meta, {**arrays, "content_cold_factors": self.mf.item_matrix()[cold].copy()}
 
     def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        self.catalogue, self._base = None, None
+        self.catalogue, self._base, self._early = None, None, None
         self._set_stream_rows(None)
-        if "content" not in meta:
+        if "content" not in meta:  # (the group's records after it are read again)
+            self.weight = self._first_weight
             return
         self.catalogue = self._new_catalogue()
         self.catalogue.restore(meta["content"], arrays)

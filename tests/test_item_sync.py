@@ -257,6 +257,14 @@ def test_the_text_model_is_learned_by_the_group() -> None:
     for rec in (a, b):  # one map: each holds both workers' learning
         np.testing.assert_allclose(rec.catalogue.projection.weights, text_a + text_b - start, atol=1e-6)  # type: ignore[union-attr]
         assert rec.content.weight == pytest.approx(weight_a + weight_b - 1.0)
+    late = Recommender(n_factors=4, seed=0, content_weight=1.0)  # its catalogue comes after
+    track_changes(late)
+    add_changes(late, from_a)
+    add_changes(late, from_b)
+    _with_catalogue(late)
+    np.testing.assert_allclose(late.catalogue.projection.weights, a.catalogue.projection.weights, atol=1e-6)  # type: ignore[union-attr]
+    assert late.content.weight == pytest.approx(a.content.weight)
+    assert not take_changes(late)  # the early changes are not its own
     held = b.catalogue.projection.weights.copy()  # type: ignore[union-attr]
     for t in range(10):  # learned again after a crash: the group holds these already
         b.learn_one(f"v{t % 3}", "gloves", "click", 100.0 + t)
