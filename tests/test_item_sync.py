@@ -271,3 +271,21 @@ def test_the_text_model_is_learned_by_the_group() -> None:
     discard_changes(b)
     np.testing.assert_array_equal(b.catalogue.projection.weights, held)  # type: ignore[union-attr]
     assert not take_changes(b)  # nothing of its own left to publish
+
+
+def test_a_record_from_before_the_starts_and_the_text_model_still_applies() -> None:
+    """A worker of the previous version publishes no ``starts`` and no text model: its records
+    add up as before (an item new here starts from its initial vector)."""
+    from online_models.item_sync import ItemChanges, add_changes, take_changes, track_changes
+
+    a, b = Recommender(n_factors=4, seed=0), Recommender(n_factors=4, seed=0)
+    track_changes(a)
+    a.learn_one("u", "x", "click", 0.0)
+    change = take_changes(a)
+    old = {
+        k: v
+        for k, v in change.arrays().items()
+        if k not in {"starts", "starts_at", "projection", "content_weight"}
+    }
+    add_changes(b, ItemChanges.from_parts(change.ids, change.rules_t_ref, old))
+    np.testing.assert_allclose(b.mf.item_matrix()[b.items.row("x")], a.mf.item_matrix()[a.items.row("x")])
