@@ -158,20 +158,16 @@ class ItemContent:
         """Add another worker's :meth:`take_changes` (not taken as this one's own). A map of
         another shape (a worker with another encoder) is passed over; an empty one is no change.
         Before this worker's first items, the map's changes wait for its map."""
-        catalogue = self.catalogue
-        if catalogue is None:
-            if projection.size and (self._early is None or self._early.shape == projection.shape):
-                self._early = projection.copy() if self._early is None else self._early + projection
-            self.weight = max(0.0, self.weight + weight)
-            return
-        weights = catalogue.projection.weights
-        if projection.size and projection.shape != weights.shape:
+        weights = self.catalogue.projection.weights if self.catalogue is not None else None
+        if projection.size and weights is not None and projection.shape != weights.shape:
             return
         before = self.weight
         self.weight = max(0.0, before + weight)
-        if projection.size:
+        if projection.size and weights is not None:
             weights += projection
-        if self._base is not None:
+        elif projection.size and (self._early is None or self._early.shape == projection.shape):
+            self._early = projection.copy() if self._early is None else self._early + projection
+        if self._base is not None:  # (None without a map)
             base = self._base[0] + projection if projection.size else self._base[0]
             self._base = base, self._base[1] + self.weight - before
 

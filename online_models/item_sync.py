@@ -145,9 +145,7 @@ class ShardedRecommender:
                 merged[item] = start + delta
         self._merged.update(merged)
         for index, shard in enumerate(self.shards):
-            rows = shard.mf.set_items(merged)
-            shard.content.learned(rows)
-            shard.candidates.changed(rows)
+            _took_factors(shard, shard.mf.set_items(merged))
             for k, change in enumerate(changes):
                 if k != index:
                     _add_others(shard, change)
@@ -210,9 +208,7 @@ def take_changes(shard: Recommender) -> ItemChanges:
 
 def add_changes(shard: Recommender, change: ItemChanges) -> None:
     """Add another worker's item changes (the live protocol, ``consumers.item_exchange``)."""
-    rows = shard.mf.add_item_deltas(change.factor_deltas(), change.factor_starts())
-    shard.content.learned(rows)
-    shard.candidates.changed(rows)
+    _took_factors(shard, shard.mf.add_item_deltas(change.factor_deltas(), change.factor_starts()))
     _add_others(shard, change)
 
 
@@ -224,6 +220,12 @@ def discard_changes(shard: Recommender) -> None:
     shard.covisit.discard_changes()
     shard.rebuy.discard_changes()
     shard.content.discard_changes()
+
+
+def _took_factors(shard: Recommender, rows: list[int]) -> None:
+    """``rows`` hold the group's factors now: learned (no longer cold), and moved for the index."""
+    shard.content.learned(rows)
+    shard.candidates.changed(rows)
 
 
 def _add_others(shard: Recommender, change: ItemChanges) -> None:
