@@ -208,7 +208,8 @@ class ItemContent:
         w = np.float32(self.weight)
         if rows is None:  # every item: one product over the cold ones
             cold, match = catalogue.match_cold(profile)
-            scores[cold] += w * match
+            matched = np.flatnonzero(match != 0)  # a hashed profile shares no word with most items
+            scores[cold[matched]] += w * match[matched]
         else:
             scores[where] += w * catalogue.match_rows(profile, rows[where])
 
@@ -239,7 +240,7 @@ class ItemContent:
         lifted = catalogue.cold_at_least(scores, floor - reach)
         if lifted.size > catalogue.n_cold // 4:  # one product over the cold, then what it lifted
             self.add_match(scores, session, None)
-            lifted = catalogue.cold_at_least(scores, floor)
+            lifted = lifted[scores[lifted] >= floor]  # (no other cold row came within reach)
         elif lifted.size:
             matched = scores[lifted]
             self.add_match(matched, session, lifted)

@@ -113,6 +113,7 @@ class ImplicitMF:
         self._positive_loss = self._weighted_log if self._logistic else self._negative_loss
         self.refused = 0  # updates undone by the guard (see learn_one)
         self._matrix = np.zeros((n_factors, 1024), dtype=np.float32)  # factor-major: see above
+        self._view = self._matrix[:, :0].T  # item_matrix's last answer (a view is made per size)
 
     def __contains__(self, user: object) -> bool:
         return user in self._mf.u_latents
@@ -259,9 +260,11 @@ class ImplicitMF:
 
     def item_matrix(self) -> np.ndarray:
         """The current item factors, one row per item of :attr:`items` (a read-only view)."""
-        self._reserve(len(self.items))
-        view = self._matrix[:, : len(self.items)].T
-        view.flags.writeable = False
+        view = self._view
+        if view.shape[0] != len(self.items) or view.base is not self._matrix:  # new items or grown
+            self._reserve(len(self.items))
+            view = self._view = self._matrix[:, : len(self.items)].T
+            view.flags.writeable = False
         return view
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
