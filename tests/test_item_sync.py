@@ -289,3 +289,26 @@ def test_a_record_from_before_the_starts_and_the_text_model_still_applies() -> N
     }
     add_changes(b, ItemChanges.from_parts(change.ids, change.rules_t_ref, old))
     np.testing.assert_allclose(b.mf.item_matrix()[b.items.row("x")], a.mf.item_matrix()[a.items.row("x")])
+
+
+def test_a_worker_without_a_catalogue_reads_the_groups_text_weight_again_after_a_restore() -> None:
+    """A checkpoint taken before this worker's first items holds no text weight. The group's
+    records after it are read again on restore, so the weight starts again from its first value
+    and those records count once, not twice."""
+    from online_models.item_sync import add_changes, take_changes, track_changes
+
+    a = _with_catalogue(Recommender(n_factors=4, seed=0, content_weight=1.0))
+    track_changes(a)
+    for t in range(30):
+        a.learn_one(f"u{t // 3}", ["hat", "rake", "scarf"][t % 3], "click", float(t))
+    from_a = take_changes(a)
+    step = float(from_a.content_weight[0])
+    assert step != 0.0
+    b = Recommender(n_factors=4, seed=0, content_weight=1.0)  # no catalogue yet
+    track_changes(b)
+    meta, arrays = b.item_state()  # its checkpoint, before the record
+    add_changes(b, from_a)
+    assert b.content.weight == pytest.approx(1.0 + step)
+    b.restore_items(meta, arrays)  # a crash: back to the checkpoint, and the record read again
+    add_changes(b, from_a)
+    assert b.content.weight == pytest.approx(1.0 + step)
