@@ -113,7 +113,7 @@ class ImplicitMF:
         self._positive_loss = self._weighted_log if self._logistic else self._negative_loss
         self.refused = 0  # updates undone by the guard (see learn_one)
         self._matrix = np.zeros((n_factors, 1024), dtype=np.float32)  # factor-major: see above
-        self._view = self._matrix[:, :0].T  # item_matrix's last answer (a view is made per size)
+        self._view = np.empty((0, n_factors), dtype=np.float32)  # item_matrix's last view
 
     def __contains__(self, user: object) -> bool:
         return user in self._mf.u_latents
