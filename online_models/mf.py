@@ -358,8 +358,8 @@ class ImplicitMF:
 class _FunkMF(reco.FunkMF):
     """River's FunkMF, scoring with ``@`` instead of ``np.dot`` (the same product, bit for bit).
     ``np.dot`` lets go of the GIL around every product, however small. With a busy thread beside
-    the model (lists serialised for Redis, a checkpoint), each of an event's five products could
-    then wait out that thread's switch interval (5 ms) to get it back."""
+    the model (lists serialised for Redis, a checkpoint), each factor step (the positive, each
+    sampled negative) could then wait out that thread's switch interval (5 ms) to get it back."""
 
     def predict_one(self, user, item, x=None):  # type: ignore[no-untyped-def]
         return float(self.u_latents[user] @ self.i_latents[item])
