@@ -88,7 +88,7 @@ class ImplicitMF:
         self.items = items if items is not None else ItemIndex()
         self._logistic = loss == "log"
         self._negative_loss = optim.losses.Log() if self._logistic else optim.losses.Squared()
-        self._mf = _FunkMF(
+        self._mf = reco.FunkMF(
             n_factors=n_factors,
             optimizer=optim.SGD(learning_rate),
             loss=self._negative_loss,
@@ -353,16 +353,6 @@ class ImplicitMF:
             grown = np.zeros((self.n_factors, max(rows, 2 * size)), dtype=np.float32)
             grown[:, :size] = self._matrix
             self._matrix = grown
-
-
-class _FunkMF(reco.FunkMF):
-    """River's FunkMF, scoring with ``@`` instead of ``np.dot`` (the same product, bit for bit).
-    ``np.dot`` lets go of the GIL around every product, however small. With a busy thread beside
-    the model (lists serialised for Redis, a checkpoint), each factor step (the positive, each
-    sampled negative) could then wait out that thread's switch interval (5 ms) to get it back."""
-
-    def predict_one(self, user, item, x=None):  # type: ignore[no-untyped-def]
-        return float(self.u_latents[user] @ self.i_latents[item])
 
 
 def _sane(vector: np.ndarray) -> bool:
