@@ -1,13 +1,16 @@
 """How to reach Kafka: the address and the security settings every Kafka client is built from.
 
-kafka-python clients (replay, admin, catch-up, dead-letter tools) take :meth:`client_options`;
-the Faust worker takes :meth:`faust_credentials`. The password never appears in ``repr``/``str``.
+kafka-python clients (admin, catch-up, dead-letter tools) take :meth:`client_options`; the
+replay's librdkafka producer takes :meth:`librdkafka_options`; the Faust worker takes
+:meth:`faust_credentials`. The password never appears in ``repr``/``str``.
 
 >>> access = KafkaAccess("k1:9093", "SASL_SSL", "SCRAM-SHA-512", "svc", "s3cret")
 >>> str(access), "s3cret" in repr(access)
 ('k1:9093', False)
 >>> sorted(access.client_options())
 ['bootstrap_servers', 'sasl_mechanism', 'sasl_plain_password', 'sasl_plain_username', 'security_protocol']
+>>> sorted(access.librdkafka_options())
+['bootstrap.servers', 'sasl.mechanism', 'sasl.password', 'sasl.username', 'security.protocol']
 """
 
 from __future__ import annotations
@@ -58,6 +61,17 @@ class KafkaAccess:
             )
         if self.ssl_cafile:
             options["ssl_cafile"] = self.ssl_cafile
+        return options
+
+    def librdkafka_options(self) -> dict[str, str]:
+        """The same settings as :meth:`client_options`, in librdkafka's names (confluent-kafka)."""
+        options = {"bootstrap.servers": self.bootstrap, "security.protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            options["sasl.mechanism"] = self.sasl_mechanism
+            options["sasl.username"] = self.sasl_username or ""
+            options["sasl.password"] = self.sasl_password or ""
+        if self.ssl_cafile:
+            options["ssl.ca.location"] = self.ssl_cafile
         return options
 
     def faust_credentials(self) -> Any:

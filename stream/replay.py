@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import sys
 import time
 from collections import Counter
@@ -11,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from tqdm import tqdm
 
 from infra.kafka import KafkaAccess
@@ -20,6 +20,8 @@ from stream.events import DEFAULT_LIMITS, BadEvent, EventLimits, decode_event
 from stream.topics import TopicNames
 
 GZIP_MAGIC = b"\x1f\x8b"
+
+log = logging.getLogger("pushrec.replay")
 
 
 class ReplayError(Exception):
@@ -94,25 +96,46 @@ class ReplaySummary:
 
 
 class Replayer:
-    """A kafka-python producer that keeps per-user order (one in-flight request, acks=all)."""
+    """A librdkafka producer (confluent-kafka) that keeps per-user order: acks=all and one request
+    in flight per broker, so a retry cannot reorder a user's events. Records are keyed by user and
+    partitioned as the Java client and kafka-python do (murmur2): a user's events land where
+    ``stream.topics.partition_of`` says their state lives.
 
-    def __init__(self, kafka: KafkaAccess, names: TopicNames, limits: EventLimits = DEFAULT_LIMITS) -> None:
+    librdkafka encodes and sends in its own C threads. Paced at 7,000 events/s, a replay took
+    0.17-0.20 of a core where kafka-python's producer took 0.61-0.65 (docs/benchmarks.md): CPU
+    that ``pushrec bench``'s load generator took from the worker it measures on the same machine.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaAccess,
+        names: TopicNames,
+        limits: EventLimits = DEFAULT_LIMITS,
+        delivery_timeout_s: float = 30.0,
+    ) -> None:
+        """A record not delivered within ``delivery_timeout_s`` of its send fails the replay."""
         self.names = names
+        self.kafka = kafka
+        self.delivery_timeout_s = delivery_timeout_s
         self.failed: list[str] = []
         self.limits = limits
         try:
-            self.producer = KafkaProducer(
-                **kafka.client_options(),
-                acks="all",
-                linger_ms=5,
-                batch_size=256 * 1024,
-                max_in_flight_requests_per_connection=1,  # retries cannot reorder a user's events
-                retries=5,
-                max_block_ms=10_000,
-                request_timeout_ms=15_000,
+            self.producer = Producer(
+                {
+                    **kafka.librdkafka_options(),
+                    "acks": "all",
+                    "linger.ms": 5,
+                    "batch.size": 256 * 1024,
+                    "max.in.flight.requests.per.connection": 1,  # retries cannot reorder a user's events
+                    "retries": 5,
+                    "request.timeout.ms": 15_000,
+                    "message.timeout.ms": int(delivery_timeout_s * 1000),
+                    "partitioner": "murmur2_random",  # keyed records: as the Java client and kafka-python
+                    "logger": log,
+                }
             )
-        except (KafkaError, OSError) as exc:
-            raise ReplayError(f"cannot reach Kafka at {kafka}: {exc}") from None
+        except KafkaException as exc:
+            raise ReplayError(f"cannot make a Kafka producer for {kafka}: {exc}") from None
 
     def replay_items(self, path: Path, summary: ReplaySummary) -> None:
         for number, line in read_lines(path):
@@ -157,19 +180,42 @@ class Replayer:
         return summary
 
     def _send(self, topic: str, key: bytes, value: bytes) -> None:
-        try:
-            future = self.producer.send(topic, key=key, value=value)
-        except KafkaError as exc:
-            raise ReplayError(f"producing to {topic} failed: {exc}") from None
-        future.add_errback(lambda exc: self.failed.append(f"{topic}: {exc}"))
+        waited_since = None
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, on_delivery=self._delivered)
+                break
+            except BufferError:  # librdkafka's queue is full: let it drain, within a limit
+                waited_since = waited_since or time.monotonic()
+                if time.monotonic() - waited_since > self.delivery_timeout_s:
+                    raise ReplayError(
+                        f"Kafka at {self.kafka} took no records for {self.delivery_timeout_s:.0f} s "
+                        f"({len(self.producer):,} waiting to be sent)"
+                    ) from None
+                self.producer.poll(0.1)
+            except KafkaException as exc:
+                raise ReplayError(f"producing to {topic} failed: {exc}") from None
+        self.producer.poll(0)  # delivery reports (and librdkafka's logs) of what was sent so far
+        if self.failed:
+            raise ReplayError(self._failure())
+
+    def _failure(self) -> str:
+        return (
+            f"{len(self.failed)} records were not delivered to Kafka at {self.kafka}, first: {self.failed[0]}"
+        )
+
+    def _delivered(self, error: KafkaError | None, message: Message) -> None:
+        if error is not None:
+            self.failed.append(f"{message.topic()}: {error.str()}")
 
     def flush(self, timeout_s: float = 60.0) -> None:
-        try:
-            self.producer.flush(timeout=timeout_s)
-        except KafkaError as exc:
-            raise ReplayError(f"flushing to Kafka failed: {exc}") from None
+        waiting = self.producer.flush(timeout_s)
         if self.failed:
-            raise ReplayError(f"{len(self.failed)} records were not delivered, first: {self.failed[0]}")
+            raise ReplayError(self._failure())
+        if waiting:
+            raise ReplayError(
+                f"{waiting:,} records not delivered to Kafka at {self.kafka} within {timeout_s:.0f} s"
+            )
 
     def close(self) -> None:
-        self.producer.close(timeout=5)
+        self.producer.flush(5)
