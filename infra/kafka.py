@@ -9,8 +9,9 @@ replay's librdkafka producer takes :meth:`librdkafka_options`; the Faust worker 
 ('k1:9093', False)
 >>> sorted(access.client_options())
 ['bootstrap_servers', 'sasl_mechanism', 'sasl_plain_password', 'sasl_plain_username', 'security_protocol']
->>> sorted(access.librdkafka_options())
-['bootstrap.servers', 'sasl.mechanism', 'sasl.password', 'sasl.username', 'security.protocol']
+>>> options = access.librdkafka_options()
+>>> options["sasl.mechanism"], options["ssl.ca.location"]  # (no CA file: the system's)
+('SCRAM-SHA-512', 'probe')
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ class KafkaAccess:
             options["sasl.mechanism"] = self.sasl_mechanism
             options["sasl.username"] = self.sasl_username or ""
             options["sasl.password"] = self.sasl_password or ""
-        if self.ssl_cafile:
-            options["ssl.ca.location"] = self.ssl_cafile
+        if self.security_protocol.endswith("SSL"):  # as the others: this CA file, else the system's
+            options["ssl.ca.location"] = self.ssl_cafile or "probe"
         return options
 
     def faust_credentials(self) -> Any:

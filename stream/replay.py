@@ -218,4 +218,10 @@ class Replayer:
             )
 
     def close(self) -> None:
-        self.producer.flush(5)
+        """Deliver what is still queued (5 s at most; the rest is dropped) and close the
+        connections: librdkafka closes them when the producer is destroyed, and a broker that is
+        asked to stop waits for its clients' connections."""
+        if self.producer.flush(5):
+            self.producer.purge()
+            self.producer.flush(0)  # (the dropped records' reports)
+        del self.producer
