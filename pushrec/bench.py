@@ -13,6 +13,8 @@ measured in one run on the same machine, broker and events.
 3. latency: for each of ``loads`` (and ``fraction``, the headline), a fresh worker, then the
    events replayed at that share of the pipeline rate; p50/p99/p99.9 of event-to-list (record
    timestamp to Redis write), interpolated within the worker's histogram buckets.
+   Steps 2 and 3 also say where the machine's cores went meanwhile (``pushrec.bench_cpu``) and,
+   for 3, how many lists the worker ranked and wrote per event.
 4. evaluate: `pushrec evaluate`'s speed for the product model alone on the same events.
 
 With a catalogue (``items``), a shop's case: before step 2 a worker takes the catalogue in from
@@ -44,6 +46,7 @@ from infra.latency import STAGES, slowest_split
 from infra.metrics import Samples, metric_sum, scrape
 from infra.settings import Settings
 from infra.stack import EmbeddedStack, free_port
+from pushrec import bench_cpu
 from pushrec.demo import SAMPLE_EVENTS, stop_process, wait_for
 from stream.replay import Pacing, Replayer, ReplaySummary, read_lines
 from stream.topics import TopicNames, ensure_topics
@@ -185,18 +188,20 @@ def take_in_catalogue(
 
 def measure_backlog(
     run: Run, n: int, prepare: Callable[[int, subprocess.Popen[bytes]], None] | None = None
-) -> tuple[float, int]:
+) -> tuple[float, int, dict[str, float]]:
     """Start ``pushrec worker`` for ``run`` and time how fast it takes in ``n`` events (a backlog
     on its topics, or one ``prepare(metrics port, worker)`` produces once the worker is ready);
-    returns events/s and the worker's peak RSS. Events/s: counted between the first sighting of
-    a count and the last event's list, from its /metrics polled every 0.25 s (scraping costs the
-    worker CPU: at 50 ms it was 9 % of its samples)."""
+    returns events/s, the worker's peak RSS and the cores used over the same interval
+    (``bench_cpu.used``). Events/s: counted between the first sighting of a count and the last
+    event's list, from its /metrics polled every 0.25 s (scraping costs the worker CPU: at 50 ms
+    it was 9 % of its samples)."""
     port = free_port()
     log_name = f"{run.prefix}-pipeline.log"
     worker = run.spawn("pushrec.cli", "worker", "--metrics-port", str(port), log=log_name)
     first: tuple[float, float] | None = None  # (time, events counted) when counting started
     last = None
     previous = None  # the sighting before, while nothing was counted yet
+    cpu: list[bench_cpu.Cpu | None] = [None, None, None]  # at first, at last, at the sighting before
     peak = 0
     try:
         if prepare is not None:
@@ -208,15 +213,16 @@ def measure_backlog(
             peak = max(peak, _peak_rss(worker.pid))
             with contextlib.suppress(OSError):
                 counted, lists_written = _progress(port)
-                now = time.time()
+                now, reading = time.time(), bench_cpu.read(worker.pid)
                 if counted > 0 and first is None:
                     # Everything counted at the first sighting (a short log on a fast machine):
                     # count from the sighting before, when nothing was.
                     first = (now, counted) if counted < n or previous is None else previous
+                    cpu[0] = reading if first[0] == now else cpu[2]
                 elif counted == 0:
-                    previous = (now, 0.0)
+                    previous, cpu[2] = (now, 0.0), reading
                 if counted >= n and lists_written:  # the last deferred re-rank included
-                    last = now
+                    last, cpu[1] = now, reading
                     break
             time.sleep(0.25)
         else:
@@ -226,7 +232,18 @@ def measure_backlog(
         stop_process(worker)
     assert first is not None and last is not None
     # Only what was counted after the first sighting ran in the measured interval.
-    return (n - first[1]) / max(last - first[0], 1e-9), peak
+    return (n - first[1]) / max(last - first[0], 1e-9), peak, bench_cpu.used(cpu[0], cpu[1])
+
+
+def cpu_split(cores: dict[str, float]) -> str:
+    """``bench_cpu.used`` in a line: "cores: faust 0.45, model 0.93, bench 0.12; machine idle 3 %"."""
+    if not cores:
+        return "cores: not measured (no /proc)"
+    roles = ", ".join(
+        f"{key.removesuffix('_cores')} {value:.2f}" for key, value in cores.items() if key.endswith("_cores")
+    )
+    idle = cores.get("machine_idle_share")
+    return f"cores: {roles}" + (f"; machine idle {idle:.0%}" if idle is not None else "")
 
 
 @contextlib.contextmanager
@@ -313,8 +330,8 @@ def run_bench(
             seen = json.loads(out.read_text())
             return seen["count"] / max(seen["last"] - seen["first"], 1e-9)
 
-        def pipeline_rate() -> tuple[float, int]:
-            """The worker's rate on a backlog, and its peak RSS."""
+        def pipeline_rate() -> tuple[float, int, dict[str, float]]:
+            """The worker's rate on a backlog, its peak RSS and the cores used meanwhile."""
             run = Run(base_env, workdir, "p")
             if items is not None:
                 catalogue_first(run)
@@ -327,19 +344,20 @@ def run_bench(
         peak = 0
         for k in range(repeat):
             ceiling = ceiling_rate()
-            pipeline, rss = pipeline_rate()
+            pipeline, rss, cores = pipeline_rate()
             peak = max(peak, rss)
             pairs.append(
                 {
                     "ceiling": round(ceiling, 1),
                     "pipeline": round(pipeline, 1),
                     "ratio": round(pipeline / ceiling, 3),
+                    "pipeline_cpu": cores,
                 }
             )
             log(
                 f"pair {k + 1}/{repeat}: ceiling (trivial Faust agent) {ceiling:,.0f} events/s, "
                 f"pipeline {pipeline:,.0f} events/s, ratio {pipeline / ceiling:.2f}; "
-                f"worker peak RSS {rss / 2**20:,.0f} MiB"
+                f"worker peak RSS {rss / 2**20:,.0f} MiB; {cpu_split(cores)}"
             )
         median = sorted(pairs, key=lambda p: p["ratio"])[(len(pairs) - 1) // 2]
         ceiling, pipeline = median["ceiling"], median["pipeline"]
@@ -361,6 +379,7 @@ def run_bench(
                 )
                 if items is not None:
                     take_in_catalogue(kafka, settings, run, items, port, worker)
+                before = bench_cpu.read(worker.pid)
                 produce(run, Pacing(rate=rate))
                 wait_for(  # and every list written: the histogram then holds every event's latency
                     "every paced event's list",
@@ -368,6 +387,7 @@ def run_bench(
                     600,
                     worker,
                 )
+                cores = bench_cpu.used(before, bench_cpu.read(worker.pid))
                 samples = scrape(port)
             finally:
                 stop_process(worker)
@@ -378,10 +398,16 @@ def run_bench(
                 stage: round(metric_sum(samples, "pushrec_slowest_events_seconds", stage=stage), 4)
                 for stage in ("total", *STAGES)
             }
+            processed = metric_sum(samples, "pushrec_events_total", outcome="processed")
+            load["lists_per_event"] = round(
+                metric_sum(samples, "pushrec_list_refreshes_total") / max(processed, 1.0), 3
+            )
+            load["cpu"] = cores
             log(
                 f"latency at {share:.0%} ({rate:,.0f} events/s): p50 {load['p50_s'] * 1000:.0f} ms, "
                 f"p99 {load['p99_s'] * 1000:.0f} ms, p99.9 {load['p999_s'] * 1000:.0f} ms; "
-                f"slowest 1 %: {slowest_split(load['slowest_s'])}"
+                f"slowest 1 %: {slowest_split(load['slowest_s'])}; "
+                f"{load['lists_per_event']:.2f} lists per event; {cpu_split(cores)}"
             )
             return load
 

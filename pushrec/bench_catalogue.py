@@ -37,7 +37,7 @@ from infra.settings import Settings
 from online_models.pipeline import RefreshPipeline
 from online_models.recommender import Recommender
 from online_models.topn import top_n
-from pushrec.bench import Run, load_lines, measure_backlog, replay, servers
+from pushrec.bench import Run, cpu_split, load_lines, measure_backlog, replay, servers
 from pushrec.demo import wait_for
 from stream.events import decode_event
 from stream.replay import Pacing
@@ -228,14 +228,18 @@ def _worker_rate(
             replay(kafka, settings, run, events, Pacing())
 
         try:
-            rate, peak = measure_backlog(run, len(lines), prepare)
+            rate, peak, cores = measure_backlog(run, len(lines), prepare)
         finally:  # hundreds of MB at 1M items; the logs stay
             shutil.rmtree(checkpoint.parent.parent, ignore_errors=True)
             events.unlink(missing_ok=True)
-    log(f"catalogue: the worker took in {len(lines):,} live events at {rate:,.0f}/s (from Kafka, to Redis)")
+    log(
+        f"catalogue: the worker took in {len(lines):,} live events at {rate:,.0f}/s (from Kafka, to "
+        f"Redis); {cpu_split(cores)}"
+    )
     return {
         "events": len(lines),
         "events_per_s": round(rate, 1),
+        "cpu": cores,
         "restore_and_index_s": round(timings["restore_and_index_s"], 1),
         "peak_rss_bytes": peak,
         "logs": str(workdir),

@@ -19,7 +19,8 @@ import pytest
 
 from infra.latency import STAGES
 from infra.metrics import LATENCY_BUCKETS
-from pushrec.bench import quantile
+from pushrec import bench_cpu
+from pushrec.bench import cpu_split, quantile
 from pushrec.demo import SAMPLE_EVENTS, SAMPLE_ITEMS
 from tests.conftest import Hermetic
 
@@ -91,6 +92,11 @@ def test_bench_reports_every_figure(hermetic: Hermetic) -> None:
         p99_floor = max(edge for edge in (0.0, *LATENCY_BUCKETS) if edge < load["p99_s"])
         assert split["total"] >= p99_floor and split["learn"] > 0 and split["rank"] > 0, (split, load)
         assert sum(split[stage] for stage in STAGES) == pytest.approx(split["total"], abs=1e-3)
+        assert 0 < load["lists_per_event"] <= 2  # (a list per event, and one when the shopper left)
+    # Where the cores went, read from /proc: the worker's two processes and the bench's own worked.
+    for cores in [load["cpu"] for load in loads.values()] + [p["pipeline_cpu"] for p in report["pairs"]]:
+        assert cores["faust_cores"] > 0 and cores["model_cores"] > 0 and cores["bench_cores"] > 0, cores
+        assert 0 <= cores["machine_idle_share"] <= 1, cores
     assert report["bytes_per_user"] > 0 and report["bytes_per_item"] > 0
     checkpoint = report["checkpoints"]["3000"]
     assert checkpoint["partitions"] == 3
@@ -121,6 +127,14 @@ def test_with_a_catalogue_every_worker_takes_it_in_before_the_events(hermetic: H
     latency = (logs / "latency-0.5.log").read_text()
     embedded = sum(int(n) for n in re.findall(r"catalogue: \d+ item\(s\), (\d+) embedded", latency))
     assert embedded == 1179, latency[-2000:]
+
+
+def test_cpu_readings_name_a_worker_that_has_gone_as_not_measured() -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert bench_cpu.read(gone.pid) is None
+    assert bench_cpu.used(None, bench_cpu.read(os.getpid())) == {}
+    assert cpu_split({}) == "cores: not measured (no /proc)"
 
 
 def test_histogram_quantile_interpolates_within_buckets() -> None:

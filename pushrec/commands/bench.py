@@ -98,7 +98,7 @@ def add_parser(sub: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from pushrec.bench import default_events, run_bench
+    from pushrec.bench import cpu_split, default_events, run_bench
 
     events = args.events or default_events()
     if args.items:
@@ -141,7 +141,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             f"  event-to-list at {load['fraction']:>4.0%} ({load['rate_events_per_s']:>6,.0f}/s)  "
             f"p50 {load['p50_s'] * 1000:>4.0f} ms   p99 {load['p99_s'] * 1000:>4.0f} ms   "
             f"p99.9 {load['p999_s'] * 1000:>5.0f} ms\n"
-            f"    slowest 1 %: {slowest_split(load['slowest_s'])}"
+            f"    slowest 1 %: {slowest_split(load['slowest_s'])}\n"
+            f"    {load['lists_per_event']:.2f} lists per event; {cpu_split(load['cpu'])}"
             for load in result["latency_by_load"]
         ),
         f"  evaluate (pushrec model)       {result['evaluate_events_per_s']:>10,.0f} events/s",
@@ -161,6 +162,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run_catalogue(args: argparse.Namespace, settings: Settings, events: Path) -> int:
     from online_models import ann
+    from pushrec.bench import cpu_split
     from pushrec.bench_catalogue import run_catalogue_bench
 
     if not ann.available():
@@ -193,7 +195,8 @@ def _run_catalogue(args: argparse.Namespace, settings: Settings, events: Path) -
     worker = result["worker"]
     lines.append(
         f"  in the worker (restarted on the grown items, index built in {worker['restore_and_index_s']} s): "
-        f"{worker['events']:,} events from Kafka at {worker['events_per_s']:,.0f}/s"
+        f"{worker['events']:,} events from Kafka at {worker['events_per_s']:,.0f}/s; "
+        f"{cpu_split(worker['cpu'])}"
     )
     emit(args, result, "\n".join(lines))
     return 0
