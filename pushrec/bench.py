@@ -39,7 +39,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from infra.kafka import KafkaAccess
 from infra.latency import STAGES, slowest_split
@@ -186,15 +186,23 @@ def take_in_catalogue(
     return summary.items_sent
 
 
+class Backlog(NamedTuple):
+    """What :func:`measure_backlog` measured."""
+
+    events_per_s: float
+    peak_rss_bytes: int
+    cpu: dict[str, float]  # cores used over the same interval (``bench_cpu.used``)
+    lists_per_event: float  # lists ranked and written per event learned
+
+
 def measure_backlog(
     run: Run, n: int, prepare: Callable[[int, subprocess.Popen[bytes]], None] | None = None
-) -> tuple[float, int, dict[str, float]]:
+) -> Backlog:
     """Start ``pushrec worker`` for ``run`` and time how fast it takes in ``n`` events (a backlog
-    on its topics, or one ``prepare(metrics port, worker)`` produces once the worker is ready);
-    returns events/s, the worker's peak RSS and the cores used over the same interval
-    (``bench_cpu.used``). Events/s: counted between the first sighting of a count and the last
-    event's list, from its /metrics polled every 0.25 s (scraping costs the worker CPU: at 50 ms
-    it was 9 % of its samples)."""
+    on its topics, or one ``prepare(metrics port, worker)`` produces once the worker is ready).
+    Events/s: counted between the first sighting of a count and the last event's list, from its
+    /metrics polled every 0.25 s (scraping costs the worker CPU: at 50 ms it was 9 % of its
+    samples)."""
     port = free_port()
     log_name = f"{run.prefix}-pipeline.log"
     worker = run.spawn("pushrec.cli", "worker", "--metrics-port", str(port), log=log_name)
@@ -223,6 +231,7 @@ def measure_backlog(
                     previous, cpu[2] = (now, 0.0), reading
                 if counted >= n and lists_written:  # the last deferred re-rank included
                     last, cpu[1] = now, reading
+                    lists = lists_per_event(scrape(port))
                     break
             time.sleep(0.25)
         else:
@@ -232,7 +241,14 @@ def measure_backlog(
         stop_process(worker)
     assert first is not None and last is not None
     # Only what was counted after the first sighting ran in the measured interval.
-    return (n - first[1]) / max(last - first[0], 1e-9), peak, bench_cpu.used(cpu[0], cpu[1])
+    rate = (n - first[1]) / max(last - first[0], 1e-9)
+    return Backlog(rate, peak, bench_cpu.used(cpu[0], cpu[1]), lists)
+
+
+def lists_per_event(samples: Samples) -> float:
+    """Lists the worker ranked and wrote per event it learned, from its /metrics."""
+    processed = metric_sum(samples, "pushrec_events_total", outcome="processed")
+    return round(metric_sum(samples, "pushrec_list_refreshes_total") / max(processed, 1.0), 3)
 
 
 def cpu_split(cores: dict[str, float]) -> str:
@@ -330,8 +346,8 @@ def run_bench(
             seen = json.loads(out.read_text())
             return seen["count"] / max(seen["last"] - seen["first"], 1e-9)
 
-        def pipeline_rate() -> tuple[float, int, dict[str, float]]:
-            """The worker's rate on a backlog, its peak RSS and the cores used meanwhile."""
+        def pipeline_rate() -> Backlog:
+            """The worker on a backlog."""
             run = Run(base_env, workdir, "p")
             if items is not None:
                 catalogue_first(run)
@@ -344,20 +360,23 @@ def run_bench(
         peak = 0
         for k in range(repeat):
             ceiling = ceiling_rate()
-            pipeline, rss, cores = pipeline_rate()
-            peak = max(peak, rss)
+            backlog = pipeline_rate()
+            pipeline = backlog.events_per_s
+            peak = max(peak, backlog.peak_rss_bytes)
             pairs.append(
                 {
                     "ceiling": round(ceiling, 1),
                     "pipeline": round(pipeline, 1),
                     "ratio": round(pipeline / ceiling, 3),
-                    "pipeline_cpu": cores,
+                    "pipeline_cpu": backlog.cpu,
+                    "pipeline_lists_per_event": backlog.lists_per_event,
                 }
             )
             log(
                 f"pair {k + 1}/{repeat}: ceiling (trivial Faust agent) {ceiling:,.0f} events/s, "
                 f"pipeline {pipeline:,.0f} events/s, ratio {pipeline / ceiling:.2f}; "
-                f"worker peak RSS {rss / 2**20:,.0f} MiB; {cpu_split(cores)}"
+                f"worker peak RSS {backlog.peak_rss_bytes / 2**20:,.0f} MiB; "
+                f"{backlog.lists_per_event:.2f} lists per event; {cpu_split(backlog.cpu)}"
             )
         median = sorted(pairs, key=lambda p: p["ratio"])[(len(pairs) - 1) // 2]
         ceiling, pipeline = median["ceiling"], median["pipeline"]
@@ -398,10 +417,7 @@ def run_bench(
                 stage: round(metric_sum(samples, "pushrec_slowest_events_seconds", stage=stage), 4)
                 for stage in ("total", *STAGES)
             }
-            processed = metric_sum(samples, "pushrec_events_total", outcome="processed")
-            load["lists_per_event"] = round(
-                metric_sum(samples, "pushrec_list_refreshes_total") / max(processed, 1.0), 3
-            )
+            load["lists_per_event"] = lists_per_event(samples)
             load["cpu"] = cores
             log(
                 f"latency at {share:.0%} ({rate:,.0f} events/s): p50 {load['p50_s'] * 1000:.0f} ms, "

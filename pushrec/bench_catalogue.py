@@ -228,19 +228,20 @@ def _worker_rate(
             replay(kafka, settings, run, events, Pacing())
 
         try:
-            rate, peak, cores = measure_backlog(run, len(lines), prepare)
+            backlog = measure_backlog(run, len(lines), prepare)
         finally:  # hundreds of MB at 1M items; the logs stay
             shutil.rmtree(checkpoint.parent.parent, ignore_errors=True)
             events.unlink(missing_ok=True)
     log(
-        f"catalogue: the worker took in {len(lines):,} live events at {rate:,.0f}/s (from Kafka, to "
-        f"Redis); {cpu_split(cores)}"
+        f"catalogue: the worker took in {len(lines):,} live events at {backlog.events_per_s:,.0f}/s "
+        f"(from Kafka, to Redis); {backlog.lists_per_event:.2f} lists per event; {cpu_split(backlog.cpu)}"
     )
     return {
         "events": len(lines),
-        "events_per_s": round(rate, 1),
-        "cpu": cores,
+        "events_per_s": round(backlog.events_per_s, 1),
+        "cpu": backlog.cpu,
+        "lists_per_event": backlog.lists_per_event,
         "restore_and_index_s": round(timings["restore_and_index_s"], 1),
-        "peak_rss_bytes": peak,
+        "peak_rss_bytes": backlog.peak_rss_bytes,
         "logs": str(workdir),
     }
