@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import pickle
 import signal
 import sys
@@ -134,6 +135,7 @@ def model_process(
     # instead of 0.6 ms on a busy 2-core machine). `evaluate` keeps numpy's default.
     threadpool_limits(limits=1, user_api="blas")
     worker = RefreshWorker(settings, kafka, redis_url)
+    worker.metrics.watch_cpu({"model": os.getpid(), "faust": os.getppid()})  # (spawned by Faust's)
     if metrics_port is not None:
         worker.metrics.serve(metrics_port)
     asyncio.run(serve(worker, inbox, outbox))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -727,5 +728,6 @@ def _activity(fields: dict[bytes, bytes]) -> Activity:
 
 def run_push_sender(sender: PushSender, metrics_port: int | None = None) -> None:
     if metrics_port is not None:
+        sender.metrics.watch_cpu({"push_sender": os.getpid()})
         sender.metrics.serve(metrics_port)
     asyncio.run(sender.run())

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import urllib.request
+from collections.abc import Iterator, Mapping
 from functools import partial
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from infra.latency import STAGES, SlowestEvents
 from infra.store import REDIS_ERROR_KINDS, redis_error_kind
@@ -327,6 +332,49 @@ class Metrics:
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose ``/metrics`` on ``port`` from a background thread."""
         start_http_server(port, addr=addr, registry=self.registry)
+
+    def watch_cpu(self, processes: Mapping[str, int]) -> None:
+        """Report the CPU time of these processes (name -> pid) as
+        ``pushrec_process_cpu_seconds_total{process}``, read at each scrape (Linux)."""
+        self.registry.register(ProcessCpu(processes))
+
+
+class ProcessCpu(Collector):
+    """``pushrec_process_cpu_seconds_total{process}``: user plus system CPU time of each named
+    process, every thread, from ``/proc`` at each scrape; its rate is the cores the process uses.
+    The worker's model process serves it for both of the worker's processes (``model``,
+    ``faust``): a model near one core is the worker's ceiling, and the two together near the
+    machine's cores mean the machine is full. A process that has ended, or a system without
+    ``/proc``, has no sample."""
+
+    def __init__(self, processes: Mapping[str, int]) -> None:
+        self.processes = dict(processes)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "pushrec_process_cpu_seconds",
+            "CPU time (user + system, every thread) of a pushrec process; rate() = cores in use.",
+            labels=["process"],
+        )
+        for name, pid in self.processes.items():
+            seconds = process_cpu_seconds(pid)
+            if seconds is not None:
+                family.add_metric([name], seconds)
+        yield family
+
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of every thread of process ``pid`` so far (Linux's
+    ``/proc/<pid>/stat``); None where that cannot be read (an ended process, another system)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (name) ": a name may hold spaces
+        return (int(fields[11]) + int(fields[12])) * _TICK_S  # utime and stime, fields 14 and 15
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

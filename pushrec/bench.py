@@ -116,9 +116,9 @@ class Run:
             )
 
 
-def _progress(port: int) -> tuple[float, bool]:
-    """Events the worker has counted, and whether every learned event's list is written."""
-    samples = scrape(port)
+def _progress(samples: Samples) -> tuple[float, bool]:
+    """Events the worker has counted, and whether every learned event's list is written (from
+    its /metrics' ``samples``)."""
     counted = sum(metric_sum(samples, "pushrec_events_total", outcome=o) for o in COUNTED)
     processed = metric_sum(samples, "pushrec_events_total", outcome="processed")
     return counted, metric_sum(samples, "pushrec_event_to_list_seconds_count") >= processed
@@ -220,8 +220,9 @@ def measure_backlog(
                 raise RuntimeError(f"the worker exited: see {run.workdir / log_name}")
             peak = max(peak, _peak_rss(worker.pid))
             with contextlib.suppress(OSError):
-                counted, lists_written = _progress(port)
-                now, reading = time.time(), bench_cpu.read(worker.pid)
+                samples = scrape(port)
+                counted, lists_written = _progress(samples)
+                now, reading = time.time(), bench_cpu.read(samples)
                 if counted > 0 and first is None:
                     # Everything counted at the first sighting (a short log on a fast machine):
                     # count from the sighting before, when nothing was.
@@ -231,7 +232,7 @@ def measure_backlog(
                     previous, cpu[2] = (now, 0.0), reading
                 if counted >= n and lists_written:  # the last deferred re-rank included
                     last, cpu[1] = now, reading
-                    lists = lists_per_event(scrape(port))
+                    lists = lists_per_event(samples)
                     break
             time.sleep(0.25)
         else:
@@ -398,16 +399,16 @@ def run_bench(
                 )
                 if items is not None:
                     take_in_catalogue(kafka, settings, run, items, port, worker)
-                before = bench_cpu.read(worker.pid)
+                before = bench_cpu.read(scrape(port))
                 produce(run, Pacing(rate=rate))
                 wait_for(  # and every list written: the histogram then holds every event's latency
                     "every paced event's list",
-                    lambda: (lambda counted, written: counted >= n and written)(*_progress(port)),
+                    lambda: (lambda counted, written: counted >= n and written)(*_progress(scrape(port))),
                     600,
                     worker,
                 )
-                cores = bench_cpu.used(before, bench_cpu.read(worker.pid))
                 samples = scrape(port)
+                cores = bench_cpu.used(before, bench_cpu.read(samples))
             finally:
                 stop_process(worker)
             load = {"fraction": share, "rate_events_per_s": round(rate, 1)}

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from infra.latency import STAGES
-from infra.metrics import LATENCY_BUCKETS
+from infra.metrics import LATENCY_BUCKETS, Metrics
 from pushrec import bench_cpu
 from pushrec.bench import cpu_split, quantile
 from pushrec.demo import SAMPLE_EVENTS, SAMPLE_ITEMS
@@ -134,11 +134,20 @@ def test_with_a_catalogue_every_worker_takes_it_in_before_the_events(hermetic: H
     assert embedded == 1179, latency[-2000:]
 
 
-def test_cpu_readings_name_a_worker_that_has_gone_as_not_measured() -> None:
+def test_cpu_of_a_process_that_has_gone_is_not_measured() -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    assert bench_cpu.read(gone.pid) is None
-    assert bench_cpu.used(None, bench_cpu.read(os.getpid())) == {}
+    metrics = Metrics()
+    metrics.watch_cpu({"model": os.getpid(), "faust": gone.pid})
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+    }
+    cpu = {key for key in samples if key[0] == "pushrec_process_cpu_seconds_total"}
+    assert cpu == {("pushrec_process_cpu_seconds_total", (("process", "model"),))}
+    assert bench_cpu.read({}) is None  # a worker that reports none
+    assert bench_cpu.used(None, bench_cpu.read(samples)) == {}
     assert cpu_split({}) == "cores: not measured (no /proc)"
 
 
