@@ -220,6 +220,14 @@ class WorkerSettings(_Section):
         "MODEL__VISIT_GAP_S) moves on with the wall clock from the last event time learned, so shoppers "
         "who leave in a quiet hour still get their away list; 0 = the clock waits for the next event",
     )
+    faust_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="the worker's Faust process runs this much nicer than its model process, which it "
+        "spawns first: on a busy machine the model (one thread, the worker's ceiling) then waits less "
+        "for a core; Faust only has to keep the model's pipe full. 0 = the same priority",
+    )
     loop_block_s: float = Field(
         0.1,
         ge=0,

@@ -136,3 +136,11 @@ def dataset(name: str) -> Path:
     if not path.exists():
         pytest.fail(f"dataset {path} not found: set PUSHREC_TEST_DATASETS to shared/datasets")
     return path
+
+
+def model_process(worker_pid: int) -> int:
+    """The pid of the model process a worker started (multiprocessing's spawn; its resource
+    tracker is the other child)."""
+    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
+    (model,) = [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return model

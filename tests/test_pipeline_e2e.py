@@ -30,7 +30,7 @@ from pushrec.demo import SAMPLE_EVENTS, stop_process, wait_for
 from stream.deadletter import DeadLetter
 from stream.events import Item, Reason, decode_event
 from stream.topics import TopicNames
-from tests.conftest import Hermetic, dataset
+from tests.conftest import Hermetic, dataset, model_process
 
 pytestmark = pytest.mark.integration
 
@@ -114,6 +114,12 @@ def run_cli(hermetic: Hermetic, *args: str, timeout: float = 120) -> subprocess.
     )
 
 
+def nice(pid: int | Path) -> int:
+    """The nice value of a process or thread (its ``/proc`` entry: field 19 of ``stat``)."""
+    stat = (Path(f"/proc/{pid}") if isinstance(pid, int) else pid).joinpath("stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[16])
+
+
 def wait_joined(port: int, proc: subprocess.Popen[bytes]) -> None:
     wait_for(
         "the worker to join its group",
@@ -180,6 +186,12 @@ def test_replay_through_real_broker_worker_and_valkey(hermetic: Hermetic) -> Non
             worker,
         )
         samples = scrape(port)
+        # The Faust process gives way to the model process (PUSHREC_WORKER__FAUST_NICE, 10), every
+        # thread of it; and the model process reports both processes' CPU time.
+        model = model_process(worker.pid)
+        assert {nice(task) for task in Path(f"/proc/{worker.pid}/task").iterdir()} == {nice(model) + 10}
+        for process in ("faust", "model"):
+            assert metric_sum(samples, "pushrec_process_cpu_seconds_total", process=process) > 0, process
         by_type = Counter(e.type for e in events)
         for kind, count in by_type.items():
             assert metric_sum(samples, "pushrec_events_total", type=kind, outcome="processed") == count

@@ -21,7 +21,7 @@ from infra.checkpoint import unpack
 from infra.metrics import metric_sum, scrape
 from infra.stack import free_port
 from pushrec.demo import SAMPLE_EVENTS, stop_process, wait_for
-from tests.conftest import Hermetic
+from tests.conftest import Hermetic, model_process
 from tests.test_pipeline_e2e import head, run_cli, wait_joined
 
 pytestmark = pytest.mark.integration
@@ -82,14 +82,6 @@ def assert_same_state(a: tuple[dict, dict, dict], b: tuple[dict, dict, dict], of
     for name in arrays_a:
         np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
     assert lists_a == lists_b
-
-
-def model_process(worker_pid: int) -> int:
-    """The pid of the model process a worker started (multiprocessing's spawn; its resource
-    tracker is the other child)."""
-    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
-    (model,) = [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-    return model
 
 
 def running(pid: int) -> bool:

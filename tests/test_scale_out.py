@@ -30,9 +30,9 @@ from infra.stack import free_port
 from pushrec.demo import stop_process, wait_for
 from stream.events import decode_event
 from stream.topics import TopicNames, ensure_topics, partition_of
-from tests.conftest import Hermetic, dataset
+from tests.conftest import Hermetic, dataset, model_process
 from tests.test_pipeline_e2e import head, wait_joined
-from tests.test_recovery import model_process, running
+from tests.test_recovery import running
 
 pytestmark = pytest.mark.integration
 
