@@ -253,7 +253,7 @@ def lists_per_event(samples: Samples) -> float:
 
 
 def cpu_split(cores: dict[str, float]) -> str:
-    """``bench_cpu.used`` in a line: "cores: faust 0.45, model 0.93, bench 0.12; machine idle 3 %"."""
+    """``bench_cpu.used`` in a line: "cores: model 0.93, faust 0.45, bench 0.12; machine idle 3%"."""
     if not cores:
         return "cores: not measured (no /proc)"
     roles = ", ".join(
