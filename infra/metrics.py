@@ -383,7 +383,11 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 def scrape(port: int, host: str = "127.0.0.1") -> Samples:
     """Samples of a /metrics endpoint, keyed by (name, sorted labels)."""
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as response:
-        text = response.read().decode()
+        return samples_of(response.read().decode())
+
+
+def samples_of(text: str) -> Samples:
+    """The samples of a /metrics page's ``text``, keyed by (name, sorted labels)."""
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)

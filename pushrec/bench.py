@@ -206,10 +206,11 @@ def measure_backlog(
     port = free_port()
     log_name = f"{run.prefix}-pipeline.log"
     worker = run.spawn("pushrec.cli", "worker", "--metrics-port", str(port), log=log_name)
-    first: tuple[float, float] | None = None  # (time, events counted) when counting started
-    last = None
-    previous = None  # the sighting before, while nothing was counted yet
-    cpu: list[bench_cpu.Cpu | None] = [None, None, None]  # at first, at last, at the sighting before
+    # (time, events counted, cores read) of a sighting: when counting started, and the one before
+    # it, while nothing was counted yet; and the last one
+    first: tuple[float, float, bench_cpu.Cpu | None] | None = None
+    previous: tuple[float, float, bench_cpu.Cpu | None] | None = None
+    last: tuple[float, float, bench_cpu.Cpu | None] | None = None
     peak = 0
     try:
         if prepare is not None:
@@ -222,16 +223,15 @@ def measure_backlog(
             with contextlib.suppress(OSError):
                 samples = scrape(port)
                 counted, lists_written = _progress(samples)
-                now, reading = time.time(), bench_cpu.read(samples)
+                sighting = (time.time(), counted, bench_cpu.read(samples))
                 if counted > 0 and first is None:
                     # Everything counted at the first sighting (a short log on a fast machine):
                     # count from the sighting before, when nothing was.
-                    first = (now, counted) if counted < n or previous is None else previous
-                    cpu[0] = reading if first[0] == now else cpu[2]
+                    first = sighting if counted < n or previous is None else previous
                 elif counted == 0:
-                    previous, cpu[2] = (now, 0.0), reading
+                    previous = sighting
                 if counted >= n and lists_written:  # the last deferred re-rank included
-                    last, cpu[1] = now, reading
+                    last = sighting
                     lists = lists_per_event(samples)
                     break
             time.sleep(0.25)
@@ -242,8 +242,8 @@ def measure_backlog(
         stop_process(worker)
     assert first is not None and last is not None
     # Only what was counted after the first sighting ran in the measured interval.
-    rate = (n - first[1]) / max(last - first[0], 1e-9)
-    return Backlog(rate, peak, bench_cpu.used(cpu[0], cpu[1]), lists)
+    rate = (n - first[1]) / max(last[0] - first[0], 1e-9)
+    return Backlog(rate, peak, bench_cpu.used(first[2], last[2]), lists)
 
 
 def lists_per_event(samples: Samples) -> float:

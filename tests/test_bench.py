@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from infra.latency import STAGES
-from infra.metrics import LATENCY_BUCKETS, Metrics
+from infra.metrics import LATENCY_BUCKETS, Metrics, samples_of
 from pushrec import bench_cpu
 from pushrec.bench import cpu_split, quantile
 from pushrec.demo import SAMPLE_EVENTS, SAMPLE_ITEMS
@@ -139,11 +140,7 @@ def test_cpu_of_a_process_that_has_gone_is_not_measured() -> None:
     gone.wait()
     metrics = Metrics()
     metrics.watch_cpu({"model": os.getpid(), "faust": gone.pid})
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in metrics.registry.collect()
-        for s in family.samples
-    }
+    samples = samples_of(generate_latest(metrics.registry).decode())
     cpu = {key for key in samples if key[0] == "pushrec_process_cpu_seconds_total"}
     assert cpu == {("pushrec_process_cpu_seconds_total", (("process", "model"),))}
     assert bench_cpu.read({}) is None  # a worker that reports none
