@@ -12,10 +12,12 @@ from collections.abc import Iterable
 
 import numpy as np
 
-# Above this size a strided sample picks a safe threshold first (argpartition of 55k floats costs
-# ~0.4 ms; a sample of 1/16 of them plus one comparison pass costs ~0.08 ms).
-_SAMPLE_FROM = 4096
-_STRIDE = 16
+# A safe floor for the k-th largest: the scores are dealt into _GROUPS groups (column j holds
+# every _GROUPS-th score from j on), and the k-th largest of the groups' maxima is at most the k-th
+# largest score (k groups reach it, each with a score of its own). The maxima are one elementwise
+# pass; about k scores reach the floor (a strided sample's floor let through ~300 of 35k, whose
+# sort cost more than the pass). Wider rows for larger catalogues: numpy's pass runs faster.
+_GROUPS, _WIDE_GROUPS, _WIDE_FROM = 512, 1024, 2**17
 
 
 def top_n(
@@ -43,10 +45,13 @@ def top_n(
 def kth_floor(scores: np.ndarray, k: int) -> float:
     """A value at most the ``k``-th largest score, cheaply (so nothing of the top ``k`` is lost);
     ``-inf`` entries are excluded ones, and ``-inf`` comes back when fewer than ``k`` are finite."""
-    if scores.size >= _SAMPLE_FROM and k * _STRIDE * 4 < scores.size:
-        sample = scores[::_STRIDE]
-        # The k-th largest of a subset is at most the k-th largest of the whole.
-        threshold = float(np.partition(sample, sample.size - k)[sample.size - k])
+    groups = _WIDE_GROUPS if scores.size >= _WIDE_FROM else _GROUPS
+    if scores.size >= 2 * groups and 4 * k <= groups:
+        whole = scores.size // groups * groups
+        maxima = scores[:whole].reshape(-1, groups).max(axis=0)
+        rest = scores[whole:]  # fewer than a row: dealt into the first groups
+        np.maximum(maxima[: rest.size], rest, out=maxima[: rest.size])
+        threshold = float(np.partition(maxima, groups - k)[groups - k])
         if threshold > -np.inf:
             return threshold
     if k == scores.size:  # nothing excluded, everything wanted

@@ -14,7 +14,7 @@ from online_models.mf import MAX_FACTOR_NORM, ImplicitMF
 from online_models.pipeline import RefreshPipeline
 from online_models.popularity import Popularity
 from online_models.recommender import POPULARITY, Recommender
-from online_models.topn import kth_largest, top_n
+from online_models.topn import kth_floor, kth_largest, top_n
 from tests.test_ranker_contract import checkerboard_log
 
 
@@ -73,15 +73,25 @@ def test_kth_largest_is_a_full_sorts(values: list[float], k: int) -> None:
     assert rows.tolist() == [i for i, v in enumerate(values) if v >= kth]
 
 
-def test_kth_largest_of_a_large_catalogue_takes_the_sampled_floor_and_stays_exact() -> None:
+def test_kth_largest_of_a_large_catalogue_takes_the_grouped_floor_and_stays_exact() -> None:
     rng = np.random.default_rng(3)
     for _ in range(50):
-        scores = np.round(rng.normal(size=int(rng.integers(4096, 40_000))), 2).astype(np.float32)
+        scores = np.round(rng.normal(size=int(rng.integers(1024, 40_000))), 2).astype(np.float32)
         scores[rng.random(scores.size) < 0.5] = -np.inf  # cold or excluded
         k = int(rng.integers(1, 40))
         kth, rows = kth_largest(scores, k)
         assert kth == np.sort(scores)[-k]
         assert rows.tolist() == np.flatnonzero(scores >= kth).tolist()
+
+
+def test_the_floor_lets_through_about_k_scores() -> None:
+    """What makes the top n cheap: the floor is near the k-th largest, not a strided sample's."""
+    rng = np.random.default_rng(1)
+    for size in (5_000, 35_000, 200_000):
+        scores = rng.normal(size=size).astype(np.float32)
+        floor = kth_floor(scores, 20)
+        assert floor <= np.sort(scores)[-20]
+        assert int((scores >= floor).sum()) < 60
 
 
 def test_top_n_breaks_ties_by_lower_index() -> None:
@@ -198,11 +208,11 @@ def test_a_shopper_let_go_and_followed_again_keeps_one_entry_and_leaves_once() -
     assert pipe.leaving() == ["a", "b"]
 
 
-def test_top_n_sampled_threshold_matches_a_full_sort() -> None:
-    """Large catalogues take the sampled-threshold path; the answer must equal a full sort's."""
+def test_top_n_grouped_floor_matches_a_full_sort() -> None:
+    """Large catalogues take the grouped floor's path; the answer must equal a full sort's."""
     rng = np.random.default_rng(0)
     for trial in range(200):
-        size = int(rng.integers(4096, 70_000))
+        size = int(rng.integers(1024, 300_000 if trial % 20 == 0 else 70_000))
         scores = rng.normal(size=size).astype(np.float32)
         if trial % 3 == 0:
             scores = np.round(scores, 1)  # many ties
