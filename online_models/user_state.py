@@ -68,7 +68,7 @@ class UserState:
     @property
     def interest_entries(self) -> list[int]:
         """The interest's entries (row << 3 | type code), oldest first."""
-        return [entry for entry, _ in _pairs(self.interest)]
+        return list(map(int, self.interest[::2])) if self.interest else []
 
     @property
     def interest_rows(self) -> list[int]:
@@ -126,16 +126,16 @@ class UserState:
         """Remove ``row`` from the interest; its level, or None if it had none."""
         if not self.interest:
             return None
-        low = row << _SHIFT  # an entry is row << 3 | a type code: one vectorised search
-        entries = np.frombuffer(self.interest)[::2]
-        found = np.flatnonzero((entries >= low) & (entries < low + (1 << _SHIFT)))
-        del entries  # a view of the array, which cannot shrink while one exists
-        if not found.size:
-            return None
-        at = 2 * int(found[0])
-        level = self.interest[at + 1]
-        del self.interest[at : at + 2]
-        return level
+        # An entry is row << 3 | a type code. A scan of the entries in Python beats numpy's
+        # vectorised search up to the 100 a user keeps (1-3 µs against 3.5-4.5).
+        low = float(row << _SHIFT)
+        high = low + (1 << _SHIFT)
+        for at, entry in enumerate(self.interest[::2]):
+            if low <= entry < high:
+                level = self.interest[2 * at + 1]
+                del self.interest[2 * at : 2 * at + 2]
+                return level
+        return None
 
     def interest_scores(self, weight: float, half_life_s: float) -> tuple[np.ndarray, np.ndarray]:
         """The touched rows and ``weight`` x their interest decayed to the user's last event."""
