@@ -28,13 +28,19 @@ share of them: what to fix when the p99 is too high.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 STAGES = ("kafka", "pipe", "learn", "wait", "rank", "redis")
 
 
 class SlowestEvents:
-    """The stage split of the last ``size`` events; the mean split of the slowest ``share``."""
+    """The stage split of the last ``size`` events; the mean split of the slowest ``share``.
+
+    Added to by the worker's event loop and read by the /metrics server's thread: one lock
+    (a split read while rows were being added once took its slowest rows from an empty slice,
+    and the metric read NaN)."""
 
     def __init__(self, size: int = 20_000, share: float = 0.01) -> None:
         self.share = share
@@ -42,6 +48,7 @@ class SlowestEvents:
         self._next = 0
         self._count = 0
         self._split: dict[str, float] | None = None  # until the next add (a scrape asks per stage)
+        self._lock = threading.Lock()
 
     def add(self, stamps: np.ndarray) -> None:
         """One row per event: its seven stamps in the order of the module's table (record
@@ -51,23 +58,26 @@ class SlowestEvents:
             return
         stages = np.maximum(np.diff(stamps, axis=1), 0.0)
         rows = np.column_stack([stages.sum(axis=1), stages])[-len(self._splits) :]
-        at = (self._next + np.arange(len(rows))) % len(self._splits)
-        self._splits[at] = rows
-        self._next = int(at[-1]) + 1
-        self._count = min(self._count + len(rows), len(self._splits))
-        self._split = None
+        with self._lock:
+            at = (self._next + np.arange(len(rows))) % len(self._splits)
+            self._splits[at] = rows
+            self._next = int(at[-1]) + 1
+            self._count = min(self._count + len(rows), len(self._splits))
+            self._split = None
 
     def split(self) -> dict[str, float]:
         """The mean total and stage times of the slowest ``share`` of the events kept (zeros
         before the first)."""
-        if self._split is None:
-            if not self._count:
-                return dict.fromkeys(("total", *STAGES), 0.0)
-            kept = self._splits[: self._count]
-            slowest = max(1, round(self.share * self._count))
-            rows = kept[np.argpartition(kept[:, 0], self._count - slowest)[self._count - slowest :]]
-            self._split = dict(zip(("total", *STAGES), rows.mean(axis=0).tolist(), strict=True))
-        return self._split
+        with self._lock:
+            if self._split is None:
+                count = self._count
+                if not count:
+                    return dict.fromkeys(("total", *STAGES), 0.0)
+                kept = self._splits[:count]
+                slowest = max(1, round(self.share * count))
+                rows = kept[np.argpartition(kept[:, 0], count - slowest)[count - slowest :]]
+                self._split = dict(zip(("total", *STAGES), rows.mean(axis=0).tolist(), strict=True))
+            return self._split
 
 
 def slowest_split(split: dict[str, float]) -> str:

@@ -12,13 +12,15 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from infra.latency import STAGES
+from infra.latency import STAGES, SlowestEvents
 from infra.metrics import LATENCY_BUCKETS, Metrics, samples_of
 from pushrec import bench_cpu
 from pushrec.bench import cpu_split, quantile
@@ -146,6 +148,31 @@ def test_cpu_of_a_process_that_has_gone_is_not_measured() -> None:
     assert bench_cpu.read({}) is None  # a worker that reports none
     assert bench_cpu.used(None, bench_cpu.read(samples)) == {}
     assert cpu_split({}) == "cores: not measured (no /proc)"
+
+
+def test_the_slowest_events_split_read_while_events_are_added_is_never_nan() -> None:
+    """/metrics reads the split on its own thread while the event loop adds to it (a scrape that
+    came mid-add once read NaN for every stage)."""
+    slowest, splits, done = SlowestEvents(size=100_000), [], threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set():
+            splits.append(slowest.split())
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads take turns often, as under a loaded worker
+    reader = threading.Thread(target=scrape)
+    reader.start()
+    try:
+        rng = np.random.default_rng(0)
+        for _ in range(5_000):
+            slowest.add(np.cumsum(rng.random((int(rng.integers(1, 5)), 1 + len(STAGES))), axis=1))
+    finally:
+        done.set()
+        reader.join()
+        sys.setswitchinterval(switch)
+    assert len(splits) > 100
+    assert all(np.isfinite(list(split.values())).all() for split in splits)
 
 
 def test_histogram_quantile_interpolates_within_buckets() -> None:
