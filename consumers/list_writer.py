@@ -4,10 +4,9 @@ in one call per chunk, and catalogue items not stored yet.
 Re-ranking happens in the learning loop (a list reflects the model right after its user's
 events); the Redis writes run in a background task, so learning never waits for them: a Redis
 that is slow, away or hung (the client retries for up to a minute) holds up lists, not the
-model. They run on the model process's loop, which steps every task on once per micro-batch
-(``consumers.model_process``): a write is sent when its round ends and done at the next batch.
-(On a thread of their own they starved for the GIL while the model was behind, its thread
-holding it: lists waited 0.8-3 s for Redis; docs/benchmarks.md.) An outage (Redis unreachable, or
+model. The writes themselves (serialising, the round trips) run on an event loop in a thread of
+their own: on the model's loop, which learns and ranks without yielding, a write progressed only
+between batches (docs/benchmarks.md, the ``redis`` stage). An outage (Redis unreachable, or
 answering with an error: over maxmemory, read-only, ...) keeps the users pending, as ids, and
 the catalogue items as they came, instead of losing them, and the writes back off meanwhile.
 """
@@ -17,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from itertools import islice
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -32,6 +33,23 @@ from stream.events import Item
 
 log = logging.getLogger("pushrec.worker")
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
+T = TypeVar("T")
+
+
+class _WriteLoop:
+    """An asyncio loop in a daemon thread: coroutines handed to :meth:`run` execute there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="pushrec-list-writes", daemon=True)
+        self._thread.start()
+
+    async def run(self, work: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self.loop))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5.0)
 
 
 # An event waiting for its list carries its stamps (``infra.latency``): produced, read, taken by
@@ -53,10 +71,11 @@ class ListWriter:
         on_bug: Callable[[BaseException], object],
         latency_target_s: float = 0.0,
     ) -> None:
-        """``store``: where the lists and items go. ``on_change`` is called when a write round
-        ends (pending may have changed); ``on_bug`` with an exception a write raised that is not
-        Redis being unavailable. ``latency_target_s``: see :attr:`deadline`."""
+        """``store``: a client of its own, used only on the writes' loop. ``on_change`` is called
+        when a write round ends (pending may have changed); ``on_bug`` with an exception a write
+        raised that is not Redis being unavailable. ``latency_target_s``: see :attr:`deadline`."""
         self.store = store
+        self._writes = _WriteLoop()
         self.pipeline = pipeline
         self.metrics = metrics
         self.on_change = on_change
@@ -190,7 +209,7 @@ class ListWriter:
         stored = len(self._items_in_flight)
         try:
             started = time.time()
-            written = await self._write(list(self._items_in_flight.values()), lists)
+            written = await self._writes.run(self._write(list(self._items_in_flight.values()), lists))
             self._write_s = written - started
         except REDIS_UNAVAILABLE as exc:
             kind = self.metrics.redis_error(exc)
@@ -234,6 +253,11 @@ class ListWriter:
         if lists:
             await self.store.write_lists(lists, time.time())
         return time.time()
+
+    async def close(self) -> None:
+        """Close the writes' client and stop their loop (after the last flush)."""
+        await self._writes.run(self.store.client.aclose())
+        self._writes.stop()
 
     def _check(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and (exc := task.exception()) is not None:

@@ -15,6 +15,7 @@ import pickle
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
 from consumers.protocol import ASSIGN, DONE, HIGHWATER, LOOP_LAG, READY, RECORDS, REVOKE, STOP
@@ -33,6 +34,8 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
     await worker.ownership.start()
     worker.inbox = inbox
     outbox.send((READY, None))
+    loop = asyncio.get_running_loop()
+    reader = ThreadPoolExecutor(1, thread_name_prefix="pushrec-inbox")
     timers = [
         asyncio.create_task(_every(1.0, worker.refresh_lists)),
         asyncio.create_task(_every(1.0, worker.apply_forget_requests)),
@@ -49,7 +52,7 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
     try:
         while True:
             try:
-                kind, payload = pickle.loads(await _receive(inbox))
+                kind, payload = pickle.loads(await loop.run_in_executor(reader, inbox.recv_bytes))
             except EOFError:
                 log.error("the Faust process is gone: stopping without a checkpoint")
                 return
@@ -84,32 +87,8 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
     finally:
         for timer in timers:
             timer.cancel()
+        reader.shutdown(wait=False)
         await worker.close()
-
-
-async def _receive(inbox: Connection) -> bytes:
-    """The Faust process's next message, read on the loop's own thread: at once when it waits in
-    the pipe already, else once the pipe is readable (EOF too), the loop running its other
-    tasks meanwhile. Reading on another thread cost the model 1.4-3 ms a message on a busy
-    machine, two threads woken per message that each waited for a core: 5-10 % of the model's
-    time when it was behind (docs/benchmarks.md). (A message above 16 kB is written as its
-    length, then its bytes: a read between the two waits for the second, microseconds.)"""
-    if inbox.poll(0):
-        await asyncio.sleep(0)  # the loop's other tasks (the list writes, the timers) step on
-    else:
-        loop = asyncio.get_running_loop()
-        readable = loop.create_future()
-        loop.add_reader(inbox.fileno(), _set_once, readable)
-        try:
-            await readable
-        finally:
-            loop.remove_reader(inbox.fileno())
-    return inbox.recv_bytes()
-
-
-def _set_once(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 async def _every(interval_s: float, job: Callable[[], Awaitable[None]]) -> None:

@@ -84,8 +84,9 @@ class RefreshWorker:
         self.metrics.index_pending.set_function(lambda: candidates.pending_rows)
         client = connect(redis_url, settings.redis.retries)
         self.store = RedisTopNStore(client, self.keys, settings.redis.stream_maxlen)
+        writes = connect(redis_url, settings.redis.retries)  # used on the writes' own loop
         self.lists = ListWriter(
-            self.store,
+            RedisTopNStore(writes, self.keys, settings.redis.stream_maxlen),
             self.pipeline,
             self.metrics,
             self._report_pending,
@@ -118,6 +119,7 @@ class RefreshWorker:
     async def close(self) -> None:
         self.dead_letters.close()
         self.exchange.close()
+        await self.lists.close()
         await self.store.client.aclose()
 
     def _behind(self) -> bool:

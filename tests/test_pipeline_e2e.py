@@ -311,22 +311,26 @@ def test_the_latency_target_sets_when_a_worker_behind_must_re_rank() -> None:
         lambda exc: None,
         latency_target_s=0.25,
     )
-    now = time.time()
-    assert lists.deadline == math.inf
-    lists.add(["late"], [now - 0.3], learned_at=now)  # beyond the target already
-    assert lists.deadline == math.inf
-    lists.add(["u1", "u2"], [now - 0.05, now - 0.1], learned_at=now)
-    assert lists.deadline == pytest.approx(now - 0.1 + 0.25)
-    lists.add(["u3"], [now - 0.02], learned_at=now)  # younger: the older event still rules
-    assert lists.deadline == pytest.approx(now + 0.15)
-    lists._rank_s, lists._write_s = 0.04, 0.01  # what the next round will need
-    lists.add(["u4"], [now - 0.12], learned_at=now)
-    assert lists.deadline == pytest.approx(now - 0.12 + 0.25 - 0.05)
-    lists.add(["u5"], [now - 0.22], learned_at=now)  # can no longer make it: re-rank now
-    assert lists.deadline == pytest.approx(now - 0.22 + 0.25 - 0.05) and lists.deadline < now
-    off = ListWriter(None, lists.pipeline, lists.metrics, lambda: None, lambda exc: None)  # type: ignore[arg-type]
-    off.add(["u1"], [now - 0.1], learned_at=now)
-    assert off.deadline == math.inf
+    try:
+        now = time.time()
+        assert lists.deadline == math.inf
+        lists.add(["late"], [now - 0.3], learned_at=now)  # beyond the target already
+        assert lists.deadline == math.inf
+        lists.add(["u1", "u2"], [now - 0.05, now - 0.1], learned_at=now)
+        assert lists.deadline == pytest.approx(now - 0.1 + 0.25)
+        lists.add(["u3"], [now - 0.02], learned_at=now)  # younger: the older event still rules
+        assert lists.deadline == pytest.approx(now + 0.15)
+        lists._rank_s, lists._write_s = 0.04, 0.01  # what the next round will need
+        lists.add(["u4"], [now - 0.12], learned_at=now)
+        assert lists.deadline == pytest.approx(now - 0.12 + 0.25 - 0.05)
+        lists.add(["u5"], [now - 0.22], learned_at=now)  # can no longer make it: re-rank now
+        assert lists.deadline == pytest.approx(now - 0.22 + 0.25 - 0.05) and lists.deadline < now
+        off = ListWriter(None, lists.pipeline, lists.metrics, lambda: None, lambda exc: None)  # type: ignore[arg-type]
+        off.add(["u1"], [now - 0.1], learned_at=now)
+        assert off.deadline == math.inf
+        off._writes.stop()
+    finally:
+        lists._writes.stop()
 
 
 def test_a_catalogue_published_at_once_is_stored_a_chunk_per_round_beside_the_lists() -> None:
@@ -360,7 +364,10 @@ def test_a_catalogue_published_at_once_is_stored_a_chunk_per_round_beside_the_li
         lists.add(["u1"], [time.time()], learned_at=time.time())
         await lists.flush()
 
-    asyncio.run(publish_then_rank())
+    try:
+        asyncio.run(publish_then_rank())
+    finally:
+        lists._writes.stop()
     chunks = [n for kind, n, _ in store.calls if kind == "items"]
     assert sum(chunks) == 2500 and max(chunks) <= 1000, store.calls
     last_items = max(at for at, (kind, _, _) in enumerate(store.calls) if kind == "items")
@@ -390,46 +397,6 @@ def test_the_pipe_to_the_model_process_takes_a_whole_batch_without_a_reader() ->
     finally:
         reader.close()
         writer.close()
-
-
-def test_the_model_process_reads_its_pipe_on_its_own_loop_without_a_thread() -> None:
-    """A message already waiting is read at once; one that comes later is awaited while the
-    loop's other tasks run (the list writes, the timers); the Faust process's end reads as EOF.
-    No thread: a read handed to one cost the model 1.4-3 ms a message on a busy machine."""
-    import multiprocessing
-    import threading
-
-    from consumers.model_process import _receive
-
-    inbox, outbox = multiprocessing.get_context("spawn").Pipe(duplex=False)
-
-    async def scenario() -> None:
-        threads = threading.active_count()
-        outbox.send_bytes(b"waiting")
-        assert await _receive(inbox) == b"waiting"
-        ticks = 0
-
-        async def other_task() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.005)
-
-        other = asyncio.create_task(other_task())
-        later = b"r" * 40_000  # above 16 kB: its length and its bytes are written apart
-        asyncio.get_running_loop().call_later(0.2, outbox.send_bytes, later)
-        assert await _receive(inbox) == later
-        assert ticks >= 10  # the loop ran its other task meanwhile
-        assert threading.active_count() == threads
-        outbox.close()
-        with pytest.raises(EOFError):
-            await _receive(inbox)
-        other.cancel()
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        inbox.close()
 
 
 def test_the_periodic_refresh_hands_lists_over_without_waiting_for_their_write(hermetic: Hermetic) -> None:
