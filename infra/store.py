@@ -10,6 +10,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
     NoScriptError,
@@ -290,40 +291,58 @@ class RedisTopNStore:
         if not lists:
             return []
         stream = self.keys.refreshed()
-        async with self.client.pipeline(transaction=False) as pipe:
-            for start in range(0, len(lists), _LISTS_PER_CALL):
-                chunk = lists[start : start + _LISTS_PER_CALL]
-                args: list[Any] = [repr(now), self.stream_maxlen]
-                for top in chunk:
-                    items = [
-                        {"item_id": i, "score": round(s, 6)}
-                        for i, s in zip(top.items, top.scores, strict=True)
-                    ]
-                    for item, reason in zip(items, top.reasons, strict=False):
-                        item["reason"] = reason
-                    args += (
-                        orjson.dumps(items),
-                        top.model,
-                        top.user_id,
-                        orjson.dumps(top.tags),
-                        "1" if top.away else "0",
-                    )
-                keys = [stream, *(self.keys.recs(top.user_id) for top in chunk)]
-                await self._write(keys=keys, args=args, client=pipe)
-            return [int(v) for versions in await pipe.execute() for v in versions]
+        calls = []
+        for start in range(0, len(lists), _LISTS_PER_CALL):
+            chunk = lists[start : start + _LISTS_PER_CALL]
+            args: list[Any] = [repr(now), self.stream_maxlen]
+            for top in chunk:
+                items = [
+                    {"item_id": i, "score": round(s, 6)} for i, s in zip(top.items, top.scores, strict=True)
+                ]
+                for item, reason in zip(items, top.reasons, strict=False):
+                    item["reason"] = reason
+                args += (
+                    orjson.dumps(items),
+                    top.model,
+                    top.user_id,
+                    orjson.dumps(top.tags),
+                    "1" if top.away else "0",
+                )
+            calls.append((self._write, [stream, *(self.keys.recs(top.user_id) for top in chunk)], args))
+        return [int(v) for versions in await self._call(calls) for v in versions]
 
     async def write_items(self, items: Sequence[CatalogueItem]) -> None:
         """Keep each catalogue item's title, category and price current (one hash per item); a
         price lower than the stored one goes on the price-drop stream for the push sender."""
         drops = self.keys.price_drops()
+        calls = []
+        for item in items:
+            fields = (item.title, item.category, None if item.price is None else repr(item.price))
+            if any(value is not None for value in fields):
+                args: list[Any] = [value or "" for value in fields]
+                args += [item.item_id, self.stream_maxlen]
+                calls.append((self._write_item, [self.keys.item(item.item_id), drops], args))
+        if calls:
+            await self._call(calls)
+
+    async def _call(self, calls: Sequence[tuple[AsyncScript, list[Any], list[Any]]]) -> list[Any]:
+        """Run script calls (script, keys, args) in one pipeline, in one round trip: by their
+        SHA, each script loaded again only when Redis answers that it lost it (a restart, a
+        SCRIPT FLUSH). redis-py's own pipeline of scripts asks SCRIPT EXISTS first, a second
+        round trip per write, each a wait for the GIL on the list writes' thread while the model
+        is busy (docs/benchmarks.md)."""
+        try:
+            return await self._pipeline(calls)
+        except NoScriptError:
+            for script in {script for script, _, _ in calls}:
+                await self.client.script_load(script.script)
+            return await self._pipeline(calls)
+
+    async def _pipeline(self, calls: Sequence[tuple[AsyncScript, list[Any], list[Any]]]) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
-            for item in items:
-                fields = (item.title, item.category, None if item.price is None else repr(item.price))
-                if any(value is not None for value in fields):
-                    args: list[str | int] = [value or "" for value in fields]
-                    args += [item.item_id, self.stream_maxlen]
-                    await self._write_item(keys=[self.keys.item(item.item_id), drops], args=args, client=pipe)
-            await pipe.execute()
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return await pipe.execute()
 
     async def read(self, user: str) -> StoredList | None:
         raw = reply_hash(await self.client.hgetall(self.keys.recs(user)))

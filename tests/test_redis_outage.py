@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 
+import orjson
 import pytest
 import redis
 
@@ -211,3 +212,45 @@ def test_learning_goes_on_while_redis_is_away_or_hung_under_the_defaults(
         if fault == "hung":
             os.kill(valkey_pid, signal.SIGCONT)
         stop_process(worker)
+
+
+def test_a_write_is_one_round_trip_and_survives_redis_losing_its_scripts(own_valkey: OwnValkey) -> None:
+    """Lists and catalogue items go out as EVALSHA calls in one pipeline, without redis-py's
+    SCRIPT EXISTS before each (a second round trip per write); a Redis that lost the scripts
+    (a restart, SCRIPT FLUSH) gets them loaded again and the write goes through."""
+    import asyncio
+
+    from infra.store import Keys, RedisTopNStore, connect
+    from online_models.recommender import TopN
+    from stream.events import Item
+
+    sync = redis.Redis.from_url(own_valkey.url)
+
+    def calls(command: str) -> int:
+        return int(sync.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    async def write() -> list[int]:
+        client = connect(own_valkey.url)
+        try:
+            store = RedisTopNStore(client, Keys("t:"))
+            await store.write_items([Item("i1", title="red wool hat", price=9.5)])
+            tops = [TopN(user, ["i1", "i2"], [0.9, 0.1], "pushrec", ["why", "why"]) for user in ("u1", "u2")]
+            return await store.write_lists(tops, 1.0)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(write())  # a fresh Valkey: the scripts are loaded on the first NOSCRIPT
+        sync.config_resetstat()
+        first = asyncio.run(write())
+        assert calls("evalsha") == 2  # items, then lists: one round trip each
+        assert calls("script|exists") == 0 and calls("script|load") == 0
+        sync.script_flush()
+        again = asyncio.run(write())  # loaded again: the lists written once more
+        assert all(b > a for a, b in zip(first, again, strict=True)), (first, again)
+        assert calls("script|exists") == 0 and calls("script|load") == 2
+        assert sync.hget("t:item:i1", "title") == b"red wool hat"
+        first_item = orjson.loads(sync.hget("t:recs:u1", "items"))[0]
+        assert first_item == {"item_id": "i1", "score": 0.9, "reason": "why"}
+    finally:
+        sync.close()
