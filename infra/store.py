@@ -261,6 +261,10 @@ end
 """
 
 
+# A Lua script's call: the script, its keys, its arguments.
+_ScriptCall = tuple[AsyncScript, list[Any], list[Any]]
+
+
 class RedisTopNStore:
     """Top-N lists as one hash per user, plus a refresh stream for the push sender."""
 
@@ -291,7 +295,7 @@ class RedisTopNStore:
         if not lists:
             return []
         stream = self.keys.refreshed()
-        calls = []
+        calls: list[_ScriptCall] = []
         for start in range(0, len(lists), _LISTS_PER_CALL):
             chunk = lists[start : start + _LISTS_PER_CALL]
             args: list[Any] = [repr(now), self.stream_maxlen]
@@ -315,7 +319,7 @@ class RedisTopNStore:
         """Keep each catalogue item's title, category and price current (one hash per item); a
         price lower than the stored one goes on the price-drop stream for the push sender."""
         drops = self.keys.price_drops()
-        calls = []
+        calls: list[_ScriptCall] = []
         for item in items:
             fields = (item.title, item.category, None if item.price is None else repr(item.price))
             if any(value is not None for value in fields):
@@ -325,12 +329,11 @@ class RedisTopNStore:
         if calls:
             await self._call(calls)
 
-    async def _call(self, calls: Sequence[tuple[AsyncScript, list[Any], list[Any]]]) -> list[Any]:
-        """Run script calls (script, keys, args) in one pipeline, in one round trip: by their
-        SHA, each script loaded again only when Redis answers that it lost it (a restart, a
-        SCRIPT FLUSH). redis-py's own pipeline of scripts asks SCRIPT EXISTS first, a second
-        round trip per write, each a wait for the GIL on the list writes' thread while the model
-        is busy (docs/benchmarks.md)."""
+    async def _call(self, calls: Sequence[_ScriptCall]) -> list[Any]:
+        """Run script calls in one pipeline, in one round trip: by their SHA, each script loaded
+        again only when Redis answers that it lost it (a restart, a SCRIPT FLUSH). redis-py's own
+        pipeline of scripts asks SCRIPT EXISTS first, a second round trip per write, each a wait
+        for the GIL on the list writes' thread while the model is busy (docs/benchmarks.md)."""
         try:
             return await self._pipeline(calls)
         except NoScriptError:
@@ -338,7 +341,7 @@ class RedisTopNStore:
                 await self.client.script_load(script.script)
             return await self._pipeline(calls)
 
-    async def _pipeline(self, calls: Sequence[tuple[AsyncScript, list[Any], list[Any]]]) -> list[Any]:
+    async def _pipeline(self, calls: Sequence[_ScriptCall]) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
             for script, keys, args in calls:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
