@@ -7,7 +7,8 @@ and one of the item state (:class:`CheckpointSet`).
 Format (versioned, no pickle): a numpy ``.npz`` archive whose ``meta`` entry is UTF-8 JSON
 ``{"format": "pushrec-checkpoint", "version": 1, ...}`` and whose other entries are plain numeric
 arrays. It is read back with ``allow_pickle=False``, so a blob can never run code. Stored on disk
-(written to a temporary file, fsync'd, renamed into place) or as one Redis key.
+(written aside, fsync'd, renamed into place; a set committed by a manifest first) or as one Redis
+key.
 
 >>> blob = pack({"offsets": {"t:0": 7}}, {"x": np.arange(3.0)})
 >>> meta, arrays = unpack(blob)
@@ -18,9 +19,13 @@ arrays. It is read back with ``allow_pickle=False``, so a blob can never run cod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import logging
 import os
 import tempfile
+import time
+import uuid
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,7 +35,10 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 
+from infra.faults import crash_point
 from infra.store import reply_bytes
+
+log = logging.getLogger("pushrec.worker")
 
 FORMAT = "pushrec-checkpoint"
 VERSION = 1
@@ -181,29 +189,93 @@ class CheckpointSet(Protocol):
 
 
 class DiskCheckpointSet:
-    """``<directory>/<name>.npz`` per part."""
+    """``<directory>/<name>.npz`` per part.
+
+    A set is replaced by rolling forward, so a crash at any moment (even between two renames)
+    leaves one whole set, old or new, never the item state ahead of the partitions' offsets:
+
+    1. each part is written and synced aside, under a name of its own writer's;
+    2. a manifest naming them is renamed into place: from here the new set is committed;
+    3. the parts are renamed into place and the manifest removed.
+
+    Whoever reads the set first finishes any manifest it finds (:meth:`roll_forward`).
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.where = str(directory)
 
     def part(self, name: str) -> DiskCheckpoints:
+        self.roll_forward()
         return DiskCheckpoints(self.directory / f"{name}.npz")
 
     async def parts(self) -> list[str]:
+        self.roll_forward()
         return sorted(path.stem for path in self.directory.glob("*.npz"))
 
     async def save_all(self, blobs: dict[str, bytes]) -> None:
-        """Replace these parts together: each is written and synced aside first, then all are
-        renamed into place at once, so a crash while writing leaves the old set whole (the
-        item state never ahead of, nor behind, the partitions' offsets)."""
+        """Replace these parts together (see the class)."""
         await asyncio.to_thread(self._write_all, blobs)
 
     def _write_all(self, blobs: dict[str, bytes]) -> None:
-        paths = {name: self.part(name).path for name in blobs}
-        staged = [(_stage(paths[name], blob), paths[name]) for name, blob in blobs.items()]
-        for partial, path in staged:  # one thread, no wait: the only window is these renames
-            os.replace(partial, path)
+        renames: list[tuple[str, str]] = []
+        try:
+            for name, blob in blobs.items():
+                renames.append((_stage(self.directory / f"{name}.npz", blob).name, f"{name}.npz"))
+        except BaseException:  # not committed: what was written aside goes
+            for partial, _ in renames:
+                (self.directory / partial).unlink(missing_ok=True)
+            raise
+        manifest = self.directory / f"{_writer_token()}{_COMMIT}"
+        os.replace(_stage(manifest, orjson.dumps(renames)), manifest)  # the commit
+        _sync_directory(self.directory)
+        self._finish(manifest, renames)
+
+    def _finish(self, manifest: Path, renames: list[tuple[str, str]]) -> None:
+        for partial, name in renames:
+            with contextlib.suppress(FileNotFoundError):  # renamed by a reader rolling forward
+                os.replace(self.directory / partial, self.directory / name)
+            crash_point("checkpoint.renamed")
+        _sync_directory(self.directory)
+        manifest.unlink(missing_ok=True)
+
+    def roll_forward(self) -> None:
+        """Finish the sets committed and not yet in place (their writer crashed, or is renaming),
+        oldest first; remove what writers wrote aside and never committed, an hour on."""
+        if not self.directory.is_dir():
+            return
+        manifests = []
+        for manifest in self.directory.glob(f"*{_COMMIT}"):
+            with contextlib.suppress(FileNotFoundError):  # its writer finished meanwhile
+                manifests.append((manifest.stat().st_mtime, manifest, orjson.loads(manifest.read_bytes())))
+        for _, manifest, renames in sorted(manifests, key=lambda found: found[0]):
+            self._finish(manifest, [(partial, name) for partial, name in renames])
+            log.warning(
+                "checkpoint set in %s: finished the replacement of %s committed by %s (its writer "
+                "stopped before renaming every part)",
+                self.directory,
+                ", ".join(name for _, name in renames),
+                manifest.name,
+            )
+        stale = time.time() - _STAGED_TTL_S
+        for partial in self.directory.glob(f"*{_PARTIAL}"):
+            with contextlib.suppress(FileNotFoundError):
+                if partial.stat().st_mtime < stale:
+                    partial.unlink()
+
+
+_PARTIAL = ".partial"  # suffix of a blob while it is written (a file, or a Redis key)
+_COMMIT = ".commit"  # suffix of a disk set's manifest
+_STAGED_TTL_S = 3600  # a blob written aside and never renamed (its writer died) goes after this
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the renames in ``directory`` durable (a power cut keeps them, in order)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class RedisCheckpointSet:
@@ -219,32 +291,40 @@ class RedisCheckpointSet:
     async def parts(self) -> list[str]:
         prefix = f"{self.key}:"
         found = [k.decode() async for k in self.client.scan_iter(match=f"{prefix}*", count=1000)]
-        return sorted(k.removeprefix(prefix) for k in found if not k.endswith(_STAGED))
+        return sorted(k.removeprefix(prefix) for k in found if _PARTIAL not in k)
 
     async def save_all(self, blobs: dict[str, bytes]) -> None:
         """Replace these parts together: each is written aside a piece at a time, then all are
         renamed into place in one MULTI/EXEC transaction (a crash before leaves the old set)."""
-        staged = {}
-        for name, blob in blobs.items():
-            key = f"{self.key}:{name}"
-            staged[await _stage_in_redis(self.client, key, blob)] = key
+        keys = {f"{self.key}:{name}": blob for name, blob in blobs.items()}
+        staged = {_staging_key(key): key for key in keys}
+        try:
+            for partial, key in staged.items():
+                await _stage_in_redis(self.client, partial, keys[key])
+        except BaseException:  # not renamed: what was written aside goes (else its TTL does)
+            with contextlib.suppress(Exception):
+                await self.client.delete(*staged)
+            raise
         await _replace_in_redis(self.client, staged)
 
 
-_STAGED = ".partial"  # suffix of a blob's key while it is written
-_STAGED_TTL_S = 3600  # a staged blob never renamed (its writer died) goes after this
 _PIECE = 1 << 20  # bytes of a blob per Redis command
 
 
-async def _stage_in_redis(client: aioredis.Redis, key: str, blob: bytes) -> str:
-    """``blob`` written beside ``key`` a megabyte per command, to be renamed into place: the
-    staging key. (The client copies a command into one buffer on the event loop: one SET or
-    MULTI of a million users' checkpoint stopped the loop for ~400 ms.)"""
-    staged, view = key + _STAGED, memoryview(blob)
+def _staging_key(key: str) -> str:
+    """Where a blob is written before it is renamed to ``key`` (this writer's alone: two workers
+    saving the item state at once never append into one key)."""
+    return f"{key}{_PARTIAL}:{_writer_token()}"
+
+
+async def _stage_in_redis(client: aioredis.Redis, staged: str, blob: bytes) -> None:
+    """``blob`` written to ``staged`` a megabyte per command, to be renamed into place. (The
+    client copies a command into one buffer on the event loop: one SET or MULTI of a million
+    users' checkpoint stopped the loop for ~400 ms.)"""
+    view = memoryview(blob)
     await client.set(staged, view[:_PIECE], ex=_STAGED_TTL_S)
     for at in range(_PIECE, len(view), _PIECE):
         await client.append(staged, view[at : at + _PIECE])
-    return staged
 
 
 async def _replace_in_redis(client: aioredis.Redis, staged: dict[str, str]) -> None:
@@ -283,14 +363,24 @@ class DiskCheckpoints:
 
 
 def _stage(path: Path, blob: bytes) -> Path:
-    """``blob`` written and synced beside ``path``, to be renamed into place: the file."""
+    """``blob`` written and synced beside ``path``, to be renamed into place: the file (named for
+    this writer alone: two workers sharing the directory never write into one file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    with open(partial, "wb") as out:
-        out.write(blob)
-        out.flush()
-        os.fsync(out.fileno())
+    partial = path.with_name(f"{path.name}.{_writer_token()}{_PARTIAL}")
+    try:
+        with open(partial, "wb") as out:
+            out.write(blob)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return partial
+
+
+def _writer_token() -> str:
+    """A name no other writer, nor this one's next write, uses."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
 class RedisCheckpoints:
@@ -299,7 +389,9 @@ class RedisCheckpoints:
         self.where = f"redis key {key}"
 
     async def save(self, blob: bytes) -> None:
-        await _replace_in_redis(self.client, {await _stage_in_redis(self.client, self.key, blob): self.key})
+        staged = _staging_key(self.key)
+        await _stage_in_redis(self.client, staged, blob)
+        await _replace_in_redis(self.client, {staged: self.key})
 
     async def load(self) -> bytes | None:
         return reply_bytes(await self.client.get(self.key))
