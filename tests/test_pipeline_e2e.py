@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -114,12 +115,6 @@ def run_cli(hermetic: Hermetic, *args: str, timeout: float = 120) -> subprocess.
     )
 
 
-def nice(pid: int | Path) -> int:
-    """The nice value of a process or thread (its ``/proc`` entry: field 19 of ``stat``)."""
-    stat = (Path(f"/proc/{pid}") if isinstance(pid, int) else pid).joinpath("stat").read_text()
-    return int(stat[stat.rindex(")") + 2 :].split()[16])
-
-
 def wait_joined(port: int, proc: subprocess.Popen[bytes]) -> None:
     wait_for(
         "the worker to join its group",
@@ -189,7 +184,9 @@ def test_replay_through_real_broker_worker_and_valkey(hermetic: Hermetic) -> Non
         # The Faust process gives way to the model process (PUSHREC_WORKER__FAUST_NICE, 10), every
         # thread of it; and the model process reports both processes' CPU time.
         model = model_process(worker.pid)
-        assert {nice(task) for task in Path(f"/proc/{worker.pid}/task").iterdir()} == {nice(model) + 10}
+        threads = [int(task.name) for task in Path(f"/proc/{worker.pid}/task").iterdir()]
+        model_nice = os.getpriority(os.PRIO_PROCESS, model)
+        assert {os.getpriority(os.PRIO_PROCESS, thread) for thread in threads} == {model_nice + 10}
         for process in ("faust", "model"):
             assert metric_sum(samples, "pushrec_process_cpu_seconds_total", process=process) > 0, process
         by_type = Counter(e.type for e in events)
