@@ -27,7 +27,7 @@ import tempfile
 import time
 import uuid
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -231,7 +231,7 @@ class DiskCheckpointSet:
         _sync_directory(self.directory)
         self._finish(manifest, renames)
 
-    def _finish(self, manifest: Path, renames: list[tuple[str, str]]) -> None:
+    def _finish(self, manifest: Path, renames: Sequence[Sequence[str]]) -> None:
         for partial, name in renames:
             with contextlib.suppress(FileNotFoundError):  # renamed by a reader rolling forward
                 os.replace(self.directory / partial, self.directory / name)
@@ -249,7 +249,7 @@ class DiskCheckpointSet:
             with contextlib.suppress(FileNotFoundError):  # its writer finished meanwhile
                 manifests.append((manifest.stat().st_mtime, manifest, orjson.loads(manifest.read_bytes())))
         for _, manifest, renames in sorted(manifests, key=lambda found: found[0]):
-            self._finish(manifest, [(partial, name) for partial, name in renames])
+            self._finish(manifest, renames)
             log.warning(
                 "checkpoint set in %s: finished the replacement of %s committed by %s (its writer "
                 "stopped before renaming every part)",
