@@ -141,6 +141,40 @@ def test_a_failed_re_index_is_raised_and_its_rows_stay_candidates(
         index.flush(rec.mf.item_matrix())
 
 
+def test_the_popular_head_is_the_most_popular_touched_rows() -> None:
+    """Scored beside the graph's candidates: the most popular rows, never an untouched one (it
+    adds nothing to a score, and a large catalogue is mostly untouched rows)."""
+    rec = Recommender(seed=5, ann_min_items=10_000, ann_pending_max=50)
+    users = [f"u{u}" for u in range(20)]
+    for t in range(100):  # 40 items touched
+        rec.learn_one(users[t % 20], f"i{t % 40}", "click", 2e9 + t)
+    factors = np.random.default_rng(0).normal(0, 0.3, (30_000, rec.mf.n_factors))
+    rec.mf.seed_items([f"s{i}" for i in range(30_000)], factors)
+    rec.learn_one(users[0], "s29999", "click", 2e9 + 100)  # popularity's rows now span the catalogue
+    rec.build_index()
+
+    def head_holds_the_top_of_the_touched() -> int:
+        """The head, with the rows moved since it was taken (pending), holds every row more
+        popular than the 257th, and only touched rows."""
+        head, counts = rec.candidates._popular_head, rec.popularity.scores()
+        index = rec.approximate_index
+        assert index is not None
+        touched = np.flatnonzero(counts > 0)
+        assert head.size == min(256, touched.size) and set(head.tolist()) <= set(touched.tolist())
+        found, pending = index.candidates(np.zeros(rec.mf.n_factors, dtype=np.float32), 1)
+        kept = set(head.tolist()) | set(pending.tolist())
+        floor = np.sort(counts[touched])[-257] if touched.size > 256 else 0.0
+        assert set(np.flatnonzero(counts > floor).tolist()) <= kept
+        return int(touched.size)
+
+    assert head_holds_the_top_of_the_touched() == 41  # fewer touched rows than a head
+    for t in range(600):  # more; flushes make a new head
+        rec.learn_one(users[t % 20], f"s{t}", "click", 2e9 + 101 + t)
+        rec.recommend(users[t % 20])
+    assert rec.approximate_index is not None and rec.approximate_index.flushes >= 2
+    assert head_holds_the_top_of_the_touched() > 256
+
+
 def test_restore_rebuilds_the_index_from_the_restored_factors() -> None:
     rec, users = trained(15_000, ann_min_items=10_000)
     before = [rec.recommend(u, exact=True).items for u in users]
