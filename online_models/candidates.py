@@ -80,30 +80,34 @@ class Candidates:
         """Drop the index (restored factors): the next :meth:`current` starts rebuilding it."""
         self.index = self._build = None
 
-    def rows(
+    def search(
         self,
         index: ann.FactorIndex,
         queries: np.ndarray,
         n: int,
         owns: Sequence[Iterable[int]],
         consumed: Sequence[Collection[int]],
-    ) -> list[np.ndarray]:
-        """Sorted, unique candidate rows for each query's top-``n`` (never one of its consumed
-        rows), from ``index`` (:meth:`current`). ``owns[i]``: query i's user's touched rows,
-        always candidates. One search of the index for every query."""
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Candidate rows for each query's top-``n`` from ``index`` (:meth:`current`), in one
+        search of the index for every query: the rows every query scores (sorted, unique: those
+        not re-indexed yet and the popular head; they may hold a query's consumed rows), and each
+        query's own (sorted, unique, none of the shared ones nor of its ``consumed``: the graph's
+        nearest and ``owns[i]``, its user's touched rows). At a million items the shared rows
+        are thousands and a query's own about a hundred: the caller gathers the shared rows'
+        factors once for every query."""
         found, pending = index.candidates_many(queries, [2 * n + len(c) for c in consumed])
-        shared = np.union1d(pending, self._popular_head)  # thousands of rows: sorted once
+        shared = np.union1d(pending, self._popular_head)
         out = []
         for graph, own, used in zip(found, owns, consumed, strict=True):
             mine = np.unique(np.concatenate([graph, np.fromiter(own, dtype=np.int64)]))
-            at = np.minimum(np.searchsorted(shared, mine), shared.size - 1)
-            mine = mine[shared[at] != mine] if shared.size else mine
-            candidates = np.insert(shared, np.searchsorted(shared, mine), mine)
+            if shared.size:
+                at = np.minimum(np.searchsorted(shared, mine), shared.size - 1)
+                mine = mine[shared[at] != mine]
             if used:
                 used_rows = np.fromiter(used, dtype=np.int64, count=len(used))
-                candidates = candidates[~np.isin(candidates, used_rows, assume_unique=True)]
-            out.append(candidates)
-        return out
+                mine = mine[~np.isin(mine, used_rows, assume_unique=True)]
+            out.append(mine)
+        return shared, out
 
     def current(self) -> ann.FactorIndex | None:
         """The approximate index, brought up to date; None below ``min_items`` rows, without the

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
@@ -111,6 +111,16 @@ class TopN:
     tags: list[str] = field(default_factory=list)  # the user's interest segment's name
     segment: int | None = None
     away: bool = False  # ranked for a shopper who has left (see ``Recommender.visit_gap_s``)
+
+
+@dataclass(frozen=True, slots=True)
+class _Shared:
+    """The rows every list of a batch scores on the approximate path (thousands at a million
+    items), with their factors gathered once for the batch and the popularity part of their blend."""
+
+    rows: np.ndarray
+    factors: np.ndarray
+    popularity: np.ndarray
 
 
 def is_positive(kind: str, rating: float | None) -> bool:
@@ -388,17 +398,21 @@ class Recommender:
             return tops
         # Bought items shoppers buy again come back: excluded is the rest of the consumed.
         excluded = [extras.excluded(state.consumed) for _, state, _, extras in known]
-        found = None
+        shared: _Shared | None = None
+        mine: list[np.ndarray] = []
         index = None if exact else self.candidates.current()
         if index is not None:  # (else every item is scored)
             queries = np.stack([query for _, _, query, _ in known])
             owns = [[*state.interest_rows, *extras.rows] for _, state, _, extras in known]
-            found = self.candidates.rows(index, queries, n, owns, excluded)
-        together = _together(len(known), len(self.items)) if found is None else 0
+            rows, mine = self.candidates.search(index, queries, n, owns, excluded)
+            shared = _Shared(rows, self.mf.item_matrix()[rows], np.zeros(rows.size, dtype=np.float32))
+            if self.popularity_weight:
+                self.popularity.add_normalised(shared.popularity, self.popularity_weight, rows)
+        together = _together(len(known), len(self.items)) if shared is None else 0
         for i, (at, state, query, extras) in enumerate(known):
             user = tops[at].user_id
             rules = self.covisit_weight * (self.covisit_away_share if away[at] else 1.0)
-            if found is None:
+            if shared is None:
                 if not together:
                     scores = self._blend(query, state, extras=extras, text=False, rules=rules)
                 else:
@@ -412,12 +426,36 @@ class Recommender:
                 else:
                     rows, values = top_n(scores, n, exclude=excluded[i], in_place=True)
             else:
-                picked, values = top_n(
-                    self._blend(query, state, found[i], extras, rules=rules), n, in_place=True
-                )
-                rows = found[i][picked]
+                rows, values = self._top_of(query, state, extras, rules, n, excluded[i], shared, mine[i])
             tops[at] = self._top(user, rows, values, MODEL_NAME, state, query, explain, extras, away[at])
         return tops
+
+    def _top_of(
+        self,
+        query: np.ndarray,
+        state: UserState,
+        extras: Related,
+        rules: float,
+        n: int,
+        excluded: Collection[int],
+        shared: _Shared,
+        mine: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The top ``n`` of a user's approximate candidates: the batch's ``shared`` rows and the
+        user's own, ``mine`` (:meth:`Candidates.search`), blended alike; never an ``excluded``
+        row; ties towards the lower row."""
+        common = shared.factors @ query
+        common += shared.popularity
+        self._add_own(common, state, shared.rows, extras, text=True, rules=rules)
+        rows = np.concatenate([shared.rows, mine])
+        scores = np.concatenate([common, self._blend(query, state, mine, extras, rules=rules)])
+        out: np.ndarray | list[int] = []
+        if excluded and shared.rows.size:  # (``mine`` holds none)
+            used = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
+            at = np.minimum(np.searchsorted(shared.rows, used), shared.rows.size - 1)
+            out = at[shared.rows[at] == used]
+        picked, values = top_n(scores, n, exclude=out, in_place=True, ties=rows)
+        return rows[picked], values
 
     def build_index(self) -> ann.FactorIndex | None:
         """Build the approximate index now and wait for it (None when it does not apply)."""

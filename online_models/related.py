@@ -77,7 +77,7 @@ def related(state: UserState, covisit: CoVisitation | None, rebuy: BuyingAgain |
 
 def add_at(scores: np.ndarray, rows: np.ndarray | None, touched: np.ndarray, values: np.ndarray) -> None:
     """``scores[touched] += values``, where ``scores`` holds ``rows`` (sorted; None: every row)."""
-    if not len(touched):
+    if not len(touched) or (rows is not None and not len(rows)):
         return
     if rows is not None:  # where each touched row sits among ``rows``, if it is there
         at = np.minimum(np.searchsorted(rows, touched), len(rows) - 1)

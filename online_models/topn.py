@@ -22,11 +22,16 @@ _GROUPS, _WIDE_GROUPS, _WIDE_FROM = 512, 1024, 2**17
 
 
 def top_n(
-    scores: np.ndarray, n: int, exclude: Iterable[int] = (), in_place: bool = False
+    scores: np.ndarray,
+    n: int,
+    exclude: Iterable[int] = (),
+    in_place: bool = False,
+    ties: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices and scores of the ``n`` best entries, best first, never an excluded index.
 
-    Ties break towards the lower index, so the answer does not depend on call order.
+    Ties break towards the lower index (or the lower ``ties[index]``: the rows the scores belong
+    to, when they are not in order), so the answer does not depend on call order.
     ``in_place=True`` lets it overwrite excluded entries of ``scores`` instead of copying.
     """
     excluded = np.fromiter(exclude, dtype=np.int64)
@@ -38,7 +43,7 @@ def top_n(
     if k <= 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=scores.dtype)
     candidates = np.flatnonzero(scores >= kth_floor(scores, k))
-    order = np.lexsort((candidates, -scores[candidates]))[:k]
+    order = np.lexsort((candidates if ties is None else ties[candidates], -scores[candidates]))[:k]
     chosen = candidates[order]
     return chosen, scores[chosen]
 

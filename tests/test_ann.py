@@ -141,6 +141,25 @@ def test_a_failed_re_index_is_raised_and_its_rows_stay_candidates(
         index.flush(rec.mf.item_matrix())
 
 
+def test_a_consumed_row_waiting_for_its_re_index_stays_off_the_list() -> None:
+    """Rows not re-indexed yet are scored for every list of a batch at once; the rows a user
+    consumed among them are still left out of that user's list, and only of theirs."""
+    rec, users = trained(30_000, ann_min_items=10_000, ann_pending_max=100_000, rebuy_weight=0.0)
+    rec.build_index()
+    buyer, other = users[0], users[1]
+    query = rec.user_query(buyer)
+    assert query is not None
+    rec.mf.seed_items(["bought"], [30 * query / np.linalg.norm(query)])  # the buyer's best item
+    before = rec.recommend_many([buyer, other])
+    assert before[0].items[0] == "bought"
+    rec.learn_one(buyer, "bought", "purchase", 2e9)
+    index = rec.approximate_index
+    assert index is not None and rec.items.row("bought") in index.candidates(query, 1)[1]  # pending
+    after = rec.recommend_many([buyer, other])
+    assert "bought" not in after[0].items
+    assert after[1] == rec.recommend(other) and after[0] == rec.recommend(buyer)
+
+
 def test_the_popular_head_is_the_most_popular_touched_rows() -> None:
     """Scored beside the graph's candidates: the most popular rows, never an untouched one (it
     adds nothing to a score, and a large catalogue is mostly untouched rows)."""
