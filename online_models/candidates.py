@@ -169,8 +169,8 @@ class Candidates:
     def _popularity_head(self) -> np.ndarray:
         """The ``_POPULAR_HEAD`` most popular rows, sorted, among those with any popularity: an
         untouched row adds nothing to a score. (A large catalogue is mostly untouched rows, and
-        numpy's partition slows down ~20-fold on that many ties: 170 ms at 1M items, against
-        3.5 ms for the touched rows alone.)"""
+        numpy's partition slows down on that many ties: 170 ms at 1M items, against 9.6 ms for
+        as many distinct values and 3.5 ms for the touched rows alone.)"""
         counts = self.popularity.scores()
         touched = np.flatnonzero(counts > 0)
         if touched.size <= _POPULAR_HEAD:

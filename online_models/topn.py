@@ -4,6 +4,9 @@
 >>> idx, scores = top_n(np.array([0.1, 0.9, 0.5, 0.9]), 3, exclude=[3])
 >>> idx.tolist(), scores.tolist()
 ([1, 2, 0], [0.9, 0.5, 0.1])
+>>> idx, _ = top_n(np.array([0.5, 0.9, 0.5]), 2, ties=np.array([7, 3, 2]))  # scores of rows 7, 3, 2
+>>> idx.tolist()  # the two 0.5s tie: row 2 (index 2) before row 7 (index 0)
+[1, 2]
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import pytest
 
 from online_models import ann
 from online_models.recommender import Recommender
+from online_models.topn import top_n
 from pushrec.demo import SAMPLE_EVENTS
 from stream.events import decode_event
 from stream.replay import read_lines
@@ -141,6 +142,32 @@ def test_a_failed_re_index_is_raised_and_its_rows_stay_candidates(
         index.flush(rec.mf.item_matrix())
 
 
+def test_the_shared_and_own_candidates_rank_as_one_blend_over_both() -> None:
+    """A batch scores its shared candidates (thousands of rows not re-indexed yet) apart from each
+    user's own; the lists are those of one blend over all of a user's candidates."""
+    rec, users = trained(30_000, ann_min_items=10_000, ann_pending_max=100_000)
+    index = rec.build_index()
+    assert index is not None
+    for t in range(3000):  # rows pile up, pending
+        rec.learn_one(users[t % len(users)], f"s{(t * 7919) % 30_000}", "click", 2e9 + t)
+    assert index.pending > 2000
+    tops = rec.recommend_many(users)
+    for user, top in zip(users, tops, strict=True):
+        state = rec.users.get(user)
+        query = rec.user_query(user)
+        assert state is not None and query is not None and top.model == "pushrec"
+        extras = rec._related(state)
+        excluded = extras.excluded(state.consumed)
+        shared, mine = rec.candidates.search(
+            index, query[None], rec.n, [[*state.interest_rows, *extras.rows]], [excluded]
+        )
+        rows = np.union1d(shared, mine[0])
+        rows = rows[~np.isin(rows, np.fromiter(excluded, dtype=np.int64, count=len(excluded)))]
+        picked, values = top_n(rec._blend(query, state, rows, extras), rec.n)
+        assert top.items == [rec.items.ids[r] for r in rows[picked].tolist()]
+        assert np.allclose(top.scores, values, rtol=1e-6)
+
+
 def test_a_consumed_row_waiting_for_its_re_index_stays_off_the_list() -> None:
     """Rows not re-indexed yet are scored for every list of a batch at once; the rows a user
     consumed among them are still left out of that user's list, and only of theirs."""
@@ -180,7 +207,7 @@ def test_the_popular_head_is_the_most_popular_touched_rows() -> None:
         assert index is not None
         touched = np.flatnonzero(counts > 0)
         assert head.size == min(256, touched.size) and set(head.tolist()) <= set(touched.tolist())
-        found, pending = index.candidates(np.zeros(rec.mf.n_factors, dtype=np.float32), 1)
+        _, pending = index.candidates(np.zeros(rec.mf.n_factors, dtype=np.float32), 1)
         kept = set(head.tolist()) | set(pending.tolist())
         floor = np.sort(counts[touched])[-257] if touched.size > 256 else 0.0
         assert set(np.flatnonzero(counts > floor).tolist()) <= kept
