@@ -14,6 +14,7 @@ import numpy as np
 from online_models import ann
 from online_models.mf import ImplicitMF
 from online_models.popularity import Popularity
+from online_models.related import locate
 
 # Candidates the approximate path scores exactly beside the graph's: the popularity head (popularity
 # only grows for touched rows, which are pending, so the head of the last flush plus the pending
@@ -101,8 +102,7 @@ class Candidates:
         for graph, own, used in zip(found, owns, consumed, strict=True):
             mine = np.unique(np.concatenate([graph, np.fromiter(own, dtype=np.int64)]))
             if shared.size:
-                at = np.minimum(np.searchsorted(shared, mine), shared.size - 1)
-                mine = mine[shared[at] != mine]
+                mine = mine[~locate(shared, mine)[1]]
             if used:
                 used_rows = np.fromiter(used, dtype=np.int64, count=len(used))
                 mine = mine[~np.isin(mine, used_rows, assume_unique=True)]

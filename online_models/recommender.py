@@ -56,7 +56,7 @@ from online_models.item_content import ItemContent
 from online_models.mf import ImplicitMF, ItemIndex
 from online_models.popularity import Popularity
 from online_models.rebuy import BuyingAgain
-from online_models.related import Related, add_at, related
+from online_models.related import Related, add_at, locate, related
 from online_models.sampling import NegativeSampler
 from online_models.topn import top_n
 from online_models.user_state import UserState
@@ -452,8 +452,8 @@ class Recommender:
         out: np.ndarray | list[int] = []
         if excluded and shared.rows.size:  # (``mine`` holds none)
             used = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
-            at = np.minimum(np.searchsorted(shared.rows, used), shared.rows.size - 1)
-            out = at[shared.rows[at] == used]
+            at, present = locate(shared.rows, used)
+            out = at[present]
         picked, values = top_n(scores, n, exclude=out, in_place=True, ties=rows)
         return rows[picked], values
 

@@ -79,8 +79,13 @@ def add_at(scores: np.ndarray, rows: np.ndarray | None, touched: np.ndarray, val
     """``scores[touched] += values``, where ``scores`` holds ``rows`` (sorted; None: every row)."""
     if not len(touched) or (rows is not None and not len(rows)):
         return
-    if rows is not None:  # where each touched row sits among ``rows``, if it is there
-        at = np.minimum(np.searchsorted(rows, touched), len(rows) - 1)
-        present = rows[at] == touched
+    if rows is not None:
+        at, present = locate(rows, touched)
         touched, values = at[present], values[present]
     scores[touched] += values.astype(np.float32)
+
+
+def locate(rows: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``wanted`` sits among ``rows`` (sorted, not empty), and whether it is there."""
+    at = np.minimum(np.searchsorted(rows, wanted), len(rows) - 1)
+    return at, rows[at] == wanted

@@ -505,7 +505,7 @@ def test_a_worker_behind_re_ranks_each_user_once_per_interval_and_loses_no_list(
             180,
             worker,
         )
-        learning_s = time.monotonic() - started  # start-up included: only loosens the bound
+        learning_s = time.monotonic() - started  # start-up included (told when the bound fails)
         users = {json.loads(line)["user_id"] for line in log.read_bytes().splitlines()}
         wait_for(  # what is still pending after the last batch is written within a second
             "every user's list",
