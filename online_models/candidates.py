@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -87,7 +87,7 @@ class Candidates:
         queries: np.ndarray,
         n: int,
         owns: Sequence[Iterable[int]],
-        consumed: Sequence[Collection[int]],
+        consumed: Sequence[np.ndarray],
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Candidate rows for each query's top-``n`` from ``index`` (:meth:`current`), in one
         search of the index for every query: the rows every query scores (sorted, unique: those
@@ -103,9 +103,8 @@ class Candidates:
             mine = np.unique(np.concatenate([graph, np.fromiter(own, dtype=np.int64)]))
             if shared.size:
                 mine = mine[~locate(shared, mine)[1]]
-            if used:
-                used_rows = np.fromiter(used, dtype=np.int64, count=len(used))
-                mine = mine[~np.isin(mine, used_rows, assume_unique=True)]
+            if used.size:
+                mine = mine[~np.isin(mine, used, assume_unique=True)]
             out.append(mine)
         return shared, out
 

@@ -192,7 +192,7 @@ class ContentProjection:
 
     def learn_one(self, embedding: np.ndarray, factors: np.ndarray) -> None:
         error = factors - self.weights @ embedding
-        step = np.outer(error, embedding).astype(np.float32, copy=False)
+        step = error[:, None] * embedding  # (np.outer's product, without its checks)
         step *= np.float32(self.learning_rate)
         self.weights *= np.float32(1.0 - self.learning_rate * self.l2)
         self.weights += step

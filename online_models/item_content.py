@@ -214,7 +214,7 @@ class ItemContent:
             scores[where] += w * catalogue.match_rows(profile, rows[where])
 
     def top_n_with_match(
-        self, scores: np.ndarray, session: Collection[int], n: int, excluded: Collection[int]
+        self, scores: np.ndarray, session: Collection[int], n: int, excluded: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """``top_n`` of ``scores`` after :meth:`add_match` over every item, never an ``excluded``
         row (``scores`` is the caller's to overwrite), with the text matched only for the cold
@@ -226,8 +226,7 @@ class ItemContent:
         assert catalogue is not None
         if not catalogue.n_cold or not self.weight:
             return top_n(scores, n, exclude=excluded, in_place=True)
-        out = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
-        scores[out] = -np.inf
+        scores[excluded] = -np.inf
         floor, above = kth_largest(scores, n)
         if catalogue.is_cold(above).any():  # usually the best n before the match are all warm
             warm = scores.copy()
@@ -235,7 +234,7 @@ class ItemContent:
             floor, above = kth_largest(warm, n)
         if floor == -np.inf:  # fewer than n warm items to list
             self.add_match(scores, session, None)
-            return top_n(scores, n, exclude=out, in_place=True)
+            return top_n(scores, n, exclude=excluded, in_place=True)
         reach = self.weight * (1.0 + 1e-5)  # a float cosine may exceed 1 by a rounding error
         lifted = catalogue.cold_at_least(scores, floor - reach)
         if lifted.size > catalogue.n_cold // 4:  # one product over the cold, then what it lifted

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
@@ -437,7 +437,7 @@ class Recommender:
         extras: Related,
         rules: float,
         n: int,
-        excluded: Collection[int],
+        excluded: np.ndarray,
         shared: _Shared,
         mine: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -449,10 +449,9 @@ class Recommender:
         self._add_own(common, state, shared.rows, extras, text=True, rules=rules)
         rows = np.concatenate([shared.rows, mine])
         scores = np.concatenate([common, self._blend(query, state, mine, extras, rules=rules)])
-        out: np.ndarray | list[int] = []
-        if excluded and shared.rows.size:  # (``mine`` holds none)
-            used = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
-            at, present = locate(shared.rows, used)
+        out = excluded[:0]
+        if excluded.size and shared.rows.size:  # (``mine`` holds none)
+            at, present = locate(shared.rows, excluded)
             out = at[present]
         picked, values = top_n(scores, n, exclude=out, in_place=True, ties=rows)
         return rows[picked], values

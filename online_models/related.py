@@ -26,15 +26,19 @@ class Related:
     covisit_scores: np.ndarray  # (0, 1]
     again_rows: np.ndarray
     again_scores: np.ndarray  # this shopper's chance of buying it again, (0, 1]
+    not_again: np.ndarray  # the rest of the shopper's purchases
 
     @property
     def rows(self) -> list[int]:
         """Every row this adds (candidates the approximate index must not miss)."""
         return [*self.covisit_rows.tolist(), *self.again_rows.tolist()]
 
-    def excluded(self, consumed: set[int] | frozenset[int]) -> set[int] | frozenset[int]:
-        """The consumed rows that stay out: all but those bought again."""
-        return consumed - set(self.again_rows.tolist()) if len(self.again_rows) else consumed
+    def excluded(self, consumed: set[int] | frozenset[int]) -> np.ndarray:
+        """The ``consumed`` rows that stay out (all but those bought again), as an array."""
+        if len(consumed) == len(self.again_rows) + len(self.not_again):  # every purchase is consumed:
+            return self.not_again  # nothing else was (no set of a grocery shopper's hundreds of rows)
+        out = consumed - set(self.again_rows.tolist()) if len(self.again_rows) else consumed
+        return np.fromiter(out, dtype=np.int64, count=len(out))
 
     def explain(
         self,
@@ -63,7 +67,7 @@ def related(state: UserState, covisit: CoVisitation | None, rebuy: BuyingAgain |
     """``state``'s rule candidates (``covisit`` None: off) and returning purchases (``rebuy``
     None: off)."""
     rows, scores = covisit.scores(state.session) if covisit else (_EMPTY_ROWS, _EMPTY)
-    again_rows, again = _EMPTY_ROWS, _EMPTY
+    again_rows, again, not_again = _EMPTY_ROWS, _EMPTY, _EMPTY_ROWS
     if rebuy is not None and state.bought:
         bought, counts = state.purchases()
         # This shopper's chance of buying each again: of their purchases of it, all but the first
@@ -72,7 +76,8 @@ def related(state: UserState, covisit: CoVisitation | None, rebuy: BuyingAgain |
         chance = (counts - 1 + rebuy.shares(bought)) / counts
         keep = chance >= rebuy.min_share
         again_rows, again = bought[keep], chance[keep]
-    return Related(rows, scores, again_rows, again)
+        not_again = bought[~keep]
+    return Related(rows, scores, again_rows, again, not_again)
 
 
 def add_at(scores: np.ndarray, rows: np.ndarray | None, touched: np.ndarray, values: np.ndarray) -> None:

@@ -27,7 +27,7 @@ _GROUPS, _WIDE_GROUPS, _WIDE_FROM = 512, 1024, 2**17
 def top_n(
     scores: np.ndarray,
     n: int,
-    exclude: Iterable[int] = (),
+    exclude: Iterable[int] | np.ndarray = (),
     in_place: bool = False,
     ties: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -37,7 +37,7 @@ def top_n(
     to, when they are not in order), so the answer does not depend on call order.
     ``in_place=True`` lets it overwrite excluded entries of ``scores`` instead of copying.
     """
-    excluded = np.fromiter(exclude, dtype=np.int64)
+    excluded = exclude if isinstance(exclude, np.ndarray) else np.fromiter(exclude, dtype=np.int64)
     if excluded.size:
         if not in_place:
             scores = scores.copy()

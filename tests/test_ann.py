@@ -162,7 +162,7 @@ def test_the_shared_and_own_candidates_rank_as_one_blend_over_both() -> None:
             index, query[None], rec.n, [[*state.interest_rows, *extras.rows]], [excluded]
         )
         rows = np.union1d(shared, mine[0])
-        rows = rows[~np.isin(rows, np.fromiter(excluded, dtype=np.int64, count=len(excluded)))]
+        rows = rows[~np.isin(rows, excluded)]
         picked, values = top_n(rec._blend(query, state, rows, extras), rec.n)
         assert top.items == [rec.items.ids[r] for r in rows[picked].tolist()]
         assert np.allclose(top.scores, values, rtol=1e-6)

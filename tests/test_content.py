@@ -249,7 +249,7 @@ def test_a_list_matches_text_only_where_it_can_change_its_top(
         scores[rng.choice(np.setdiff1d(cold, near), size=on_top, replace=False)] = floor + 0.65
         session = [int(rng.integers(2000))]  # one item: some cold texts match it closely
         every = scores.copy()
-        got = content.top_n_with_match(scores.copy(), session, n, excluded)
+        got = content.top_n_with_match(scores.copy(), session, n, np.array(sorted(excluded)))
         content.add_match(every, session, None)
         want = top_n(every, n, exclude=excluded)
         assert got[0].tolist() == want[0].tolist()

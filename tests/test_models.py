@@ -370,6 +370,29 @@ def test_a_bought_item_comes_back_when_shoppers_buy_it_again() -> None:
     assert "coffee" not in rec.recommend("me", 5).items
 
 
+def test_every_consumed_item_stays_off_the_list_but_those_bought_again() -> None:
+    """What a list leaves out is what the shopper bought or rated, less what comes back: for a
+    shopper who only bought (taken from their purchases) and for one who also rated."""
+    rec = Recommender(n_factors=4, seed=0)
+    t = 0.0
+    for n in range(10):
+        for item in ("coffee", "sofa", "coffee", f"filler{n}"):
+            t += 60.0
+            rec.learn_one(f"s{n}", item, "purchase", ts=t)
+    for shopper in ("buyer", "rater"):
+        for item in ("coffee", "sofa"):
+            t += 60.0
+            rec.learn_one(shopper, item, "purchase", ts=t)
+    rec.learn_one("rater", "filler2", "rating", ts=t + 60.0, rating=5.0)
+    row = rec.items.row
+    for shopper, out in (("buyer", {"sofa"}), ("rater", {"sofa", "filler2"})):
+        state = rec.users.get(shopper)
+        assert state is not None
+        assert set(rec._related(state).excluded(state.consumed).tolist()) == {row(item) for item in out}
+        top = rec.recommend(shopper, 20)
+        assert "coffee" in top.items and not out & set(top.items)
+
+
 def test_a_shopper_who_rebuys_an_item_gets_it_back_though_most_buy_it_once() -> None:
     """Sixty shoppers buy tea once; tea's repeat share (~0.03) is under the 0.05 floor. A shopper
     who bought it three times has their own chance, (2 + share) / 3, of buying it again: it
