@@ -351,15 +351,21 @@ def test_user_state_is_compact_and_reads_older_checkpoints() -> None:
     }
 
 
-def test_a_bought_item_comes_back_when_shoppers_buy_it_again() -> None:
-    """Coffee: every shopper buys it twice. Sofa: bought once each. A shopper who bought both
-    once gets coffee back ("time to restock"), never the sofa."""
+def coffee_and_sofa_shop() -> tuple[Recommender, float]:
+    """Ten shoppers: each buys coffee twice and a sofa once. The model, and the last event time."""
     rec = Recommender(n_factors=4, seed=0)
     t = 0.0
     for n in range(10):
         for item in ("coffee", "sofa", "coffee", f"filler{n}"):
             t += 60.0
             rec.learn_one(f"s{n}", item, "purchase", ts=t)
+    return rec, t
+
+
+def test_a_bought_item_comes_back_when_shoppers_buy_it_again() -> None:
+    """Coffee: every shopper buys it twice. Sofa: bought once each. A shopper who bought both
+    once gets coffee back ("time to restock"), never the sofa."""
+    rec, t = coffee_and_sofa_shop()
     rec.learn_one("me", "coffee", "purchase", ts=t + 60)
     rec.learn_one("me", "sofa", "purchase", ts=t + 120)
     rec.learn_one("me", "filler0", "view", ts=t + 180)
@@ -373,12 +379,7 @@ def test_a_bought_item_comes_back_when_shoppers_buy_it_again() -> None:
 def test_every_consumed_item_stays_off_the_list_but_those_bought_again() -> None:
     """What a list leaves out is what the shopper bought or rated, less what comes back: for a
     shopper who only bought (taken from their purchases) and for one who also rated."""
-    rec = Recommender(n_factors=4, seed=0)
-    t = 0.0
-    for n in range(10):
-        for item in ("coffee", "sofa", "coffee", f"filler{n}"):
-            t += 60.0
-            rec.learn_one(f"s{n}", item, "purchase", ts=t)
+    rec, t = coffee_and_sofa_shop()
     for shopper in ("buyer", "rater"):
         for item in ("coffee", "sofa"):
             t += 60.0
