@@ -15,8 +15,6 @@ and this one exits with the model's exit code when the model process ends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import logging
 import multiprocessing
 import os
@@ -30,6 +28,7 @@ from typing import Any
 import faust
 
 from consumers.model_process import model_process
+from consumers.pipes import widen
 from consumers.protocol import (
     ASSIGN,
     DONE,
@@ -49,20 +48,6 @@ from stream.app import make_app, raw_topic
 from stream.topics import TopicNames, ensure_topics
 
 log = logging.getLogger("pushrec.worker")
-
-
-PIPE_BYTES = 1 << 20  # ~6 micro-batches of 500 taobao records
-
-
-def _widen(pipe: Any) -> None:
-    """Let the pipe to the model process hold ~a megabyte instead of Linux's default 64 KB: the
-    sending thread then hands over a whole batch and the agent gathers the next one while the
-    model learns, instead of waiting until the model has read most of this one (measured: the
-    model process waited 28-34 % of a backlog's time for its next batch, then 12-15 %). Still
-    bounded: a slow model fills it and blocks the sender. Elsewhere, or above the system's limit
-    (``/proc/sys/fs/pipe-max-size``), the default stays."""
-    with contextlib.suppress(AttributeError, OSError):
-        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
 def _give_way(nice: int) -> None:
@@ -130,7 +115,7 @@ class Ingest:
         ensure_topics(self.kafka, self.names.all, kafka.partitions, kafka.replication_factor)
         context = multiprocessing.get_context("spawn")
         model_inbox, self._inbox = context.Pipe(duplex=False)
-        _widen(self._inbox)
+        widen(self._inbox)
         self._outbox, model_outbox = context.Pipe(duplex=False)
         self._process = context.Process(
             target=model_process,

@@ -8,16 +8,15 @@ exits the process (code 70) without a checkpoint; the Faust process sees it end 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import pickle
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
+from consumers.pipes import die_with_parent
 from consumers.protocol import ASSIGN, DONE, HIGHWATER, LOOP_LAG, READY, RECORDS, REVOKE, STOP
 from consumers.worker import RefreshWorker, exit_on_bug
 from infra.kafka import KafkaAccess
@@ -105,14 +104,6 @@ async def _or_exit(work: Awaitable[None], what: str) -> None:
         exit_on_bug(what, exc)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when the Faust process dies (kill -9 leaves no orphan model
-    writing lists or checkpoints beside the restarted worker). Elsewhere: EOF on the pipe."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def model_process(
     settings: Settings,
     kafka: KafkaAccess,
@@ -122,7 +113,7 @@ def model_process(
     outbox: Connection,
 ) -> None:
     """Entry point of the model process (spawned by ``consumers.ingest``)."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the Faust process decides when to stop (STOP)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from threadpoolctl import threadpool_limits

@@ -381,11 +381,11 @@ def test_the_pipe_to_the_model_process_takes_a_whole_batch_without_a_reader() ->
     import multiprocessing
     import os
 
-    from consumers.ingest import PIPE_BYTES, _widen
+    from consumers.pipes import PIPE_BYTES, widen
 
     reader, writer = multiprocessing.get_context("spawn").Pipe(duplex=False)
     try:
-        _widen(writer)
+        widen(writer)
         limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
         assert fcntl.fcntl(writer.fileno(), fcntl.F_GETPIPE_SZ) >= min(PIPE_BYTES, limit)
         os.set_blocking(writer.fileno(), False)
