@@ -2,54 +2,38 @@
 in one call per chunk, and catalogue items not stored yet.
 
 Re-ranking happens in the learning loop (a list reflects the model right after its user's
-events); the Redis writes run in a background task, so learning never waits for them: a Redis
-that is slow, away or hung (the client retries for up to a minute) holds up lists, not the
-model. The writes themselves (serialising, the round trips) run on an event loop in a thread of
-their own: on the model's loop, which learns and ranks without yielding, a write progressed only
-between batches (docs/benchmarks.md, the ``redis`` stage). An outage (Redis unreachable, or
-answering with an error: over maxmemory, read-only, ...) keeps the users pending, as ids, and
-the catalogue items as they came, instead of losing them, and the writes back off meanwhile.
+events); the Redis writes run in a process of their own (``consumers.list_store``), so learning
+never waits for them: a Redis that is slow, away or hung (the client retries for up to a
+minute) holds up lists, not the model. A round's lists are handed over as soon as they are
+ranked, or as soon as the write before them is answered: the model never waits for an answer,
+and the store needs no turn of the model's event loop or the GIL to write. An outage (Redis
+unreachable, or answering with an error: over maxmemory, read-only, ...) keeps the users
+pending, as ids, and the catalogue items as they came, instead of losing them, and the writes
+back off meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-import threading
 import time
 from array import array
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from itertools import islice
-from typing import Any, TypeVar
 
 import numpy as np
 
+from consumers.list_store import ListStore
 from infra.metrics import Metrics
-from infra.store import REDIS_UNAVAILABLE, RedisTopNStore
+from infra.store import REDIS_UNAVAILABLE
 from online_models.pipeline import RefreshPipeline
 from online_models.recommender import TopN
 from stream.events import Item
 
 log = logging.getLogger("pushrec.worker")
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
-T = TypeVar("T")
-
-
-class _WriteLoop:
-    """An asyncio loop in a daemon thread: coroutines handed to :meth:`run` execute there."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="pushrec-list-writes", daemon=True)
-        self._thread.start()
-
-    async def run(self, work: Coroutine[Any, Any, T]) -> T:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self.loop))
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5.0)
 
 
 # An event waiting for its list carries its stamps (``infra.latency``): produced, read, taken by
@@ -64,32 +48,34 @@ class ListWriter:
 
     def __init__(
         self,
-        store: RedisTopNStore,
+        store: ListStore,
         pipeline: RefreshPipeline,
         metrics: Metrics,
         on_change: Callable[[], None],
         on_bug: Callable[[BaseException], object],
         latency_target_s: float = 0.0,
     ) -> None:
-        """``store``: a client of its own, used only on the writes' loop. ``on_change`` is called
+        """``store``: the store process's end (``consumers.list_store``). ``on_change`` is called
         when a write round ends (pending may have changed); ``on_bug`` with an exception a write
         raised that is not Redis being unavailable. ``latency_target_s``: see :attr:`deadline`."""
         self.store = store
-        self._writes = _WriteLoop()
         self.pipeline = pipeline
         self.metrics = metrics
         self.on_change = on_change
         self.on_bug = on_bug
         self.unwritten: dict[str, None] = {}  # touched users, not re-ranked yet
         self._stamps = array("d")  # _LEARNED per event
-        # Re-ranked, waiting for the background writer: newest list per user, and event stamps.
+        # Re-ranked, waiting for the write under way: newest list per user, and event stamps.
         self._outgoing: dict[str, TopN] = {}
         self._outgoing_stamps = array("d")  # _RANKED per event
         self._in_flight: dict[str, TopN] = {}  # the lists of the write under way
         self._items: dict[str, Item] = {}  # catalogue entries not stored yet, newest per item
         self._items_in_flight: dict[str, Item] = {}
-        self._task: asyncio.Task[None] | None = None
-        self.lock = asyncio.Lock()  # held while writing: a write never lands after a forget
+        # The write under way (its events' stamps, when it was sent), and its answer's arrival.
+        self._sent: tuple[array, float] | None = None
+        self._answered = asyncio.Event()
+        self._watching = False  # the event loop watches the store for the answer
+        self._quiet = 0  # sections (a forget, a hand-over) during which no write starts
         self._failures = 0  # consecutive failed writes
         self._retry_at = 0.0  # monotonic time before which no write is tried
         self.latency_target_s = latency_target_s
@@ -124,8 +110,7 @@ class ListWriter:
         """Store these catalogue items (now, or after the current back-off)."""
         self._items.update((item.item_id, item) for item in items)
         self._count_unstored()
-        if self._items and time.monotonic() >= self._retry_at:
-            self._start()
+        self._pump()
 
     def _count_unstored(self) -> None:
         self.metrics.catalogue_items_unstored.set(len(self._items) + len(self._items_in_flight))
@@ -152,16 +137,14 @@ class ListWriter:
             self.deadline = min(self.deadline, due)
 
     def forget(self, user: str) -> bool:
-        """Drop the user's pending list (call with the lock held); whether there was one."""
+        """Drop the user's pending list (call within :meth:`quiet`); whether there was one."""
         pending = self.unwritten.pop(user, None) is not None
         return self._outgoing.pop(user, None) is not None or pending
 
     def refresh(self) -> None:
-        """Re-rank every pending user now and hand the lists to the background writer (started
-        if idle). While Redis is backing off the users stay pending, un-ranked."""
-        if not (self.unwritten or self._items) or time.monotonic() < self._retry_at:
-            return
-        if self.unwritten:
+        """Re-rank every pending user now and hand the lists to the store (now, or when the write
+        under way is answered). While Redis is backing off the users stay pending, un-ranked."""
+        if self.unwritten and time.monotonic() >= self._retry_at:
             users, self.unwritten = self.unwritten, {}
             self.deadline = math.inf
             started = time.time()
@@ -172,30 +155,59 @@ class ListWriter:
             round_ = np.broadcast_to((started, ended), (len(ranked), 2))
             self._outgoing_stamps.extend(array("d", np.hstack([ranked, round_]).tobytes()))
             self._stamps = array("d")
-        self._start()
-
-    def _start(self) -> None:
-        """Start the background writer if it is idle."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._write_all())
-            self._task.add_done_callback(self._check)
+        self._pump()
 
     async def flush(self) -> None:
         """Re-rank and write everything pending now, and wait for it (stop, catch-up, timer)."""
         self.refresh()
-        while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
+        while self._sent is not None:
+            await self._answered.wait()
             self.refresh()
 
-    async def _write_all(self) -> None:
-        while self._outgoing or self._items:
-            async with self.lock:
-                if not await self._write_once():
-                    break
-        self.on_change()
+    @contextlib.asynccontextmanager
+    async def quiet(self) -> AsyncIterator[None]:
+        """Within: no write under way and none started, so a list written before cannot land
+        after what is done here (a forget's deletes, a partition handed over)."""
+        self._quiet += 1
+        try:
+            while self._sent is not None:
+                await self._answered.wait()
+            yield
+        finally:
+            self._quiet -= 1
+            self._pump()
 
-    async def _write_once(self) -> bool:
-        """Write what is outgoing; whether it was written."""
+    def _pump(self) -> None:
+        """Move the writes on, never waiting: take the answer to the write under way if it has
+        come, then send what is outgoing, unless Redis is backing off or a :meth:`quiet` section
+        holds the writes. Runs after each round and when the store answers (the event loop
+        watches it meanwhile), so a write starts as soon as the one before it is answered,
+        whatever the model is busy with."""
+        try:
+            while True:
+                if self._sent is not None:
+                    if not self.store.answered():
+                        self._watch()
+                        return
+                    self._finish()
+                if self._quiet or time.monotonic() < self._retry_at or not (self._outgoing or self._items):
+                    return
+                self._send()
+        except Exception as exc:  # a bug, or the store process gone: not Redis being away
+            self.on_bug(exc)
+
+    def _watch(self) -> None:
+        if not self._watching:
+            asyncio.get_running_loop().add_reader(self.store.fileno(), self._pump)
+            self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            asyncio.get_running_loop().remove_reader(self.store.fileno())
+            self._watching = False
+
+    def _send(self) -> None:
+        """Hand the outgoing lists, and a chunk of the catalogue items, to the store."""
         lists, self._outgoing = list(self._outgoing.values()), {}
         stamps, self._outgoing_stamps = self._outgoing_stamps, array("d")
         self._in_flight = {top.user_id: top for top in lists}
@@ -206,10 +218,20 @@ class ListWriter:
         else:
             chunk = list(islice(self._items, _ITEMS_PER_WRITE))
             self._items_in_flight = {item_id: self._items.pop(item_id) for item_id in chunk}
+        self._sent = (stamps, time.time())
+        self._answered.clear()
+        self.store.send(list(self._items_in_flight.values()), lists)
+
+    def _finish(self) -> None:
+        """The store answered the write under way: count it, or keep its lists and items pending
+        when Redis was away."""
+        assert self._sent is not None
+        (stamps, started), self._sent = self._sent, None
+        self._answered.set()
+        lists = list(self._in_flight.values())
         stored = len(self._items_in_flight)
         try:
-            started = time.time()
-            written = await self._writes.run(self._write(list(self._items_in_flight.values()), lists))
+            written = self.store.answer()
             self._write_s = written - started
         except REDIS_UNAVAILABLE as exc:
             kind = self.metrics.redis_error(exc)
@@ -231,10 +253,12 @@ class ListWriter:
                 self._stamps.extend(np.frombuffer(ranked).reshape(-1, _RANKED)[:, :_LEARNED].ravel())
             self._outgoing, self._outgoing_stamps = {}, array("d")
             self._items = {**self._items_in_flight, **self._items}
-            return False
+            return
         finally:
             self._in_flight, self._items_in_flight = {}, {}
             self._count_unstored()
+            self._unwatch()
+            self.on_change()
         self._failures, self._retry_at = 0, 0.0
         self.metrics.catalogue_items_stored.inc(stored)
         events = np.frombuffer(stamps).reshape(-1, _RANKED)
@@ -244,21 +268,8 @@ class ListWriter:
             self.metrics.event_to_list.observe(max(0.0, written - ts))
         self.metrics.list_refreshes.inc(len(lists))
         self.metrics.away_lists.inc(sum(top.away for top in lists))
-        return True
 
-    async def _write(self, items: list[Item], lists: list[TopN]) -> float:
-        """On the writes' loop: store the items, then the lists; when they were written."""
-        if items:
-            await self.store.write_items(items)
-        if lists:
-            await self.store.write_lists(lists, time.time())
-        return time.time()
-
-    async def close(self) -> None:
-        """Close the writes' client and stop their loop (after the last flush)."""
-        await self._writes.run(self.store.client.aclose())
-        self._writes.stop()
-
-    def _check(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            self.on_bug(exc)
+    def close(self) -> None:
+        """End the store process (after the last flush; a write under way is finished first)."""
+        self._unwatch()
+        self.store.close()

@@ -2,21 +2,20 @@
 (``consumers.ingest``) over a pipe, and the loop that applies them to a ``RefreshWorker``.
 
 Messages are read one at a time, only when the previous one is done: a slow model makes the
-Faust process wait on a full pipe instead of buffering records here. An unexpected exception
-exits the process (code 70) without a checkpoint; the Faust process sees it end and exits too."""
+Faust process wait on a full pipe instead of buffering records here. They are read on the event
+loop's thread (``consumers.pipes.receive``). An unexpected exception exits the process (code 70)
+without a checkpoint; the Faust process sees it end and exits too."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import pickle
 import signal
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
-from consumers.pipes import die_with_parent
+from consumers.pipes import die_with_parent, receive
 from consumers.protocol import ASSIGN, DONE, HIGHWATER, LOOP_LAG, READY, RECORDS, REVOKE, STOP
 from consumers.worker import RefreshWorker, exit_on_bug
 from infra.kafka import KafkaAccess
@@ -33,8 +32,6 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
     await worker.ownership.start()
     worker.inbox = inbox
     outbox.send((READY, None))
-    loop = asyncio.get_running_loop()
-    reader = ThreadPoolExecutor(1, thread_name_prefix="pushrec-inbox")
     timers = [
         asyncio.create_task(_every(1.0, worker.refresh_lists)),
         asyncio.create_task(_every(1.0, worker.apply_forget_requests)),
@@ -51,7 +48,7 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
     try:
         while True:
             try:
-                kind, payload = pickle.loads(await loop.run_in_executor(reader, inbox.recv_bytes))
+                kind, payload = await receive(inbox)
             except EOFError:
                 log.error("the Faust process is gone: stopping without a checkpoint")
                 return
@@ -86,7 +83,6 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
     finally:
         for timer in timers:
             timer.cancel()
-        reader.shutdown(wait=False)
         await worker.close()
 
 
@@ -126,7 +122,9 @@ def model_process(
     # instead of 0.6 ms on a busy 2-core machine). `evaluate` keeps numpy's default.
     threadpool_limits(limits=1, user_api="blas")
     worker = RefreshWorker(settings, kafka, redis_url)
-    worker.metrics.watch_cpu({"model": os.getpid(), "faust": os.getppid()})  # (spawned by Faust's)
+    worker.lists.store.start()
+    processes = {"model": os.getpid(), "faust": os.getppid(), "lists": worker.lists.store.pid}
+    worker.metrics.watch_cpu(processes)  # (this one spawned by Faust's, the lists' by this one)
     if metrics_port is not None:
         worker.metrics.serve(metrics_port)
     asyncio.run(serve(worker, inbox, outbox))

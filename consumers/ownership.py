@@ -144,7 +144,7 @@ class Ownership:
         await worker.write_unwritten()
         await self.save(gone)
         users = [user for partition in gone for user in recommender.users.in_partition(partition)]
-        async with worker.lists.lock:  # no write of their lists in flight
+        async with worker.lists.quiet():  # no write of their lists under way
             for user in users:
                 worker.lists.forget(user)  # pending (Redis away): in the checkpoint, for the next owner
         worker.pipeline.drop_users(users)

@@ -32,6 +32,7 @@ import orjson
 
 from consumers.dead_letters import DeadLetters
 from consumers.item_exchange import ItemExchange
+from consumers.list_store import ListStore
 from consumers.list_writer import ListWriter
 from consumers.ownership import Ownership
 from consumers.protocol import EXIT_BUG, PENDING
@@ -84,9 +85,8 @@ class RefreshWorker:
         self.metrics.index_pending.set_function(lambda: candidates.pending_rows)
         client = connect(redis_url, settings.redis.retries)
         self.store = RedisTopNStore(client, self.keys, settings.redis.stream_maxlen)
-        writes = connect(redis_url, settings.redis.retries)  # used on the writes' own loop
         self.lists = ListWriter(
-            RedisTopNStore(writes, self.keys, settings.redis.stream_maxlen),
+            ListStore(settings, redis_url),
             self.pipeline,
             self.metrics,
             self._report_pending,
@@ -119,7 +119,7 @@ class RefreshWorker:
     async def close(self) -> None:
         self.dead_letters.close()
         self.exchange.close()
-        await self.lists.close()
+        self.lists.close()
         await self.store.client.aclose()
 
     def _behind(self) -> bool:
@@ -293,7 +293,7 @@ class RefreshWorker:
 
     async def refresh_lists(self) -> None:
         """Re-rank every user whose list waits (deferred, or held by an outage whose back-off is
-        over) and hand the lists to the background writer, without waiting for the write (the
+        over) and hand the lists to the store process, without waiting for the write (the
         timer's job: a wait, re-ranking again after each write, would re-rank once per batch on a
         backlog and undo the deferral)."""
         self._move_idle_clock()
@@ -352,7 +352,7 @@ class RefreshWorker:
         if not entries:
             return
         results = {}
-        async with self.lists.lock:  # no list write in flight, so none lands after the delete
+        async with self.lists.quiet():  # no list write under way, so none lands after the delete
             for entry_id, fields in entries:
                 user = fields[b"user"].decode()
                 result = erase_user(self.pipeline, self.seen, user)

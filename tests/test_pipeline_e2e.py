@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -308,41 +309,84 @@ def test_the_latency_target_sets_when_a_worker_behind_must_re_rank() -> None:
         lambda exc: None,
         latency_target_s=0.25,
     )
-    try:
-        now = time.time()
-        assert lists.deadline == math.inf
-        lists.add(["late"], [now - 0.3], learned_at=now)  # beyond the target already
-        assert lists.deadline == math.inf
-        lists.add(["u1", "u2"], [now - 0.05, now - 0.1], learned_at=now)
-        assert lists.deadline == pytest.approx(now - 0.1 + 0.25)
-        lists.add(["u3"], [now - 0.02], learned_at=now)  # younger: the older event still rules
-        assert lists.deadline == pytest.approx(now + 0.15)
-        lists._rank_s, lists._write_s = 0.04, 0.01  # what the next round will need
-        lists.add(["u4"], [now - 0.12], learned_at=now)
-        assert lists.deadline == pytest.approx(now - 0.12 + 0.25 - 0.05)
-        lists.add(["u5"], [now - 0.22], learned_at=now)  # can no longer make it: re-rank now
-        assert lists.deadline == pytest.approx(now - 0.22 + 0.25 - 0.05) and lists.deadline < now
-        off = ListWriter(None, lists.pipeline, lists.metrics, lambda: None, lambda exc: None)  # type: ignore[arg-type]
-        off.add(["u1"], [now - 0.1], learned_at=now)
-        assert off.deadline == math.inf
-        off._writes.stop()
-    finally:
-        lists._writes.stop()
+    now = time.time()
+    assert lists.deadline == math.inf
+    lists.add(["late"], [now - 0.3], learned_at=now)  # beyond the target already
+    assert lists.deadline == math.inf
+    lists.add(["u1", "u2"], [now - 0.05, now - 0.1], learned_at=now)
+    assert lists.deadline == pytest.approx(now - 0.1 + 0.25)
+    lists.add(["u3"], [now - 0.02], learned_at=now)  # younger: the older event still rules
+    assert lists.deadline == pytest.approx(now + 0.15)
+    lists._rank_s, lists._write_s = 0.04, 0.01  # what the next round will need
+    lists.add(["u4"], [now - 0.12], learned_at=now)
+    assert lists.deadline == pytest.approx(now - 0.12 + 0.25 - 0.05)
+    lists.add(["u5"], [now - 0.22], learned_at=now)  # can no longer make it: re-rank now
+    assert lists.deadline == pytest.approx(now - 0.22 + 0.25 - 0.05) and lists.deadline < now
+    off = ListWriter(None, lists.pipeline, lists.metrics, lambda: None, lambda exc: None)  # type: ignore[arg-type]
+    off.add(["u1"], [now - 0.1], learned_at=now)
+    assert off.deadline == math.inf
+
+
+def test_a_reader_behind_still_lets_its_event_loop_turn_between_messages() -> None:
+    """The model process reads its pipe on its event loop's thread, without waiting when a batch
+    is there already; its loop still turns between batches, or a backlog would hold its timers
+    (checkpoints, the periodic re-rank, the item exchange) until it is drained."""
+    import pickle
+
+    from consumers.pipes import receive
+
+    reader, writer = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    for k in range(3):  # three batches waiting: the reader is behind
+        writer.send_bytes(pickle.dumps(("records", k)))
+    writer.close()
+    turns = []
+
+    async def read_all() -> list[object]:
+        async def count_turns() -> None:
+            while True:
+                turns.append(len(turns))
+                await asyncio.sleep(0)
+
+        counter = asyncio.create_task(count_turns())
+        try:
+            got = [await receive(reader) for _ in range(3)]
+            turns_while_reading = len(turns)
+            with pytest.raises(EOFError):
+                await receive(reader)  # the writer is gone
+            return [*got, turns_while_reading]
+        finally:
+            counter.cancel()
+
+    *messages, turns_while_reading = asyncio.run(read_all())
+    reader.close()
+    assert messages == [("records", 0), ("records", 1), ("records", 2)]
+    assert turns_while_reading >= 3  # a turn for the loop's other work between messages
 
 
 def test_a_catalogue_published_at_once_is_stored_a_chunk_per_round_beside_the_lists() -> None:
     """Tens of thousands of new items do not hold the lists for seconds: each write round
     stores at most a chunk of them, with that round's lists (a fake store: the bookkeeping)."""
 
-    class Store:
+    class Store:  # answers each write at the event loop's next turn
         def __init__(self) -> None:
             self.calls: list[tuple[str, int, tuple[str, ...]]] = []  # what, how many items, users
+            self.answers, self.answering = multiprocessing.Pipe(duplex=False)
 
-        async def write_items(self, items: list[Item]) -> None:
-            self.calls.append(("items", len(items), ()))
+        def send(self, items: list[Item], lists: list[TopN]) -> None:
+            if items:
+                self.calls.append(("items", len(items), ()))
+            if lists:
+                self.calls.append(("lists", 0, tuple(top.user_id for top in lists)))
+            asyncio.get_running_loop().call_soon(self.answering.send, time.time())
 
-        async def write_lists(self, lists: list[TopN], now: float) -> None:
-            self.calls.append(("lists", 0, tuple(top.user_id for top in lists)))
+        def answered(self) -> bool:
+            return self.answers.poll(0)
+
+        def answer(self) -> float:
+            return float(self.answers.recv())
+
+        def fileno(self) -> int:
+            return self.answers.fileno()
 
     store = Store()
     lists = ListWriter(
@@ -361,10 +405,7 @@ def test_a_catalogue_published_at_once_is_stored_a_chunk_per_round_beside_the_li
         lists.add(["u1"], [time.time()], learned_at=time.time())
         await lists.flush()
 
-    try:
-        asyncio.run(publish_then_rank())
-    finally:
-        lists._writes.stop()
+    asyncio.run(publish_then_rank())
     chunks = [n for kind, n, _ in store.calls if kind == "items"]
     assert sum(chunks) == 2500 and max(chunks) <= 1000, store.calls
     last_items = max(at for at, (kind, _, _) in enumerate(store.calls) if kind == "items")
@@ -414,24 +455,22 @@ def test_the_periodic_refresh_hands_lists_over_without_waiting_for_their_write(h
         worker = RefreshWorker(
             settings, KafkaAccess(hermetic.servers.kafka_bootstrap), hermetic.servers.redis_url
         )
-        writing = worker.lists._write
-
-        async def slow_write(*args: object) -> float:  # a Redis that takes its time
-            await asyncio.sleep(3.0)
-            return await writing(*args)  # type: ignore[arg-type]
-
+        client = redis.Redis.from_url(hermetic.servers.redis_url)
         try:
             await worker.handle_records([Record(topic, 0, 0, b"ann", event, 1.0)])
             await worker.write_unwritten()
-            worker.lists._write = slow_write  # type: ignore[method-assign]
+            client.client_pause(3000, all=False)  # a Redis that takes its time: writes wait 3 s
             worker.lists.add(["ann"], [time.time()])
             started = time.monotonic()
             await worker.refresh_lists()
             assert time.monotonic() - started < 1.0, "the periodic job waited for the write"
             assert not worker.lists.unwritten and worker.lists.pending == ["ann"]  # ranked, in flight
             await worker.write_unwritten()
+            assert time.monotonic() - started > 2.0  # (the write did wait for Redis)
             assert not worker.lists.pending
         finally:
+            client.client_unpause()
+            client.close()
             await worker.close()
 
     asyncio.run(scenario())
