@@ -2,8 +2,8 @@
 items, in Redis.
 
 Why a process and not a thread of the model's: the model reads its pipe on its event loop's own
-thread (``consumers.pipes.readable``), since a hand-over through a reading thread cost it
-2.5-2.9 ms a micro-batch on a busy machine. But a Redis client needs the interpreter for every
+thread (``consumers.pipes.receive``), since a hand-over through a reading thread cost it
+2.2-2.9 ms a micro-batch on a busy machine. But a Redis client needs the interpreter for every
 step of a round trip, and on a thread beside the model's, which learns and ranks without a
 pause, each step then waited for the model to let go of the GIL: the slowest lists waited
 0.15-3.4 s for Redis instead of 10-30 ms (docs/benchmarks.md). In a process of its own the

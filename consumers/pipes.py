@@ -39,7 +39,7 @@ async def readable(pipe: Connection) -> None:
     """Wait until ``pipe`` has something to read, or its other end is closed (the next read then
     raises EOFError), on the event loop's own selector: no thread is woken to hand a message
     over, and none needs the GIL for it (a hand-over through a reading thread cost the model
-    process 2.5-2.9 ms a micro-batch on a busy machine, docs/benchmarks.md)."""
+    process 2.2-2.9 ms a micro-batch on a busy machine, docs/benchmarks.md)."""
     if pipe.poll(0):
         return
     loop = asyncio.get_running_loop()

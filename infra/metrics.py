@@ -342,9 +342,9 @@ class Metrics:
 class ProcessCpu(Collector):
     """``pushrec_process_cpu_seconds_total{process}``: user plus system CPU time of each named
     process, every thread, from ``/proc`` at each scrape; its rate is the cores the process uses.
-    The worker's model process serves it for both of the worker's processes (``model``,
-    ``faust``): a model near one core is the worker's ceiling, and the two together near the
-    machine's cores mean the machine is full. A process that has ended, or a system without
+    The worker's model process serves it for the worker's processes (``model``, ``faust``,
+    ``lists``: the list store): a model near one core is the worker's ceiling, and the three
+    together near the machine's cores mean the machine is full. A process that has ended, or a system without
     ``/proc``, has no sample."""
 
     def __init__(self, processes: Mapping[str, int]) -> None:
