@@ -23,7 +23,6 @@ import contextlib
 import logging
 import multiprocessing
 import pickle
-import signal
 import time
 import traceback
 from collections.abc import Sequence
@@ -132,9 +131,7 @@ class ListStore:
 
 def store_process(settings: Settings, redis_url: str, requests: Connection, answers: Connection) -> None:
     """Entry point of the store process (spawned by :class:`ListStore`)."""
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the model process decides when it ends
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent()  # the model process decides when it ends (None)
     from infra.logs import setup_logging
 
     setup_logging(settings)

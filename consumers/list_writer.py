@@ -191,9 +191,11 @@ class ListWriter:
                         return
                     self._finish()
                 if self._quiet or time.monotonic() < self._retry_at or not (self._outgoing or self._items):
+                    self._unwatch()  # nothing under way: nothing to watch for
                     return
                 self._send()
         except Exception as exc:  # a bug, or the store process gone: not Redis being away
+            self._unwatch()
             self.on_bug(exc)
 
     def _watch(self) -> None:
@@ -257,7 +259,6 @@ class ListWriter:
         finally:
             self._in_flight, self._items_in_flight = {}, {}
             self._count_unstored()
-            self._unwatch()
             self.on_change()
         self._failures, self._retry_at = 0, 0.0
         self.metrics.catalogue_items_stored.inc(stored)

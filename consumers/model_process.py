@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
 
@@ -109,9 +108,7 @@ def model_process(
     outbox: Connection,
 ) -> None:
     """Entry point of the model process (spawned by ``consumers.ingest``)."""
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the Faust process decides when to stop (STOP)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent()  # the Faust process decides when it stops (STOP)
     from threadpoolctl import threadpool_limits
 
     from infra.logs import setup_logging

@@ -28,33 +28,32 @@ def widen(pipe: Connection) -> None:
 
 
 def die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies (kill -9 leaves no orphan writing lists
-    or checkpoints beside the restarted worker). Elsewhere: EOF on the pipe."""
+    """A child process's start: its parent decides when it stops (a message on the pipe), so
+    SIGINT and SIGTERM (a Ctrl-C reaches the whole process group) are ignored; and on Linux it
+    gets SIGKILL when its parent dies (kill -9 leaves no orphan writing lists or checkpoints
+    beside the restarted worker). Elsewhere: EOF on the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-async def readable(pipe: Connection) -> None:
-    """Wait until ``pipe`` has something to read, or its other end is closed (the next read then
-    raises EOFError), on the event loop's own selector: no thread is woken to hand a message
-    over, and none needs the GIL for it (a hand-over through a reading thread cost the model
-    process 2.2-2.9 ms a micro-batch on a busy machine, docs/benchmarks.md)."""
-    if pipe.poll(0):
-        return
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(pipe.fileno(), lambda: ready.done() or ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_reader(pipe.fileno())
-
-
 async def receive(pipe: Connection) -> Any:
-    """The next message on ``pipe`` (pickled), read on the event loop's thread once it is there.
-    The loop gets a turn first, also when a message is waiting already: a reader that is behind
-    still lets its timers run between messages. EOFError once the other end is closed."""
+    """The next message on ``pipe`` (pickled); EOFError once the other end is closed.
+
+    Read on the event loop's thread, waited for on the loop's own selector: no thread is woken to
+    hand a message over, and none needs the GIL for it (a hand-over through a reading thread cost
+    the model process 2.2-2.9 ms a micro-batch on a busy machine, docs/benchmarks.md). The loop
+    gets a turn first, also when a message is waiting already: a reader that is behind still
+    lets its timers run between messages."""
     await asyncio.sleep(0)
-    await readable(pipe)
+    if not pipe.poll(0):
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        loop.add_reader(pipe.fileno(), lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            loop.remove_reader(pipe.fileno())
     return pickle.loads(pipe.recv_bytes())
