@@ -15,12 +15,20 @@ also stores its items in Redis and dead-letters the bad ones).
 
 Neither lost nor applied twice, through crashes and rebalances:
 
+- A record says who wrote it (``writer``: one per process) and its number among that writer's
+  (``seq``). A writer's records reach the topic in order (each acknowledged before the next; one
+  key, one partition), but a record whose acknowledgement was lost is sent again: the topic may
+  hold it twice. A worker holds, per writer, the highest ``seq`` its model holds (``held``: its
+  own records, those it applied, those a restored blob held) and passes over any record at or
+  below it.
 - A record says how far its writer had learned each of its partitions (``through``: next offset
   per ``topic:partition``); every worker remembers the highest per source (``published_through``).
 - A checkpoint takes the pending changes into a record at its cut and is stored only once that
   record (and every one before it) is acknowledged: a partition's checkpoint never runs ahead of
-  what was published from it. The item blob keeps the read offsets and the worker's own records
-  not yet read back (their changes are in the blob already: a restarted worker skips them).
+  what was published from it. The item blob keeps the read offsets, ``held``, and
+  ``published_through`` together with how far this worker had learned each of its sources:
+  how far the item changes the blob holds reach, per source, whether or not the record that
+  says so lies before the read offsets.
 - A worker taking a partition reads the topic to its end first. The records between the
   partition's checkpoint and ``published_through`` are re-learned for the users' sake, but their
   item changes are discarded: the group holds them already. From there on, it publishes as usual.
@@ -76,8 +84,7 @@ class ItemExchange:
         # Next offset to read per "topic:partition" of the item-delta and catalogue topics.
         self.read_offsets: dict[str, int] = {}
         self.published_through: dict[str, int] = {}
-        self.own_unread: set[tuple[str, int]] = set()  # (writer, seq) held here, not read back
-        self.skip: set[tuple[str, int]] = set()  # a restored blob's records it already held
+        self.held: dict[str, int] = {}  # per writer, the highest seq of its records this model holds
         # Per source of a taken partition: the offset up to which its last owner published item
         # changes that this model's checkpoint does not hold (see the module docstring).
         self.published_ahead: dict[str, int] = {}
@@ -102,15 +109,25 @@ class ItemExchange:
         """At a checkpoint's cut: take the pending changes (the blobs are stored once they are
         published: :meth:`flush`); what the item blob keeps."""
         self.take()
+        through = dict(self.published_through)
+        for source, offset in self.worker.offsets.items():  # this worker's learning, in the blob
+            through[source] = max(through.get(source, 0), offset)
         return {
             "read_offsets": dict(self.read_offsets),
-            "skip": sorted([*self.own_unread, *self.skip]),
+            "held": dict(self.held),
+            "published_through": through,
         }
 
     def restore(self, state: dict[str, Any] | None) -> None:
-        if state:
-            self.read_offsets = dict(state["read_offsets"])
-            self.skip = {(writer, seq) for writer, seq in state["skip"]}
+        if not state:
+            return
+        self.read_offsets = dict(state["read_offsets"])
+        self.published_through = dict(state.get("published_through", {}))
+        if "held" in state:
+            self.held = dict(state["held"])
+        else:  # a blob of before 2026-12-04: the records it held beyond its read offsets
+            for writer, seq in state["skip"]:
+                self.held[writer] = max(self.held.get(writer, 0), seq)
 
     # --- publishing ----------------------------------------------------------------------------
 
@@ -145,7 +162,7 @@ class ItemExchange:
         for name in ("deltas_at", "starts_at", "counts_at", "rules_at", "purchases_at"):
             arrays[name] = arrays[name].astype(np.int32)
         self._unsent.append((self.seq, pack(meta, arrays)))
-        self.own_unread.add((self.instance, self.seq))
+        self.held[self.instance] = self.seq
 
     def full(self) -> bool:
         """So much changed that the record should go now rather than at the interval."""
@@ -292,17 +309,15 @@ class ItemExchange:
             return None
         change = ItemChanges.from_parts(meta["ids"], meta["rules_t_ref"], arrays)
         add_changes(self.worker.pipeline.recommender, change)
+        self.held[meta["writer"]] = meta["seq"]
         self.worker.metrics.item_deltas.labels("applied").inc()
         return max(0.0, time.time() - meta["first_change"])
 
     def _held(self, key: tuple[str, int]) -> bool:
         """Whether the record ``key`` (writer, seq) is in this model already: this worker's own,
-        or one a restored item blob holds. Each is passed over once."""
-        if key in self.own_unread or key in self.skip:
-            self.own_unread.discard(key)
-            self.skip.discard(key)
-            return True
-        return False
+        one applied before (a copy sent again), or one a restored item blob holds."""
+        writer, seq = key
+        return seq <= self.held.get(writer, 0)
 
     async def follow(self) -> None:
         """Apply other workers' records as they come (a task of the model process)."""

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import orjson
 import pytest
-from kafka import KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from consumers.worker import RefreshWorker, build_recommender
 from infra.kafka import KafkaAccess
@@ -201,6 +201,125 @@ def test_a_partition_taken_after_a_crash_counts_every_items_change_once(hermetic
     for item, count in expected.items():
         assert got[item] == pytest.approx(count, rel=1e-4), item
     assert sum(got.values()) == pytest.approx(sum(expected.values()), rel=1e-4)
+
+
+def send_again(hermetic: Hermetic, topic: str) -> None:
+    """Append a copy of the topic's first record (what a writer's resend after a lost
+    acknowledgement leaves in the log): same key, headers and value."""
+    consumer = KafkaConsumer(bootstrap_servers=hermetic.servers.kafka_bootstrap, auto_offset_reset="earliest")
+    try:
+        consumer.subscribe([topic])
+        polled: list = []
+        for _ in range(50):
+            polled = [record for records in consumer.poll(timeout_ms=200).values() for record in records]
+            if polled:
+                break
+        assert polled, f"nothing in {topic}"
+        first = polled[0]
+    finally:
+        consumer.close()
+    producer = KafkaProducer(bootstrap_servers=hermetic.servers.kafka_bootstrap)
+    producer.send(
+        topic, key=first.key, value=first.value, headers=first.headers, partition=first.partition
+    ).get(30)
+    producer.close()
+
+
+def test_a_record_the_topic_holds_twice_counts_once(hermetic: Hermetic) -> None:
+    """A publishes one record, reads it back and checkpoints; the topic then holds that record a
+    second time. A, a worker that reads the topic from its start, and a worker started from A's
+    checkpoint (whose read offset lies between the copies) each count the changes once."""
+    names = TopicNames(hermetic.prefix)
+    lines = [line for line in real_events(hermetic, 200) if partition_of(decode_event(line).user_id, 2) == 0]
+
+    async def scenario() -> tuple[dict[str, float], list[dict[str, float]]]:
+        a, reader = worker(hermetic), worker(hermetic)
+        try:
+            a.ownership.owned = {0}
+            await a.handle_records(records(names, lines, 0))
+            await a.exchange.publish()
+            await a.exchange.read_to_end()  # A passes over its own record
+            await a.ownership.save()
+            expected = popularity(a.pipeline.recommender)
+            send_again(hermetic, names.item_deltas)
+            restarted = worker(hermetic)
+            try:
+                await restarted.ownership.start()  # A's checkpoint, then the topic from there
+                await a.exchange.read_to_end()
+                await reader.exchange.read_to_end()
+                held = [popularity(each.pipeline.recommender) for each in (a, reader, restarted)]
+            finally:
+                await restarted.close()
+            return expected, held
+        finally:
+            await a.close()
+            await reader.close()
+
+    expected, held = asyncio.run(scenario())
+    assert expected
+    for got in held:
+        assert got.keys() == expected.keys()
+        for item, count in expected.items():
+            assert got[item] == pytest.approx(count, rel=1e-5), item
+
+
+def test_a_checkpoint_says_how_far_its_item_changes_reach(hermetic: Hermetic) -> None:
+    """A owns partitions 0 and 1: checkpoints both, learns more of both, hands partition 1 over
+    (a checkpoint of the item state and of partition 1 only), then dies. B starts from that item
+    state and takes partition 0 at its older checkpoint: what A learned of partition 0 between the
+    two checkpoints is in the item state already (though the record that said so was never read
+    back), so B re-learns it for the users only, and counts every event once."""
+    names = TopicNames(hermetic.prefix)
+    lines = real_events(hermetic, 240)
+    by_partition = {
+        p: [line for line in lines if partition_of(decode_event(line).user_id, 2) == p] for p in (0, 1)
+    }
+    recs = {p: records(names, chunk, p) for p, chunk in by_partition.items()}
+    a = worker(hermetic)  # creates the topics
+    producer = KafkaProducer(bootstrap_servers=hermetic.servers.kafka_bootstrap)
+    for record in recs[0]:  # the same offsets: fresh topics
+        assert (
+            producer.send(record.topic, key=record.key, value=record.value, partition=0).get(30).offset
+            == record.offset
+        )
+    producer.close()
+    reference = build_recommender(a.settings)
+    for line in lines:
+        event = decode_event(line)
+        reference.learn_one(event.user_id, event.item_id, event.type, event.ts, event.rating)
+
+    async def scenario() -> Recommender:
+        half = {p: len(chunk) // 2 for p, chunk in recs.items()}
+        try:
+            a.ownership.owned = {0, 1}
+            for p in (0, 1):
+                await a.handle_records(recs[p][: half[p]])
+            await a.ownership.save()
+            for p in (0, 1):
+                await a.handle_records(recs[p][half[p] :])
+            await a.ownership.give_up([1])  # A dies after this
+        finally:
+            await a.close()
+        for topic, end in Counter(record.topic for record in recs[0]).items():
+            commit(
+                hermetic.servers.kafka_bootstrap,
+                a.settings.kafka.consumer_group,
+                TopicPartition(topic, 0),
+                end,
+            )
+        b = worker(hermetic)
+        try:
+            await b.ownership.start()
+            await b.ownership.take([0])
+            await b.ownership.take([1])  # at its newest checkpoint: nothing to catch up
+            return b.pipeline.recommender
+        finally:
+            await b.close()
+
+    expected, got = popularity(reference), popularity(asyncio.run(scenario()))
+    assert got.keys() >= expected.keys()
+    for item, count in expected.items():
+        assert got[item] == pytest.approx(count, rel=1e-4), item
 
 
 def test_every_worker_holds_every_catalogue_item(hermetic: Hermetic) -> None:
