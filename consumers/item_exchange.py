@@ -126,7 +126,7 @@ class ItemExchange:
         if "held" in state:
             self.held = dict(state["held"])
         else:  # a blob of before 2026-12-04: the records it held beyond its read offsets
-            for writer, seq in state["skip"]:
+            for writer, seq in state.get("skip", ()):
                 self.held[writer] = max(self.held.get(writer, 0), seq)
 
     # --- publishing ----------------------------------------------------------------------------
