@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -22,6 +23,18 @@ hypothesis_settings.register_profile("pushrec", deadline=None)
 hypothesis_settings.load_profile("pushrec")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run stopped with SIGTERM (a CI timeout, ``kill``) tears down as Ctrl-C does: the tests'
+    workers are stopped and the embedded servers shut down, instead of being left running."""
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
 DATASETS = Path(os.environ.get("PUSHREC_TEST_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 
