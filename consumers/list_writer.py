@@ -86,6 +86,13 @@ class ListWriter:
         self._rank_s = self._write_s = 0.0
 
     @property
+    def waiting(self) -> bool:
+        """Whether any list or catalogue item is not in Redis yet (without listing them)."""
+        return bool(
+            self.unwritten or self._outgoing or self._in_flight or self._items or self._items_in_flight
+        )
+
+    @property
     def pending(self) -> list[str]:
         """Every user whose latest list is not in Redis yet."""
         return list({**self.unwritten, **self._outgoing, **self._in_flight})

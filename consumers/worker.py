@@ -329,7 +329,7 @@ class RefreshWorker:
 
     def _report_pending(self) -> None:
         """Tell the Faust process when lists start or stop waiting for Redis (its idle watch)."""
-        pending = bool(self.lists.pending or self.lists.pending_items)
+        pending = self.lists.waiting
         if pending != self._reported_pending and self.outbox is not None:
             self.outbox.send((PENDING, pending))
             self._reported_pending = pending
