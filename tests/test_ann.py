@@ -121,6 +121,47 @@ def test_a_background_re_index_keeps_its_rows_candidates_until_they_are_in_the_g
     assert rec.recommend(user).items[0] == "moved"
 
 
+def test_a_search_goes_before_the_next_chunk_of_a_background_re_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The flush lets go of the graph between chunks; a search waiting for it goes next (a plain
+    lock let the flush take it straight back, and the search waited for the whole flush)."""
+    rec, users = trained(12_000, ann_min_items=10_000)
+    index = rec.build_index()
+    assert index is not None
+    graph, order = index._index, []
+    add, search = graph.add, graph.search
+    holding, waiting = threading.Event(), threading.Event()
+
+    def slow_add(*args: Any, **kwargs: Any) -> Any:
+        if not order:  # the first chunk holds the graph until the search waits for it
+            holding.set()
+            waiting.wait(timeout=30)
+        order.append("chunk")
+        return add(*args, **kwargs)
+
+    def logged_search(*args: Any, **kwargs: Any) -> Any:
+        order.append("search")
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(ann, "_REINSERT_CHUNK", 1)
+    monkeypatch.setattr(graph, "add", slow_add)
+    monkeypatch.setattr(graph, "search", logged_search)
+    index.changed([3, 4, 5])
+    index.flush(rec.mf.item_matrix(), background=True)
+    query = rec.user_query(users[0])
+    assert query is not None
+    assert holding.wait(timeout=30)
+    searching = threading.Thread(target=index.candidates, args=(query, 5))
+    searching.start()
+    while not index._searches:  # until it waits for the first chunk
+        threading.Event().wait(0.001)
+    waiting.set()
+    searching.join(timeout=30)
+    index.wait()
+    assert order == ["chunk", "search", "chunk", "chunk"]
+
+
 @pytest.mark.parametrize("background", [False, True])
 def test_a_failed_re_index_is_raised_and_its_rows_stay_candidates(
     background: bool, monkeypatch: pytest.MonkeyPatch
