@@ -51,11 +51,16 @@ class LoopWatch:
         self._reported_at = time.monotonic()
 
     async def run(self) -> None:
+        """Until cancelled (the process stopping), which reports the blocks not reported yet: a
+        run shorter than ``report_s`` would otherwise log none of them."""
         loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            await asyncio.sleep(self.interval_s)
-            self.note(max(0.0, loop.time() - started - self.interval_s))
+        try:
+            while True:
+                started = loop.time()
+                await asyncio.sleep(self.interval_s)
+                self.note(max(0.0, loop.time() - started - self.interval_s))
+        finally:
+            self.report()
 
     def note(self, lag: float) -> None:
         """One measured lag: observed, and counted (then logged) if it is a block."""
@@ -63,8 +68,13 @@ class LoopWatch:
         if self.block_s and lag >= self.block_s:
             self.blocks += 1
             self.longest = max(self.longest, lag)
+        if time.monotonic() - self._reported_at >= self.report_s:
+            self.report()
+
+    def report(self) -> None:
+        """Log the blocks since the last report, if any: how many and the longest."""
         now = time.monotonic()
-        if self.blocks and now - self._reported_at >= self.report_s:
+        if self.blocks:
             log.warning(
                 "the %s process's event loop was blocked %d time(s) for %.0f ms or more in the last "
                 "%.0f s, the longest %.0f ms (pushrec_event_loop_lag_seconds)",

@@ -4,6 +4,8 @@ and every PromQL expression of the dashboard and the alert rules returns data.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -76,6 +78,26 @@ def test_a_blocked_event_loop_is_logged_with_how_often_and_longest(caplog: pytes
     caplog.clear()
     watch.note(0.01)  # nothing since: nothing to say
     assert not caplog.records and watch.blocks == 0
+
+
+def test_blocks_not_reported_yet_are_logged_when_the_watch_stops(caplog: pytest.LogCaptureFixture) -> None:
+    """A process that stops before its report interval (a bench's 20-s run) still logs them."""
+
+    async def blocked_then_stopped() -> None:
+        watch = LoopWatch("faust", lambda lag: None, block_s=0.05, interval_s=0.01, report_s=3600.0)
+        task = asyncio.create_task(watch.run())
+        await asyncio.sleep(0.03)
+        time.sleep(0.1)  # the loop can run nothing meanwhile
+        await asyncio.sleep(0.03)
+        assert not caplog.records  # the interval has not passed
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.WARNING, logger="pushrec.loop"):
+        asyncio.run(blocked_then_stopped())
+    (record,) = caplog.records
+    assert "faust process's event loop was blocked 1 time(s) for 50 ms or more" in record.getMessage()
 
 
 def test_promtool_accepts_config_and_rules() -> None:
