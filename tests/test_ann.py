@@ -154,11 +154,15 @@ def test_a_search_goes_before_the_next_chunk_of_a_background_re_index(
     assert holding.wait(timeout=30)
     searching = threading.Thread(target=index.candidates, args=(query, 5))
     searching.start()
-    while not index._searches:  # until it waits for the first chunk
+    for _ in range(30_000):  # until it waits for the first chunk
+        if index._searches:
+            break
         threading.Event().wait(0.001)
+    assert index._searches == 1
     waiting.set()
     searching.join(timeout=30)
     index.wait()
+    assert not searching.is_alive()
     assert order == ["chunk", "search", "chunk", "chunk"]
 
 

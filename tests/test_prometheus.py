@@ -96,8 +96,8 @@ def test_blocks_not_reported_yet_are_logged_when_the_watch_stops(caplog: pytest.
 
     with caplog.at_level(logging.WARNING, logger="pushrec.loop"):
         asyncio.run(blocked_then_stopped())
-    (record,) = caplog.records
-    assert "faust process's event loop was blocked 1 time(s) for 50 ms or more" in record.getMessage()
+    (record,) = caplog.records  # (a busy machine may add a block of its own to the count)
+    assert re.search(r"faust process's event loop was blocked \d+ time\(s\) for 50 ms", record.getMessage())
 
 
 def test_promtool_accepts_config_and_rules() -> None:
