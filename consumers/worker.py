@@ -180,7 +180,7 @@ class RefreshWorker:
             self.exchange.take()  # what was learned before goes out as usual
         good: list[Event] = []
         partitions: list[int] = []
-        sent_at: list[float] = []
+        sent: list[tuple[str, float]] = []  # each event's user and record time
         processed: Counter[str] = Counter()
         duplicates: Counter[str] = Counter()
         for record, event in decoded:
@@ -193,7 +193,7 @@ class RefreshWorker:
                 continue
             good.append(event)
             partitions.append(record.partition)
-            sent_at.append(record.timestamp or time.time())
+            sent.append((event.user_id, record.timestamp or time.time()))
             processed[event.type] += 1
         self.metrics.batch_size.observe(len(records))
         for kind, count in duplicates.items():
@@ -226,7 +226,7 @@ class RefreshWorker:
             self.metrics.visit_hit_rate.set(self.pipeline.visit_hit_rate.value)
             if not self.lists.unwritten:
                 self._pending_since = time.monotonic()
-            self.lists.add(users, sent_at, *arrived, time.time())
+            self.lists.add(users, sent, *arrived, time.time())
             self.lists.add(leaving)
             self._learned, self._idle = (time.monotonic(), self.pipeline.recommender.clock), False
         if (

@@ -16,11 +16,13 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 
+from consumers import list_writer
 from consumers.list_writer import ListWriter
 from consumers.worker import build_pipeline
 from infra.latency import STAGES
@@ -311,19 +313,19 @@ def test_the_latency_target_sets_when_a_worker_behind_must_re_rank() -> None:
     )
     now = time.time()
     assert lists.deadline == math.inf
-    lists.add(["late"], [now - 0.3], learned_at=now)  # beyond the target already
+    lists.add(["late"], [("late", now - 0.3)], learned_at=now)  # beyond the target already
     assert lists.deadline == math.inf
-    lists.add(["u1", "u2"], [now - 0.05, now - 0.1], learned_at=now)
+    lists.add(["u1", "u2"], [("u1", now - 0.05), ("u2", now - 0.1)], learned_at=now)
     assert lists.deadline == pytest.approx(now - 0.1 + 0.25)
-    lists.add(["u3"], [now - 0.02], learned_at=now)  # younger: the older event still rules
+    lists.add(["u3"], [("u3", now - 0.02)], learned_at=now)  # younger: the older event still rules
     assert lists.deadline == pytest.approx(now + 0.15)
     lists._rank_s, lists._write_s = 0.04, 0.01  # what the next round will need
-    lists.add(["u4"], [now - 0.12], learned_at=now)
+    lists.add(["u4"], [("u4", now - 0.12)], learned_at=now)
     assert lists.deadline == pytest.approx(now - 0.12 + 0.25 - 0.05)
-    lists.add(["u5"], [now - 0.22], learned_at=now)  # can no longer make it: re-rank now
+    lists.add(["u5"], [("u5", now - 0.22)], learned_at=now)  # can no longer make it: re-rank now
     assert lists.deadline == pytest.approx(now - 0.22 + 0.25 - 0.05) and lists.deadline < now
     off = ListWriter(None, lists.pipeline, lists.metrics, lambda: None, lambda exc: None)  # type: ignore[arg-type]
-    off.add(["u1"], [now - 0.1], learned_at=now)
+    off.add(["u1"], [("u1", now - 0.1)], learned_at=now)
     assert off.deadline == math.inf
 
 
@@ -402,7 +404,7 @@ def test_a_catalogue_published_at_once_is_stored_a_chunk_per_round_beside_the_li
     async def publish_then_rank() -> None:
         lists.add_items(Item(f"i{k}", title=f"item {k}") for k in range(2500))
         assert unstored._value.get() == 2500
-        lists.add(["u1"], [time.time()], learned_at=time.time())
+        lists.add(["u1"], [("u1", time.time())], learned_at=time.time())
         await lists.flush()
 
     asyncio.run(publish_then_rank())
@@ -412,6 +414,60 @@ def test_a_catalogue_published_at_once_is_stored_a_chunk_per_round_beside_the_li
     assert store.calls.index(("lists", 0, ("u1",))) < last_items, store.calls  # not behind them all
     assert not lists.pending_items and unstored._value.get() == 0
     assert lists.metrics.catalogue_items_stored._value.get() == 2500
+
+
+def test_a_rounds_first_lists_go_to_the_store_while_the_rest_are_ranked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round re-ranks its users a chunk at a time, those first touched first, and hands each
+    chunk to the store at once (here the first write is never answered, so the later chunks
+    wait, ranked); each event's stamps are those of its user's chunk (a fake store)."""
+    monkeypatch.setattr(list_writer, "RANK_CHUNK_USERS", 2)
+
+    class Store:  # takes the first write and never answers it
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, ...]] = []
+            self.answers, self.answering = multiprocessing.Pipe(duplex=False)
+
+        def send(self, items: list[Item], lists: list[TopN]) -> None:
+            self.sent.append(tuple(top.user_id for top in lists))
+
+        def answered(self) -> bool:
+            return False
+
+        def fileno(self) -> int:
+            return self.answers.fileno()
+
+    store = Store()
+    pipeline = build_pipeline(Settings())
+    lists = ListWriter(store, pipeline, Metrics(("click",), ("bad_json",)), lambda: None, lambda exc: None)  # type: ignore[arg-type]
+    sent_before_ranking: list[int] = []
+    rank = pipeline.refresh
+
+    def ranking(users: list[str]) -> list[TopN]:
+        sent_before_ranking.append(len(store.sent))
+        return rank(users)
+
+    monkeypatch.setattr(pipeline, "refresh", ranking)
+    now = time.time()
+    lists.add(["u0", "u1", "u2"], [("u0", now), ("u2", now), ("u1", now), ("u0", now)], learned_at=now)
+    lists.add(["u3", "u0", "u4"], [("u4", now), ("u3", now), ("u0", now)], learned_at=now)
+
+    async def round_() -> None:
+        lists.refresh()
+        lists._unwatch()
+
+    asyncio.run(round_())
+    assert store.sent == [("u0", "u1")]  # ranked first, sent before the next chunk was ranked
+    assert sent_before_ranking == [0, 1, 1]
+    assert list(lists._outgoing) == ["u2", "u3", "u4"]
+    assert lists._sent is not None
+    first = np.frombuffer(lists._sent[0]).reshape(-1, 6)
+    later = np.frombuffer(lists._outgoing_stamps).reshape(-1, 6)
+    assert len(first) == 4 and len(later) == 3  # u0's three events and u1's; u2's and u3's, u4's
+    rounds = [tuple(row) for row in first[:, 4:]] + [tuple(row) for row in later[:, 4:]]
+    assert len(set(rounds[:4])) == 1 and rounds[4] == rounds[5] != rounds[6]
+    assert rounds[0][1] <= rounds[4][0] and rounds[5][1] <= rounds[6][0]  # in chunk order
 
 
 def test_the_pipe_to_the_model_process_takes_a_whole_batch_without_a_reader() -> None:
@@ -460,7 +516,7 @@ def test_the_periodic_refresh_hands_lists_over_without_waiting_for_their_write(h
             await worker.handle_records([Record(topic, 0, 0, b"ann", event, 1.0)])
             await worker.write_unwritten()
             client.client_pause(3000, all=False)  # a Redis that takes its time: writes wait 3 s
-            worker.lists.add(["ann"], [time.time()])
+            worker.lists.add(["ann"], [("ann", time.time())])
             started = time.monotonic()
             await worker.refresh_lists()
             assert time.monotonic() - started < 1.0, "the periodic job waited for the write"

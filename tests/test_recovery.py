@@ -323,7 +323,7 @@ def test_a_list_written_after_forget_deleted_it_is_deleted_when_the_worker_appli
             client.delete(recs)
             request = client.xadd(f"{hermetic.prefix}:forget", {"user": "ann"}).decode()
             # ... which meanwhile writes ann's list from what it had learned (a deferred write).
-            worker.lists.add(["ann"], [1.0])
+            worker.lists.add(["ann"], [("ann", 1.0)])
             await worker.write_unwritten()
             assert client.exists(recs)
             await worker.apply_forget_requests()
