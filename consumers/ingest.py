@@ -41,6 +41,7 @@ from consumers.protocol import (
     REVOKE,
     STOP,
 )
+from infra.collector import freeze_what_lives
 from infra.kafka import KafkaAccess
 from infra.loop_watch import LoopWatch
 from infra.settings import Settings
@@ -126,6 +127,7 @@ class Ingest:
         model_inbox.close()
         model_outbox.close()
         _give_way(self.settings.worker.faust_nice)
+        freeze_what_lives("faust")
         # PENDING may come first: catch-up writes lists, and Redis may refuse them.
         while not self._ready:
             if self._outbox.poll(0.2):
@@ -241,6 +243,7 @@ class Ingest:
         counts = [self.app.consumer.topic_partitions(topic) for topic in self.names.all_events]
         count = max((c for c in counts if c), default=self.settings.kafka.partitions)
         await self._request(ASSIGN, (self._partitions(assigned), count))
+        freeze_what_lives("faust", generation=1)  # what Faust built to consume them
 
     async def _on_revoked(self, sender: object, revoked: set, **_: object) -> None:
         partitions = self._partitions(revoked)

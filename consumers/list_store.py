@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from consumers.pipes import die_with_parent, receive, widen
+from infra.collector import freeze_what_lives
 from infra.settings import Settings
 from infra.store import REDIS_UNAVAILABLE, Keys, RedisTopNStore, connect
 from online_models.recommender import TopN
@@ -141,6 +142,7 @@ def store_process(settings: Settings, redis_url: str, requests: Connection, answ
 async def _serve(settings: Settings, redis_url: str, requests: Connection, answers: Connection) -> None:
     redis = settings.redis
     store = RedisTopNStore(connect(redis_url, redis.retries), Keys(redis.key_prefix), redis.stream_maxlen)
+    freeze_what_lives("list store")
     try:
         while True:
             try:

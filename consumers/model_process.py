@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection
 from consumers.pipes import die_with_parent, receive
 from consumers.protocol import ASSIGN, DONE, HIGHWATER, LOOP_LAG, READY, RECORDS, REVOKE, STOP
 from consumers.worker import RefreshWorker, exit_on_bug
+from infra.collector import freeze_what_lives
 from infra.kafka import KafkaAccess
 from infra.loop_watch import LoopWatch
 from infra.settings import Settings
@@ -30,6 +31,7 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
     worker.outbox = outbox
     await worker.ownership.start()
     worker.inbox = inbox
+    freeze_what_lives("model")
     outbox.send((READY, None))
     timers = [
         asyncio.create_task(_every(1.0, worker.refresh_lists)),
@@ -62,6 +64,7 @@ async def serve(worker: RefreshWorker, inbox: Connection, outbox: Connection) ->
                 worker.ownership.partition_count = count
                 log.info("assigned %d event partitions: %s of %d", len(partitions), partitions, count)
                 await _or_exit(worker.ownership.take(partitions), f"taking partitions {partitions}")
+                freeze_what_lives("model", generation=1)  # what the partitions restored
                 worker.metrics.assigned_partitions.set(len(partitions))
                 outbox.send((DONE, None))
             elif kind == REVOKE:
