@@ -41,9 +41,6 @@ BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
 _LEARNED, _RANKED = 4, 6
 # Catalogue items stored per write round, with that round's lists (~50 µs an item in Redis).
 _ITEMS_PER_WRITE = 1000
-# Users re-ranked before their lists are handed to the store (~8 ms on a 2-core machine at
-# taobao's 35k items): a round's first lists go out while the rest are ranked.
-RANK_CHUNK_USERS = 32
 
 
 class ListWriter:
@@ -156,35 +153,34 @@ class ListWriter:
         return self._outgoing.pop(user, None) is not None or pending
 
     def refresh(self) -> None:
-        """Re-rank every pending user now and hand the lists to the store, ``RANK_CHUNK_USERS``
-        at a time, the users first touched first (each chunk now, or when the write under way is
-        answered). While Redis is backing off the users stay pending, un-ranked."""
+        """Re-rank every pending user now, the first touched first, and hand the lists to the
+        store a chunk at a time (``RefreshPipeline.chunks``; each now, or when the write under way
+        is answered). While Redis is backing off the users stay pending, un-ranked."""
         if self.unwritten and time.monotonic() >= self._retry_at:
             users, self.unwritten = list(self.unwritten), {}
             self.deadline = math.inf
             stamps, owners = np.frombuffer(self._stamps).reshape(-1, _LEARNED), self._stamp_users
-            chunk_of = {user: at // RANK_CHUNK_USERS for at, user in enumerate(users)}
-            chunks = np.array([chunk_of.get(user, 0) for user in owners], dtype=np.int64)
-            by_chunk = np.argsort(chunks, kind="stable")  # each chunk's events, in order
-            starts = range(0, len(users), RANK_CHUNK_USERS)
-            ends = np.searchsorted(chunks[by_chunk], np.arange(1, len(starts) + 1)).tolist()
+            chunks = self.pipeline.chunks(users)
+            chunk_of = {user: k for k, chunk in enumerate(chunks) for user in chunk}
+            of_event = np.array([chunk_of.get(user, 0) for user in owners], dtype=np.int64)
+            by_chunk = np.argsort(of_event, kind="stable")  # each chunk's events, in order
+            ends = np.searchsorted(of_event[by_chunk], np.arange(1, len(chunks) + 1)).tolist()
             self._stamps, self._stamp_users = array("d"), []
             begin = 0
-            for at, end in zip(starts, ends, strict=True):
+            for k, (chunk, end) in enumerate(zip(chunks, ends, strict=True)):
                 if time.monotonic() < self._retry_at:  # a write failed meanwhile: the rest wait too
-                    self.unwritten.update(dict.fromkeys(users[at:]))
+                    self.unwritten.update(dict.fromkeys(user for rest in chunks[k:] for user in rest))
                     self._stamps.extend(stamps[by_chunk[begin:]].ravel())
-                    self._stamp_users.extend(owners[k] for k in by_chunk[begin:].tolist())
+                    self._stamp_users.extend(owners[at] for at in by_chunk[begin:].tolist())
                     break
                 started = time.time()
-                ranked = self.pipeline.refresh(users[at : at + RANK_CHUNK_USERS])
-                self._outgoing.update((top.user_id, top) for top in ranked)
+                self._outgoing.update((top.user_id, top) for top in self.pipeline.refresh(chunk))
                 ended = time.time()
-                if not at:  # what the oldest events' lists wait for (``deadline``)
+                if not k:  # what the oldest events' lists wait for (``deadline``)
                     self._rank_s = ended - started
                 events = stamps[by_chunk[begin:end]]
-                chunk = np.broadcast_to((started, ended), (len(events), 2))
-                self._outgoing_stamps.extend(array("d", np.hstack([events, chunk]).tobytes()))
+                ranked_at = np.broadcast_to((started, ended), (len(events), 2))
+                self._outgoing_stamps.extend(array("d", np.hstack([events, ranked_at]).tobytes()))
                 begin = end
                 self._pump()
         self._pump()

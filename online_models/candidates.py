@@ -53,6 +53,11 @@ class Candidates:
         self._popular_head = np.empty(0, dtype=np.int64)
 
     @property
+    def applies(self) -> bool:
+        """Whether lists come from the index at this size (once it is built)."""
+        return bool(self.min_items) and len(self.mf.items) >= self.min_items
+
+    @property
     def indexed_items(self) -> int:
         """Items in the index lists come from (0: none yet); one built in the background counts
         once built (the next list adopts it). Safe to read from another thread."""

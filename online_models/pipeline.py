@@ -41,6 +41,9 @@ class Interaction(Protocol):
 
 
 _SWEEP_EVERY = 4096  # events between sweeps for ended visits
+# Users a round ranks at a time when every item is scored (~8 ms on a 2-core machine at
+# taobao's 35k items), so that its first lists can be written while the rest are ranked.
+RANK_CHUNK_USERS = 32
 
 
 class HitRate:
@@ -205,6 +208,14 @@ class RefreshPipeline:
                     heapq.heappush(self._by_last, (state.last_ts, user))
             else:
                 self._visiting.pop(user, None)
+
+    def chunks(self, users: Sequence[str]) -> list[Sequence[str]]:
+        """``users`` in the chunks a round re-ranks them in (:meth:`refresh` each), in order:
+        ``RANK_CHUNK_USERS`` at a time; all at once where the approximate index ranks them, whose
+        one search serves the whole round (at a million items 1.1 ms a user in rounds of ~130,
+        2.6 ms in chunks of 32)."""
+        size = len(users) if self.recommender.candidates.applies else RANK_CHUNK_USERS
+        return [users[at : at + size] for at in range(0, len(users), max(size, 1))]
 
     def refresh(self, users: Sequence[str]) -> list[TopN]:
         """Re-rank the given users and remember what they were served."""

@@ -22,13 +22,13 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 
-from consumers import list_writer
 from consumers.list_writer import ListWriter
 from consumers.worker import build_pipeline
 from infra.latency import STAGES
 from infra.metrics import LATENCY_BUCKETS, Metrics, metric_sum, scrape
 from infra.settings import Settings
 from infra.stack import free_port
+from online_models import pipeline as pipeline_module
 from online_models.recommender import TopN
 from pushrec.demo import SAMPLE_EVENTS, stop_process, wait_for
 from stream.deadletter import DeadLetter
@@ -421,8 +421,9 @@ def test_a_rounds_first_lists_go_to_the_store_while_the_rest_are_ranked(
 ) -> None:
     """A round re-ranks its users a chunk at a time, those first touched first, and hands each
     chunk to the store at once (here the first write is never answered, so the later chunks
-    wait, ranked); each event's stamps are those of its user's chunk (a fake store)."""
-    monkeypatch.setattr(list_writer, "RANK_CHUNK_USERS", 2)
+    wait, ranked); each event's stamps are those of its user's chunk (a fake store). Where the
+    approximate index ranks, a round is one chunk: one search serves all its users."""
+    monkeypatch.setattr(pipeline_module, "RANK_CHUNK_USERS", 2)
 
     class Store:  # takes the first write and never answers it
         def __init__(self) -> None:
@@ -468,6 +469,9 @@ def test_a_rounds_first_lists_go_to_the_store_while_the_rest_are_ranked(
     rounds = [tuple(row) for row in first[:, 4:]] + [tuple(row) for row in later[:, 4:]]
     assert len(set(rounds[:4])) == 1 and rounds[4] == rounds[5] != rounds[6]
     assert rounds[0][1] <= rounds[4][0] and rounds[5][1] <= rounds[6][0]  # in chunk order
+    pipeline.recommender.mf.items.add("i0")
+    pipeline.recommender.candidates.min_items = 1  # the approximate index's size: one search a round
+    assert pipeline.chunks(["u0", "u1", "u2"]) == [["u0", "u1", "u2"]]
 
 
 def test_the_pipe_to_the_model_process_takes_a_whole_batch_without_a_reader() -> None:
