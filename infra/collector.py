@@ -22,8 +22,8 @@ log = logging.getLogger("pushrec.gc")
 
 
 def freeze_what_lives(process: str, generation: int = 2) -> None:
-    """Collect ``generation`` (2: every object; 1: only the young ones, milliseconds however
-    large the process, for what it has just built) and freeze every object left."""
+    """Collect ``generation`` (2: every object; 1: only the young ones, for what the process
+    has just built, without scanning what is frozen or old again) and freeze every object left."""
     started = time.perf_counter()
     frozen = gc.get_freeze_count()
     gc.collect(generation)
