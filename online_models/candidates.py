@@ -116,9 +116,9 @@ class Candidates:
     def current(self) -> ann.FactorIndex | None:
         """The approximate index, brought up to date; None below ``min_items`` rows, without the
         ``[ann]`` extra (logged once), or while it is being built (the first need starts it)."""
-        size = len(self.mf.items)
-        if not self.min_items or size < self.min_items:
+        if not self.applies:
             return None
+        size = len(self.mf.items)
         if self.index is None and not self._adopt_built():
             return None
         assert self.index is not None
@@ -130,7 +130,7 @@ class Candidates:
 
     def build(self) -> ann.FactorIndex | None:
         """Build the index now and wait for it (None when it does not apply)."""
-        if len(self.mf.items) >= self.min_items > 0 and self.index is None:
+        if self.applies and self.index is None:
             self._adopt_built()
             if self._build is not None:
                 self._build[0].join()
