@@ -162,26 +162,25 @@ class ListWriter:
             stamps, owners = np.frombuffer(self._stamps).reshape(-1, _LEARNED), self._stamp_users
             chunks = self.pipeline.chunks(users)
             chunk_of = {user: k for k, chunk in enumerate(chunks) for user in chunk}
-            of_event = np.array([chunk_of.get(user, 0) for user in owners], dtype=np.int64)
-            by_chunk = np.argsort(of_event, kind="stable")  # each chunk's events, in order
-            ends = np.searchsorted(of_event[by_chunk], np.arange(1, len(chunks) + 1)).tolist()
+            events_of: list[list[int]] = [[] for _ in chunks]  # each chunk's events, in order
+            for at, user in enumerate(owners):
+                events_of[chunk_of.get(user, 0)].append(at)
             self._stamps, self._stamp_users = array("d"), []
-            begin = 0
-            for k, (chunk, end) in enumerate(zip(chunks, ends, strict=True)):
+            for k, chunk in enumerate(chunks):
                 if time.monotonic() < self._retry_at:  # a write failed meanwhile: the rest wait too
                     self.unwritten.update(dict.fromkeys(user for rest in chunks[k:] for user in rest))
-                    self._stamps.extend(stamps[by_chunk[begin:]].ravel())
-                    self._stamp_users.extend(owners[at] for at in by_chunk[begin:].tolist())
+                    waiting = [at for rest in events_of[k:] for at in rest]
+                    self._stamps.extend(stamps[waiting].ravel())
+                    self._stamp_users.extend(owners[at] for at in waiting)
                     break
                 started = time.time()
                 self._outgoing.update((top.user_id, top) for top in self.pipeline.refresh(chunk))
                 ended = time.time()
                 if not k:  # what the oldest events' lists wait for (``deadline``)
                     self._rank_s = ended - started
-                events = stamps[by_chunk[begin:end]]
+                events = stamps[events_of[k]]
                 ranked_at = np.broadcast_to((started, ended), (len(events), 2))
                 self._outgoing_stamps.extend(array("d", np.hstack([events, ranked_at]).tobytes()))
-                begin = end
                 self._pump()
         self._pump()
 
