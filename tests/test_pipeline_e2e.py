@@ -474,6 +474,39 @@ def test_a_rounds_first_lists_go_to_the_store_while_the_rest_are_ranked(
     assert pipeline.chunks(["u0", "u1", "u2"]) == [["u0", "u1", "u2"]]
 
 
+def test_a_write_that_fails_during_a_round_keeps_the_rest_of_the_round_pending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis refuses the round's first chunk while the second is ranked: the first two chunks'
+    users go back to pending, the third is not ranked during the back-off, and no event's
+    stamps are lost (a fake store)."""
+    monkeypatch.setattr(pipeline_module, "RANK_CHUNK_USERS", 2)
+
+    class Store:  # answers every write with a refusal, at once
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, ...]] = []
+
+        def send(self, items: list[Item], lists: list[TopN]) -> None:
+            self.sent.append(tuple(top.user_id for top in lists))
+
+        def answered(self) -> bool:
+            return True
+
+        def answer(self) -> float:
+            raise redis.ConnectionError("Redis is away")
+
+    store = Store()
+    pipeline = build_pipeline(Settings())
+    lists = ListWriter(store, pipeline, Metrics(("click",), ("bad_json",)), lambda: None, lambda exc: None)  # type: ignore[arg-type]
+    now = time.time()
+    users = ["u0", "u1", "u2", "u3", "u4"]
+    lists.add(users, [(user, now) for user in users] + [("u4", now)], learned_at=now)
+    lists.refresh()
+    assert store.sent == [("u0", "u1")]  # the refusal came while the second chunk was ranked
+    assert sorted(lists.unwritten) == users and not lists._outgoing
+    assert len(lists._stamps) == 6 * 4 and len(lists._stamp_users) == 6
+
+
 def test_the_pipe_to_the_model_process_takes_a_whole_batch_without_a_reader() -> None:
     """The Faust agent hands a micro-batch (~150 kB of taobao records at 500) to the model
     process and goes on to gather the next while the model learns, instead of waiting until the
