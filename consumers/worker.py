@@ -18,6 +18,7 @@ by ``consumers/list_writer.py``, dead letters sent by ``consumers/dead_letters.p
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -106,9 +107,12 @@ class RefreshWorker:
         # Behind (more records already waiting), a user touched in consecutive batches is
         # re-ranked once per REFRESH_MAX_DELAY_S instead of once per batch: the backlog drains
         # sooner and no list waits longer than that (plus one batch); sooner when an event's
-        # list would otherwise miss LATENCY_TARGET_S (``ListWriter.deadline``).
+        # list would otherwise miss LATENCY_TARGET_S (``ListWriter.deadline``). A deferred round
+        # has a timer for then, in case no batch comes by then to run it (a pause, the end of a
+        # replay, a pipe message that was not records).
         self._pending_since = 0.0
         self._refresh_max_delay_s = settings.worker.refresh_max_delay_s
+        self._deferred: asyncio.TimerHandle | None = None
         # When the model last learned (monotonic) and its clock then: with no event for
         # IDLE_CLOCK_S, the clock moves on from there with the wall clock (``_move_idle_clock``).
         self._learned: tuple[float, float] | None = None
@@ -117,6 +121,8 @@ class RefreshWorker:
         self.exchange = ItemExchange(self)
 
     async def close(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
         self.dead_letters.close()
         self.exchange.close()
         self.lists.close()
@@ -234,8 +240,14 @@ class RefreshWorker:
             or time.monotonic() - self._pending_since >= self._refresh_max_delay_s
             or time.time() >= self.lists.deadline  # else an event would miss the latency target
         ):
-            self.lists.refresh()  # re-ranked now, written to Redis in the background
-            self._report_pending()
+            self._refresh()
+        elif self.lists.unwritten:
+            self._refresh_in(
+                min(
+                    self._pending_since + self._refresh_max_delay_s - time.monotonic(),
+                    self.lists.deadline - time.time(),
+                )
+            )
         if self.exchange.full():
             self.exchange.publish_soon()
 
@@ -297,8 +309,31 @@ class RefreshWorker:
         timer's job: a wait, re-ranking again after each write, would re-rank once per batch on a
         backlog and undo the deferral)."""
         self._move_idle_clock()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Re-rank every user whose list waits, now; the lists are written in the background."""
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
         self.lists.refresh()
         self._report_pending()
+
+    def _refresh_in(self, delay_s: float) -> None:
+        """The deferred round runs in ``delay_s`` at the latest, batch or no batch."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + max(delay_s, 0.0)
+        if self._deferred is None or at < self._deferred.when():
+            if self._deferred is not None:
+                self._deferred.cancel()
+            self._deferred = loop.call_at(at, self._deferred_round)
+
+    def _deferred_round(self) -> None:
+        self._deferred = None
+        try:
+            self._refresh()
+        except Exception as exc:  # as a batch's would: no checkpoint of a model in doubt
+            exit_on_bug("a deferred round of re-ranking", exc)
 
     def _move_idle_clock(self) -> None:
         """With no event learned for IDLE_CLOCK_S, move the stream's clock on by the wall time

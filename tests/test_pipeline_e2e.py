@@ -661,6 +661,57 @@ def test_behind_the_model_re_ranks_at_most_once_per_interval(hermetic: Hermetic)
     assert asyncio.run(rounds(waiting=False)) == len(lines)  # keeping up: a round per batch
 
 
+def test_a_deferred_round_runs_when_its_delay_ends_even_if_no_batch_comes(hermetic: Hermetic) -> None:
+    """Behind, a round waits for REFRESH_MAX_DELAY_S, or less where an event's list would miss
+    LATENCY_TARGET_S. If no batch comes by then (a pause in the stream, the end of a replay, a
+    pipe message that was not records), a timer runs it: the lists wait neither for the next batch
+    nor for the model process's once-a-second timer (neither comes here)."""
+    from consumers.worker import RefreshWorker
+    from infra.kafka import KafkaAccess
+    from stream.records import Record
+
+    topic = TopicNames(hermetic.prefix).events("purchase")
+    lines = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 5).read_bytes().splitlines()
+
+    class Behind:  # the model's inbox: always more waiting
+        def poll(self, timeout: float) -> bool:
+            return True
+
+    async def first_round(delay_s: str, produced_at: float) -> tuple[bool, float, int]:
+        settings = hermetic.settings(PUSHREC_WORKER__REFRESH_MAX_DELAY_S=delay_s)
+        worker = RefreshWorker(
+            settings, KafkaAccess(hermetic.servers.kafka_bootstrap), hermetic.servers.redis_url
+        )
+        worker.inbox = Behind()  # type: ignore[assignment]
+        ranked = worker.pipeline.refresh
+        calls: list[list[str]] = []
+
+        def counted(users: list[str]) -> list[TopN]:
+            calls.append(users)
+            return ranked(users)
+
+        worker.pipeline.refresh = counted  # type: ignore[method-assign]
+        try:
+            started = time.monotonic()
+            for offset, line in enumerate(lines):
+                await worker.handle_records([Record(topic, 0, offset, b"k", line, produced_at)])
+            deferred = not calls
+            while not calls and time.monotonic() - started < 30:
+                await asyncio.sleep(0.02)
+            return deferred, time.monotonic() - started, sum(map(len, calls))
+        finally:
+            await worker.close()
+
+    users = len({orjson.loads(line)["user_id"] for line in lines})
+    # Events produced long ago: no deadline, the round comes when the delay ends, not before.
+    deferred, elapsed_s, ranked = asyncio.run(first_round("1.5", produced_at=1.0))
+    assert deferred and 1.5 <= elapsed_s < 30 and ranked == users
+    # Fresh events: the latency target (0.25 s) brings the round long before the delay (60 s)
+    # (during the batches already, on a machine slow enough).
+    _, elapsed_s, ranked = asyncio.run(first_round("60", produced_at=time.time()))
+    assert elapsed_s < 30 and ranked == users
+
+
 def test_a_worker_on_a_backlog_defers_its_rounds_and_loses_no_list(hermetic: Hermetic) -> None:
     """On a backlog, touched users are re-ranked at most every REFRESH_MAX_DELAY_S while the model
     is behind (``test_behind_the_model_re_ranks_at_most_once_per_interval``); every user still ends
