@@ -23,7 +23,8 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 
 from consumers.list_writer import ListWriter
-from consumers.worker import build_pipeline
+from consumers.worker import RefreshWorker, build_pipeline
+from infra.kafka import KafkaAccess
 from infra.latency import STAGES
 from infra.metrics import LATENCY_BUCKETS, Metrics, metric_sum, scrape
 from infra.settings import Settings
@@ -613,40 +614,46 @@ def test_in_a_quiet_spell_the_clock_moves_on_and_a_shopper_who_left_gets_their_a
     assert away == b"1" and 1.0 + 2.0 <= clock <= 1.0 + elapsed_s  # moved on by the time passed
 
 
+def _worker_counting_rounds(
+    hermetic: Hermetic, settings: Settings, waiting: bool
+) -> tuple[RefreshWorker, list[list[str]]]:
+    """An in-process worker whose inbox always says ``waiting`` (more batches behind it, or
+    none; in a live worker that depends on which process is faster), and the users of each round
+    it re-ranks, as it ranks them."""
+
+    class Pipe:
+        def poll(self, timeout: float) -> bool:
+            return waiting
+
+    worker = RefreshWorker(
+        settings, KafkaAccess(hermetic.servers.kafka_bootstrap), hermetic.servers.redis_url
+    )
+    worker.inbox = Pipe()  # type: ignore[assignment]
+    ranked = worker.pipeline.refresh
+    calls: list[list[str]] = []
+
+    def counted(users: list[str]) -> list[TopN]:
+        calls.append(users)
+        return ranked(users)
+
+    worker.pipeline.refresh = counted  # type: ignore[method-assign]
+    return worker, calls
+
+
 def test_behind_the_model_re_ranks_at_most_once_per_interval(hermetic: Hermetic) -> None:
     """While more batches wait in the pipe, touched users are re-ranked once per
     REFRESH_MAX_DELAY_S (or when an event could still make LATENCY_TARGET_S) instead of after
     every batch: a backlog drains sooner. With nothing waiting, every batch gets its round. (In a
     live worker, whether the model is behind depends on which process is faster: an in-process
     model decides it here.)"""
-    from consumers.worker import RefreshWorker
-    from infra.kafka import KafkaAccess
     from stream.records import Record
 
     settings = hermetic.settings(PUSHREC_WORKER__REFRESH_MAX_DELAY_S="60")
     topic = TopicNames(hermetic.prefix).events("purchase")
     lines = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 200).read_bytes().splitlines()
 
-    class Pipe:  # what the model's inbox says: more batches waiting, or none
-        def __init__(self, waiting: bool) -> None:
-            self.waiting = waiting
-
-        def poll(self, timeout: float) -> bool:
-            return self.waiting
-
     async def rounds(waiting: bool) -> int:
-        worker = RefreshWorker(
-            settings, KafkaAccess(hermetic.servers.kafka_bootstrap), hermetic.servers.redis_url
-        )
-        worker.inbox = Pipe(waiting)  # type: ignore[assignment]
-        ranked = worker.pipeline.refresh
-        calls: list[list[str]] = []
-
-        def counted(users: list[str]) -> list[TopN]:
-            calls.append(users)
-            return ranked(users)
-
-        worker.pipeline.refresh = counted  # type: ignore[method-assign]
+        worker, calls = _worker_counting_rounds(hermetic, settings, waiting)
         try:
             for offset, line in enumerate(lines):  # batches of one, produced long ago (no deadline)
                 await worker.handle_records([Record(topic, 0, offset, b"k", line, 1.0)])
@@ -666,31 +673,14 @@ def test_a_deferred_round_runs_when_its_delay_ends_even_if_no_batch_comes(hermet
     LATENCY_TARGET_S. If no batch comes by then (a pause in the stream, the end of a replay, a
     pipe message that was not records), a timer runs it: the lists wait neither for the next batch
     nor for the model process's once-a-second timer (neither comes here)."""
-    from consumers.worker import RefreshWorker
-    from infra.kafka import KafkaAccess
     from stream.records import Record
 
     topic = TopicNames(hermetic.prefix).events("purchase")
     lines = head(SAMPLE_EVENTS, hermetic.tmp / "events.jsonl", 5).read_bytes().splitlines()
 
-    class Behind:  # the model's inbox: always more waiting
-        def poll(self, timeout: float) -> bool:
-            return True
-
     async def first_round(delay_s: str, produced_at: float) -> tuple[bool, float, int]:
         settings = hermetic.settings(PUSHREC_WORKER__REFRESH_MAX_DELAY_S=delay_s)
-        worker = RefreshWorker(
-            settings, KafkaAccess(hermetic.servers.kafka_bootstrap), hermetic.servers.redis_url
-        )
-        worker.inbox = Behind()  # type: ignore[assignment]
-        ranked = worker.pipeline.refresh
-        calls: list[list[str]] = []
-
-        def counted(users: list[str]) -> list[TopN]:
-            calls.append(users)
-            return ranked(users)
-
-        worker.pipeline.refresh = counted  # type: ignore[method-assign]
+        worker, calls = _worker_counting_rounds(hermetic, settings, waiting=True)
         try:
             started = time.monotonic()
             for offset, line in enumerate(lines):
