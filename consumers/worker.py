@@ -235,19 +235,17 @@ class RefreshWorker:
             self.lists.add(users, sent, *arrived, time.time())
             self.lists.add(leaving)
             self._learned, self._idle = (time.monotonic(), self.pipeline.recommender.clock), False
-        if (
-            not self._behind()
-            or time.monotonic() - self._pending_since >= self._refresh_max_delay_s
-            or time.time() >= self.lists.deadline  # else an event would miss the latency target
-        ):
+        if not self._behind():
             self._refresh()
-        elif self.lists.unwritten:
-            self._refresh_in(
-                min(
-                    self._pending_since + self._refresh_max_delay_s - time.monotonic(),
-                    self.lists.deadline - time.time(),
-                )
+        else:  # deferred until the delay ends, or sooner if an event would miss the latency target
+            left_s = min(
+                self._pending_since + self._refresh_max_delay_s - time.monotonic(),
+                self.lists.deadline - time.time(),
             )
+            if left_s <= 0:
+                self._refresh()
+            elif self.lists.unwritten:
+                self._refresh_in(left_s)
         if self.exchange.full():
             self.exchange.publish_soon()
 
@@ -322,14 +320,13 @@ class RefreshWorker:
     def _refresh_in(self, delay_s: float) -> None:
         """The deferred round runs in ``delay_s`` at the latest, batch or no batch."""
         loop = asyncio.get_running_loop()
-        at = loop.time() + max(delay_s, 0.0)
+        at = loop.time() + delay_s
         if self._deferred is None or at < self._deferred.when():
             if self._deferred is not None:
                 self._deferred.cancel()
             self._deferred = loop.call_at(at, self._deferred_round)
 
     def _deferred_round(self) -> None:
-        self._deferred = None
         try:
             self._refresh()
         except Exception as exc:  # as a batch's would: no checkpoint of a model in doubt
